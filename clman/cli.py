@@ -1,0 +1,74 @@
+"""What every job's command line shares: config flags, scale flags, logging, and one-line errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from clman import config as C
+
+# Errors a user can fix from the message alone: printed as one line, exit status 2.
+_USER_ERRORS: tuple[type[BaseException], ...] = (C.ConfigError, FileNotFoundError)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from clman.checkpoint import CheckpointError
+    from clman.storage import StorageError
+    from clman.train.runner import JobError
+
+    errors = [*_USER_ERRORS, CheckpointError, StorageError, JobError]
+    try:
+        from clman.data.video import VideoError
+
+        errors.append(VideoError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="preset YAML (jobs/configs/paper.yaml, jobs/configs/demo-cpu.yaml)")
+    p.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override one config field, e.g. --set finetune.lr=3e-4 --set model.mma_depth=2",
+    )
+
+
+def add_scale_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (overrides scale.num_workers)")
+    p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; 0 = CPU workers with gloo")
+    p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else start Ray here")
+    p.add_argument("--run-name", help="run folder under --out; the same name resumes an interrupted run")
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if getattr(args, "num_workers", None) is not None:
+        extra.append(f"scale.num_workers={args.num_workers}")
+    if getattr(args, "gpus_per_worker", None) is not None:
+        extra.append(f"scale.gpus_per_worker={args.gpus_per_worker}")
+    return list(args.overrides) + extra
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # botocore logs request headers at DEBUG; keep it quiet so no credential is ever printed.
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    """Run a job's ``main``; a user error becomes one line on stderr and exit status 2."""
+    setup_logging()
+    try:
+        code = main(argv)
+    except user_errors() as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(code or 0)

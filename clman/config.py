@@ -1,0 +1,359 @@
+"""Job configurations: one frozen dataclass per job, strict YAML + ``--set`` loading.
+
+A preset file (``jobs/configs/*.yaml``) holds sections named after the
+sub-configs and jobs::
+
+    model:    {width: 0.25, aggregator: mma, mma_depth: 1}
+    data:     {size: 64, num_frames: 8}
+    scale:    {num_workers: 2}
+    pretrain: {epochs: 20, batch_size: 64}
+    finetune: {epochs: 30, lr: 1e-3}
+    evaluate: {frames: all}
+
+Every section is checked against its dataclass when the file is loaded, so a
+typo anywhere fails before any work starts, naming the key and the allowed
+keys. Overrides use dotted keys: ``--set finetune.lr=3e-4 --set model.mma_depth=2``.
+The defaults are the paper's recipe (Sections 3 and 4.3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key, type or value; the message names the key."""
+
+
+NORMS = ("batch", "group")
+AGGREGATORS = ("mma", "mean", "max", "lstm", "self_attention", "external_attention", "emsa")
+EVAL_FRAMES = ("all", "clip")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    norm: str = "group"  # the paper's GN; "batch" for the vanilla ResNet-18 row
+    nonlocal_stages: tuple[int, ...] = (3, 4)  # the paper's NL; () = vanilla
+    width: float = 1.0  # channel multiplier; 0.125-0.25 for CPU demos and tests
+    gn_groups: int = 32
+    aggregator: str = "mma"
+    mma_depth: int = 1  # L cascaded Linear+Tanh layers in multi-meta attention
+    proj_dim: int = 128  # SimCLR projection output
+    proj_layers: int = 2
+
+    def check(self, where: str) -> None:
+        _one_of(where, "norm", self.norm, NORMS)
+        _one_of(where, "aggregator", self.aggregator, AGGREGATORS)
+        for s in self.nonlocal_stages:
+            _one_of(where, "nonlocal_stages[]", s, (3, 4))
+        _positive(where, "width", self.width)
+        _at_least(where, "gn_groups", self.gn_groups, 1)
+        _at_least(where, "mma_depth", self.mma_depth, 1)
+        _at_least(where, "proj_dim", self.proj_dim, 1)
+        _at_least(where, "proj_layers", self.proj_layers, 1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    size: int = 224  # frames are resized / cropped to size x size
+    num_frames: int = 16  # T, frames per finetuning clip (paper: 16)
+    frames_per_clip: int = 4  # M, frames drawn per clip for SimCLR
+    crop_scale_min: float = 0.5  # RandomResizedCrop lower scale
+    elastic_p: float = 0.2  # probability of the elastic transform
+    decode_actors: int = 1  # Ray Data actors decoding clips
+    decode_cpus: float = 0.5  # CPUs per decode actor (fractional leaves room for Train workers)
+
+    def check(self, where: str) -> None:
+        _at_least(where, "size", self.size, 8)
+        _at_least(where, "num_frames", self.num_frames, 1)
+        _at_least(where, "frames_per_clip", self.frames_per_clip, 1)
+        _in_range(where, "crop_scale_min", self.crop_scale_min, 0.05, 1.0)
+        _in_range(where, "elastic_p", self.elastic_p, 0.0, 1.0)
+        _at_least(where, "decode_actors", self.decode_actors, 1)
+        _positive(where, "decode_cpus", self.decode_cpus)
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    num_workers: int = 1
+    gpus_per_worker: float = 0.0  # 0 = CPU workers with gloo
+    cpus_per_worker: float = 0.5  # fractional on small machines so decode actors can run
+    max_failures: int = 2  # worker failures to recover from (from the last checkpoint)
+
+    def check(self, where: str) -> None:
+        _at_least(where, "num_workers", self.num_workers, 1)
+        _in_range(where, "gpus_per_worker", self.gpus_per_worker, 0.0, 16.0)
+        _positive(where, "cpus_per_worker", self.cpus_per_worker)
+        _at_least(where, "max_failures", self.max_failures, -1)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """SimCLR pretraining of the frame encoder (paper 3.2, 4.3)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    epochs: int = 8192
+    batch_size: int = 64  # global batch of frames (each gives two views)
+    lr: float = 9e-3
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    trust_coefficient: float = 0.001
+    temperature: float = 0.5
+    warmup_epochs: int = 0
+    checkpoint_every: int = 1  # epochs
+    seed: int = 0
+
+    def check(self, where: str = "pretrain") -> None:
+        _at_least(where, "epochs", self.epochs, 1)
+        _at_least(where, "batch_size", self.batch_size, 2)
+        _positive(where, "lr", self.lr)
+        _at_least(where, "weight_decay", self.weight_decay, 0.0)
+        _in_range(where, "momentum", self.momentum, 0.0, 1.0)
+        _positive(where, "trust_coefficient", self.trust_coefficient)
+        _positive(where, "temperature", self.temperature)
+        _at_least(where, "warmup_epochs", self.warmup_epochs, 0)
+        _at_least(where, "checkpoint_every", self.checkpoint_every, 1)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """CLMAN: encoder + aggregator + linear classifier on T-frame clips (paper 3.3, 4.3)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    epochs: int = 320
+    batch_size: int = 8  # global batch of clips
+    lr: float = 1e-4
+    encoder_lr_scale: float = 1.0  # encoder lr = lr * this (1.0 = the paper: one lr)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    checkpoint_every: int = 1
+    seed: int = 0
+
+    def check(self, where: str = "finetune") -> None:
+        _at_least(where, "epochs", self.epochs, 1)
+        _at_least(where, "batch_size", self.batch_size, 1)
+        _positive(where, "lr", self.lr)
+        _at_least(where, "encoder_lr_scale", self.encoder_lr_scale, 0.0)
+        _in_range(where, "momentum", self.momentum, 0.0, 1.0)
+        _at_least(where, "weight_decay", self.weight_decay, 0.0)
+        _at_least(where, "checkpoint_every", self.checkpoint_every, 1)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Frame size and T come from the checkpoint's own config: a model is scored as it was trained."""
+
+    frames: str = "all"  # all frames of each video, or "clip" = T centre-of-segment frames
+    threshold: float = 0.5
+    target_sensitivity: float = 0.95
+    bootstrap: int = 1000
+    seed: int = 0
+
+    def check(self, where: str = "evaluate") -> None:
+        _one_of(where, "frames", self.frames, EVAL_FRAMES)
+        _in_range(where, "threshold", self.threshold, 0.0, 1.0)
+        _in_range(where, "target_sensitivity", self.target_sensitivity, 0.0, 1.0)
+        _at_least(where, "bootstrap", self.bootstrap, 0)
+
+
+JOB_CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}
+SUB_CONFIGS = {"model": ModelConfig, "data": DataConfig, "scale": ScaleConfig}
+
+
+# ---------------------------------------------------------------- checks
+
+
+def _one_of(where, key, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"{where}.{key}: {value!r} is not one of {list(allowed)}")
+
+
+def _positive(where, key, value):
+    if not value > 0:
+        raise ConfigError(f"{where}.{key}: must be > 0, got {value!r}")
+
+
+def _at_least(where, key, value, lo):
+    if value < lo:
+        raise ConfigError(f"{where}.{key}: must be >= {lo}, got {value!r}")
+
+
+def _in_range(where, key, value, lo, hi):
+    if not lo <= value <= hi:
+        raise ConfigError(f"{where}.{key}: must be in [{lo}, {hi}], got {value!r}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _coerce(where: str, key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; int -> float is the only widening."""
+    origin = typing.get_origin(tp)
+    name = f"{where}.{key}"
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(where, key, value, inner[0])
+    if origin is tuple:
+        (item, _ell) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list of {item.__name__}, got {value!r}")
+        return tuple(_coerce(where, f"{key}[]", v, item) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{name}: unsupported field type {tp!r}")
+
+
+def build(cls, values: Mapping[str, Any] | None, where: str):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad types."""
+    values = dict(values or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {sorted(fields)}")
+    kwargs = {}
+    for key, value in values.items():
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{where}.{key}: expected a mapping, got {value!r}")
+            kwargs[key] = build(tp, value, key)  # sub-configs are named by their section
+        else:
+            kwargs[key] = _coerce(where, key, value, tp)
+    obj = cls(**kwargs)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        check(where)
+    return obj
+
+
+def _parse_scalar(text: str) -> Any:
+    """``--set`` values are YAML scalars or flow lists: 1e-4, true, [3, 4], mma."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        # YAML 1.1 reads "1e-4" as a string; accept it as the number users mean.
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def apply_overrides(tree: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply ``a.b=value`` overrides to a nested dict (a copy)."""
+    tree = {k: dict(v) if isinstance(v, Mapping) else v for k, v in tree.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. finetune.lr=1e-4")
+        key, text = item.split("=", 1)
+        set_dotted(tree, key.strip(), _parse_scalar(text.strip()))
+    return tree
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"{key!r}: expected <section>.<field>, e.g. finetune.lr or model.mma_depth")
+    section, name = parts
+    allowed = sorted(set(SUB_CONFIGS) | set(JOB_CONFIGS))
+    if section not in allowed:
+        raise ConfigError(f"{key!r}: unknown section {section!r}; allowed: {allowed}")
+    tree.setdefault(section, {})
+    tree[section][name] = value
+
+
+def _read_yaml(path: str) -> dict:
+    from clman import storage
+
+    try:
+        text = storage.read_text(path)
+    except storage.StorageError:
+        raise
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e.__class__.__name__})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections, got {type(tree).__name__}")
+    return tree
+
+
+def load_tree(path: str | None, overrides=()) -> dict:
+    """Read a preset and apply overrides; validate every section."""
+    tree = _read_yaml(path) if path else {}
+    allowed = sorted(set(SUB_CONFIGS) | set(JOB_CONFIGS))
+    for section, values in tree.items():
+        if section not in allowed:
+            raise ConfigError(f"{path}: unknown section {section!r}; allowed: {allowed}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping, got {values!r}")
+    tree = apply_overrides(tree, list(overrides))
+    # Validate every section now, so a typo in an unrelated section still fails early.
+    for job in JOB_CONFIGS:
+        job_config(tree, job)
+    return tree
+
+
+def job_config(tree: Mapping[str, Any], job: str):
+    """The frozen config of ``job`` from a (validated or not) section tree."""
+    if job not in JOB_CONFIGS:
+        raise ConfigError(f"unknown job {job!r}; allowed: {sorted(JOB_CONFIGS)}")
+    cls = JOB_CONFIGS[job]
+    names = {f.name for f in dataclasses.fields(cls)}
+    values = dict(tree.get(job) or {})
+    for sub in SUB_CONFIGS:
+        if sub in names and sub in tree:
+            values[sub] = {**dict(tree[sub] or {}), **dict(values.get(sub) or {})}
+    return build(cls, values, job)
+
+
+def load(job: str, path: str | None = None, overrides=()):
+    """The config of ``job`` from a preset file plus ``--set`` overrides."""
+    return job_config(load_tree(path, overrides), job)
+
+
+def to_dict(cfg) -> dict:
+    """Plain nested dict (lists for tuples): YAML/JSON- and checkpoint-safe."""
+
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(job: str, values: Mapping[str, Any]):
+    return build(JOB_CONFIGS[job], values, job)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,246 @@
+"""The manifest: one Parquet row per ingested video (schema in DESIGN.md), and patient-level splits."""
+
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from clman import storage
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = pa.schema([
+    ("video_id", pa.string()),
+    ("patient_id", pa.string()),
+    ("label", pa.int8()),  # 0 benign, 1 malignant
+    ("split", pa.string()),  # train | val | test
+    ("fold", pa.int8()),  # -1 when unused
+    ("uri", pa.string()),
+    ("num_frames", pa.int32()),
+    ("fps", pa.float32()),
+    ("height", pa.int32()),
+    ("width", pa.int32()),
+    ("sha256", pa.string()),
+    ("source", pa.string()),
+])
+COLUMNS = tuple(MANIFEST_SCHEMA.names)
+SPLITS = ("train", "val", "test")
+DEFAULT_RATIOS = (0.6, 0.0, 0.4)
+
+
+class ManifestError(ValueError):
+    """A manifest that breaks the schema or the split rules; the message names the row / column."""
+
+
+def empty_manifest() -> pd.DataFrame:
+    return MANIFEST_SCHEMA.empty_table().to_pandas()
+
+
+def validate_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{where}: missing columns {missing}; expected {list(COLUMNS)}")
+    extra = [c for c in df.columns if c not in COLUMNS]
+    if extra:
+        raise ManifestError(f"{where}: unexpected columns {extra}; expected {list(COLUMNS)}")
+    if df.empty:
+        return
+    for col in ("video_id", "patient_id", "split", "uri", "sha256"):
+        bad = df[col].isna() | (df[col].astype(str) == "")
+        if bad.any():
+            raise ManifestError(f"{where}: row {int(np.flatnonzero(bad)[0])} has an empty {col}")
+    dup = df["video_id"].duplicated()
+    if dup.any():
+        raise ManifestError(f"{where}: video_id {df['video_id'][dup].iloc[0]!r} appears twice")
+    bad = ~df["label"].isin([0, 1])
+    if bad.any():
+        raise ManifestError(f"{where}: row {int(np.flatnonzero(bad)[0])} label "
+                            f"{df['label'][bad].iloc[0]!r} is not 0 (benign) or 1 (malignant)")
+    bad = ~df["split"].isin(SPLITS)
+    if bad.any():
+        raise ManifestError(f"{where}: row {int(np.flatnonzero(bad)[0])} split "
+                            f"{df['split'][bad].iloc[0]!r} is not one of {list(SPLITS)}")
+    bad = df["num_frames"] < 1
+    if bad.any():
+        raise ManifestError(f"{where}: video {df['video_id'][bad].iloc[0]!r} has num_frames < 1")
+    check_patient_splits(df, where)
+
+
+def check_patient_splits(df: pd.DataFrame, where: str = "manifest") -> None:
+    """No patient in two splits (nor, with folds, in two folds)."""
+    for col in ("split", "fold"):
+        if col not in df.columns or df.empty:
+            continue
+        counts = df.groupby("patient_id")[col].nunique()
+        if (counts > 1).any():
+            pid = counts.index[counts > 1][0]
+            values = sorted(map(str, df.loc[df["patient_id"] == pid, col].unique()))
+            raise ManifestError(f"{where}: patient {pid!r} is in more than one {col}: {values}")
+
+
+def to_table(df: pd.DataFrame, where: str = "manifest") -> pa.Table:
+    """DataFrame -> Arrow table with exactly MANIFEST_SCHEMA (columns in order, types cast)."""
+    validate_manifest(df, where)
+    try:
+        return pa.Table.from_pandas(df[list(COLUMNS)], schema=MANIFEST_SCHEMA, preserve_index=False)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as err:
+        raise ManifestError(f"{where}: does not fit the manifest schema: {err}") from None
+
+
+def write_manifest(df: pd.DataFrame, uri: str) -> None:
+    """Schema-checked, atomic write (a crash never leaves a half manifest)."""
+    storage.write_parquet(to_table(df, uri), uri)
+
+
+def read_manifest(uri: str, split: str | Sequence[str] | None = None) -> pd.DataFrame:
+    """The manifest at ``uri`` (rows of ``split`` only when given), validated."""
+    table = storage.read_parquet(uri)
+    missing = [c for c in COLUMNS if c not in table.column_names]
+    if missing:
+        raise ManifestError(f"{uri}: missing columns {missing}; expected {list(COLUMNS)}")
+    df = table.select(list(COLUMNS)).cast(MANIFEST_SCHEMA).to_pandas()
+    validate_manifest(df, uri)
+    if split is not None:
+        wanted = [split] if isinstance(split, str) else list(split)
+        for s in wanted:
+            if s not in SPLITS:
+                raise ManifestError(f"{uri}: unknown split {s!r}; valid: {list(SPLITS)}")
+        df = df[df["split"].isin(wanted)].reset_index(drop=True)
+    return df
+
+
+def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
+    """'0.6,0.0,0.4' -> (0.6, 0.0, 0.4): train, val, test; non-negative, summing to 1."""
+    if isinstance(text, str):
+        try:
+            values = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise ManifestError(f"split ratios {text!r}: expected three numbers like 0.6,0.0,0.4") from None
+    else:
+        values = [float(v) for v in text]
+    if len(values) != 3:
+        raise ManifestError(f"split ratios {text!r}: expected three numbers (train,val,test), "
+                            f"got {len(values)}")
+    if any(v < 0 or not np.isfinite(v) for v in values):
+        raise ManifestError(f"split ratios {text!r}: every ratio must be >= 0")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ManifestError(f"split ratios {text!r}: must sum to 1, they sum to {sum(values):g}")
+    return values[0], values[1], values[2]
+
+
+def _allocate(n: int, ratios: Sequence[float]) -> list[int]:
+    """Largest-remainder split of n items by ratios (counts sum to n)."""
+    exact = np.asarray(ratios) * n
+    counts = np.floor(exact).astype(int)
+    order = np.argsort(-(exact - counts), kind="stable")
+    for i in order[: n - counts.sum()]:
+        counts[i] += 1
+    return counts.tolist()
+
+
+def _stratified_counts(sizes: Sequence[int], ratios: Sequence[float],
+                       rng: np.random.Generator) -> np.ndarray:
+    """(strata, splits) patient counts: each within one of its exact quota, totals per split
+    exactly the largest-remainder split of all patients.
+
+    Rounding each stratum alone would send every single-patient stratum to
+    'train'; here the leftover patients of all strata are placed together.
+    """
+    quota = np.outer(sizes, ratios)  # (S, 3) exact
+    counts = np.floor(quota).astype(int)
+    left_in_stratum = np.asarray(sizes) - counts.sum(axis=1)
+    left_in_split = np.asarray(_allocate(int(sum(sizes)), ratios)) - counts.sum(axis=0)
+    frac = quota - counts
+    # Largest remainder first; ties broken at random (seeded) so no label is favoured.
+    tie = rng.random(quota.shape)
+    cells = sorted(np.ndindex(*quota.shape), key=lambda c: (-frac[c], tie[c]))
+    for s, j in cells:
+        if frac[s, j] > 0 and left_in_stratum[s] > 0 and left_in_split[j] > 0:
+            counts[s, j] += 1
+            left_in_stratum[s] -= 1
+            left_in_split[j] -= 1
+    for s in range(len(sizes)):  # whatever is left: any split still short of its total
+        for j in np.argsort(-np.asarray(ratios), kind="stable"):
+            take = min(left_in_stratum[s], left_in_split[j])
+            counts[s, j] += take
+            left_in_stratum[s] -= take
+            left_in_split[j] -= take
+    return counts
+
+
+def patient_labels(df: pd.DataFrame) -> pd.Series:
+    """Patient -> label used for stratification: 1 if any of their videos is malignant."""
+    return df.groupby("patient_id")["label"].max().sort_index()
+
+
+def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, folds: int = 0,
+                  seed: int = 0) -> pd.DataFrame:
+    """A copy of ``df`` with ``split`` and ``fold`` set per patient, stratified by label.
+
+    ratios: (train, val, test) fractions of patients in each label stratum.
+    folds > 1: K-fold cross-validation instead; every patient gets a fold
+    0..K-1 (balanced per label) and split 'train' — fold k is the held-out set
+    of run k. The same rows and seed always give the same assignment.
+    """
+    if df.empty:
+        raise ManifestError("cannot assign splits: no videos")
+    labels = patient_labels(df)  # index sorted by patient_id: order of input rows does not matter
+    rng = np.random.default_rng(seed)
+    split_of: dict[str, str] = {}
+    fold_of: dict[str, int] = {}
+    if folds:
+        if folds < 2:
+            raise ManifestError(f"folds must be 0 (no folds) or >= 2, got {folds}")
+        if folds > len(labels):
+            raise ManifestError(f"{folds} folds need at least {folds} patients, have {len(labels)}")
+        offset = 0
+        for label in sorted(labels.unique()):
+            patients = rng.permutation(labels.index[labels == label].to_numpy())
+            for i, pid in enumerate(patients):
+                # Continue the round-robin across strata so small strata do not
+                # all land in fold 0.
+                fold_of[pid] = (offset + i) % folds
+                split_of[pid] = "train"
+            offset += len(patients)
+    else:
+        ratios = parse_ratios(ratios)
+        strata = [rng.permutation(labels.index[labels == label].to_numpy())
+                  for label in sorted(labels.unique())]
+        table = _stratified_counts([len(p) for p in strata], ratios, rng)
+        for patients, counts in zip(strata, table):
+            bounds = np.cumsum([0, *counts])
+            for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
+                for pid in patients[lo:hi]:
+                    split_of[pid] = name
+                    fold_of[pid] = -1
+        for name, ratio in zip(SPLITS, ratios):
+            if ratio > 0 and name not in split_of.values():
+                raise ManifestError(
+                    f"split {name!r} would be empty: ratio {ratio:g} of {len(labels)} patients "
+                    f"({ {int(k): int(v) for k, v in labels.value_counts().sort_index().items()} } "
+                    "per label); add videos or "
+                    "change --split")
+    out = df.copy()
+    out["split"] = out["patient_id"].map(split_of)
+    out["fold"] = out["patient_id"].map(fold_of).astype("int8")
+    if folds:
+        used = set(fold_of.values())
+        if len(used) < folds:
+            raise ManifestError(f"{folds} folds: only {len(used)} would hold patients")
+    return out
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Videos and patients per split (and fold) and label, for the ingest summary."""
+    keys = ["split"] + (["fold"] if (df["fold"] >= 0).any() else [])
+    g = df.groupby(keys)
+    return pd.DataFrame({
+        "videos": g.size(),
+        "patients": g["patient_id"].nunique(),
+        "benign": g["label"].apply(lambda s: int((s == 0).sum())),
+        "malignant": g["label"].apply(lambda s: int((s == 1).sum())),
+    })

@@ -1,0 +1,584 @@
+"""Synthetic breast-ultrasound sweeps: one B-mode video per lesion, benign or malignant.
+
+A stand-in for the paper's private data set (268 sweeps, 152 malignant), good
+enough to exercise the whole pipeline and to make frame aggregation matter.
+
+Image model (all vectorised numpy over (T, H, W), float32)
+-----------------------------------------------------------
+- Tissue is a reflectivity map R in tissue coordinates: skin (bright entry line
+  and dermis), subcutaneous fat (dark, lobular texture) crossed by Cooper's
+  ligaments (thin bright arcs), fibroglandular tissue (bright, textured),
+  retromammary fat and pectoralis muscle (striated) with a bright fascia.
+  Layer boundaries undulate laterally and drift with the elevation of the scan
+  plane.
+- The lesion is a 3-D ellipsoid-ish body (semi-axes a lateral, b axial, c
+  elevational) whose margin radius r(angle) carries harmonics (lobulation /
+  irregularity) and narrow spikes (spiculation). Frame t cuts it at elevation
+  y_t: the in-plane section scales by s_t = sqrt(1 - ((y_t - y0) / c)^2), so
+  the lesion grows, shrinks and is absent in the first and last frames.
+  Inside: a low echo level, heterogeneous for malignant cases. Around it: an
+  optional echogenic halo. Below it: posterior enhancement or shadowing, an
+  exponential of the lesion path length along each beam line
+  (cumsum over depth), so it starts at the lesion and runs to the bottom.
+  Malignant cases may carry microcalcifications: bright points at an elevation.
+- Speckle: complex Gaussian scatterers weighted by sqrt(R), convolved with a
+  separable Gaussian PSF (finer axially than laterally) by FFT; the envelope
+  |.| is Rayleigh-distributed. Scatterers are a mix of a persistent field
+  (fixed in tissue, rotating slowly to an independent one over the sweep) and
+  a fresh field per frame, so speckle decorrelates partly from frame to frame.
+- Depth gain: a residual exponential attenuation after an imperfect TGC, and
+  a mild focal-zone brightening. Log compression to a dynamic range in dB.
+- Probe jitter: a mean-reverting random walk of integer pixel shifts (lateral
+  and axial) applied to everything in tissue coordinates.
+
+Class features (per case, overlapping distributions; see `sample_case`)
+-----------------------------------------------------------------------
+===================  ==============================  ================================
+feature              benign                          malignant
+===================  ==============================  ================================
+aspect (b / a)       lognormal, median 0.62          lognormal, median 1.2 (focal: 0.85)
+margin irregularity  0-0.06 (30 %: gentle lobes)     0.04-0.2 over harmonics 3-8
+spiculation          5 %: 1-3 short spikes           70 %: 4-14 spikes
+edge blur (px@128)   0.6-1.5                         1.0-3.0
+posterior (log gain) N(+0.6, 0.45) enhancement       N(-0.9, 0.5) shadow
+heterogeneity        0-0.3                           0.2-0.8
+echogenic halo       10 %, weak                      60 %, 0.3-1.0
+tilt                 N(0, 8 deg) parallel to skin    N(0, 20 deg)
+microcalcifications  5 %                             40 %
+===================  ==============================  ================================
+
+In a share of malignant cases (`SynthConfig.focal_fraction`, default 30 %)
+the lesion body is drawn benign-like, and the telling signs — spicules,
+shadowing, halo, heterogeneity and calcifications — show only where the plane
+passes a small elevation window (`focal_extent` of the sweep, ~6 of 48
+frames). A classifier that looks at a single frame misses them; one that
+aggregates over the sweep can find them.
+
+Determinism: case `index` of a data set with seed `seed` draws everything from
+`np.random.default_rng([seed, index])`, so its frames are the same bytes in any
+process, worker count or order. Labels and patients come from
+`plan_cases(n, seed, cfg)`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import scipy.fft
+
+logger = logging.getLogger(__name__)
+
+PAPER_CASES = 268
+PAPER_MALIGNANT = 152
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    """Knobs of the synthetic data set (defaults: the paper's size and class balance).
+
+    size: frame height = width in pixels (even, >= 32). Pixel-scale features
+        (PSF, edge blur, halo width) scale with size / 128.
+    frames: frames per sweep (>= 2).
+    fps: frame rate written to the mp4.
+    crf, gop: H.264 quality and keyframe interval (short GOP: cheap random access).
+    malignant_fraction: share of malignant cases, 152 / 268 as in the paper.
+    focal_fraction: share of malignant cases whose signs show only in a few
+        frames (0 makes every malignant case obvious in all lesion frames).
+    focal_extent: width (full width at half maximum) of the elevation window
+        where focal signs show, as a fraction of the sweep (0.12 ~ 6 of 48 frames).
+    repeat_patient_prob: chance that a case belongs to the previous case's patient.
+    speckle_persistence: share of speckle variance fixed in tissue between
+        consecutive frames (0 = fresh speckle each frame, 1 = frozen).
+    sweep_decorrelation: how far the persistent speckle rotates to an
+        independent field over the whole sweep (1 = fully independent at the end).
+    jitter_px: probe jitter, std of the per-frame shift step in pixels at 128.
+    dynamic_range_db: log-compression range mapped to 0..255.
+    sweep_overshoot: (low, high) of the sweep half-range over the lesion's
+        elevation semi-axis; > 1 leaves frames without lesion at both ends.
+    visible_section: lesion frames are those whose section scale s_t is at
+        least this (the `visible` mask).
+    """
+
+    size: int = 128
+    frames: int = 48
+    fps: float = 15.0
+    crf: int = 20
+    gop: int = 8
+    malignant_fraction: float = PAPER_MALIGNANT / PAPER_CASES
+    focal_fraction: float = 0.3
+    focal_extent: float = 0.12
+    repeat_patient_prob: float = 0.08
+    speckle_persistence: float = 0.7
+    sweep_decorrelation: float = 1.0
+    jitter_px: float = 0.8
+    dynamic_range_db: float = 40.0
+    sweep_overshoot: tuple[float, float] = (1.3, 1.8)
+    visible_section: float = 0.3
+
+    def __post_init__(self):
+        checks = [
+            (self.size >= 32 and self.size % 2 == 0, "size", "an even integer >= 32"),
+            (self.frames >= 2, "frames", ">= 2"),
+            (self.fps > 0, "fps", "> 0"),
+            (0 <= self.crf <= 51, "crf", "in [0, 51]"),
+            (self.gop >= 1, "gop", ">= 1"),
+            (0.0 <= self.malignant_fraction <= 1.0, "malignant_fraction", "in [0, 1]"),
+            (0.0 <= self.focal_fraction <= 1.0, "focal_fraction", "in [0, 1]"),
+            (0.0 < self.focal_extent <= 1.0, "focal_extent", "in (0, 1]"),
+            (0.0 <= self.repeat_patient_prob < 1.0, "repeat_patient_prob", "in [0, 1)"),
+            (0.0 <= self.speckle_persistence <= 1.0, "speckle_persistence", "in [0, 1]"),
+            (0.0 <= self.sweep_decorrelation <= 1.0, "sweep_decorrelation", "in [0, 1]"),
+            (0.0 <= self.jitter_px <= 4.0, "jitter_px", "in [0, 4]"),
+            (10.0 <= self.dynamic_range_db <= 90.0, "dynamic_range_db", "in [10, 90]"),
+            (1.0 <= self.sweep_overshoot[0] <= self.sweep_overshoot[1], "sweep_overshoot", "1 <= low <= high"),
+            (0.0 < self.visible_section < 1.0, "visible_section", "in (0, 1)"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise ValueError(f"SynthConfig.{name}={getattr(self, name)!r}: must be {allowed}")
+
+
+@dataclass(frozen=True)
+class CaseParams:
+    """One lesion and its surroundings, drawn by `sample_case`. Lengths are in
+    units of the image width (x lateral, z depth, y elevation)."""
+
+    label: int  # 0 benign, 1 malignant
+    focal: bool  # malignant signs only in an elevation window
+    # lesion body
+    x0: float
+    z0: float
+    a: float  # lateral semi-axis
+    aspect: float  # b / a: > 1 is taller-than-wide
+    c: float  # elevational semi-axis
+    tilt: float  # radians, 0 = long axis parallel to the skin
+    y0: float  # elevation of the lesion centre
+    harmonics: tuple[tuple[int, float, float, float], ...]  # (k, amplitude, phase, phase drift per unit y)
+    spicules: tuple[tuple[float, float, float], ...]  # (angle, length / radius, angular width)
+    edge_px: float
+    level: float  # lesion reflectivity (tissue ~0.3 fat, ~0.8 gland)
+    heterogeneity: float
+    halo: float  # echogenic halo strength (0 = none)
+    halo_px: float
+    posterior: float  # log gain below the lesion: > 0 enhancement, < 0 shadow
+    calcs: tuple[tuple[float, float, float], ...]  # (u, v, y) in lesion units / elevation
+    # where malignant signs show: everywhere, or a window at y_sign
+    sign_spicules: float  # spike length multiplier inside the window (focal cases)
+    sign_posterior: float  # posterior log gain inside the window (focal cases)
+    sign_halo: float
+    sign_heterogeneity: float
+    y_sign: float
+    # tissue
+    z_skin: float
+    z_fat_gland: float
+    z_gland_retro: float
+    layer_waves: tuple[tuple[float, float, float, float], ...]  # (amplitude, cycles, phase, drift) x 6
+    ligaments: tuple[tuple[float, float, float, float], ...]  # (centre x, half-width, height frac, drift)
+    attenuation: float  # residual after TGC, per unit depth
+    focus_z: float
+    gain_db: float
+    psf_ax_px: float
+    psf_lat_px: float
+    overshoot: float
+
+
+@dataclass
+class SynthCase:
+    """A rendered sweep: frames (T, H, W) uint8, per-frame masks (T,) bool, and stats."""
+
+    frames: np.ndarray
+    visible: np.ndarray  # lesion section present (s_t >= visible_section)
+    signs: np.ndarray  # malignant signs visible in this frame
+    params: CaseParams
+    stats: dict = field(default_factory=dict)
+
+
+# -- drawing case parameters -----------------------------------------------------
+def sample_case(label: int, rng: np.random.Generator, cfg: SynthConfig) -> CaseParams:
+    """Draw one case's lesion and tissue from the class's (overlapping) distributions."""
+    if label not in (0, 1):
+        raise ValueError(f"label must be 0 (benign) or 1 (malignant), got {label!r}")
+    malignant = label == 1
+    focal = malignant and rng.random() < cfg.focal_fraction
+    benign_like = not malignant or focal
+
+    a = rng.uniform(0.08, 0.17)
+    if benign_like:
+        aspect = math.exp(rng.normal(math.log(0.62 if not malignant else 0.85), 0.22))
+    else:
+        aspect = math.exp(rng.normal(math.log(1.2), 0.25))
+    aspect = float(np.clip(aspect, 0.35, 2.0))
+    b = a * aspect
+    z_skin = rng.uniform(0.035, 0.06)
+    z_fat_gland = rng.uniform(0.16, 0.3)
+    z_gland_retro = rng.uniform(0.68, 0.95)
+    z0 = rng.uniform(max(z_fat_gland, z_skin + 1.3 * b + 0.03), max(z_fat_gland + 0.05, 0.8 - 1.2 * b))
+
+    harmonics = []
+    if benign_like:
+        if rng.random() < 0.3:  # macrolobulated (fibroadenoma-like)
+            for k in (2, 3):
+                harmonics.append((k, rng.uniform(0.04, 0.11), rng.uniform(0, 2 * math.pi), rng.normal(0, 4)))
+        irregularity = rng.uniform(0.0, 0.06)
+        ks = (3, 4, 5)
+    else:
+        irregularity = rng.uniform(0.04, 0.2)
+        ks = (3, 4, 5, 6, 7, 8)
+    for k in ks:
+        amp = irregularity * rng.uniform(0.3, 1.0) / math.sqrt(k / 3)
+        harmonics.append((k, amp, rng.uniform(0, 2 * math.pi), rng.normal(0, 8)))
+
+    def draw_spicules(n: int, lo: float, hi: float) -> tuple:
+        return tuple((rng.uniform(-math.pi, math.pi), rng.uniform(lo, hi), rng.uniform(0.04, 0.09)) for _ in range(n))
+
+    if malignant:
+        spicules = draw_spicules(int(rng.integers(4, 15)), 0.25, 0.7) if (focal or rng.random() < 0.7) else ()
+    else:
+        spicules = draw_spicules(int(rng.integers(1, 4)), 0.1, 0.25) if rng.random() < 0.05 else ()
+
+    if benign_like:
+        edge_px = rng.uniform(0.6, 1.5) if not focal else rng.uniform(0.6, 1.8)
+        posterior = rng.normal(0.6, 0.45) if not focal else rng.normal(0.1, 0.4)
+        heterogeneity = rng.uniform(0.0, 0.3)
+        halo = rng.uniform(0.1, 0.3) if (not malignant and rng.random() < 0.1) else 0.0
+        tilt = math.radians(rng.normal(0, 8))
+        level = math.exp(rng.uniform(math.log(0.004), math.log(0.08)))
+    else:
+        edge_px = rng.uniform(0.8, 2.2)
+        posterior = rng.normal(-0.9, 0.5)
+        heterogeneity = rng.uniform(0.2, 0.8)
+        halo = rng.uniform(0.3, 1.0) if rng.random() < 0.6 else 0.0
+        tilt = math.radians(rng.normal(0, 20))
+        level = math.exp(rng.uniform(math.log(0.02), math.log(0.12)))
+
+    c = a * rng.uniform(0.8, 1.3)
+    y0 = rng.uniform(-0.15, 0.15) * c
+    y_sign = y0 + rng.uniform(-0.5, 0.5) * c
+    n_calcs = 0
+    if malignant and rng.random() < 0.4:
+        n_calcs = int(rng.integers(3, 11))
+    elif not malignant and rng.random() < 0.05:
+        n_calcs = int(rng.integers(1, 4))
+    calc_list = []
+    for _ in range(n_calcs):
+        r, t = 0.75 * math.sqrt(rng.random()), rng.uniform(-math.pi, math.pi)
+        # Focal cases keep their calcifications inside the sign window.
+        y = y_sign + rng.normal(0, 0.15 * c) if focal else y0 + rng.uniform(-0.7, 0.7) * c
+        calc_list.append((r * math.cos(t), r * math.sin(t), y))
+
+    layer_waves = tuple(
+        (rng.uniform(0.005, 0.03), rng.uniform(0.5, 3.0), rng.uniform(0, 2 * math.pi), rng.normal(0, 6))
+        for _ in range(6)
+    )
+    ligaments = tuple(
+        (rng.uniform(-0.1, 1.1), rng.uniform(0.08, 0.25), rng.uniform(0.4, 0.95), rng.normal(0, 0.5))
+        for _ in range(int(rng.integers(3, 7)))
+    )
+    return CaseParams(
+        label=label, focal=bool(focal), x0=rng.uniform(0.3, 0.7), z0=z0, a=a, aspect=aspect, c=c,
+        tilt=tilt, y0=y0, harmonics=tuple(harmonics), spicules=spicules, edge_px=edge_px, level=level,
+        heterogeneity=heterogeneity, halo=halo, halo_px=rng.uniform(2.0, 5.0), posterior=posterior,
+        calcs=tuple(calc_list),
+        sign_spicules=1.0 if focal else 0.0,
+        sign_posterior=rng.normal(-1.2, 0.4) if focal else posterior,
+        sign_halo=rng.uniform(0.5, 1.0) if focal else halo,
+        sign_heterogeneity=rng.uniform(0.4, 0.8) if focal else heterogeneity,
+        y_sign=y_sign,
+        z_skin=z_skin, z_fat_gland=z_fat_gland, z_gland_retro=z_gland_retro, layer_waves=layer_waves,
+        ligaments=ligaments, attenuation=rng.uniform(-0.3, 1.0), focus_z=rng.uniform(0.3, 0.6),
+        gain_db=rng.uniform(-3.0, 3.0), psf_ax_px=rng.uniform(0.7, 1.0), psf_lat_px=rng.uniform(1.4, 2.1),
+        overshoot=rng.uniform(*cfg.sweep_overshoot),
+    )
+
+
+# -- rendering ------------------------------------------------------------------
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 + 0.5 * np.tanh(0.5 * x)
+
+
+def _complex_normal(rng: np.random.Generator, shape: tuple) -> np.ndarray:
+    """Unit-variance circular complex Gaussian, complex64."""
+    re = rng.standard_normal(shape, dtype=np.float32)
+    im = rng.standard_normal(shape, dtype=np.float32)
+    return (re + 1j * im).astype(np.complex64) * np.float32(math.sqrt(0.5))
+
+
+def _smooth_fields(rng: np.random.Generator, k: int, shape: tuple, sigma_px: float) -> np.ndarray:
+    """k Gaussian-smoothed noise fields (k, *shape), zero mean, unit std."""
+    noise = rng.standard_normal((k, *shape), dtype=np.float32)
+    fz = scipy.fft.fftfreq(shape[0]).astype(np.float32)[:, None]
+    fx = scipy.fft.fftfreq(shape[1]).astype(np.float32)[None, :]
+    kernel = np.exp(-2 * math.pi**2 * sigma_px**2 * (fz**2 + fx**2))
+    fields = scipy.fft.ifft2(scipy.fft.fft2(noise) * kernel).real.astype(np.float32)
+    fields -= fields.mean(axis=(1, 2), keepdims=True)
+    fields /= fields.std(axis=(1, 2), keepdims=True) + 1e-6
+    return fields
+
+
+def _jitter(rng: np.random.Generator, frames: int, step_px: float, limit: int) -> np.ndarray:
+    """Mean-reverting random walk of integer pixel shifts, (frames,) int."""
+    steps = rng.normal(0.0, step_px, frames)
+    walk = np.zeros(frames)
+    for t in range(1, frames):  # T scalar steps, not a per-pixel loop
+        walk[t] = 0.8 * walk[t - 1] + steps[t]
+    return np.clip(np.round(walk), -limit, limit).astype(np.int64)
+
+
+def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> SynthCase:
+    """Render the sweep of one case: (T, H, W) uint8 frames plus per-frame masks and stats."""
+    T, H = cfg.frames, cfg.size
+    W = H
+    scale = H / 128.0
+    psf_ax, psf_lat = p.psf_ax_px * scale, p.psf_lat_px * scale
+    pad = int(math.ceil(4 * psf_lat)) + 2  # circular FFT convolution wraps within the pad only
+    J = int(math.ceil(4 * cfg.jitter_px * scale)) + 1  # largest jitter shift
+    Hp, Wp = H + 2 * pad, W + 2 * pad
+    Hg, Wg = Hp + 2 * J, Wp + 2 * J  # tissue grid: the frame plus room to jitter
+
+    # Probe motion: elevation sweep and in-plane jitter.
+    y_half = p.c * p.overshoot
+    y = np.linspace(-y_half, y_half, T).astype(np.float32)  # (T,) plane elevation
+    dz = _jitter(rng, T, cfg.jitter_px * scale * 0.5, J)  # axial jitter is smaller (probe pressure)
+    dx = _jitter(rng, T, cfg.jitter_px * scale, J)
+    Z = ((np.arange(Hp, dtype=np.float32) - pad)[None, :, None] + dz[:, None, None]) / H  # (T, Hp, 1)
+    X = ((np.arange(Wp, dtype=np.float32) - pad)[None, None, :] + dx[:, None, None]) / W  # (T, 1, Wp)
+    yy = y[:, None, None]  # (T, 1, 1)
+
+    def crop(fields: np.ndarray) -> np.ndarray:
+        """Tissue-fixed fields (..., Hg, Wg) -> what each jittered frame sees (..., T, Hp, Wp)."""
+        rows = (J + dz)[:, None] + np.arange(Hp)  # (T, Hp)
+        cols = (J + dx)[:, None] + np.arange(Wp)  # (T, Wp)
+        return fields[..., rows[:, :, None], cols[:, None, :]]
+
+    # Elevation blend: the persistent fields rotate towards independent ones over the sweep.
+    theta = (0.5 * math.pi * cfg.sweep_decorrelation * np.linspace(0, 1, T)).astype(np.float32)[:, None, None]
+    cos_t, sin_t = np.cos(theta), np.sin(theta)
+
+    # Tissue texture (fat lobules, glandular texture, lesion heterogeneity): (5, T, Hp, Wp).
+    tex = crop(np.concatenate([
+        _smooth_fields(rng, 2, (Hg, Wg), 5.0 * scale),
+        _smooth_fields(rng, 2, (Hg, Wg), 1.8 * scale),
+        _smooth_fields(rng, 1, (Hg, Wg), 2.5 * scale),
+    ]))
+    fat_tex = cos_t * tex[0] + sin_t * tex[1]
+    gland_tex = cos_t * tex[2] + sin_t * tex[3]
+    het_tex = tex[4]
+
+    # Layers: boundaries undulate in x and drift with elevation. (T, 1, Wp) each.
+    def boundary(base: float, waves) -> np.ndarray:
+        out = np.full(X.shape, base, np.float32)
+        for amp, cycles, phase, drift in waves:
+            out = out + amp * np.sin(2 * math.pi * cycles * X + phase + drift * yy)
+        return out
+
+    z_fg = boundary(p.z_fat_gland, p.layer_waves[:3])
+    z_gr = boundary(p.z_gland_retro, p.layer_waves[3:])
+    z_pm = z_gr + 0.06
+    s_skin = _sigmoid((Z - p.z_skin) / 0.006)
+    s_fg = _sigmoid((Z - z_fg) / 0.012)
+    s_gr = _sigmoid((Z - z_gr) / 0.012)
+    s_pm = _sigmoid((Z - z_pm) / 0.006)
+    fat = 0.1 * np.exp(0.5 * fat_tex)
+    gland = np.exp(0.4 * gland_tex)
+    muscle = 0.15 * (1.0 + 3.0 * np.sin(2 * math.pi * 28.0 * (Z - 0.12 * X)) ** 8)  # bright fibre septa
+    R = s_fg * (gland * (1 - s_gr) + s_gr * (0.1 * (1 - s_pm) + s_pm * muscle)) + (1 - s_fg) * fat
+    R = R * s_skin + (1 - s_skin) * 0.8
+    R = R + 4.0 * np.exp(-((Z - 0.012) / 0.008) ** 2)  # skin entry line
+    R = R + 1.5 * np.exp(-((Z - z_pm) / 0.005) ** 2)  # pectoral fascia
+
+    # Cooper's ligaments: bright arcs from the gland surface towards the skin, in the fat only.
+    rows = int(min(Hp, (float(z_fg.max()) * H + pad + J + 2)))
+    Zf, fat_weight = Z[:, :rows], s_skin[:, :rows] * (1 - s_fg[:, :rows])
+    lig = np.zeros((T, rows, Wp), np.float32)
+    for cx, half_w, height, drift in p.ligaments:
+        rel = (X - (cx + drift * yy)) / half_w
+        curve = z_fg - height * (z_fg - p.z_skin) * (1 - rel**2)
+        lig += np.where(np.abs(rel) < 1, np.exp(-((Zf - curve) / 0.006) ** 2), 0.0)
+    R[:, :rows] += 2.5 * np.minimum(lig, 1.0) * fat_weight
+
+    # Lesion section in frame t: scale s_t of the in-plane ellipse.
+    s = np.sqrt(np.clip(1 - ((y - p.y0) / p.c) ** 2, 0, None)).astype(np.float32)  # (T,)
+    sign_w = np.ones(T, np.float32)
+    if p.focal:
+        fwhm = cfg.focal_extent * 2 * y_half
+        sign_w = np.exp(-4 * math.log(2) * ((y - p.y_sign) / fwhm) ** 2).astype(np.float32)
+    b = p.a * p.aspect
+    ddx, ddz = X - p.x0, Z - p.z0
+    u = (ddx * math.cos(p.tilt) + ddz * math.sin(p.tilt)) / p.a
+    v = (-ddx * math.sin(p.tilt) + ddz * math.cos(p.tilt)) / b
+    rho = np.sqrt(u**2 + v**2)  # (T, Hp, Wp), 1 = the full-size margin
+    ang = np.arctan2(v, u)
+    # Margin radius as a table over angle per frame: (T, NB), looked up per pixel.
+    NB = 360
+    phi = np.linspace(-math.pi, math.pi, NB, endpoint=False, dtype=np.float32)[None, :]
+    yt = y[:, None]
+    r_tab = np.ones((T, NB), np.float32)
+    for k, amp, phase, drift in p.harmonics:
+        r_tab += amp * np.cos(k * phi + phase + drift * yt)
+    spike_gain = sign_w[:, None] if p.focal else 1.0
+    for angle, length, width in p.spicules:
+        dphi = np.angle(np.exp(1j * (phi - angle))).astype(np.float32)
+        r_tab += spike_gain * length * np.exp(-(dphi / width) ** 2)
+    idx = ((ang + math.pi) * (NB / (2 * math.pi))).astype(np.int64) % NB
+    r = np.take_along_axis(r_tab, idx.reshape(T, -1), axis=1).reshape(ang.shape)
+    px_per_unit = math.sqrt(p.a * b) * W  # pixels per unit of rho, roughly
+    d_px = (rho - s[:, None, None] * r) * px_per_unit  # > 0 outside the margin
+    fade = np.clip(s / 0.15, 0, 1)[:, None, None]  # no half-lit dot where the plane grazes the tip
+    m = _sigmoid(-d_px / (p.edge_px * scale)) * fade  # (T, Hp, Wp) lesion occupancy
+
+    het = p.heterogeneity + (p.sign_heterogeneity - p.heterogeneity) * sign_w
+    inside = p.level * np.exp(1.2 * het[:, None, None] * het_tex)
+    R = R * (1 - m) + inside * m
+    halo_strength = (p.halo + (p.sign_halo - p.halo) * sign_w)[:, None, None]
+    hw = p.halo_px * scale
+    R = R + 2.0 * halo_strength * fade * np.exp(-(((d_px - hw / 2) / (hw / 2)) ** 2))
+
+    # Posterior enhancement / shadowing along each beam line (image columns).
+    post = (p.posterior + (p.sign_posterior - p.posterior) * sign_w)[:, None, None]
+    path = np.cumsum(m, axis=1) / (2 * b * H)  # lesion path length above, in lesion depths
+    R = R * np.exp(post * np.minimum(path, 1.0))
+
+    # Depth gain: residual attenuation after TGC, mild focal-zone brightening.
+    R = R * np.exp(-p.attenuation * Z) * (1 + 0.3 * np.exp(-(((Z - p.focus_z) / 0.15) ** 2)))
+    R = np.maximum(R, 1e-4)
+
+    # Speckle: persistent (tissue-fixed, slowly rotating) + fresh scatterers, weighted by sqrt(R).
+    persistent = crop(_complex_normal(rng, (2, Hg, Wg)))
+    keep = math.sqrt(cfg.speckle_persistence)
+    scat = keep * (cos_t * persistent[0] + sin_t * persistent[1])
+    scat += math.sqrt(1 - cfg.speckle_persistence) * _complex_normal(rng, (T, Hp, Wp))
+    field_ = np.sqrt(R) * scat
+    if p.calcs:  # microcalcifications: strong point reflectors where the plane passes them
+        for cu, cv, cy in p.calcs:
+            hit = np.abs(y - cy) < 0.012 + 0.02 * p.c
+            if not hit.any():
+                continue
+            xc = p.x0 + cu * p.a * math.cos(p.tilt) - cv * b * math.sin(p.tilt)
+            zc = p.z0 + cu * p.a * math.sin(p.tilt) + cv * b * math.cos(p.tilt)
+            ts = np.flatnonzero(hit)
+            ii = np.clip(np.round(zc * H + pad - dz[ts]).astype(np.int64), 0, Hp - 1)
+            jj = np.clip(np.round(xc * W + pad - dx[ts]).astype(np.int64), 0, Wp - 1)
+            field_[ts, ii, jj] += np.float32(5.0)
+    fz = scipy.fft.fftfreq(Hp).astype(np.float32)[:, None]
+    fx = scipy.fft.fftfreq(Wp).astype(np.float32)[None, :]
+    psf = np.exp(-2 * math.pi**2 * ((psf_ax * fz) ** 2 + (psf_lat * fx) ** 2)).astype(np.float32)
+    intensity = np.abs(scipy.fft.ifft2(scipy.fft.fft2(field_) * psf)) ** 2  # (T, Hp, Wp), Rayleigh envelope^2
+    # The display pixel integrates over a patch of speckle (the scanner's image is finer than 128 px):
+    # a small Gaussian on the intensity lowers speckle contrast the way downsampling does.
+    blur = np.exp(-2 * math.pi**2 * (0.8 * scale) ** 2 * (fz**2 + scipy.fft.rfftfreq(Wp).astype(np.float32)[None, :] ** 2))
+    intensity = scipy.fft.irfft2(scipy.fft.rfft2(intensity) * blur, s=(Hp, Wp))[:, pad:pad + H, pad:pad + W]
+
+    # Log compression: white is 6 dB above the sweep's 99th percentile (bright speckle of gland).
+    ref = np.percentile(intensity[:, ::3, ::3], 99.0) * 10 ** ((6.0 - p.gain_db) / 10)
+    db = 10 * np.log10(np.maximum(intensity, 0) / ref + 1e-9)
+    frames = np.clip((db + cfg.dynamic_range_db) * (255.0 / cfg.dynamic_range_db), 0, 255).astype(np.uint8)
+
+    visible = s >= cfg.visible_section
+    if p.label == 0:
+        signs = np.zeros(T, bool)
+    elif p.focal:
+        signs = visible & (sign_w > 0.5)
+    else:
+        signs = visible.copy()
+    mask = m[:, pad:pad + H, pad:pad + W] > 0.5  # (T, H, W)
+    heights = mask.any(axis=2).sum(axis=1)
+    widths = mask.any(axis=1).sum(axis=1)
+    ok = visible & (widths > 0) & (heights > 0)
+    stats = {
+        "label": p.label,
+        "focal": p.focal,
+        "aspect_ratio": float(np.mean(heights[ok] / widths[ok])) if ok.any() else float("nan"),
+        "visible_frames": int(visible.sum()),
+        "sign_frames": int(signs.sum()),
+        "posterior": float(np.mean(post[visible, 0, 0])) if visible.any() else float(p.posterior),
+        "spicules": len(p.spicules),
+    }
+    return SynthCase(frames=frames, visible=visible, signs=signs, params=p, stats=stats)
+
+
+def generate_case(seed: int, index: int, label: int, cfg: SynthConfig = SynthConfig()) -> SynthCase:
+    """Case `index` of the data set with `seed`: same frames for the same arguments."""
+    rng = np.random.default_rng([seed, index])
+    return render_case(sample_case(label, rng, cfg), cfg, rng)
+
+
+# -- data sets --------------------------------------------------------------------
+@dataclass(frozen=True)
+class CasePlan:
+    index: int
+    video: str  # file name, e.g. "case_0001.mp4"
+    label: int
+    patient_id: str
+
+
+def plan_cases(n: int, seed: int, cfg: SynthConfig = SynthConfig()) -> list[CasePlan]:
+    """Labels (shuffled, round(n * malignant_fraction) malignant) and patients for n cases."""
+    if n < 1:
+        raise ValueError(f"number of cases must be >= 1, got {n}")
+    rng = np.random.default_rng([seed, 0x5EED])
+    n_mal = int(round(n * cfg.malignant_fraction))
+    labels = rng.permutation(np.array([1] * n_mal + [0] * (n - n_mal)))
+    plans, patient = [], 0
+    for i in range(n):
+        if i == 0 or rng.random() >= cfg.repeat_patient_prob:
+            patient += 1
+        plans.append(CasePlan(i, f"case_{i + 1:04d}.mp4", int(labels[i]), f"P{patient:04d}"))
+    return plans
+
+
+def _make_case(args: tuple) -> dict:
+    """Worker: render, encode and write one case; returns its labels row and stats."""
+    from clman import storage
+    from clman.data.video import encode_mp4
+
+    out_uri, plan, seed, cfg = args
+    t0 = time.perf_counter()
+    case = generate_case(seed, plan.index, plan.label, cfg)
+    t1 = time.perf_counter()
+    data = encode_mp4(case.frames, fps=cfg.fps, gop=cfg.gop, crf=cfg.crf, name=plan.video)
+    t2 = time.perf_counter()
+    storage.write_bytes(storage.join(out_uri, plan.video), data)
+    return {**asdict(plan), **case.stats, "bytes": len(data), "generate_s": t1 - t0, "encode_s": t2 - t1}
+
+
+def write_dataset(out_uri: str, n_cases: int, seed: int = 0, cfg: SynthConfig = SynthConfig(),
+                  workers: int | None = None, progress: bool = True) -> list[dict]:
+    """Write `n_cases` sweeps as mp4 plus labels.csv (video, label, patient_id) to `out_uri`.
+
+    Also writes synth_cases.csv (per-case stats: focal, aspect ratio, lesion and
+    sign frame counts). labels.csv is written last, so an interrupted run never
+    leaves a labels file that lists missing videos. Returns the per-case rows.
+    """
+    import pandas as pd
+    from tqdm import tqdm
+
+    from clman import storage
+
+    plans = plan_cases(n_cases, seed, cfg)
+    workers = max(1, min(workers or os.cpu_count() or 1, n_cases))
+    jobs = [(out_uri, plan, seed, cfg) for plan in plans]
+    bar = tqdm(total=n_cases, desc="synth", unit="case", disable=not progress)
+    rows = []
+    if workers == 1:
+        for job in jobs:
+            rows.append(_make_case(job))
+            bar.update()
+    else:
+        # spawn, not fork: the caller may hold threads or S3 clients.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            for row in pool.imap_unordered(_make_case, jobs, chunksize=2):
+                rows.append(row)
+                bar.update()
+    bar.close()
+    rows.sort(key=lambda r: r["index"])
+    table = pd.DataFrame(rows)
+    storage.write_text(storage.join(out_uri, "synth_cases.csv"), table.drop(columns=["index"]).to_csv(index=False))
+    storage.write_text(storage.join(out_uri, "labels.csv"),
+                       table[["video", "label", "patient_id"]].to_csv(index=False))
+    return rows

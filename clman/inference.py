@@ -1,0 +1,57 @@
+"""A trained CLMAN classifier applied to videos: scores and the frames that weighed most.
+
+Shared by ``jobs.evaluate`` (over a manifest split) and ``jobs.predict`` (over
+files given on the command line, no cluster needed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from clman import checkpoint as ckpt
+from clman import config as C
+from clman.models.build import classifier_from
+
+
+@dataclass(frozen=True)
+class Prediction:
+    score: float  # P(malignant)
+    frame_weight: np.ndarray  # (T,) mean attention weight per frame (sums to 1 for mma); uniform otherwise
+    frame_index: np.ndarray  # (T,) index of each scored frame in the source video
+
+    def top_frames(self, k: int = 3) -> list[int]:
+        order = np.argsort(-self.frame_weight, kind="stable")[:k]
+        return [int(self.frame_index[i]) for i in order]
+
+
+def load_classifier(uri: str, device: torch.device | str = "cpu"):
+    """(model in eval mode, its FinetuneConfig) from a classifier checkpoint."""
+    state = ckpt.load_checkpoint(uri)
+    if state.get("kind") != "classifier":
+        raise ckpt.CheckpointError(
+            f"{uri}: a {state.get('kind')!r} checkpoint; evaluate/predict need a finetuned classifier "
+            "(the model.pt written by jobs.finetune)"
+        )
+    cfg = C.from_dict("finetune", state["config"])
+    model = classifier_from(cfg.model)
+    ckpt.load_model_state(model, state["model"], what=f"classifier checkpoint {uri}")
+    return model.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def predict_clips(model, clips: torch.Tensor, mask: torch.Tensor, frame_idx: torch.Tensor) -> list[Prediction]:
+    """Score a batch: clips (B, T, C, H, W), mask (B, T) bool, frame_idx (B, T) source frame numbers."""
+    logits, weights = model(clips, mask, return_weights=True)  # (B, 2), (B, T, D) or None
+    scores = torch.softmax(logits.float(), dim=1)[:, 1]
+    out = []
+    for b in range(clips.shape[0]):
+        valid = mask[b].bool()
+        if weights is not None:
+            w = weights[b].float().mean(dim=-1)[valid]  # (T_valid,) mean over feature dimensions
+        else:
+            w = torch.full((int(valid.sum()),), 1.0 / float(valid.sum()))
+        out.append(Prediction(float(scores[b]), w.cpu().numpy(), frame_idx[b][valid].cpu().numpy()))
+    return out

@@ -1,0 +1,278 @@
+"""The paper's six metrics (Section 4.2), operating points and bootstrap CIs.
+
+Malignant (label 1) is the positive class; a score is P(malignant) in [0, 1]
+and a case is called malignant when score >= threshold (the same rule as the
+ROC, so a threshold from `specificity_at_sensitivity` can be fed back to
+`BinaryMetrics`). AUC and AP are exact (torchmetrics with thresholds=None,
+equal to scikit-learn's roc_auc_score / average_precision_score, ties included).
+
+Undefined values are NaN with an `UndefinedMetricWarning`, never a silent 0:
+with no positive cases AUC, AP and sensitivity are undefined; with no negative
+cases AUC, AP and specificity are (AP would be a trivial 1.0); F1 is undefined
+when there are neither positive cases nor positive calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryStatScores
+from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_stat_scores
+
+log = logging.getLogger(__name__)
+
+METRIC_NAMES = ("accuracy", "ap", "sensitivity", "specificity", "f1", "auc")
+
+
+class UndefinedMetricWarning(UserWarning):
+    """A metric is undefined for this set of cases (one class only) and reported as NaN."""
+
+
+def _check_inputs(scores, labels, allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N,) float scores in [0, 1] and (N,) int64 labels in {0, 1}, or ValueError naming the problem."""
+    s = scores if isinstance(scores, torch.Tensor) else torch.as_tensor(np.asarray(scores))
+    y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    if s.ndim != 1 or y.ndim != 1:
+        raise ValueError(f"scores and labels must be 1-D, got shapes {tuple(s.shape)} and {tuple(y.shape)}")
+    if s.shape[0] != y.shape[0]:
+        raise ValueError(f"scores and labels differ in length: {s.shape[0]} vs {y.shape[0]}")
+    if s.shape[0] == 0 and not allow_empty:
+        raise ValueError("no cases: scores and labels are empty")
+    if s.dtype == torch.bool or s.is_complex():
+        raise ValueError(f"scores must be real numbers in [0, 1], got dtype {s.dtype}")
+    if not s.is_floating_point():
+        s = s.to(torch.float64)
+    bad = ~torch.isfinite(s)
+    if bad.any():
+        raise ValueError(f"scores must be finite: {int(bad.sum())} non-finite value(s), first at index {int(bad.nonzero()[0])}")
+    bad = (s < 0) | (s > 1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"scores must lie in [0, 1] (probabilities of malignancy): index {i} is {float(s[i])}")
+    bad = (y != 0) & (y != 1)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"labels must be 0 (benign) or 1 (malignant): index {i} is {y[i].item()}")
+    return s, y.long()
+
+
+def _check_threshold(threshold: float) -> float:
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    return float(threshold)
+
+
+def _finalize(tp: int, fp: int, tn: int, fn: int, ranking, warn: bool = True) -> dict[str, float]:
+    """The six metrics from the confusion counts and a callable giving (auc, ap).
+
+    `ranking` is only called when both classes are present; undefined values are NaN.
+    """
+    n_pos, n_neg, n = tp + fn, tn + fp, tp + fp + tn + fn
+    nan = float("nan")
+    auc, ap = ranking() if n_pos and n_neg else (nan, nan)
+    values = {
+        "accuracy": (tp + tn) / n,
+        "ap": float(ap),
+        "sensitivity": tp / n_pos if n_pos else nan,
+        "specificity": tn / n_neg if n_neg else nan,
+        "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else nan,
+        "auc": float(auc),
+    }
+    if warn:
+        _warn_undefined(values, n, stacklevel=5)  # the caller of compute_metrics
+    return values
+
+
+def _warn_undefined(values: dict[str, float], n: int, stacklevel: int = 3) -> None:
+    """One UndefinedMetricWarning naming the NaN metrics and why."""
+    undefined = [name for name in METRIC_NAMES if np.isnan(values[name])]
+    if not undefined:
+        return
+    reasons = []
+    if np.isnan(values["sensitivity"]):
+        reasons.append("no positive (malignant) cases")
+    if np.isnan(values["specificity"]):
+        reasons.append("no negative (benign) cases")
+    if np.isnan(values["f1"]):
+        reasons.append("no positive calls")
+    warnings.warn(
+        f"{', '.join(undefined)} undefined for these {n} cases ({'; '.join(reasons)}): reported as NaN",
+        UndefinedMetricWarning,
+        stacklevel=stacklevel,
+    )
+
+
+class BinaryMetrics:
+    """Streaming accumulator of the six metrics, synced across workers.
+
+    Backed by torchmetrics states (confusion counts; all scores and labels for
+    exact AUC / AP). When torch.distributed is initialised, `compute()` gathers
+    the states of every worker (every worker must call it) and returns the
+    metrics of the union; without a process group it is local. Move it to the
+    device of the scores with `.to(device)` (needed for NCCL).
+    """
+
+    def __init__(self, threshold: float = 0.5, sync_on_compute: bool = True):
+        self.threshold = _check_threshold(threshold)
+        self._counts = BinaryStatScores(sync_on_compute=sync_on_compute, validate_args=False)
+        self._ranking = MetricCollection(
+            {
+                "auc": BinaryAUROC(thresholds=None, sync_on_compute=sync_on_compute, validate_args=False),
+                "ap": BinaryAveragePrecision(thresholds=None, sync_on_compute=sync_on_compute, validate_args=False),
+            }
+        )
+
+    def to(self, device: torch.device | str) -> BinaryMetrics:
+        self._counts.to(device)
+        self._ranking.to(device)
+        return self
+
+    def update(self, scores, labels) -> None:
+        """scores (N,) float P(malignant) in [0, 1]; labels (N,) in {0, 1}."""
+        s, y = _check_inputs(scores, labels, allow_empty=True)
+        if s.shape[0] == 0:
+            return
+        device = self._counts.device
+        calls = (s >= self.threshold).long().to(device)  # before the cast, so a score equal to the threshold counts
+        y = y.to(device)
+        self._counts.update(calls, y)
+        # Scores kept as float32 so every worker's list states share one dtype for the gather.
+        self._ranking.update(s.to(device=device, dtype=torch.float32), y)
+
+    def compute(self) -> dict[str, float]:
+        """The six metrics over every case added (on every worker when distributed)."""
+        with warnings.catch_warnings():
+            # A worker that got no cases (e.g. a tiny test set) is normal here.
+            warnings.filterwarnings("ignore", message=r".*was called before the ``update`` method")
+            self._seed_empty_states()
+            tp, fp, tn, fn, _ = (int(v) for v in self._counts.compute().tolist())
+            if tp + fp + tn + fn == 0:
+                raise ValueError("BinaryMetrics.compute: no cases were added (on any worker)")
+
+            def ranking():
+                out = self._ranking.compute()
+                return float(out["auc"]), float(out["ap"])
+
+            values = _finalize(tp, fp, tn, fn, ranking, warn=False)
+        _warn_undefined(values, tp + fp + tn + fn)
+        return values
+
+    def _seed_empty_states(self) -> None:
+        """Give a worker without cases typed empty score/label states.
+
+        torchmetrics would stand in float32 for both, and gloo/NCCL then gather
+        the float labels against the int64 labels of the other workers.
+        """
+        for metric in self._ranking.values(copy_state=False):
+            if len(metric.preds) == 0:
+                metric.preds.append(torch.empty(0, dtype=torch.float32, device=metric.device))
+                metric.target.append(torch.empty(0, dtype=torch.long, device=metric.device))
+
+    def reset(self) -> None:
+        self._counts.reset()
+        self._ranking.reset()
+
+
+def _compute(s: torch.Tensor, y: torch.Tensor, threshold: float, warn: bool = True) -> dict[str, float]:
+    """Metrics of checked tensors, in this process only (no sync)."""
+    tp, fp, tn, fn, _ = (int(v) for v in binary_stat_scores((s >= threshold).long(), y, validate_args=False).tolist())
+
+    def ranking():
+        auc = binary_auroc(s, y, thresholds=None, validate_args=False)
+        ap = binary_average_precision(s, y, thresholds=None, validate_args=False)
+        return float(auc), float(ap)
+
+    return _finalize(tp, fp, tn, fn, ranking, warn=warn)
+
+
+def compute_metrics(scores, labels, threshold: float = 0.5) -> dict[str, float]:
+    """The six metrics of one set of cases (numpy arrays, lists or tensors), in this process only."""
+    s, y = _check_inputs(scores, labels)
+    return _compute(s.cpu(), y.cpu(), _check_threshold(threshold))
+
+
+def specificity_at_sensitivity(scores, labels, sensitivity: float = 0.95) -> tuple[float, float]:
+    """(specificity, threshold) of the highest-threshold ROC point with sensitivity >= `sensitivity`.
+
+    Exact: the ROC is taken at every distinct score. Calling score >= threshold
+    malignant gives at least the asked sensitivity and the best specificity
+    that allows. (NaN, NaN) with an UndefinedMetricWarning for a single-class set.
+    """
+    if not 0.0 < sensitivity <= 1.0:
+        raise ValueError(f"sensitivity must be in (0, 1], got {sensitivity}")
+    s, y = _check_inputs(scores, labels)
+    s, y = s.cpu().double().numpy(), y.cpu().numpy()
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        missing = "positive (malignant)" if n_pos == 0 else "negative (benign)"
+        warnings.warn(
+            f"specificity at sensitivity {sensitivity} undefined: no {missing} cases among {len(y)}; reported as NaN",
+            UndefinedMetricWarning,
+            stacklevel=2,
+        )
+        return float("nan"), float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # last case of each group of equal scores
+    tps = np.cumsum(y)[last]
+    fps = last + 1 - tps
+    i = int(np.argmax(tps / n_pos >= sensitivity))  # tpr is non-decreasing and ends at 1
+    return float(1.0 - fps[i] / n_neg), float(s[last[i]])
+
+
+def bootstrap_ci(
+    scores,
+    labels,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    threshold: float = 0.5,
+    *,
+    return_skipped: bool = False,
+):
+    """Percentile-bootstrap (1 - alpha) CIs of the six metrics: {name: (lo, hi)}.
+
+    Cases are resampled with replacement (numpy Generator seeded with `seed`, so
+    the result is reproducible). A resample holding one class only is skipped
+    and counted: the count is logged, warned about, and returned as
+    `(cis, n_skipped)` when `return_skipped=True`. If every resample is
+    skipped the CIs are (NaN, NaN).
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    threshold = _check_threshold(threshold)
+    s, y = _check_inputs(scores, labels)
+    s, y = s.cpu(), y.cpu()
+    n = s.shape[0]
+    rng = np.random.default_rng(seed)
+    values: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
+    skipped = 0
+    for _ in range(n_boot):
+        idx = torch.from_numpy(rng.integers(0, n, size=n))
+        yb = y[idx]
+        n_pos = int(yb.sum())
+        if n_pos == 0 or n_pos == n:
+            skipped += 1
+            continue
+        for name, v in _compute(s[idx], yb, threshold, warn=False).items():
+            values[name].append(v)
+    if skipped:
+        msg = f"bootstrap: skipped {skipped} of {n_boot} resamples holding one class only"
+        log.info(msg)
+        warnings.warn(msg, UndefinedMetricWarning, stacklevel=2)
+    lo_q, hi_q = 100 * alpha / 2, 100 * (1 - alpha / 2)
+    cis: dict[str, tuple[float, float]] = {}
+    for name in METRIC_NAMES:
+        if values[name]:
+            lo, hi = np.percentile(np.asarray(values[name]), [lo_q, hi_q])
+            cis[name] = (float(lo), float(hi))
+        else:
+            cis[name] = (float("nan"), float("nan"))
+    return (cis, skipped) if return_skipped else cis

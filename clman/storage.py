@@ -1,0 +1,422 @@
+"""Local paths and s3:// URIs behind one small API.
+
+Every input and output of clman is a URI: a local path (or `file://...`) or
+`s3://bucket/key`. S3 access is configured only by the standard variables
+`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+`AWS_REGION` (or `AWS_DEFAULT_REGION`), so the same command works against AWS,
+MinIO, Ceph or the embedded SeaweedFS (`clman.local_s3`). Without the key
+variables boto3's default credential chain (profiles, instance roles) applies.
+
+Writes are atomic: a local file is written to a hidden temporary file beside
+it and renamed; an S3 object appears only when its PUT (or multipart upload)
+completes. Failures raise `StorageError` with one line naming the URI and the
+cause; the secret key never appears in a message.
+
+Retries come in two layers: botocore's "standard" mode retries each API call
+(`S3_MAX_ATTEMPTS`), and `with_retries` retries the whole operation —
+including reading the response body, which botocore does not retry — on
+throttling, 5xx answers and dropped connections, with jittered exponential
+backoff.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+from urllib.parse import urlparse
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+S3_MAX_ATTEMPTS = 3  # botocore attempts per API call
+RETRY_ATTEMPTS = 4  # our attempts per whole operation
+RETRY_BASE_DELAY = 0.5  # seconds; doubles each retry, capped at RETRY_MAX_DELAY
+RETRY_MAX_DELAY = 8.0
+MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes; larger writes use a multipart upload
+
+_THROTTLE_CODES = {
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+    "RequestThrottled", "ServiceUnavailable", "InternalError", "RequestTimeout",
+}
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403"}
+_MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
+_CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+
+
+class StorageError(Exception):
+    """A storage operation failed; the message is one line naming the URI and the cause."""
+
+
+class StorageNotFoundError(StorageError):
+    """The object or file does not exist (the bucket does)."""
+
+
+# -- URIs ---------------------------------------------------------------------
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def _check_scheme(uri: str) -> None:
+    scheme = urlparse(str(uri)).scheme
+    if scheme not in ("", "s3", "file") and not re.fullmatch(r"[a-zA-Z]", scheme):  # "C:" on Windows
+        raise StorageError(f"{uri}: unsupported URI scheme {scheme!r}; valid: a local path, file://..., s3://bucket/key")
+
+
+def _split(uri: str) -> tuple[str, str]:
+    """s3://bucket/a/b -> ("bucket", "a/b")."""
+    rest = str(uri)[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{uri}: no bucket name in S3 URI; expected s3://bucket/key")
+    return bucket, key
+
+
+def _local(uri: str) -> Path:
+    uri = str(uri)
+    _check_scheme(uri)
+    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URI parts with "/" (os.path.join for local paths)."""
+    base = str(base)
+    if is_s3(base):
+        pieces = [base.rstrip("/")] + [p.strip("/") for p in parts if p.strip("/")]
+        return "/".join(pieces)
+    return os.path.join(base, *parts)
+
+
+# -- S3 client, errors, retries ----------------------------------------------
+_clients: dict[tuple, object] = {}
+
+
+def _s3_settings() -> dict[str, str | None]:
+    return {
+        "endpoint_url": os.environ.get("AWS_ENDPOINT_URL") or None,
+        "aws_access_key_id": os.environ.get("AWS_ACCESS_KEY_ID") or None,
+        "aws_secret_access_key": os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+        "region_name": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+    }
+
+
+def s3_client(max_attempts: int = S3_MAX_ATTEMPTS):
+    """A boto3 S3 client from the AWS_* variables, with botocore standard retries.
+
+    Cached per process and per settings (boto3 clients are thread-safe but must
+    not cross a fork).
+    """
+    import boto3
+    from botocore.config import Config
+
+    settings = _s3_settings()
+    cache_key = (os.getpid(), max_attempts, *settings.values())
+    client = _clients.get(cache_key)
+    if client is None:
+        config = Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=5,
+            read_timeout=60,
+            # Custom endpoints (MinIO, SeaweedFS, an IP address) need path-style URLs.
+            s3={"addressing_style": "path"} if settings["endpoint_url"] else None,
+        )
+        client = boto3.client("s3", config=config, **settings)
+        _clients[cache_key] = client
+    return client
+
+
+def _endpoint_name() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL") or "the default AWS S3 endpoint"
+
+
+def _scrub(text: str) -> str:
+    """One line, with the secret key (should a server echo it) masked."""
+    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
+    if secret:
+        text = text.replace(secret, "***")
+    return " ".join(str(text).split())
+
+
+def _error_code(exc: BaseException) -> tuple[str, int]:
+    """(S3 error code, HTTP status) of a botocore ClientError; ("", 0) otherwise."""
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return "", 0
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return code, status
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Throttling, 5xx, or a connection dropped mid-request: worth retrying the operation."""
+    from botocore.exceptions import ClientError, ConnectionClosedError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    if isinstance(exc, ClientError):
+        code, status = _error_code(exc)
+        return code in _THROTTLE_CODES or status == 429 or status >= 500
+    # Not EndpointConnectionError: botocore already retried the connect, and an
+    # endpoint that refuses every attempt is a configuration error, not a blip.
+    return isinstance(exc, (ConnectionClosedError, ReadTimeoutError, ResponseStreamingError, IncompleteReadError))
+
+
+def with_retries(
+    fn: Callable[[], T],
+    what: str,
+    attempts: int = RETRY_ATTEMPTS,
+    base_delay: float = RETRY_BASE_DELAY,
+    max_delay: float = RETRY_MAX_DELAY,
+    sleep: Callable[[float], None] = time.sleep,
+) -> T:
+    """Call fn(); on a transient S3 failure wait (jittered, doubling) and call again.
+
+    Non-transient errors and the last transient one propagate unchanged.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt == attempts or not _is_transient(exc):
+                raise
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            logger.warning("%s: transient S3 error (%s), retry %d/%d in %.1f s",
+                           what, _scrub(type(exc).__name__ + ": " + str(exc))[:200], attempt, attempts - 1, delay)
+            sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _translate(uri: str, exc: BaseException) -> StorageError:
+    """A botocore / boto3 exception as a one-line StorageError naming `uri`."""
+    from boto3.exceptions import S3UploadFailedError
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+
+    bucket = _split(uri)[0] if is_s3(uri) else ""
+    if isinstance(exc, (EndpointConnectionError,)) or type(exc).__name__ == "ConnectTimeoutError":
+        return StorageError(f"{uri}: cannot reach endpoint {_endpoint_name()}")
+    if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
+        return StorageError(f"{uri}: no S3 credentials — set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+    if isinstance(exc, ClientError):
+        code, status = _error_code(exc)
+    elif isinstance(exc, S3UploadFailedError):
+        match = re.search(r"\((\w+)\)", str(exc))
+        code, status = (match.group(1) if match else ""), 0
+    else:
+        return StorageError(f"{uri}: {type(exc).__name__}: {_scrub(str(exc))}")
+    if code == "NoSuchBucket":
+        return StorageError(f"{uri}: bucket '{bucket}' does not exist")
+    if code in _DENIED_CODES or status == 403:
+        return StorageError(f"{uri}: access denied — {_CREDENTIALS_HINT}")
+    if code in _MISSING_CODES or status == 404:
+        return StorageNotFoundError(f"{uri}: no such object")
+    message = exc.response.get("Error", {}).get("Message", "") if isinstance(exc, ClientError) else str(exc)
+    return StorageError(f"{uri}: S3 error {code or status}: {_scrub(message)}")
+
+
+def _s3_call(uri: str, fn: Callable[[], T]) -> T:
+    """Run an S3 operation with retries; raise StorageError on failure."""
+    try:
+        return with_retries(fn, uri)
+    except StorageError:
+        raise
+    except Exception as exc:
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(exc, (BotoCoreError, ClientError, Boto3Error)):
+            raise _translate(uri, exc) from None
+        raise
+
+
+def _check_bucket(uri: str) -> None:
+    """Raise the clear StorageError when the bucket of `uri` is missing or not ours."""
+    bucket, _ = _split(uri)
+    client = s3_client()
+    try:
+        _s3_call(uri, lambda: client.head_bucket(Bucket=bucket))
+    except StorageNotFoundError:
+        # HEAD answers carry no error code: a 404 on a bucket means the bucket is missing.
+        raise StorageError(f"{uri}: bucket '{bucket}' does not exist") from None
+
+
+def _local_call(uri: str, fn: Callable[[], T]) -> T:
+    try:
+        return fn()
+    except FileNotFoundError:
+        raise StorageNotFoundError(f"{uri}: no such file") from None
+    except IsADirectoryError:
+        raise StorageError(f"{uri}: is a directory, expected a file") from None
+    except NotADirectoryError:
+        raise StorageError(f"{uri}: a parent of this path is a file, not a directory") from None
+    except PermissionError:
+        raise StorageError(f"{uri}: permission denied") from None
+
+
+# -- bytes and text -----------------------------------------------------------
+def read_bytes(uri: str) -> bytes:
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        client = s3_client()
+        # The body read is inside the retried call: a connection dropped mid-stream is retried.
+        return _s3_call(uri, lambda: client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    path = _local(uri)
+    return _local_call(uri, path.read_bytes)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write atomically: readers see the old content or the new, never a part."""
+    uri = str(uri)
+    data = bytes(data) if not isinstance(data, bytes) else data
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        if not key or key.endswith("/"):
+            raise StorageError(f"{uri}: no object key to write to")
+        client = s3_client()
+        if len(data) <= MULTIPART_THRESHOLD:
+            _s3_call(uri, lambda: client.put_object(Bucket=bucket, Key=key, Body=data))
+        else:
+            from boto3.s3.transfer import TransferConfig
+
+            config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+            _s3_call(uri, lambda: client.upload_fileobj(io.BytesIO(data), bucket, key, Config=config))
+        return
+    path = _local(uri)
+
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    _local_call(uri, write)
+
+
+def read_text(uri: str, encoding: str = "utf-8") -> str:
+    return read_bytes(uri).decode(encoding)
+
+
+def write_text(uri: str, text: str, encoding: str = "utf-8") -> None:
+    write_bytes(uri, text.encode(encoding))
+
+
+# -- listing, existence, deletion ---------------------------------------------
+def exists(uri: str) -> bool:
+    """True for an existing object/file, or a non-empty S3 prefix / local directory."""
+    uri = str(uri)
+    if not is_s3(uri):
+        return _local(uri).exists()
+    bucket, key = _split(uri)
+    client = s3_client()
+    if key and not key.endswith("/"):
+        try:
+            _s3_call(uri, lambda: client.head_object(Bucket=bucket, Key=key))
+            return True
+        except StorageNotFoundError:
+            pass
+    _check_bucket(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    listing = _s3_call(uri, lambda: client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1))
+    return listing.get("KeyCount", 0) > 0
+
+
+def list_uris(prefix_uri: str, suffix: str = "") -> list[str]:
+    """Sorted full URIs of the files under a directory / S3 prefix (recursive) ending in `suffix`.
+
+    A missing local directory or empty prefix gives []; a missing bucket raises.
+    """
+    prefix_uri = str(prefix_uri)
+    if is_s3(prefix_uri):
+        bucket, key = _split(prefix_uri)
+        prefix = key.rstrip("/") + "/" if key.strip("/") else ""
+        client = s3_client()
+
+        def list_all() -> list[str]:
+            keys = []
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                keys.extend(obj["Key"] for obj in page.get("Contents", []))
+            return keys
+
+        keys = _s3_call(prefix_uri, list_all)
+        return sorted(f"s3://{bucket}/{k}" for k in keys if k.endswith(suffix) and not k.endswith("/"))
+    root = _local(prefix_uri)
+    if not root.is_dir():
+        return []
+    found = []
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            # Skip our own in-flight temporaries (".<name>.<random>.tmp").
+            if name.endswith(suffix) and not (name.startswith(".") and name.endswith(".tmp")):
+                found.append(os.path.join(dirpath, name))
+    return sorted(found)
+
+
+def delete(uri: str) -> None:
+    """Delete one object / file; deleting a missing one is not an error (as in S3)."""
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = _split(uri)
+        client = s3_client()
+        _s3_call(uri, lambda: client.delete_object(Bucket=bucket, Key=key))
+        return
+    path = _local(uri)
+    _local_call(uri, lambda: path.unlink(missing_ok=True))
+
+
+# -- Parquet and pyarrow filesystems -----------------------------------------
+def read_parquet(uri: str) -> pa.Table:
+    data = read_bytes(uri)
+    try:
+        return pq.read_table(pa.BufferReader(data))
+    except pa.ArrowInvalid as exc:
+        raise StorageError(f"{uri}: not a Parquet file ({_scrub(str(exc))})") from None
+
+
+def write_parquet(table: pa.Table, uri: str) -> None:
+    """Serialise in memory, then one atomic write."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for `uri`, e.g. Ray's RunConfig(storage_filesystem=...).
+
+    For S3 the filesystem is built from the same AWS_* variables as `s3_client`,
+    and the bucket is checked first so a typo fails here with a clear message
+    rather than deep inside Ray.
+    """
+    uri = str(uri)
+    if not is_s3(uri):
+        return pafs.LocalFileSystem(), str(_local(uri).resolve())
+    bucket, key = _split(uri)
+    _check_bucket(uri)
+    settings = _s3_settings()
+    kwargs: dict = {
+        "region": settings["region_name"],
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
+    }
+    if settings["aws_access_key_id"] and settings["aws_secret_access_key"]:
+        kwargs["access_key"] = settings["aws_access_key_id"]
+        kwargs["secret_key"] = settings["aws_secret_access_key"]
+    if settings["endpoint_url"]:
+        endpoint = urlparse(settings["endpoint_url"])
+        kwargs["endpoint_override"] = endpoint.netloc
+        kwargs["scheme"] = endpoint.scheme or "https"
+    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")

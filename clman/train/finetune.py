@@ -1,0 +1,128 @@
+"""CLMAN finetuning — the function each Ray Train worker runs (paper 3.3, 4.3).
+
+The encoder (pretrained by SimCLR or fresh: the paper's "without CL" row) +
+aggregator (multi-meta attention by default) + a linear classifier, trained
+with cross-entropy and SGD on T-frame clips. Validation every epoch with the
+six metrics, their states synced across workers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+
+from clman import checkpoint as ckpt
+from clman import config as C
+from clman import distributed
+from clman.metrics import METRIC_NAMES, BinaryMetrics
+from clman.models.build import classifier_from
+from clman.train import worker
+
+log = worker.worker_logger("clman.finetune")
+
+
+def load_encoder(model, encoder_uri: str) -> None:
+    """Put the encoder weights of a SimCLR (or classifier) checkpoint into ``model.encoder``."""
+    state = ckpt.load_checkpoint(encoder_uri)
+    ckpt.load_model_state(model.encoder, ckpt.encoder_state_dict(state), what=f"encoder checkpoint {encoder_uri}")
+
+
+def sgd(model, cfg: C.FinetuneConfig) -> torch.optim.SGD:
+    """The paper's SGD; the encoder may take a scaled learning rate (``encoder_lr_scale``)."""
+    encoder = [p for p in model.encoder.parameters() if p.requires_grad]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("encoder.") and p.requires_grad]
+    groups = [{"params": rest, "lr_scale": 1.0}]
+    if cfg.encoder_lr_scale > 0:
+        groups.append({"params": encoder, "lr_scale": cfg.encoder_lr_scale})
+    else:
+        for p in encoder:
+            p.requires_grad_(False)
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    for g in opt.param_groups:
+        g["lr"] = cfg.lr * g["lr_scale"]
+    return opt
+
+
+@torch.no_grad()
+def validate(model, batches, device) -> dict:
+    """Loss and the six metrics over this worker's shard, synced over all workers."""
+    model.eval()
+    metric = BinaryMetrics().to(device)
+    loss_sum = torch.zeros(2, device=device)  # (sum of losses, count)
+    for batch in batches:
+        logits = model(batch["clip"], batch["mask"])
+        labels = batch["label"].long()
+        loss_sum += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), torch.tensor(float(len(labels)), device=device)])
+        metric.update(torch.softmax(logits, dim=1)[:, 1], labels)
+    loss_sum = distributed.all_reduce_sum(loss_sum)
+    out = {f"val_{k}": float(v) for k, v in metric.compute().items()}
+    out["val_loss"] = float(loss_sum[0] / loss_sum[1].clamp(min=1))
+    return out
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    cfg: C.FinetuneConfig = C.from_dict("finetune", loop_config["config"])
+    encoder_uri: str | None = loop_config.get("encoder")
+    has_val: bool = loop_config.get("has_val", False)
+    world = distributed.get_world_size()
+    rank = distributed.get_rank()
+    worker.seed_everything(cfg.seed + rank)
+
+    model = classifier_from(cfg.model)
+    if encoder_uri:
+        load_encoder(model, encoder_uri)
+    optimizer = sgd(model, cfg)
+    state = worker.restore(model, optimizer)
+    start_epoch = state["epoch"] + 1 if state else 0
+    step = state["step"] if state else 0
+    if state:
+        log.info("resumed from epoch %d (step %d)", state["epoch"], step)
+    raw_model = model
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    per_worker = max(1, cfg.batch_size // world)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if has_val else None
+    saved_config = C.to_dict(cfg)
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        t0, clips, loss_sum, n_steps = time.perf_counter(), 0, 0.0, 0
+        for batch in train_shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device):
+            logits = model(batch["clip"], batch["mask"])  # (B, 2)
+            loss = F.cross_entropy(logits, batch["label"].long())
+            worker.check_finite(loss, epoch, step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            n_steps += 1
+            clips += logits.shape[0]
+            loss_sum += loss.item()
+        seconds = time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch,
+            "step": step,
+            "train_loss": loss_sum / max(n_steps, 1),
+            "lr": cfg.lr,
+            "clips_per_s": clips * world / max(seconds, 1e-9),
+        }
+        if val_shard is not None:
+            # The unwrapped module: no DDP collectives while shards hold unequal numbers of videos.
+            metrics |= validate(raw_model, val_shard.iter_torch_batches(batch_size=per_worker, device=device), device)
+        log.info(
+            "finetune epoch %d/%d  loss %.4f  %s  %.1f clips/s",
+            epoch + 1, cfg.epochs, metrics["train_loss"],
+            "  ".join(f"{k} {metrics['val_' + k]:.3f}" for k in ("auc", "accuracy") if "val_" + k in metrics),
+            metrics["clips_per_s"],
+        )
+        save = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
+        worker.report(metrics, model, optimizer, kind="classifier", config=saved_config, step=step,
+                      epoch=epoch, save=save, extra={"encoder": encoder_uri or ""})
+
+
+VAL_METRICS = tuple(f"val_{k}" for k in METRIC_NAMES)

@@ -1,0 +1,78 @@
+"""Pieces every per-worker loop uses: seeding, resume, reporting a checkpoint, a rank-0 logger."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import tempfile
+
+import numpy as np
+import ray.train
+import torch
+
+from clman import checkpoint as ckpt
+from clman import distributed
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class RankFilter(logging.Filter):
+    """Only rank 0 logs INFO; every rank logs warnings and errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or distributed.get_rank() == 0
+
+
+def worker_logger(name: str) -> logging.Logger:
+    log = logging.getLogger(name)
+    if not any(isinstance(f, RankFilter) for f in log.filters):
+        log.addFilter(RankFilter())
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    log.setLevel(logging.INFO)
+    return log
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict | None:
+    """Load the latest Ray checkpoint of this run (after a failure or a driver restart)."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        state = ckpt.load_checkpoint(os.path.join(d, CHECKPOINT_FILE))
+    ckpt.load_model_state(model, state["model"], what="resumed checkpoint")
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def report(metrics: dict, model, optimizer, *, kind: str, config: dict, step: int, epoch: int,
+           save: bool, extra: dict | None = None) -> None:
+    """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint."""
+    if save and distributed.is_main_process():
+        d = tempfile.mkdtemp(prefix="clman-ckpt-")
+        try:
+            ckpt.save_checkpoint(
+                os.path.join(d, CHECKPOINT_FILE), model, kind=kind, config=config, step=step,
+                epoch=epoch, optimizer=optimizer, extra=extra,
+            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    else:
+        ray.train.report(metrics)
+
+
+def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(
+            f"non-finite loss {loss.item()} at epoch {epoch}, step {step}: lower the learning rate"
+        )

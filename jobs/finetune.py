@@ -1,0 +1,110 @@
+"""Finetune CLMAN (encoder + multi-meta attention + linear classifier) on Ray Train.
+
+    python -m jobs.finetune --config jobs/configs/paper.yaml \\
+        --manifest s3://bucket/data/manifest.parquet --out s3://bucket/runs \\
+        --encoder s3://bucket/runs/pretrain-v1/encoder.pt --run-name clman-v1
+
+Without ``--encoder`` the encoder starts from scratch (the paper's "without
+CL" row). Writes ``<out>/<run-name>/model.pt`` — the checkpoint with the best
+validation AUC, or the last one when the manifest has no validation split —
+plus ``config.yaml`` and ``metrics.json``. The same ``--run-name`` resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+
+from clman import checkpoint as ckpt
+from clman import cli, storage
+from clman import config as C
+from clman.data import pipeline
+from clman.data.manifest import read_manifest
+from clman.models.build import ENCODER_FIELDS
+from clman.train import finetune, runner
+from clman.train.runner import JobError
+
+log = logging.getLogger("jobs.finetune")
+SCORE = "val_auc"
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", required=True, help="manifest.parquet written by jobs.ingest")
+    p.add_argument("--out", required=True, help="storage root for runs (path or s3:// URI)")
+    p.add_argument("--encoder", help="encoder.pt from jobs.pretrain; omit to train from scratch")
+    cli.add_config_args(p)
+    cli.add_scale_args(p)
+    return p.parse_args(argv)
+
+
+def check_encoder(uri: str, cfg: C.FinetuneConfig) -> None:
+    """Fail before any worker starts when the encoder checkpoint does not fit ``cfg.model``."""
+    state = ckpt.load_checkpoint(uri)
+    if state.get("kind") not in ("simclr", "classifier", "encoder"):
+        raise ckpt.CheckpointError(f"{uri}: a {state.get('kind')!r} checkpoint holds no encoder")
+    theirs = dict((state.get("config") or {}).get("model") or {})
+    ours = C.to_dict(cfg)["model"]
+    for key in ENCODER_FIELDS:
+        if key in theirs and theirs[key] != ours[key]:
+            raise ckpt.CheckpointError(
+                f"{uri}: encoder of another architecture: model.{key} is {theirs[key]!r} there, "
+                f"{ours[key]!r} here (set --set model.{key}=... to match)"
+            )
+    # Shapes too, in case the config was edited by hand.
+    from clman.models.build import classifier_from
+
+    ckpt.load_model_state(classifier_from(cfg.model).encoder, ckpt.encoder_state_dict(state),
+                          what=f"encoder checkpoint {uri}")
+
+
+def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: str | None = None,
+        address: str | None = None) -> dict:
+    """Finetune; returns {"model": URI, "metrics": metrics of the kept checkpoint}."""
+    train_rows = read_manifest(manifest, split="train")
+    if len(train_rows) == 0:
+        raise JobError(f"{manifest}: split 'train' is empty; nothing to finetune on")
+    if len(set(train_rows["label"].tolist())) < 2:
+        raise JobError(f"{manifest}: split 'train' holds one class only; finetuning needs benign and malignant")
+    val_rows = read_manifest(manifest, split="val")
+    if encoder:
+        check_encoder(encoder, cfg)
+    runner.init_ray(address)
+    runner.check_resources(cfg.scale, extra_cpus=cfg.data.decode_actors * cfg.data.decode_cpus)
+    run_dir = storage.join(out, run_name)
+    storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
+    has_val = len(val_rows) > 0
+    log.info("finetune %s: %d train / %d val clips, T=%d, global batch %d, %d epochs, encoder %s",
+             run_name, len(train_rows), len(val_rows), cfg.data.num_frames, cfg.batch_size, cfg.epochs,
+             encoder or "from scratch")
+    datasets = {"train": pipeline.finetune_dataset(manifest, "train", cfg.data, train=True, seed=cfg.seed)}
+    if has_val:
+        datasets["val"] = pipeline.finetune_dataset(manifest, "val", cfg.data, train=False, seed=cfg.seed)
+    t0 = time.time()
+    result = runner.fit(
+        finetune.train_loop_per_worker,
+        {"config": C.to_dict(cfg), "encoder": encoder, "has_val": has_val},
+        cfg.scale, datasets, out, run_name, score=SCORE if has_val else None,
+    )
+    checkpoint, metrics = runner.pick_checkpoint(result, SCORE if has_val else None)
+    model_uri = storage.join(run_dir, "model.pt")
+    runner.export_checkpoint(checkpoint, model_uri)
+    summary = {"model": model_uri, "kept": "best val_auc" if has_val else "last", "metrics": metrics,
+               "seconds": time.time() - t0}
+    storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(summary, indent=2, default=float) + "\n")
+    log.info("finetune %s done in %.0f s -> %s (%s)", run_name, summary["seconds"], model_uri, summary["kept"])
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    cfg = C.load("finetune", args.config, cli.overrides(args))
+    run(cfg, args.manifest, args.out, args.run_name or "finetune", args.encoder, args.address)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,103 @@
+"""Ingest videos and labels into clips + manifest for training.
+
+    python -m jobs.ingest --out s3://bucket/data --videos ./videos --labels labels.csv
+    python -m jobs.ingest --out s3://bucket/data --layout buv --videos ./BUV
+    CLMAN_PATIENT_SALT=... python -m jobs.ingest --out s3://bucket/data --dicom ./dicom --labels labels.csv
+
+labels.csv: columns ``video`` (path under --videos / --dicom), ``label``
+(benign | malignant | 0 | 1), optional ``patient_id`` (default: the video id;
+use pseudonyms) and ``split`` (train | val | test, used as given).
+
+Writes ``<out>/clips/<video_id>.mp4`` (H.264, a keyframe every --gop frames so
+clip sampling decodes little), ``<out>/manifest.parquet`` (splits by patient,
+stratified by label, the same for the same --seed) and ``<out>/rejects.parquet``
+(video, reason, detail) for items that could not be used. Re-running skips
+videos already ingested with the same content. Exit status 1 only when no
+usable video remains; 2 for unusable arguments or labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from clman import cli
+from clman.data import ingest as I
+from clman.data.manifest import ManifestError, parse_ratios
+
+log = logging.getLogger("jobs.ingest")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--videos", help="folder or s3:// prefix of videos (with --labels), or the BUV root")
+    src.add_argument("--dicom", help="folder or s3:// prefix of multi-frame DICOM files (with --labels)")
+    p.add_argument("--labels", help="labels.csv (path or s3:// URI)")
+    p.add_argument("--layout", choices=("labels", "buv"), default="labels",
+                   help="buv: --videos holds rawframes/{benign,malignant}/<video-id>/<frame>.png")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--split", help="train,val,test patient fractions (default 0.6,0.0,0.4, the "
+                                     "paper's 6:4); stratified by label")
+    how.add_argument("--folds", type=int, default=0,
+                     help="K-fold cross-validation instead: a fold 0..K-1 per patient, split 'train'")
+    p.add_argument("--seed", type=int, default=0, help="split seed; the same seed gives the same split")
+    p.add_argument("--salt", help=f"secret salt for DICOM patient-id hashes (default: ${I.SALT_ENV}); "
+                                  "prefer the variable, arguments show up in process lists")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="videos transcoded in parallel (threads)")
+    p.add_argument("--gop", type=int, default=8,
+                   help="keyframe interval of the clips; small = cheap random access, larger files")
+    p.add_argument("--crf", type=int, default=18, help="x264 quality (lower = better, bigger); 18 is "
+                                                       "visually lossless for ultrasound")
+    p.add_argument("--fps", type=float, default=30.0,
+                   help="frame rate for frame folders and DICOM without timing tags")
+    return p.parse_args(argv)
+
+
+def collect(args: argparse.Namespace) -> list[I.SourceItem]:
+    if args.dicom:
+        if not args.labels:
+            raise I.IngestError("--dicom needs --labels (columns video,label[,patient_id][,split])")
+        if args.layout != "labels":
+            raise I.IngestError("--layout buv does not apply to --dicom")
+        return I.dicom_items(args.dicom, args.labels)
+    if args.layout == "buv":
+        if args.labels:
+            raise I.IngestError("--layout buv takes labels from the folder names; drop --labels")
+        return I.buv_items(args.videos)
+    if not args.labels:
+        raise I.IngestError("--videos needs --labels (or --layout buv)")
+    return I.labeled_items(args.videos, args.labels)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    try:
+        if args.workers < 1:
+            raise I.IngestError(f"--workers must be >= 1, got {args.workers}")
+        if args.gop < 1:
+            raise I.IngestError(f"--gop must be >= 1, got {args.gop}")
+        ratios = parse_ratios(args.split) if args.split else None
+        items = collect(args)
+        log.info("ingesting %d item(s) into %s", len(items), args.out)
+        result = I.ingest(items, args.out, ratios=ratios, folds=args.folds, seed=args.seed,
+                          salt=args.salt, workers=args.workers, gop=args.gop, crf=args.crf,
+                          fps=args.fps)
+    except (I.IngestError, ManifestError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(I.summary_table(result))
+    if not result.usable:
+        print(f"error: no usable video in {len(items)} item(s); see {args.out}/rejects.parquet",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,84 @@
+"""SimCLR pretraining of the CLMAN frame encoder on Ray Train.
+
+    python -m jobs.pretrain --config jobs/configs/paper.yaml \\
+        --manifest s3://bucket/data/manifest.parquet --out s3://bucket/runs --run-name pretrain-v1
+
+Writes ``<out>/<run-name>/``: Ray checkpoints, ``encoder.pt`` (the last
+checkpoint, the input of ``jobs.finetune --encoder``), ``config.yaml`` and
+``metrics.json``. Rerunning with the same ``--run-name`` continues the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+from clman import cli, storage
+from clman import config as C
+from clman.data import pipeline
+from clman.data.manifest import read_manifest
+from clman.train import pretrain, runner
+from clman.train.runner import JobError
+
+log = logging.getLogger("jobs.pretrain")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", required=True, help="manifest.parquet written by jobs.ingest (path or s3:// URI)")
+    p.add_argument("--out", required=True, help="storage root for runs (path or s3:// URI)")
+    p.add_argument("--split", default="train", help="manifest split whose frames are used (default: train)")
+    cli.add_config_args(p)
+    cli.add_scale_args(p)
+    return p.parse_args(argv)
+
+
+def run(cfg: C.PretrainConfig, manifest: str, out: str, run_name: str, split: str = "train",
+        address: str | None = None) -> dict:
+    """Pretrain; returns {"encoder": URI, "metrics": last epoch's metrics}."""
+    rows = read_manifest(manifest, split=split)
+    if len(rows) == 0:
+        raise JobError(f"{manifest}: split {split!r} is empty; nothing to pretrain on")
+    runner.init_ray(address)
+    runner.check_resources(cfg.scale, extra_cpus=cfg.data.decode_actors * cfg.data.decode_cpus)
+    frames = len(rows) * cfg.data.frames_per_clip
+    steps_per_epoch = max(1, frames // cfg.batch_size)
+    run_dir = storage.join(out, run_name)
+    storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
+    log.info("pretrain %s: %d clips x %d frames, global batch %d, %d steps/epoch, %d epochs, %d worker(s)",
+             run_name, len(rows), cfg.data.frames_per_clip, cfg.batch_size, steps_per_epoch, cfg.epochs,
+             cfg.scale.num_workers)
+    datasets = {"train": pipeline.pretrain_dataset(manifest, split, cfg.data, seed=cfg.seed)}
+    t0 = time.time()
+    result = runner.fit(
+        pretrain.train_loop_per_worker,
+        {"config": C.to_dict(cfg), "steps_per_epoch": steps_per_epoch},
+        cfg.scale, datasets, out, run_name,
+    )
+    checkpoint, metrics = runner.pick_checkpoint(result, None)
+    encoder_uri = storage.join(run_dir, "encoder.pt")
+    runner.export_checkpoint(checkpoint, encoder_uri)
+    summary = {"encoder": encoder_uri, "metrics": metrics, "seconds": time.time() - t0}
+    storage.write_text(storage.join(run_dir, "metrics.json"), _json(summary))
+    log.info("pretrain %s done in %.0f s: loss %.4f -> %s", run_name, summary["seconds"],
+             metrics.get("loss", float("nan")), encoder_uri)
+    return summary
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, indent=2, default=float) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    cfg = C.load("pretrain", args.config, cli.overrides(args))
+    run(cfg, args.manifest, args.out, args.run_name or "pretrain", args.split, args.address)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,96 @@
+"""Tiny real media for the data tests: smooth synthetic frames, mp4 via PyAV, DICOM via pydicom."""
+
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+
+import av
+import numpy as np
+
+
+def frames(n: int = 12, h: int = 32, w: int = 32, seed: int = 0, gray: bool = False) -> np.ndarray:
+    """(n, h, w, 3) uint8 (or (n, h, w) when gray): a gradient with a bright square moving down.
+
+    Smooth on purpose so H.264 reproduces it closely; ``seed`` shifts the pattern
+    so different seeds give different content.
+    """
+    y, x = np.mgrid[0:h, 0:w]
+    out = np.empty((n, h, w), np.uint8)
+    for t in range(n):
+        base = 40 + 120 * x / max(w - 1, 1) + 20 * np.sin((y + 3 * seed) / 5.0)
+        top = (2 * t + 5 * seed) % max(h - 8, 1)
+        base[top:top + 8, w // 4:w // 4 + 8] = 230
+        out[t] = np.clip(base, 0, 255).astype(np.uint8)
+    if gray:
+        return out
+    rgb = np.stack([out, out, out], axis=-1)
+    rgb[..., 0] = np.clip(rgb[..., 0].astype(int) + 10, 0, 255)  # a little colour
+    return rgb
+
+
+def pyav_mp4(video: np.ndarray, fps: int = 10, gop: int = 250) -> bytes:
+    """Encode (T, H, W, 3) uint8 with PyAV directly (a 'camera' file: long GOP by default)."""
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as out:
+        stream = out.add_stream("libx264", rate=Fraction(fps),
+                                options={"crf": "18", "g": str(gop), "preset": "fast"})
+        stream.height, stream.width = video.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for i, frame in enumerate(video):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            vf.pts = i
+            out.mux(stream.encode(vf))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def pyav_decode(data: bytes) -> np.ndarray:
+    with av.open(io.BytesIO(data)) as c:
+        return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def keyframe_positions(data: bytes) -> list[int]:
+    """Indices of keyframes in decode order (no B-frames in our clips, so = frame index)."""
+    with av.open(io.BytesIO(data)) as c:
+        return [i for i, p in enumerate(p for p in c.demux(video=0) if p.size) if p.is_keyframe]
+
+
+def dicom_cine(video: np.ndarray, patient_name: str, patient_id: str, frame_time_ms: float = 40.0,
+               birth_date: str = "19800101", institution: str = "St Example Hospital") -> bytes:
+    """A multi-frame ultrasound DICOM (Explicit VR Little Endian) with identifying tags set."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # Ultrasound Multi-frame Image
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "US"
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    ds.PatientBirthDate = birth_date
+    ds.InstitutionName = institution
+    ds.AccessionNumber = "ACC" + patient_id
+    ds.ReferringPhysicianName = "Dr^Referrer"
+    ds.StudyDate = "20240102"
+    gray = video.ndim == 3
+    ds.NumberOfFrames = len(video)
+    ds.Rows, ds.Columns = video.shape[1:3]
+    ds.SamplesPerPixel = 1 if gray else 3
+    ds.PhotometricInterpretation = "MONOCHROME2" if gray else "RGB"
+    if not gray:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit = 7
+    ds.PixelRepresentation = 0
+    ds.FrameTime = frame_time_ms
+    ds.PixelData = np.ascontiguousarray(video).tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
