@@ -192,7 +192,8 @@ class LocalS3:
                 # A free port can be taken between picking it and weed binding it: retry.
                 if not exited or attempt == attempts:
                     raise
-                logger.warning("weed exited during start (attempt %d/%d), retrying with new ports", attempt, attempts)
+                logger.warning("weed exited during start (attempt %d/%d), retrying with new ports",
+                               attempt, attempts)
                 if not fixed_port:
                     self.port = None
         raise AssertionError("unreachable")
@@ -236,7 +237,8 @@ class LocalS3:
 
     def __repr__(self) -> str:  # never shows the secret
         port = self.port if self.port is not None else "?"
-        return f"LocalS3(data_dir={str(self.data_dir)!r}, endpoint=http://{self.host}:{port}, access_key={self.access_key!r})"
+        return (f"LocalS3(data_dir={str(self.data_dir)!r}, endpoint=http://{self.host}:{port}, "
+                f"access_key={self.access_key!r})")
 
     # -- internals ---------------------------------------------------------
     def _secret(self) -> str:
@@ -317,7 +319,8 @@ class LocalS3:
                 last_error = f"{type(e).__name__}: {e}"
                 time.sleep(0.2)
         raise LocalS3Error(
-            f"local S3 at {self.endpoint} not ready after {timeout:.0f} s ({last_error}); log {self.data_dir / LOG_FILE}"
+            f"local S3 at {self.endpoint} not ready after {timeout:.0f} s ({last_error}); "
+            f"log {self.data_dir / LOG_FILE}"
         )
 
     def _kill(self, timeout: float) -> None:

@@ -50,7 +50,9 @@ _THROTTLE_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
     "RequestThrottled", "ServiceUnavailable", "InternalError", "RequestTimeout",
 }
-_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403"}
+_DENIED_CODES = {
+    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403",
+}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 _CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
 
@@ -71,7 +73,9 @@ def is_s3(uri: str) -> bool:
 def _check_scheme(uri: str) -> None:
     scheme = urlparse(str(uri)).scheme
     if scheme not in ("", "s3", "file") and not re.fullmatch(r"[a-zA-Z]", scheme):  # "C:" on Windows
-        raise StorageError(f"{uri}: unsupported URI scheme {scheme!r}; valid: a local path, file://..., s3://bucket/key")
+        raise StorageError(
+            f"{uri}: unsupported URI scheme {scheme!r}; valid: a local path, file://..., s3://bucket/key"
+        )
 
 
 def _split(uri: str) -> tuple[str, str]:
@@ -160,7 +164,9 @@ def _error_code(exc: BaseException) -> tuple[str, int]:
 
 def _is_transient(exc: BaseException) -> bool:
     """Throttling, 5xx, or a connection dropped mid-request: worth retrying the operation."""
-    from botocore.exceptions import ClientError, ConnectionClosedError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+    from botocore.exceptions import (
+        ClientError, ConnectionClosedError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError,
+    )
 
     if isinstance(exc, ClientError):
         code, status = _error_code(exc)
@@ -198,10 +204,12 @@ def with_retries(
 def _translate(uri: str, exc: BaseException) -> StorageError:
     """A botocore / boto3 exception as a one-line StorageError naming `uri`."""
     from boto3.exceptions import S3UploadFailedError
-    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError
+    from botocore.exceptions import (
+        ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError,
+    )
 
     bucket = _split(uri)[0] if is_s3(uri) else ""
-    if isinstance(exc, (EndpointConnectionError,)) or type(exc).__name__ == "ConnectTimeoutError":
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
         return StorageError(f"{uri}: cannot reach endpoint {_endpoint_name()}")
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return StorageError(f"{uri}: no S3 credentials — set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
@@ -287,7 +295,8 @@ def write_bytes(uri: str, data: bytes) -> None:
         else:
             from boto3.s3.transfer import TransferConfig
 
-            config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
+            config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
+                                    multipart_chunksize=MULTIPART_THRESHOLD)
             _s3_call(uri, lambda: client.upload_fileobj(io.BytesIO(data), bucket, key, Config=config))
         return
     path = _local(uri)

@@ -52,13 +52,13 @@ def score_split(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfi
     model, train_cfg = load_classifier(checkpoint, device)
     # Frames are prepared the way the model was trained on them (size, T).
     data = train_cfg.data
-    ds = pipeline.eval_dataset(manifest, split, data, frames=cfg.frames)
+    ds = pipeline.eval_dataset(rows, None, data, frames=cfg.frames)
     out = {"video_id": [], "label": [], "score": [], "top_frames": []}
     t0 = time.perf_counter()
     # One video per batch: all-frames videos differ in length, and nothing is padded.
     for batch in ds.iter_torch_batches(batch_size=1, device=device):
         pred = predict_clips(model, batch["clip"], batch["mask"], batch["frame_idx"])[0]
-        out["video_id"].append(str(batch["video_id"][0]))
+        out["video_id"].append(str(rows["video_id"].iloc[int(batch["video_index"][0])]))
         out["label"].append(int(batch["label"][0]))
         out["score"].append(pred.score)
         out["top_frames"].append(pred.top_frames(3))
@@ -86,7 +86,7 @@ def write_outputs(out_dir: str, name: str, scored: dict, cfg: C.EvaluateConfig) 
 def run(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig, out: str | None = None,
         name: str = "CLMAN", address: str | None = None) -> dict:
     runner.init_ray(address)
-    out = out or storage.join(storage.parent(checkpoint), f"eval-{split}")
+    out = out or storage.join(checkpoint.rsplit("/", 1)[0], f"eval-{split}")
     scored = score_split(checkpoint, manifest, split, cfg)
     result = write_outputs(out, name, scored, cfg)
     result["out"] = out

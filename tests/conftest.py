@@ -24,7 +24,7 @@ def s3(tmp_path_factory):
         mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
         yield server
     # The data dir is thrown away: no need to wait out weed's ~16 s clean shutdown.
-    server.stop(timeout=3.0)
+    server.stop(timeout=1.0)
 
 
 @pytest.fixture

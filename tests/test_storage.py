@@ -128,7 +128,8 @@ def test_wrong_credentials(bucket, s3, monkeypatch, variable):
     storage.write_bytes(uri, b"x")
     real_secret = s3.env()["AWS_SECRET_ACCESS_KEY"]
     monkeypatch.setenv(variable, "wrong-value-1234567890")
-    for call in (lambda: storage.read_bytes(uri), lambda: storage.write_bytes(uri, b"y"), lambda: storage.exists(uri)):
+    calls = (lambda: storage.read_bytes(uri), lambda: storage.write_bytes(uri, b"y"), lambda: storage.exists(uri))
+    for call in calls:
         with pytest.raises(StorageError) as info:
             call()
         message = str(info.value)
@@ -150,7 +151,8 @@ def test_unreachable_endpoint(s3, monkeypatch):
 
 
 def _client_error(status: int, code: str) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject")
+    response = {"Error": {"Code": code, "Message": "m"}, "ResponseMetadata": {"HTTPStatusCode": status}}
+    return ClientError(response, "GetObject")
 
 
 def test_retry_transient_then_success():

@@ -190,10 +190,15 @@ def _dataset(manifest: str | pd.DataFrame, split, data, mode: str, seed: int, sh
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     items = [{"uri": r.uri, "num_frames": int(r.num_frames), "label": int(r.label), "video_index": i}
              for i, r in enumerate(rows.itertuples(index=False))] * repeats
-    ds = ray.data.from_items(items)
-    if shuffle:
-        # Unseeded on purpose: every epoch re-executes the plan and should see a new order.
-        ds = ds.random_shuffle()
+    if not shuffle:
+        ds = ray.data.from_items(items)
+    else:
+        # One row per block and a block-order shuffle: a full row shuffle with no
+        # tasks. random_shuffle() would need whole-CPU shuffle tasks, which never
+        # schedule while fractional Train workers and decode actors hold the CPUs.
+        # Reseeded per execution: a new order every epoch, the same sequence per seed.
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).randomize_block_order(
+            seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return ds.map_batches(
         DecodeClips,
         fn_constructor_kwargs=dict(

@@ -33,26 +33,32 @@ Image model (all vectorised numpy over (T, H, W), float32)
 
 Class features (per case, overlapping distributions; see `sample_case`)
 -----------------------------------------------------------------------
-===================  ==============================  ================================
-feature              benign                          malignant
-===================  ==============================  ================================
-aspect (b / a)       lognormal, median 0.62          lognormal, median 1.2 (focal: 0.85)
-margin irregularity  0-0.06 (30 %: gentle lobes)     0.04-0.2 over harmonics 3-8
-spiculation          5 %: 1-3 short spikes           70 %: 4-14 spikes
-edge blur (px@128)   0.6-1.5                         1.0-3.0
-posterior (log gain) N(+0.6, 0.45) enhancement       N(-0.9, 0.5) shadow
-heterogeneity        0-0.3                           0.2-0.8
-echogenic halo       10 %, weak                      60 %, 0.3-1.0
-tilt                 N(0, 8 deg) parallel to skin    N(0, 20 deg)
-microcalcifications  5 %                             40 %
-===================  ==============================  ================================
+====================  ================================  ==================================
+feature               benign                            malignant
+====================  ================================  ==================================
+size (a, of width)    0.09-0.2                          0.09-0.2
+aspect (b / a)        lognormal, median 0.62, sd 0.22   lognormal, median 1.5, sd 0.25
+margin irregularity   0-0.06, harmonics 3-5             0.04-0.2, harmonics 3-8
+                      (30 %: gentle 2-3 lobes)
+spiculation           5 %: 1-3 short spikes             70 %: 4-14 spikes
+edge blur (px @128)   0.6-1.5                           0.8-2.2
+posterior (log gain)  N(+0.6, 0.45): enhancement        N(-0.9, 0.5): shadowing
+heterogeneity         0-0.3                             0.2-0.8
+echo level            0.004-0.08 (cyst to hypoechoic)   0.015-0.08  (gland 1, fat 0.1)
+echogenic halo        10 %: 0.1-0.3                     60 %: 0.3-1.0
+tilt                  N(0, 8 deg): parallel to skin     N(0, 15 deg)
+microcalcifications   5 %: 1-3                          40 %: 3-10
+====================  ================================  ==================================
 
 In a share of malignant cases (`SynthConfig.focal_fraction`, default 30 %)
 the lesion body is drawn benign-like, and the telling signs — spicules,
 shadowing, halo, heterogeneity and calcifications — show only where the plane
 passes a small elevation window (`focal_extent` of the sweep, ~6 of 48
 frames). A classifier that looks at a single frame misses them; one that
-aggregates over the sweep can find them.
+aggregates over the sweep can find them. Focal cases draw the body with
+aspect median 0.85, benign irregularity and edge, posterior N(+0.1, 0.4) and
+no halo; inside the window: 4-14 spikes, posterior N(-1.2, 0.4), halo 0.5-1.0,
+heterogeneity 0.4-0.8.
 
 Determinism: case `index` of a data set with seed `seed` draws everything from
 `np.random.default_rng([seed, index])`, so its frames are the same bytes in any
@@ -168,9 +174,8 @@ class CaseParams:
     halo_px: float
     posterior: float  # log gain below the lesion: > 0 enhancement, < 0 shadow
     calcs: tuple[tuple[float, float, float], ...]  # (u, v, y) in lesion units / elevation
-    # where malignant signs show: everywhere, or a window at y_sign
-    sign_spicules: float  # spike length multiplier inside the window (focal cases)
-    sign_posterior: float  # posterior log gain inside the window (focal cases)
+    # Focal cases: signs in an elevation window at y_sign (others: sign_* == the plain values).
+    sign_posterior: float  # posterior log gain inside the window
     sign_halo: float
     sign_heterogeneity: float
     y_sign: float
@@ -190,7 +195,12 @@ class CaseParams:
 
 @dataclass
 class SynthCase:
-    """A rendered sweep: frames (T, H, W) uint8, per-frame masks (T,) bool, and stats."""
+    """A rendered sweep: frames (T, H, W) uint8, per-frame masks (T,) bool, and stats.
+
+    stats: label, focal, aspect_ratio (mean lesion-mask height / width over
+    near-full sections, > 1 = taller-than-wide), visible_frames, sign_frames,
+    posterior (mean log gain below the lesion over lesion frames), spicules.
+    """
 
     frames: np.ndarray
     visible: np.ndarray  # lesion section present (s_t >= visible_section)
@@ -208,17 +218,19 @@ def sample_case(label: int, rng: np.random.Generator, cfg: SynthConfig) -> CaseP
     focal = malignant and rng.random() < cfg.focal_fraction
     benign_like = not malignant or focal
 
-    a = rng.uniform(0.08, 0.17)
+    a = rng.uniform(0.09, 0.2)
     if benign_like:
         aspect = math.exp(rng.normal(math.log(0.62 if not malignant else 0.85), 0.22))
     else:
-        aspect = math.exp(rng.normal(math.log(1.2), 0.25))
+        aspect = math.exp(rng.normal(math.log(1.5), 0.25))
     aspect = float(np.clip(aspect, 0.35, 2.0))
-    b = a * aspect
+    b = min(a * aspect, 0.26)  # tall lesions shrink to stay in the field of view
+    a = b / aspect
     z_skin = rng.uniform(0.035, 0.06)
     z_fat_gland = rng.uniform(0.16, 0.3)
     z_gland_retro = rng.uniform(0.68, 0.95)
-    z0 = rng.uniform(max(z_fat_gland, z_skin + 1.3 * b + 0.03), max(z_fat_gland + 0.05, 0.8 - 1.2 * b))
+    z_lo = max(z_fat_gland, z_skin + 1.2 * b + 0.03)
+    z0 = rng.uniform(z_lo, max(z_lo + 0.02, 0.8 - 1.1 * b))
 
     harmonics = []
     if benign_like:
@@ -235,7 +247,8 @@ def sample_case(label: int, rng: np.random.Generator, cfg: SynthConfig) -> CaseP
         harmonics.append((k, amp, rng.uniform(0, 2 * math.pi), rng.normal(0, 8)))
 
     def draw_spicules(n: int, lo: float, hi: float) -> tuple:
-        return tuple((rng.uniform(-math.pi, math.pi), rng.uniform(lo, hi), rng.uniform(0.04, 0.09)) for _ in range(n))
+        return tuple((rng.uniform(-math.pi, math.pi), rng.uniform(lo, hi), rng.uniform(0.04, 0.09))
+                     for _ in range(n))
 
     if malignant:
         spicules = draw_spicules(int(rng.integers(4, 15)), 0.25, 0.7) if (focal or rng.random() < 0.7) else ()
@@ -254,8 +267,8 @@ def sample_case(label: int, rng: np.random.Generator, cfg: SynthConfig) -> CaseP
         posterior = rng.normal(-0.9, 0.5)
         heterogeneity = rng.uniform(0.2, 0.8)
         halo = rng.uniform(0.3, 1.0) if rng.random() < 0.6 else 0.0
-        tilt = math.radians(rng.normal(0, 20))
-        level = math.exp(rng.uniform(math.log(0.02), math.log(0.12)))
+        tilt = math.radians(rng.normal(0, 15))
+        level = math.exp(rng.uniform(math.log(0.015), math.log(0.08)))
 
     c = a * rng.uniform(0.8, 1.3)
     y0 = rng.uniform(-0.15, 0.15) * c
@@ -285,7 +298,6 @@ def sample_case(label: int, rng: np.random.Generator, cfg: SynthConfig) -> CaseP
         tilt=tilt, y0=y0, harmonics=tuple(harmonics), spicules=spicules, edge_px=edge_px, level=level,
         heterogeneity=heterogeneity, halo=halo, halo_px=rng.uniform(2.0, 5.0), posterior=posterior,
         calcs=tuple(calc_list),
-        sign_spicules=1.0 if focal else 0.0,
         sign_posterior=rng.normal(-1.2, 0.4) if focal else posterior,
         sign_halo=rng.uniform(0.5, 1.0) if focal else halo,
         sign_heterogeneity=rng.uniform(0.4, 0.8) if focal else heterogeneity,
@@ -304,9 +316,9 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def _complex_normal(rng: np.random.Generator, shape: tuple) -> np.ndarray:
     """Unit-variance circular complex Gaussian, complex64."""
-    re = rng.standard_normal(shape, dtype=np.float32)
-    im = rng.standard_normal(shape, dtype=np.float32)
-    return (re + 1j * im).astype(np.complex64) * np.float32(math.sqrt(0.5))
+    pairs = rng.standard_normal((*shape, 2), dtype=np.float32)
+    pairs *= np.float32(math.sqrt(0.5))
+    return pairs.view(np.complex64)[..., 0]  # (re, im) pairs read as complex, no copy
 
 
 def _smooth_fields(rng: np.random.Generator, k: int, shape: tuple, sigma_px: float) -> np.ndarray:
@@ -336,9 +348,13 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     W = H
     scale = H / 128.0
     psf_ax, psf_lat = p.psf_ax_px * scale, p.psf_lat_px * scale
-    pad = int(math.ceil(4 * psf_lat)) + 2  # circular FFT convolution wraps within the pad only
+    # Circular FFT convolution wraps within the pad only; the padded size is FFT-friendly.
+    Hp = H + 2 * int(math.ceil(4 * psf_lat)) + 4
+    while scipy.fft.next_fast_len(Hp) != Hp or (Hp - H) % 2:
+        Hp += 1
+    pad = (Hp - H) // 2
+    Wp = Hp
     J = int(math.ceil(4 * cfg.jitter_px * scale)) + 1  # largest jitter shift
-    Hp, Wp = H + 2 * pad, W + 2 * pad
     Hg, Wg = Hp + 2 * J, Wp + 2 * J  # tissue grid: the frame plus room to jitter
 
     # Probe motion: elevation sweep and in-plane jitter.
@@ -346,15 +362,19 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     y = np.linspace(-y_half, y_half, T).astype(np.float32)  # (T,) plane elevation
     dz = _jitter(rng, T, cfg.jitter_px * scale * 0.5, J)  # axial jitter is smaller (probe pressure)
     dx = _jitter(rng, T, cfg.jitter_px * scale, J)
-    Z = ((np.arange(Hp, dtype=np.float32) - pad)[None, :, None] + dz[:, None, None]) / H  # (T, Hp, 1)
-    X = ((np.arange(Wp, dtype=np.float32) - pad)[None, None, :] + dx[:, None, None]) / W  # (T, 1, Wp)
+    rows_px = np.arange(Hp, dtype=np.float32) - pad
+    cols_px = np.arange(Wp, dtype=np.float32) - pad
+    Z = (rows_px[None, :, None] + dz.astype(np.float32)[:, None, None]) / H  # (T, Hp, 1) depth
+    X = (cols_px[None, None, :] + dx.astype(np.float32)[:, None, None]) / W  # (T, 1, Wp) lateral
     yy = y[:, None, None]  # (T, 1, 1)
 
     def crop(fields: np.ndarray) -> np.ndarray:
-        """Tissue-fixed fields (..., Hg, Wg) -> what each jittered frame sees (..., T, Hp, Wp)."""
-        rows = (J + dz)[:, None] + np.arange(Hp)  # (T, Hp)
-        cols = (J + dx)[:, None] + np.arange(Wp)  # (T, Wp)
-        return fields[..., rows[:, :, None], cols[:, None, :]]
+        """Tissue-fixed fields (K, Hg, Wg) -> what each jittered frame sees (K, T, Hp, Wp)."""
+        out = np.empty((fields.shape[0], T, Hp, Wp), fields.dtype)
+        for t in range(T):  # one window copy per frame
+            r0, c0 = J + dz[t], J + dx[t]
+            out[:, t] = fields[:, r0:r0 + Hp, c0:c0 + Wp]
+        return out
 
     # Elevation blend: the persistent fields rotate towards independent ones over the sweep.
     theta = (0.5 * math.pi * cfg.sweep_decorrelation * np.linspace(0, 1, T)).astype(np.float32)[:, None, None]
@@ -385,8 +405,9 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     s_gr = _sigmoid((Z - z_gr) / 0.012)
     s_pm = _sigmoid((Z - z_pm) / 0.006)
     fat = 0.1 * np.exp(0.5 * fat_tex)
-    gland = np.exp(0.4 * gland_tex)
-    muscle = 0.15 * (1.0 + 3.0 * np.sin(2 * math.pi * 28.0 * (Z - 0.12 * X)) ** 8)  # bright fibre septa
+    gland = np.exp(0.45 * gland_tex + 0.35 * fat_tex)  # fibrous strands and fat islands
+    septa = np.sin(2 * math.pi * 28.0 * (Z - 0.12 * X)) ** 2
+    muscle = 0.15 * (1.0 + 3.0 * (septa * septa) ** 2)  # bright fibre septa (sin^8)
     R = s_fg * (gland * (1 - s_gr) + s_gr * (0.1 * (1 - s_pm) + s_pm * muscle)) + (1 - s_fg) * fat
     R = R * s_skin + (1 - s_skin) * 0.8
     R = R + 4.0 * np.exp(-((Z - 0.012) / 0.008) ** 2)  # skin entry line
@@ -433,7 +454,7 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     m = _sigmoid(-d_px / (p.edge_px * scale)) * fade  # (T, Hp, Wp) lesion occupancy
 
     het = p.heterogeneity + (p.sign_heterogeneity - p.heterogeneity) * sign_w
-    inside = p.level * np.exp(1.2 * het[:, None, None] * het_tex)
+    inside = p.level * np.exp(0.9 * het[:, None, None] * het_tex)
     R = R * (1 - m) + inside * m
     halo_strength = (p.halo + (p.sign_halo - p.halo) * sign_w)[:, None, None]
     hw = p.halo_px * scale
@@ -471,12 +492,14 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     intensity = np.abs(scipy.fft.ifft2(scipy.fft.fft2(field_) * psf)) ** 2  # (T, Hp, Wp), Rayleigh envelope^2
     # The display pixel integrates over a patch of speckle (the scanner's image is finer than 128 px):
     # a small Gaussian on the intensity lowers speckle contrast the way downsampling does.
-    blur = np.exp(-2 * math.pi**2 * (0.8 * scale) ** 2 * (fz**2 + scipy.fft.rfftfreq(Wp).astype(np.float32)[None, :] ** 2))
+    rfx = scipy.fft.rfftfreq(Wp).astype(np.float32)[None, :]
+    blur = np.exp(-2 * math.pi**2 * (0.8 * scale) ** 2 * (fz**2 + rfx**2))
     intensity = scipy.fft.irfft2(scipy.fft.rfft2(intensity) * blur, s=(Hp, Wp))[:, pad:pad + H, pad:pad + W]
 
-    # Log compression: white is 6 dB above the sweep's 99th percentile (bright speckle of gland).
-    ref = np.percentile(intensity[:, ::3, ::3], 99.0) * 10 ** ((6.0 - p.gain_db) / 10)
+    # Log compression: white is 8 dB above the sweep's 99th percentile (bright speckle of gland).
+    ref = np.percentile(intensity[:, ::3, ::3], 99.0) * 10 ** ((8.0 - p.gain_db) / 10)
     db = 10 * np.log10(np.maximum(intensity, 0) / ref + 1e-9)
+    assert db.dtype == np.float32, f"render_case computed in {db.dtype}, expected float32 throughout"
     frames = np.clip((db + cfg.dynamic_range_db) * (255.0 / cfg.dynamic_range_db), 0, 255).astype(np.uint8)
 
     visible = s >= cfg.visible_section
@@ -489,7 +512,10 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     mask = m[:, pad:pad + H, pad:pad + W] > 0.5  # (T, H, W)
     heights = mask.any(axis=2).sum(axis=1)
     widths = mask.any(axis=1).sum(axis=1)
-    ok = visible & (widths > 0) & (heights > 0)
+    # Shape stats from near-full sections: grazing cuts look round whatever the lesion.
+    ok = (s >= 0.7) & (widths > 0) & (heights > 0)
+    if not ok.any():
+        ok = visible & (widths > 0) & (heights > 0)
     stats = {
         "label": p.label,
         "focal": p.focal,
@@ -577,8 +603,11 @@ def write_dataset(out_uri: str, n_cases: int, seed: int = 0, cfg: SynthConfig = 
                 bar.update()
     bar.close()
     rows.sort(key=lambda r: r["index"])
+    logger.info("rendered %d sweeps: %.3f s/case rendering, %.3f s/case encoding", len(rows),
+                float(np.mean([r["generate_s"] for r in rows])), float(np.mean([r["encode_s"] for r in rows])))
     table = pd.DataFrame(rows)
-    storage.write_text(storage.join(out_uri, "synth_cases.csv"), table.drop(columns=["index"]).to_csv(index=False))
+    stats = table.drop(columns=["index", "generate_s", "encode_s"])  # no timings: same seed, same file
+    storage.write_text(storage.join(out_uri, "synth_cases.csv"), stats.to_csv(index=False))
     storage.write_text(storage.join(out_uri, "labels.csv"),
                        table[["video", "label", "patient_id"]].to_csv(index=False))
     return rows
