@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import yaml
+from ray.tune.schedulers import ASHAScheduler
 
 from clman import config as C
 from clman import storage
@@ -285,14 +286,71 @@ def _check_data(sweep: Sweep) -> None:
             raise JobError(f"{sweep.manifest}: split 'val' holds one class only, so val_auc is undefined")
 
 
+class _StoredTrial:
+    """Stands in for a Tune trial when stored results are replayed into ASHA (it reads only the id)."""
+
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA that first replays the sweep's stored results into its rungs.
+
+    Tune does not save scheduler state with the experiment, so after
+    ``--resume`` a plain ASHA starts with empty rungs and compares the resumed
+    trials only with each other. This one, before the first trial is added,
+    reads every result stored under ``<out>/<run_name>/`` (none on a fresh
+    sweep) and records it as if it had just been reported.
+    """
+
+    def __init__(self, out: str, run_name: str, **kwargs):
+        super().__init__(**kwargs)
+        self._sweep_dir = (out, run_name)
+        self._replayed = False
+
+    def __getstate__(self):  # pickled with the experiment: a restored copy replays again
+        return {**self.__dict__, "_replayed": False}
+
+    def on_trial_add(self, tune_controller, trial):
+        if not self._replayed:
+            self._replayed = True
+            try:
+                if trial_statuses(*self._sweep_dir):
+                    self.replay(collect(*self._sweep_dir, keys=()))
+            except Exception as e:  # the sweep still runs without the replay: say so, go on
+                log.warning("could not replay stored results into ASHA (%s: %s); resumed trials are "
+                            "compared only with each other", type(e).__name__, e)
+        super().on_trial_add(tune_controller, trial)
+
+    def replay(self, records: Sequence["TrialRecord"]) -> int:
+        """Record stored results in the rungs, in the order they were reported; returns how many."""
+        rows = epochs_table(records, ())
+        if rows.empty or not {TIME_ATTR, self._metric} <= set(rows.columns):
+            return 0
+        if "timestamp" in rows.columns:
+            rows = rows.sort_values("timestamp", kind="stable")
+        stubs = {t: _StoredTrial(t) for t in rows["trial_id"].unique()}
+        for stub in stubs.values():
+            super().on_trial_add(None, stub)
+        n = 0
+        for row in rows.to_dict("records"):
+            if pd.notna(row[self._metric]):
+                super().on_trial_result(None, stubs[row["trial_id"]], row)  # its decisions are moot
+                n += 1
+        for stub in stubs.values():
+            self._trial_info.pop(stub.trial_id, None)
+        log.info("ASHA: replayed %d stored result(s) of %d trial(s) into its rungs", n, len(stubs))
+        return n
+
+
 def _tuner(sweep: Sweep, trainable, concurrent: int):
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
 
     metric, mode = SCORES[sweep.job]
     if sweep.scheduler == "asha":
-        scheduler = ASHAScheduler(time_attr=TIME_ATTR, max_t=sweep.max_epochs(), grace_period=sweep.grace_period,
-                                  reduction_factor=sweep.reduction_factor)
+        scheduler = ResumableASHA(sweep.out, sweep.run_name, time_attr=TIME_ATTR, max_t=sweep.max_epochs(),
+                                  grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
     elif sweep.scheduler == "fifo":
         scheduler = FIFOScheduler()
     else:

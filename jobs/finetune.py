@@ -93,7 +93,7 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
     model_uri = storage.join(run_dir, "model.pt")
     runner.export_checkpoint(checkpoint, model_uri)
     summary = {"model": model_uri, "kept": "best val_auc" if has_val else "last", "metrics": metrics,
-               "seconds": time.time() - t0}
+               "last_metrics": result.metrics, "seconds": time.time() - t0}
     storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(summary, indent=2, default=float) + "\n")
     log.info("finetune %s done in %.0f s -> %s (%s)", run_name, summary["seconds"], model_uri, summary["kept"])
     return summary

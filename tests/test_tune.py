@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -256,3 +263,165 @@ def test_cli_requires_sweep_args_or_resume(capsys):
     assert "drop --samples" in capsys.readouterr().err
     args = job.parse(["--out", "x", "--resume", "s1", "--restart-errored"])
     assert args.resume == "s1" and args.restart_errored
+
+
+def test_resumed_asha_replays_stored_results_into_its_rungs(tmp_path):
+    sched = tuning.ResumableASHA(str(tmp_path), "none", time_attr="epochs_done", max_t=4, grace_period=1,
+                                 reduction_factor=2)
+    sched.set_search_properties("val_auc", "max")
+    assert sched.replay(_records()) == 11  # t1..t4's stored epochs (t5 never reported)
+    new = tuning._StoredTrial("t9")
+    sched.on_trial_add(None, new)  # nothing stored under tmp_path/none: no second replay, no error
+    # At rung 1 the stored trials reported 0.6, 0.5, 0.7 and 0.4: the median is 0.55.
+    assert sched.on_trial_result(None, new, {"epochs_done": 1, "val_auc": 0.52}) == "STOP"
+    other = tuning._StoredTrial("t10")
+    sched.on_trial_add(None, other)
+    assert sched.on_trial_result(None, other, {"epochs_done": 1, "val_auc": 0.8}) == "CONTINUE"
+    fresh = tuning.ResumableASHA(str(tmp_path), "none", time_attr="epochs_done", max_t=4, grace_period=1)
+    fresh.set_search_properties("val_auc", "max")
+    fresh.on_trial_add(None, new)  # a fresh sweep: nothing to replay
+    assert fresh.on_trial_result(None, new, {"epochs_done": 1, "val_auc": 0.1}) == "CONTINUE"
+
+
+# -- real sweeps: jobs.tune in a subprocess (its own local Ray), data on the real local S3 --
+TINY = ["scale.num_workers=1", "scale.cpus_per_worker=0.5", "data.decode_cpus=0.5", "data.size=32",
+        "data.num_frames=4", "model.width=0.125", "model.gn_groups=4", "finetune.batch_size=4",
+        "finetune.checkpoint_every=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(s3):
+    """24 synthetic sweeps of 8 frames at 32x32 on S3, ingested: 12 train / 12 val videos, both classes."""
+    from clman.data import ingest as I
+    from clman.data.synth import SynthConfig, write_dataset
+
+    root = s3.make_bucket(f"tune-{uuid.uuid4().hex[:8]}")
+    write_dataset(f"{root}/videos", 24, seed=0, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
+    I.ingest(I.labeled_items(f"{root}/videos", f"{root}/videos/labels.csv"), f"{root}/data",
+             ratios=(0.5, 0.5, 0.0), seed=0, workers=2)
+    manifest = f"{root}/data/manifest.parquet"
+    rows = storage.read_parquet(manifest).to_pandas()
+    assert set(rows["split"]) == {"train", "val"} and rows.groupby("split")["label"].nunique().min() == 2
+    return manifest, root
+
+
+def _tune_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "jobs.tune", *args]
+
+
+def _sets(items) -> list[str]:
+    return [a for item in items for a in ("--set", item)]
+
+
+def _env():
+    # The s3 fixture put the AWS_* variables in os.environ; the driver and its Ray workers inherit them.
+    return {**os.environ, "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _tail(path, n=60) -> str:
+    lines = open(path, errors="replace").read().splitlines()
+    return "\n".join(ln for ln in lines if "PlacementGroupCleaner" not in ln)[-6000:] if lines else ""
+
+
+@pytest.mark.slow
+def test_asha_sweep_records_every_metric_of_every_trial(tiny_data, tmp_path):
+    manifest, root = tiny_data
+    out = f"{root}/sweeps"
+    # A learning rate this small leaves each model at its (seeded) initialisation, so each depth's
+    # validation AUC after epoch 1 is fixed and differs by depth: with reduction factor 4 ASHA stops
+    # every trial that does not beat the ones before it, whatever order the shuffled batches take.
+    space = _space_file(tmp_path, "finetune.lr: {loguniform: [1.0e-8, 1.0e-7]}\n"
+                                  "model.mma_depth: {grid: [1, 2, 3, 4]}\n")
+    log_path = tmp_path / "tune.log"
+    t0 = time.time()
+    with open(log_path, "w") as logf:
+        proc = subprocess.run(
+            _tune_cmd("--job", "finetune", "--space", space, "--samples", "1", "--reduction-factor", "4",
+                      "--grace-period", "1", "--manifest", manifest, "--out", out, "--run-name", "asha",
+                      "--config", DEMO, *_sets(TINY + ["finetune.epochs=2"])),
+            env=_env(), stdout=logf, stderr=subprocess.STDOUT, timeout=900)
+    seconds = time.time() - t0
+    assert proc.returncode == 0, _tail(log_path)
+    print(f"4-trial ASHA sweep: {seconds:.0f} s")
+
+    trials = storage.read_parquet(f"{out}/asha/trials.parquet").to_pandas()
+    assert sorted(trials["model.mma_depth"]) == [1, 2, 3, 4]
+    assert trials["finetune.lr"].between(1e-8, 1e-7).all()
+    assert set(trials["status"]) <= {"completed", "stopped"}, trials[["trial_id", "status", "error"]]
+    stopped = trials[trials["status"] == "stopped"]
+    assert len(stopped) >= 1, trials[["model.mma_depth", "val_auc", "status"]]
+    assert (stopped["epochs_done"] == 1).all() and (trials.loc[trials.status == "completed", "epochs_done"] == 2).all()
+    for m in SIX + ["val_loss", "train_loss"]:
+        assert trials[m].notna().all(), m
+    assert trials["val_auc"].is_monotonic_decreasing
+    assert (trials["checkpoint"].str.len() > 0).all()
+    csv = pd.read_csv(io.StringIO(storage.read_text(f"{out}/asha/trials.csv")))
+    assert csv["trial_id"].tolist() == trials["trial_id"].tolist()
+
+    epochs = storage.read_parquet(f"{out}/asha/epochs.parquet").to_pandas()
+    assert epochs.groupby("trial_id").size().to_dict() == dict(zip(trials["trial_id"], trials["epochs_done"]))
+    for m in SIX + ["val_loss", "train_loss", "epoch", "finetune.lr", "model.mma_depth"]:
+        assert epochs[m].notna().all(), m
+
+    summary = storage.read_text(f"{out}/asha/summary.md")
+    assert "](auc_vs_lr.png)" in summary and "```yaml" in summary
+    assert storage.read_bytes(f"{out}/asha/auc_vs_lr.png")[:4] == b"\x89PNG"
+    best = C.load("finetune", f"{out}/asha/best.yaml")
+    assert best.model.mma_depth == int(trials.iloc[0]["model.mma_depth"]) and best.model.width == 0.125
+    assert json.loads(storage.read_text(f"{out}/asha/sweep.json"))["run_name"] == "asha"
+
+
+@pytest.mark.slow
+def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_path):
+    manifest, root = tiny_data
+    out, name = f"{root}/sweeps", "killed"
+    space = _space_file(tmp_path, "model.mma_depth: {grid: [1, 2]}\n")
+    log_path = tmp_path / "tune.log"
+    logf = open(log_path, "w")
+    # Its own session: the driver's local Ray (GCS, raylet) shares its process group.
+    proc = subprocess.Popen(
+        _tune_cmd("--job", "finetune", "--space", space, "--samples", "1", "--scheduler", "fifo",
+                  "--manifest", manifest, "--out", out, "--run-name", name, "--config", DEMO,
+                  *_sets(TINY + ["finetune.epochs=1"])),
+        env=_env(), stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        finished: set[str] = set()
+        while not finished:
+            assert proc.poll() is None, f"the sweep ended before it could be killed:\n{_tail(log_path)}"
+            assert time.time() < deadline, f"no trial finished in 600 s:\n{_tail(log_path)}"
+            time.sleep(2)
+            statuses = tuning.trial_statuses(out, name)
+            finished = {t for t, s in statuses.items() if s == "TERMINATED"}
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only: no chance to save anything more
+        killed_at = time.time()
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        time.sleep(3)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # what is left of the killed driver's Ray
+        except ProcessLookupError:
+            pass
+        logf.close()
+    assert len(statuses) == 2 and len(finished) == 1, statuses
+
+    resume_log = tmp_path / "resume.log"
+    with open(resume_log, "w") as f:
+        again = subprocess.run(_tune_cmd("--resume", name, "--out", out), env=_env(), stdout=f,
+                               stderr=subprocess.STDOUT, timeout=600)
+    assert again.returncode == 0, _tail(resume_log)
+    assert "1 finished trial(s) kept" in resume_log.read_text()
+
+    trials = storage.read_parquet(f"{out}/{name}/trials.parquet").to_pandas()
+    assert sorted(trials["trial_id"]) == sorted(statuses) and (trials["status"] == "completed").all()
+    for m in SIX:
+        assert trials[m].notna().all(), m
+    # The finished trial was not run again: its one epoch was reported once, before the kill.
+    records = {r.trial_id: r for r in tuning.collect(out, name, ["model.mma_depth"])}
+    (done,) = finished
+    h = records[done].history
+    assert len(h) == 1 and float(h["timestamp"].max()) < killed_at
+    other = next(t for t in statuses if t != done)
+    assert float(records[other].history["timestamp"].max()) > killed_at

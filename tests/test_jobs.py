@@ -1,0 +1,231 @@
+"""Smoke runs of every job with a local Ray (2 CPU workers) against the real SeaweedFS, tiny sizes.
+
+Also: bad input fails before any worker starts, a SIGKILLed Train worker is
+recovered from the last checkpoint, and a restarted driver continues its run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pandas as pd
+import pytest
+import ray
+import torch
+
+from clman import checkpoint as ckpt
+from clman import config as C
+from clman import storage
+from clman.data.ingest import ingest, labeled_items
+from clman.data.synth import SynthConfig, write_dataset
+from clman.train import runner
+from jobs import evaluate, finetune, predict, pretrain
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = [
+    "model.width=0.125", "model.gn_groups=4", "data.size=32", "data.num_frames=4", "data.frames_per_clip=2",
+    "scale.num_workers=2", "scale.cpus_per_worker=0.5", "scale.max_failures=2",
+    "pretrain.epochs=2", "pretrain.batch_size=8", "pretrain.lr=0.5",
+    "finetune.epochs=2", "finetune.batch_size=4", "finetune.lr=0.01", "evaluate.bootstrap=50",
+]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def dataset(s3, tmp_path_factory):
+    """24 tiny synthetic sweeps ingested with train/val/test splits: the manifest URI."""
+    name = "jobs-data"
+    s3.make_bucket(name)
+    write_dataset(f"s3://{name}/raw", 24, seed=1, cfg=SynthConfig(size=32, frames=10), workers=1, progress=False)
+    ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
+           ratios=(0.5, 0.25, 0.25), seed=0, workers=2)
+    return f"s3://{name}/data/manifest.parquet"
+
+
+def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path):
+    t0 = time.time()
+    runs = f"{bucket}/runs"
+    pre = pretrain.run(C.load("pretrain", None, TINY), dataset, runs, "pre")
+    state = torch.load(_local_copy(pre["encoder"], tmp_path), weights_only=True)
+    assert state["kind"] == "simclr" and state["epoch"] == 1
+    assert set(ckpt.encoder_state_dict(state)) and pre["metrics"]["loss"] > 0
+
+    fin = finetune.run(C.load("finetune", None, TINY), dataset, runs, "fin", encoder=pre["encoder"])
+    assert fin["kept"] == "best val_auc"
+    for key in ("val_accuracy", "val_ap", "val_sensitivity", "val_specificity", "val_f1", "val_auc", "val_loss"):
+        assert key in fin["metrics"]
+    saved = C.from_dict("finetune", __import__("yaml").safe_load(storage.read_text(f"{runs}/fin/config.yaml")))
+    assert saved == C.load("finetune", None, TINY)
+    assert json.loads(storage.read_text(f"{runs}/fin/metrics.json"))["model"] == fin["model"]
+
+    result = evaluate.run(fin["model"], dataset, "test", C.load("evaluate", None, TINY))
+    out = result["out"]
+    metrics = json.loads(storage.read_text(f"{out}/metrics.json"))
+    assert set(metrics["metrics"]) == {"accuracy", "ap", "sensitivity", "specificity", "f1", "auc"}
+    assert set(metrics["ci95"]) == set(metrics["metrics"])
+    assert "specificity" in metrics["specificity_at_sensitivity"]
+    preds = storage.read_parquet(f"{out}/predictions.parquet").to_pandas()
+    test_rows = pd.read_parquet(_local_copy(dataset, tmp_path)).query("split == 'test'")
+    assert sorted(preds["video_id"]) == sorted(test_rows["video_id"])
+    assert preds["score"].between(0, 1).all() and (preds["top_frames"].map(len) > 0).all()
+    assert storage.read_bytes(f"{out}/roc.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| Method | Acc | AP | Sens | Spec | F1 | AUC |" in storage.read_text(f"{out}/report.md")
+
+    video = test_rows["uri"].iloc[0]
+    out_json = str(tmp_path / "pred.json")
+    with pytest.raises(SystemExit) as exit_:
+        predict.cli.run_main(predict.main, ["--checkpoint", fin["model"], video, "s3://nope-bucket/x.mp4",
+                                            "--json", out_json])
+    assert exit_.value.code == 0  # one unreadable video does not stop the others
+    preds = json.load(open(out_json))["predictions"]
+    assert 0.0 <= preds[0]["probability_malignant"] <= 1.0 and preds[0]["top_frames"]
+    assert "error" in preds[1]
+    print(f"pretrain -> finetune -> evaluate -> predict: {time.time() - t0:.0f} s")
+
+
+def _local_copy(uri: str, tmp_path) -> str:
+    path = tmp_path / uri.rsplit("/", 1)[-1]
+    path.write_bytes(storage.read_bytes(uri))
+    return str(path)
+
+
+# ---------------------------------------------------------------- bad input, before any worker starts
+
+
+def _no_new_runs(bucket):
+    return storage.list_uris(f"{bucket}/runs") == []
+
+
+def test_missing_encoder_checkpoint(dataset, bucket):
+    with pytest.raises(ckpt.CheckpointError, match="nope/encoder.pt"):
+        finetune.run(C.load("finetune", None, TINY), dataset, f"{bucket}/runs", "x", encoder=f"{bucket}/nope/encoder.pt")
+    assert _no_new_runs(bucket)
+
+
+def test_encoder_of_another_architecture(dataset, bucket, tmp_path):
+    from clman.models.build import simclr_from
+
+    other = C.load("pretrain", None, TINY + ["model.width=0.25"])
+    uri = f"{bucket}/other/encoder.pt"
+    ckpt.save_checkpoint(uri, simclr_from(other.model), kind="simclr", config=C.to_dict(other), step=0)
+    with pytest.raises(ckpt.CheckpointError, match="model.width is 0.25 there, 0.125 here"):
+        finetune.run(C.load("finetune", None, TINY), dataset, f"{bucket}/runs", "x", encoder=uri)
+    assert _no_new_runs(bucket)
+
+
+def test_empty_split(dataset, bucket, tmp_path):
+    rows = pd.read_parquet(_local_copy(dataset, tmp_path))
+    from clman.data.manifest import write_manifest
+
+    no_test = f"{bucket}/data/manifest.parquet"
+    write_manifest(rows[rows["split"] != "test"].reset_index(drop=True), no_test)
+    with pytest.raises(runner.JobError, match="split 'test' is empty"):
+        evaluate.score_split(f"{bucket}/none.pt", no_test, "test", C.EvaluateConfig())
+
+
+def test_missing_classifier_checkpoint(dataset, bucket):
+    with pytest.raises(ckpt.CheckpointError, match="nope.pt"):
+        evaluate.score_split(f"{bucket}/nope.pt", dataset, "test", C.EvaluateConfig())
+
+
+def test_gpu_asked_where_none(local_ray):
+    with pytest.raises(runner.JobError, match="GPU asked for, but the Ray cluster has 0 GPU"):
+        runner.check_resources(C.ScaleConfig(num_workers=1, gpus_per_worker=1.0))
+
+
+def test_unknown_config_key_is_one_line_before_work(dataset, bucket):
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.finetune", "--manifest", dataset, "--out", f"{bucket}/runs",
+         "--set", "finetune.lrr=0.1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: finetune: unknown key 'lrr'")
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert _no_new_runs(bucket)
+
+
+# ---------------------------------------------------------------- fault tolerance
+
+
+def _checkpoints(run_uri: str) -> list[str]:
+    return sorted({u.split("/checkpoint_")[1].split("/")[0] for u in storage.list_uris(run_uri) if "/checkpoint_" in u})
+
+
+def _train_worker_pids() -> list[int]:
+    # The GCS actor table: works without the dashboard (ray.util.state needs it).
+    from ray._private import state
+
+    return [a["Pid"] for a in state.actors().values()
+            if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"]
+
+
+def test_killed_worker_resumes_from_checkpoint(dataset, bucket, local_ray):
+    cfg = C.load("finetune", None, TINY + ["finetune.epochs=4", "finetune.checkpoint_every=1"])
+    runs = f"{bucket}/runs"
+    done: dict = {}
+
+    def fit():
+        try:
+            done["result"] = finetune.run(cfg, dataset, runs, "killed")
+        except BaseException as e:  # surfaced below
+            done["error"] = e
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    deadline = time.time() + 240
+    while not _checkpoints(f"{runs}/killed") and time.time() < deadline:
+        time.sleep(0.5)
+    assert _checkpoints(f"{runs}/killed"), "no checkpoint appeared"
+    victims = _train_worker_pids()
+    assert victims, "no live Ray Train worker to kill"
+    os.kill(victims[-1], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive(), "run did not finish after the worker was killed"
+    assert "error" not in done, done.get("error")
+    killed = done["result"]
+    assert killed["metrics"]["epoch"] >= 0
+
+    baseline = finetune.run(cfg, dataset, runs, "uninterrupted")
+    final = json.loads(storage.read_text(f"{runs}/killed/metrics.json"))
+    # Same seed, same data: the recovered run ends near the uninterrupted one (augmentation
+    # draws differ after the restart, so not bit for bit).
+    assert final["last_metrics"]["epoch"] == baseline["last_metrics"]["epoch"] == 3
+    assert abs(final["last_metrics"]["val_loss"] - baseline["last_metrics"]["val_loss"]) < 0.5
+    assert abs(final["last_metrics"]["val_auc"] - baseline["last_metrics"]["val_auc"]) <= 0.5
+
+
+def test_restarted_driver_continues_the_run(dataset, bucket):
+    runs = f"{bucket}/runs"
+    cmd = [sys.executable, "-m", "jobs.finetune", "--manifest", dataset, "--out", runs, "--run-name", "driver",
+           *sum((["--set", o] for o in TINY + ["finetune.epochs=4"]), [])]
+    env = dict(os.environ, RAY_ADDRESS="")  # each driver starts its own local Ray
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    deadline = time.time() + 240
+    while not _checkpoints(f"{runs}/driver") and time.time() < deadline and first.poll() is None:
+        time.sleep(0.5)
+    assert first.poll() is None, "the first driver finished before it could be killed"
+    os.killpg(first.pid, signal.SIGKILL)  # the driver and the local Ray it started
+    first.wait()
+    before = _checkpoints(f"{runs}/driver")
+    assert before
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resumed from epoch" in second.stdout + second.stderr
+    final = json.loads(storage.read_text(f"{runs}/driver/metrics.json"))
+    assert final["last_metrics"]["epoch"] == 3
