@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import yaml
+from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from clman import config as C
@@ -286,6 +287,58 @@ def _check_data(sweep: Sweep) -> None:
             raise JobError(f"{sweep.manifest}: split 'val' holds one class only, so val_auc is undefined")
 
 
+def reap_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creator actor is dead; returns how many.
+
+    Why: when ASHA stops a trial (or a trial reaches max_t), Tune kills the
+    trial's actor; its Ray Train controller dies with it before it can remove
+    the worker group's placement group. Ray keeps a placement group made by a
+    (non-detached) actor until the whole job ends, and Train V2's own cleaner
+    needs the Ray State API (``ray[default]``'s dashboard server, and a single
+    Ray instance per host to find it), so without this the freed trial's CPUs
+    and GPUs stay reserved and the next trial waits forever. Placement groups
+    made by the driver (Tune's own, one per trial) have no creator actor and
+    are never touched.
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (pg.is_detached or not pg.creator_actor_dead or pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
+                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+        removed += 1
+    if removed:
+        log.info("released %d placement group(s) of stopped trials' Ray Train runs", removed)
+    return removed
+
+
+class PlacementGroupReaper(Callback):
+    """Tune callback: every few seconds, release what stopped trials' Train runs still reserve."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.every_s = every_s
+        self._last = 0.0
+        self._failed = False
+
+    def on_step_end(self, iteration: int, trials: list, **info):
+        if self._failed or time.monotonic() - self._last < self.every_s:
+            return
+        self._last = time.monotonic()
+        try:
+            reap_orphaned_placement_groups()
+        except Exception as e:  # a Ray upgrade may move these internals: warn once, let the sweep go on
+            self._failed = True
+            log.warning("cannot release stopped trials' placement groups (%s: %s); later trials may wait "
+                        "for resources", type(e).__name__, e)
+
+
 class _StoredTrial:
     """Stands in for a Tune trial when stored results are replayed into ASHA (it reads only the id)."""
 
@@ -330,6 +383,7 @@ class ResumableASHA(ASHAScheduler):
         if "timestamp" in rows.columns:
             rows = rows.sort_values("timestamp", kind="stable")
         stubs = {t: _StoredTrial(t) for t in rows["trial_id"].unique()}
+        stopped_before = self._num_stopped
         for stub in stubs.values():
             super().on_trial_add(None, stub)
         n = 0
@@ -339,6 +393,7 @@ class ResumableASHA(ASHAScheduler):
                 n += 1
         for stub in stubs.values():
             self._trial_info.pop(stub.trial_id, None)
+        self._num_stopped = stopped_before  # replayed decisions stopped nothing
         log.info("ASHA: replayed %d stored result(s) of %d trial(s) into its rungs", n, len(stubs))
         return n
 
@@ -376,7 +431,8 @@ def _tuner(sweep: Sweep, trainable, concurrent: int):
         tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
                                     num_samples=sweep.samples, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=sweep.run_name, storage_path=path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[PlacementGroupReaper()]),
     )
 
 
@@ -737,6 +793,10 @@ def write_results(sweep: Sweep, records: Sequence[TrialRecord] | None = None) ->
         best = trials.iloc[0]
         log.info("sweep %s: best trial %s, %s %.4f (%s)", sweep.run_name, best["trial_id"], metric, best[metric],
                  ", ".join(f"{k}={_fmt(best[k])}" for k in keys))
+    unfinished = trials["status"].isin(["running", "pending", "paused"]).sum()
+    if unfinished:
+        log.warning("sweep %s: %d trial(s) did not finish; continue with: python -m jobs.tune --resume %s --out %s",
+                    sweep.run_name, unfinished, sweep.run_name, sweep.out)
     failed = (trials["status"] == "error").sum()
     if len(trials) and failed == len(trials):
         raise JobError(f"sweep {sweep.run_name}: all {failed} trial(s) failed; first error: "

@@ -36,7 +36,7 @@ def parse(argv=None) -> argparse.Namespace:
     cli.add_config_args(p)
     p.add_argument("--workdir", default=".demo", help="local folder for the S3 data and the copied report")
     p.add_argument("--cases", type=int, default=268, help="synthetic sweeps (the paper has 268)")
-    p.add_argument("--frames", type=int, default=32, help="frames per synthetic sweep")
+    p.add_argument("--frames", type=int, default=24, help="frames per synthetic sweep")
     p.add_argument("--synth-size", type=int, default=64, help="synthetic frame size in pixels")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bucket", default="clman-demo")
@@ -56,9 +56,7 @@ def run(args: argparse.Namespace) -> dict:
     stage(1, f"starting the embedded S3 server (SeaweedFS) in {workdir / 's3'}")
     with LocalS3(workdir / "s3") as s3:
         os.environ.update(s3.env())
-        if not storage.exists(f"s3://{args.bucket}"):
-            s3.make_bucket(args.bucket)
-        root = f"s3://{args.bucket}"
+        root = s3.make_bucket(args.bucket)
         raw, data, runs = f"{root}/raw", f"{root}/data", f"{root}/runs"
         log.info("S3 endpoint %s, bucket %s", s3.endpoint, root)
 

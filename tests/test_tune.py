@@ -284,7 +284,8 @@ def test_resumed_asha_replays_stored_results_into_its_rungs(tmp_path):
 
 
 # -- real sweeps: jobs.tune in a subprocess (its own local Ray), data on the real local S3 --
-TINY = ["scale.num_workers=1", "scale.cpus_per_worker=0.5", "data.decode_cpus=0.5", "data.size=32",
+# 0.45 + 0.45 + 0.01 CPUs a trial: two trials at once on a 2-CPU Ray.
+TINY = ["scale.num_workers=1", "scale.cpus_per_worker=0.45", "data.decode_cpus=0.45", "data.size=32",
         "data.num_frames=4", "model.width=0.125", "model.gn_groups=4", "finetune.batch_size=4",
         "finetune.checkpoint_every=1"]
 
@@ -327,11 +328,13 @@ def _tail(path, n=60) -> str:
 def test_asha_sweep_records_every_metric_of_every_trial(tiny_data, tmp_path):
     manifest, root = tiny_data
     out = f"{root}/sweeps"
-    # A learning rate this small leaves each model at its (seeded) initialisation, so each depth's
-    # validation AUC after epoch 1 is fixed and differs by depth: with reduction factor 4 ASHA stops
-    # every trial that does not beat the ones before it, whatever order the shuffled batches take.
+    # A learning rate this small leaves each model at its seeded initialisation, so each depth's
+    # validation AUC after epoch 1 is fixed whatever order the shuffled batches take: 0.69, 0.60,
+    # 0.46, 0.23 for depths 3, 4, 2, 1 at the time of writing. Two trials run at once, so depths 2
+    # and 1 report after 3 or 4 has, and ASHA (keeping the top quarter) stops them. Should a model
+    # change reorder these AUCs, put the grid back in decreasing order of its epoch-1 AUC.
     space = _space_file(tmp_path, "finetune.lr: {loguniform: [1.0e-8, 1.0e-7]}\n"
-                                  "model.mma_depth: {grid: [1, 2, 3, 4]}\n")
+                                  "model.mma_depth: {grid: [3, 4, 2, 1]}\n")
     log_path = tmp_path / "tune.log"
     t0 = time.time()
     with open(log_path, "w") as logf:
@@ -350,6 +353,7 @@ def test_asha_sweep_records_every_metric_of_every_trial(tiny_data, tmp_path):
     assert set(trials["status"]) <= {"completed", "stopped"}, trials[["trial_id", "status", "error"]]
     stopped = trials[trials["status"] == "stopped"]
     assert len(stopped) >= 1, trials[["model.mma_depth", "val_auc", "status"]]
+    assert "up to 2 trial(s) at once" in log_path.read_text()
     assert (stopped["epochs_done"] == 1).all() and (trials.loc[trials.status == "completed", "epochs_done"] == 2).all()
     for m in SIX + ["val_loss", "train_loss"]:
         assert trials[m].notna().all(), m
@@ -382,7 +386,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_p
     proc = subprocess.Popen(
         _tune_cmd("--job", "finetune", "--space", space, "--samples", "1", "--scheduler", "fifo",
                   "--manifest", manifest, "--out", out, "--run-name", name, "--config", DEMO,
-                  *_sets(TINY + ["finetune.epochs=1"])),
+                  # One trial at a time, so the second is still running when the first has finished.
+                  *_sets(TINY + ["finetune.epochs=1", "scale.cpus_per_worker=0.5", "data.decode_cpus=0.5"])),
         env=_env(), stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 600
@@ -425,3 +430,26 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_p
     assert len(h) == 1 and float(h["timestamp"].max()) < killed_at
     other = next(t for t in statuses if t != done)
     assert float(records[other].history["timestamp"].max()) > killed_at
+
+
+def test_pretrain_sweeps_rank_by_lowest_loss(tmp_path):
+    sweep = tuning.new_sweep("pretrain", "tune_spaces/pretrain_lr_temperature.yaml", 2, "m.parquet", str(tmp_path),
+                             "pre", DEMO, ["pretrain.epochs=3"])
+
+    def history(losses):
+        return pd.DataFrame([{"epoch": e, "epochs_done": e + 1, "loss": v, "lr": 0.1, "images_per_s": 9.0,
+                              "time_this_iter_s": 1.0, "timestamp": 100.0 + e} for e, v in enumerate(losses)])
+
+    records = [
+        tuning.TrialRecord("a", "TERMINATED", {"pretrain.lr": 0.1, "pretrain.temperature": 0.5}, history([5.0, 4.0, 4.5])),
+        tuning.TrialRecord("b", "TERMINATED", {"pretrain.lr": 0.01, "pretrain.temperature": 0.2}, history([5.5, 3.5, 3.0])),
+        tuning.TrialRecord("c", "TERMINATED", {"pretrain.lr": 0.5, "pretrain.temperature": 0.1}, history([6.0])),
+    ]
+    uris = tuning.write_results(sweep, records)
+    trials = storage.read_parquet(uris["trials.parquet"]).to_pandas()
+    assert trials["trial_id"].tolist() == ["b", "a", "c"]
+    assert trials["best_epoch"].tolist() == [2, 1, 0] and trials["status"].tolist() == ["completed", "completed", "stopped"]
+    assert "loss_vs_lr.png" in uris and (tmp_path / "pre" / "loss_vs_lr.png").stat().st_size > 0
+    best = C.load("pretrain", uris["best.yaml"])
+    assert best.lr == 0.01 and best.temperature == 0.2 and best.epochs == 3
+    assert "## Trials by loss (lowest first)" in (tmp_path / "pre" / "summary.md").read_text()

@@ -53,9 +53,10 @@ microcalcifications   5 %: 1-3                          40 %: 3-10
 In a share of malignant cases (`SynthConfig.focal_fraction`, default 30 %)
 the lesion body is drawn benign-like, and the telling signs — spicules,
 shadowing, halo, heterogeneity and calcifications — show only where the plane
-passes a small elevation window (`focal_extent` of the sweep, ~6 of 48
-frames). A classifier that looks at a single frame misses them; one that
-aggregates over the sweep can find them. Focal cases draw the body with
+passes a small elevation window (`focal_extent` of the sweep, ~10 of 48
+frames) off the lesion's centre (`focal_offset`), so the key frame through
+the widest section rarely shows them. A classifier that looks at a single
+frame misses them; one that aggregates over the sweep can find them. Focal cases draw the body with
 aspect median 0.85, benign irregularity and edge, posterior N(+0.1, 0.4) and
 no halo; inside the window: 4-14 spikes, posterior N(-1.2, 0.4), halo 0.5-1.0,
 heterogeneity 0.4-0.8.
@@ -97,7 +98,12 @@ class SynthConfig:
     focal_fraction: share of malignant cases whose signs show only in a few
         frames (0 makes every malignant case obvious in all lesion frames).
     focal_extent: width (full width at half maximum) of the elevation window
-        where focal signs show, as a fraction of the sweep (0.12 ~ 6 of 48 frames).
+        where focal signs show, as a fraction of the sweep (0.2 ~ 10 of 48 frames).
+    focal_offset: (low, high) distance of that window's centre from the lesion
+        centre, in elevational semi-axes, to either side. Off-centre windows keep
+        the signs out of the middle frames, where a single-frame reader looks
+        ((0, 0.5) puts them anywhere near the centre, and a middle frame shows
+        them in ~40 % of focal cases).
     repeat_patient_prob: chance that a case belongs to the previous case's patient.
     speckle_persistence: share of speckle variance fixed in tissue between
         consecutive frames (0 = fresh speckle each frame, 1 = frozen).
@@ -118,7 +124,8 @@ class SynthConfig:
     gop: int = 8
     malignant_fraction: float = PAPER_MALIGNANT / PAPER_CASES
     focal_fraction: float = 0.3
-    focal_extent: float = 0.12
+    focal_extent: float = 0.2
+    focal_offset: tuple[float, float] = (0.45, 0.7)
     repeat_patient_prob: float = 0.08
     speckle_persistence: float = 0.7
     sweep_decorrelation: float = 1.0
@@ -137,6 +144,7 @@ class SynthConfig:
             (0.0 <= self.malignant_fraction <= 1.0, "malignant_fraction", "in [0, 1]"),
             (0.0 <= self.focal_fraction <= 1.0, "focal_fraction", "in [0, 1]"),
             (0.0 < self.focal_extent <= 1.0, "focal_extent", "in (0, 1]"),
+            (0.0 <= self.focal_offset[0] <= self.focal_offset[1] <= 1.0, "focal_offset", "0 <= low <= high <= 1"),
             (0.0 <= self.repeat_patient_prob < 1.0, "repeat_patient_prob", "in [0, 1)"),
             (0.0 <= self.speckle_persistence <= 1.0, "speckle_persistence", "in [0, 1]"),
             (0.0 <= self.sweep_decorrelation <= 1.0, "sweep_decorrelation", "in [0, 1]"),
@@ -272,7 +280,9 @@ def sample_case(label: int, rng: np.random.Generator, cfg: SynthConfig) -> CaseP
 
     c = a * rng.uniform(0.8, 1.3)
     y0 = rng.uniform(-0.15, 0.15) * c
-    y_sign = y0 + rng.uniform(-0.5, 0.5) * c
+    u = rng.uniform(-1.0, 1.0)  # one draw: side and distance of the sign window
+    lo, hi = cfg.focal_offset
+    y_sign = y0 + math.copysign(lo + (hi - lo) * abs(u), u) * c
     n_calcs = 0
     if malignant and rng.random() < 0.4:
         n_calcs = int(rng.integers(3, 11))

@@ -12,6 +12,7 @@ import os
 from typing import Any, Callable
 
 import ray
+import ray.data
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -39,6 +40,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    # Ray Data's per-operator progress bars flood job logs; the loops log epoch, loss and speed.
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def check_resources(scale: ScaleConfig, extra_cpus: float = 0.0) -> None:
