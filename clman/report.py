@@ -113,7 +113,7 @@ def roc_png(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float | None]]) -
 
 
 def write_json(uri: str, obj) -> None:
-    storage.write_text(uri, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    storage.write_text(uri, json.dumps(obj, indent=2, default=float) + "\n")
 
 
 def write_predictions(uri: str, video_ids: Sequence[str], labels, scores, threshold: float,

@@ -22,7 +22,15 @@ preset with the best trial's values), ``summary.md`` and ``auc_vs_lr.png``
 Concurrency: a trial needs ``num_workers x cpus_per_worker`` CPUs (and GPUs)
 for its workers, ``decode_actors x decode_cpus`` for its Ray Data decoders and
 a sliver for its driver; ``max_concurrent_trials`` is what the cluster holds of
-that at once, so no trial sits holding a driver while its workers wait.
+that at once, so no trial sits holding a driver while its workers wait. When
+ASHA stops a trial, Tune kills its driver and the Train run dies with it;
+``PlacementGroupReaper`` then frees the resources that run still reserved.
+
+Resume: ``Tuner.restore`` keeps finished trials and continues unfinished ones
+(each Train run from its last checkpoint, as its name is the trial id). Tune
+does not save ASHA's rungs, so ``ResumableASHA`` replays the stored results
+into them first. Restoring unpickles Tune's state: resume only sweeps whose
+storage you trust.
 """
 
 from __future__ import annotations
@@ -32,11 +40,11 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import yaml
@@ -290,15 +298,15 @@ def _check_data(sweep: Sweep) -> None:
 def reap_orphaned_placement_groups() -> int:
     """Remove this job's placement groups whose creator actor is dead; returns how many.
 
-    Why: when ASHA stops a trial (or a trial reaches max_t), Tune kills the
-    trial's actor; its Ray Train controller dies with it before it can remove
-    the worker group's placement group. Ray keeps a placement group made by a
-    (non-detached) actor until the whole job ends, and Train V2's own cleaner
-    needs the Ray State API (``ray[default]``'s dashboard server, and a single
-    Ray instance per host to find it), so without this the freed trial's CPUs
-    and GPUs stay reserved and the next trial waits forever. Placement groups
-    made by the driver (Tune's own, one per trial) have no creator actor and
-    are never touched.
+    Why: when ASHA stops a trial early, Tune kills the trial's actor; its Ray
+    Train controller dies with it before it can remove the worker group's
+    placement group. Ray keeps a placement group made by a (non-detached)
+    actor until the whole job ends, and Train V2's own cleaner needs the Ray
+    State API (``ray[default]``'s dashboard server, and a single Ray instance
+    per host to find it), so without this the stopped trial's CPUs and GPUs
+    stay reserved and the next trial waits forever. Placement groups made by
+    the driver (Tune's own, one per trial) have no creator actor and are never
+    touched.
     """
     import ray
     from ray._private.state import state
@@ -405,7 +413,9 @@ def _tuner(sweep: Sweep, trainable, concurrent: int):
     metric, mode = SCORES[sweep.job]
     if sweep.scheduler == "asha":
         scheduler = ResumableASHA(sweep.out, sweep.run_name, time_attr=TIME_ATTR, max_t=sweep.max_epochs(),
-                                  grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor)
+                                  grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
+                                  # A trial at max_t ends by itself: let its Train run finish cleanly.
+                                  stop_last_trials=False)
     elif sweep.scheduler == "fifo":
         scheduler = FIFOScheduler()
     else:
@@ -528,9 +538,10 @@ def trial_statuses(out: str, run_name: str) -> dict[str, str]:
 
 
 def _one_line(text: str, limit: int = 300) -> str:
+    """The innermost ``SomeError: message`` line of a (possibly nested) traceback, else its last line."""
     lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    # The last line of a traceback names the exception; that is the cause a reader needs.
-    line = lines[-1] if lines else ""
+    causes = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b", ln)]
+    line = causes[-1] if causes else (lines[-1] if lines else "")
     return line[:limit]
 
 
@@ -774,6 +785,8 @@ def write_results(sweep: Sweep, records: Sequence[TrialRecord] | None = None) ->
         records = collect(sweep.out, sweep.run_name, keys)
     planned = {r.trial_id: sweep.trial_config(r.config).epochs for r in records}
     trials = trials_table(records, sweep.job, keys, planned)
+    if storage.is_s3(sweep.out):  # Ray reports paths inside the filesystem: "bucket/key"
+        trials["checkpoint"] = [f"s3://{p}" if p and not p.startswith("s3://") else p for p in trials["checkpoint"]]
     epochs = epochs_table(records, keys)
     tree = best_tree(sweep, trials)
     d = sweep.run_dir

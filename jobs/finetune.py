@@ -13,12 +13,11 @@ plus ``config.yaml`` and ``metrics.json``. The same ``--run-name`` resumes.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 
 from clman import checkpoint as ckpt
-from clman import cli, storage
+from clman import cli, report, storage
 from clman import config as C
 from clman.data import pipeline
 from clman.data.manifest import read_manifest
@@ -94,7 +93,7 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
     runner.export_checkpoint(checkpoint, model_uri)
     summary = {"model": model_uri, "kept": "best val_auc" if has_val else "last", "metrics": metrics,
                "last_metrics": result.metrics, "seconds": time.time() - t0}
-    storage.write_text(storage.join(run_dir, "metrics.json"), json.dumps(summary, indent=2, default=float) + "\n")
+    report.write_json(storage.join(run_dir, "metrics.json"), summary)
     log.info("finetune %s done in %.0f s -> %s (%s)", run_name, summary["seconds"], model_uri, summary["kept"])
     return summary
 

@@ -14,7 +14,7 @@ import argparse
 import logging
 import time
 
-from clman import cli, storage
+from clman import cli, report, storage
 from clman import config as C
 from clman.data import pipeline
 from clman.data.manifest import read_manifest
@@ -61,16 +61,10 @@ def run(cfg: C.PretrainConfig, manifest: str, out: str, run_name: str, split: st
     encoder_uri = storage.join(run_dir, "encoder.pt")
     runner.export_checkpoint(checkpoint, encoder_uri)
     summary = {"encoder": encoder_uri, "metrics": metrics, "seconds": time.time() - t0}
-    storage.write_text(storage.join(run_dir, "metrics.json"), _json(summary))
+    report.write_json(storage.join(run_dir, "metrics.json"), summary)
     log.info("pretrain %s done in %.0f s: loss %.4f -> %s", run_name, summary["seconds"],
              metrics.get("loss", float("nan")), encoder_uri)
     return summary
-
-
-def _json(obj) -> str:
-    import json
-
-    return json.dumps(obj, indent=2, default=float) + "\n"
 
 
 def main(argv=None) -> int:

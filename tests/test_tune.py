@@ -453,3 +453,74 @@ def test_pretrain_sweeps_rank_by_lowest_loss(tmp_path):
     best = C.load("pretrain", uris["best.yaml"])
     assert best.lr == 0.01 and best.temperature == 0.2 and best.epochs == 3
     assert "## Trials by loss (lowest first)" in (tmp_path / "pre" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_reaper_frees_placement_groups_of_dead_actors_only():
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False)
+    try:
+        ours = placement_group([{"CPU": 0.5}])  # made by the driver, as Tune makes its trials'
+        ray.get(ours.ready())
+
+        @ray.remote(num_cpus=0)
+        class Controller:  # stands in for a Ray Train controller
+            def reserve(self):
+                pg = placement_group([{"CPU": 0.5}])
+                ray.get(pg.ready())
+                return pg.id.hex()
+
+        alive, dead = Controller.remote(), Controller.remote()
+        kept, orphan = ray.get(alive.reserve.remote()), ray.get(dead.reserve.remote())
+        ray.kill(dead)
+        deadline = time.time() + 30
+        while tuning.reap_orphaned_placement_groups() == 0:
+            assert time.time() < deadline, "the dead actor's placement group was never released"
+            time.sleep(0.5)
+        table = placement_group_table()
+        assert table[orphan]["state"] == "REMOVED"
+        assert table[kept]["state"] == "CREATED" and table[ours.id.hex()]["state"] == "CREATED"
+        assert tuning.reap_orphaned_placement_groups() == 0
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("search, scheduler", [("optuna", "asha"), ("random", "fifo")])
+def test_tuner_runs_each_search_and_scheduler_and_tables_come_from_tune_storage(tmp_path, search, scheduler):
+    import ray
+
+    six = list(SIX)
+
+    def fake_trial(config):
+        """A trial without Ray Train: reports what the finetune loop reports, from its sampled values.
+
+        Defined here so that Ray pickles it by value (Ray's workers cannot import this test module).
+        """
+        from ray import tune
+
+        for epoch in range(3):
+            auc = (1.0 - abs(math.log10(config["finetune.lr"]) + 3.5) / 4 - 0.01 * config["model.mma_depth"]
+                   + 0.01 * epoch)
+            tune.report({"epoch": epoch, "epochs_done": epoch + 1, "val_auc": auc, "val_loss": 1 - auc,
+                         "train_loss": 1 - auc, "timestamp": time.time(), "time_this_iter_s": 0.1,
+                         **{m: 0.5 for m in six if m != "val_auc"}})
+
+    sweep = tuning.new_sweep("finetune", "tune_spaces/finetune_lr_depth.yaml", 6, "m.parquet", str(tmp_path),
+                             "fake", DEMO, ["finetune.epochs=3"], search=search, scheduler=scheduler)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False)
+    try:
+        tuning._tuner(sweep, fake_trial, concurrent=2).fit()
+        records = tuning.collect(sweep.out, sweep.run_name, ["finetune.lr", "model.mma_depth"])
+        uris = tuning.write_results(sweep, records)
+    finally:
+        ray.shutdown()
+    trials = storage.read_parquet(uris["trials.parquet"]).to_pandas()
+    assert len(trials) == 6 and trials["val_auc"].notna().all()
+    assert trials["model.mma_depth"].between(1, 4).all() and trials["finetune.lr"].between(1e-5, 1e-2).all()
+    assert set(trials["status"]) <= ({"completed", "stopped"} if scheduler == "asha" else {"completed"})
+    epochs = storage.read_parquet(uris["epochs.parquet"]).to_pandas()
+    assert len(epochs) == trials["epochs_done"].sum()
+    assert tuning.trial_statuses(sweep.out, sweep.run_name) == dict.fromkeys(trials["trial_id"], "TERMINATED")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from clman import checkpoint as ckpt
 from clman import config as C
 from clman import distributed
-from clman.metrics import METRIC_NAMES, BinaryMetrics
+from clman.metrics import BinaryMetrics
 from clman.models.build import classifier_from
 from clman.train import worker
 
@@ -124,5 +124,3 @@ def train_loop_per_worker(loop_config: dict) -> None:
         worker.report(metrics, model, optimizer, kind="classifier", config=saved_config, step=step,
                       epoch=epoch, save=save, extra={"encoder": encoder_uri or ""})
 
-
-VAL_METRICS = tuple(f"val_{k}" for k in METRIC_NAMES)
