@@ -107,6 +107,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {
             "epoch": epoch,
             "step": step,
+            "start_epoch": start_epoch,  # > 0 when this run resumed from a checkpoint
             "train_loss": loss_sum / max(n_steps, 1),
             "lr": cfg.lr,
             "clips_per_s": clips * world / max(seconds, 1e-9),

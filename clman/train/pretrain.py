@@ -76,6 +76,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         metrics = {
             "epoch": epoch,
             "step": step,
+            "start_epoch": start_epoch,  # > 0 when this run resumed from a checkpoint
             "loss": loss_sum / max(n_steps, 1),
             "lr": warmup_cosine(step, total_steps, cfg.lr, warmup_steps),
             # images/s over all workers: every worker ran the same number of steps
