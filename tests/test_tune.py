@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import contextlib
 import os
 import signal
 import subprocess
@@ -405,10 +406,8 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_p
         if proc.poll() is None:
             proc.kill()
         time.sleep(3)
-        try:
+        with contextlib.suppress(ProcessLookupError):  # the group may be gone already
             os.killpg(proc.pid, signal.SIGKILL)  # what is left of the killed driver's Ray
-        except ProcessLookupError:
-            pass
         logf.close()
     assert len(statuses) == 2 and len(finished) == 1, statuses
 
