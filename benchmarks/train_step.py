@@ -9,8 +9,11 @@ CLMAN (GN + non-local encoder, multi-meta attention, linear head) on
 applied to the same B*T frames with mean pooling and a linear head.
 Pretrain: images/s of a SimCLR step (two views, NT-Xent, LARS) of the CLMAN
 encoder + projector against the same step with torchvision resnet18.
-``--device cuda`` runs under bf16 autocast with channels_last. The ratio
-printed is CLMAN / baseline (1.0 = as fast as plain resnet18).
+Both models run at the jobs' ``scale.precision`` (``--precision``, default
+``auto``: bf16 autocast on a GPU, fp32 on CPU; ``clman/amp.py``), channels_last
+on a GPU. The ratio printed is CLMAN / baseline (1.0 = as fast as plain
+resnet18). On a GPU, ``--compare-fp32`` adds CLMAN in bf16 against CLMAN in
+fp32 (what ``precision: auto`` buys) and each row's peak GPU memory.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from clman import amp
 from clman.config import ModelConfig
 from clman.losses import nt_xent
 from clman.models.build import classifier_from, simclr_from
@@ -56,7 +60,11 @@ class PlainSimCLR(nn.Module):
         return self.projector(self.encoder(x))
 
 
-def _time(step, warmup: int, iters: int, device: str) -> float:
+def _time(step, warmup: int, iters: int, device: str) -> tuple[float, float]:
+    """Seconds per step, and peak GPU memory in GiB (0 on CPU)."""
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     if device == "cuda":
@@ -66,23 +74,28 @@ def _time(step, warmup: int, iters: int, device: str) -> float:
         step()
     if device == "cuda":
         torch.cuda.synchronize()  # the steps are queued; wait before reading the clock
-    return (time.perf_counter() - t0) / iters
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else 0.0
+    return (time.perf_counter() - t0) / iters, peak
 
 
-def _prep(model, device):
+COMPILE = False  # --compile: torch.compile every model timed (the first warm-up steps compile)
+
+
+def _prep(model, device, channels_last: bool | None = None):
     model = model.to(device)
-    if device == "cuda":
+    if channels_last if channels_last is not None else device == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return model
+    return torch.compile(model) if COMPILE else model
 
 
-def finetune_step(model, clips, labels, device):
+def finetune_step(model, clips, labels, device, precision):
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4)
     mask = torch.ones(clips.shape[:2], dtype=torch.bool, device=device)
 
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            loss = F.cross_entropy(model(clips, mask), labels)
+    def step():  # as clman/train/finetune.py
+        with amp.autocast(precision, device):
+            logits = model(clips, mask).float()
+        loss = F.cross_entropy(logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -90,13 +103,13 @@ def finetune_step(model, clips, labels, device):
     return step
 
 
-def pretrain_step(model, images, device):
+def pretrain_step(model, images, device, precision):
     opt = LARS(lars_param_groups(model, 1e-6), lr=9e-3, weight_decay=1e-6)
     n = images.shape[0] // 2
 
-    def step():
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-            z = model(images)
+    def step():  # as clman/train/pretrain.py
+        with amp.autocast(precision, device):
+            z = model(images).float()
         loss = nt_xent(z[:n], z[n:], temperature=0.5)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -115,7 +128,16 @@ def main(argv=None) -> None:
     p.add_argument("--width", type=float, default=1.0, help="CLMAN width (1.0 = same channels as resnet18)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="as scale.precision in the jobs' config (default auto)")
+    p.add_argument("--compare-fp32", action="store_true", help="also time CLMAN in fp32 (GPU)")
+    p.add_argument("--ablate", action="store_true",
+                   help="also time the finetune step of each encoder variant (norm x non-local x memory format), "
+                        "to find what costs time")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (CLMAN and baseline)")
     args = p.parse_args(argv)
+    global COMPILE
+    COMPILE = args.compile
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     torch.manual_seed(0)
@@ -127,20 +149,44 @@ def main(argv=None) -> None:
     if dev == "cuda":
         images = images.contiguous(memory_format=torch.channels_last)
 
-    print(f"device {dev}, {args.size}x{args.size}, T={args.frames}, finetune batch {args.batch}, "
-          f"pretrain batch {args.pretrain_batch} (x2 views), CLMAN width {args.width}, torch {torch.__version__}, "
-          f"threads {torch.get_num_threads()}")
-    rows = []
-    base = _time(finetune_step(_prep(PlainVideo(), dev), clips, labels, dev), args.warmup, args.iters, dev)
-    ours = _time(finetune_step(_prep(classifier_from(mcfg), dev), clips, labels, dev), args.warmup, args.iters, dev)
-    rows.append(("finetune clips/s", args.batch / ours, args.batch / base))
-    base = _time(pretrain_step(_prep(PlainSimCLR(), dev), images, dev), args.warmup, args.iters, dev)
-    ours = _time(pretrain_step(_prep(simclr_from(mcfg), dev), images, dev), args.warmup, args.iters, dev)
-    n = images.shape[0]
-    rows.append(("pretrain images/s", n / ours, n / base))
-    print(f"{'step':<20}{'CLMAN':>10}{'resnet18':>10}{'ratio':>8}")
-    for name, a, b in rows:
-        print(f"{name:<20}{a:>10.1f}{b:>10.1f}{a / b:>8.2f}")
+    prec = amp.resolve(args.precision, dev)
+    print(f"device {dev} ({torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}), {args.size}x{args.size}, "
+          f"T={args.frames}, finetune batch {args.batch}, pretrain batch {args.pretrain_batch} (x2 views), "
+          f"CLMAN width {args.width}, precision {prec}, "
+          f"{'compiled, ' if args.compile else ''}torch {torch.__version__}, threads {torch.get_num_threads()}")
+    n_clips, n_images = args.batch, images.shape[0]
+
+    def ft(make, precision):
+        return _time(finetune_step(_prep(make(), dev), clips, labels, dev, precision), args.warmup, args.iters, dev)
+
+    def pt(make, precision):
+        return _time(pretrain_step(_prep(make(), dev), images, dev, precision), args.warmup, args.iters, dev)
+
+    ft_ours, ft_base = ft(lambda: classifier_from(mcfg), prec), ft(PlainVideo, prec)
+    pt_ours, pt_base = pt(lambda: simclr_from(mcfg), prec), pt(PlainSimCLR, prec)
+    # (step, items, CLMAN (s, GiB), baseline (s, GiB), baseline name)
+    rows = [("finetune clips/s", n_clips, ft_ours, ft_base, "resnet18"),
+            ("pretrain images/s", n_images, pt_ours, pt_base, "resnet18")]
+    if args.compare_fp32 and prec != "fp32":
+        rows.append((f"finetune {prec} vs fp32", n_clips, ft_ours, ft(lambda: classifier_from(mcfg), "fp32"),
+                     "CLMAN fp32"))
+        rows.append((f"pretrain {prec} vs fp32", n_images, pt_ours, pt(lambda: simclr_from(mcfg), "fp32"),
+                     "CLMAN fp32"))
+    if args.ablate:
+        import dataclasses
+
+        for norm in ("batch", "group"):
+            for stages in ((), (3, 4)):
+                for cl in (False, True):
+                    cfg = dataclasses.replace(mcfg, norm=norm, nonlocal_stages=stages)
+                    t, mem = _time(finetune_step(_prep(classifier_from(cfg), dev, cl), clips, labels, dev, prec),
+                                   args.warmup, args.iters, dev)
+                    rows.append((f"  {norm[0].upper()}N{'+NL' if stages else ''}{' cl' if cl else ''}", n_clips,
+                                 (t, mem), ft_base, "resnet18"))
+    print(f"{'step':<24}{'CLMAN':>10}{'baseline':>10}{'ratio':>8}  baseline" + ("   peak GiB (CLMAN / baseline)" if dev == "cuda" else ""))
+    for name, items, (ta, ma), (tb, mb), what in rows:
+        mem = f"   {ma:.2f} / {mb:.2f}" if dev == "cuda" else ""
+        print(f"{name:<24}{items / ta:>10.1f}{items / tb:>10.1f}{tb / ta:>8.2f}  {what}{mem}")
 
 
 if __name__ == "__main__":

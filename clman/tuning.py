@@ -230,27 +230,15 @@ def _epoch_report_callback():
     return EpochReport()
 
 
-def _job_parts(sweep: Sweep, cfg) -> tuple:
-    """(per-worker loop, its loop_config, Ray datasets, checkpoint score) — as jobs.finetune / jobs.pretrain."""
-    from clman.data import pipeline
-    from clman.data.manifest import read_manifest
-
+def _train_job(sweep: Sweep, cfg):
+    """The trial's ``runner.TrainJob``: the same loop, datasets and checkpoint score as the job itself."""
     if sweep.job == "finetune":
         from clman.train import finetune
 
-        datasets = {
-            "train": pipeline.finetune_dataset(sweep.manifest, "train", cfg.data, train=True, seed=cfg.seed),
-            "val": pipeline.finetune_dataset(sweep.manifest, "val", cfg.data, train=False, seed=cfg.seed),
-        }
-        loop_config = {"config": C.to_dict(cfg), "encoder": sweep.encoder, "has_val": True}
-        return finetune.train_loop_per_worker, loop_config, datasets, "val_auc"
+        return finetune.train_job(cfg, sweep.manifest, sweep.encoder, has_val=True)
     from clman.train import pretrain
 
-    rows = read_manifest(sweep.manifest, split=sweep.split)
-    steps_per_epoch = max(1, len(rows) * cfg.data.frames_per_clip // cfg.batch_size)
-    datasets = {"train": pipeline.pretrain_dataset(sweep.manifest, sweep.split, cfg.data, seed=cfg.seed)}
-    loop_config = {"config": C.to_dict(cfg), "steps_per_epoch": steps_per_epoch}
-    return pretrain.train_loop_per_worker, loop_config, datasets, None
+    return pretrain.train_job(cfg, sweep.manifest, sweep.split, len(pretrain.check_data(sweep.manifest, sweep.split)))
 
 
 def train_driver(config: dict, sweep: dict) -> None:
@@ -260,18 +248,14 @@ def train_driver(config: dict, sweep: dict) -> None:
     sweep's driver died continues from its own last checkpoint.
     """
     import ray.tune
-    from ray.train.torch import TorchTrainer
 
     from clman.train import runner
 
     s = Sweep.from_dict(sweep)
     cfg = s.trial_config(config)
-    loop, loop_config, datasets, score = _job_parts(s, cfg)
     trial_id = ray.tune.get_context().get_trial_id()
-    run_config = runner.run_config(storage.join(s.run_dir, TRAIN_DIR), trial_id, cfg.scale, score)
-    run_config = dataclasses.replace(run_config, callbacks=[_epoch_report_callback()])
-    trainer = TorchTrainer(loop, train_loop_config=loop_config, scaling_config=runner.scaling_config(cfg.scale),
-                           run_config=run_config, datasets=datasets)
+    trainer = runner.trainer(_train_job(s, cfg), cfg.scale, storage.join(s.run_dir, TRAIN_DIR), trial_id,
+                             callbacks=[_epoch_report_callback()])
     trainer.fit()  # raises when the run fails: Tune marks the trial ERROR with the cause
 
 
@@ -279,20 +263,15 @@ def train_driver(config: dict, sweep: dict) -> None:
 
 
 def _check_data(sweep: Sweep) -> None:
-    from clman.data.manifest import read_manifest
-
-    split = "train" if sweep.job == "finetune" else sweep.split
-    rows = read_manifest(sweep.manifest, split=split)
-    if len(rows) == 0:
-        raise JobError(f"{sweep.manifest}: split {split!r} is empty; nothing to train on")
+    """A clear error before any trial when the manifest cannot feed the sweep's job."""
     if sweep.job == "finetune":
-        if len(set(rows["label"].tolist())) < 2:
-            raise JobError(f"{sweep.manifest}: split 'train' holds one class only; finetuning needs both")
-        val = read_manifest(sweep.manifest, split="val")
-        if len(val) == 0:
-            raise JobError(f"{sweep.manifest}: no 'val' split; a finetune sweep ranks trials by val_auc")
-        if len(set(val["label"].tolist())) < 2:
-            raise JobError(f"{sweep.manifest}: split 'val' holds one class only, so val_auc is undefined")
+        from clman.train import finetune
+
+        finetune.check_data(sweep.manifest, require_val=True)
+    else:
+        from clman.train import pretrain
+
+        pretrain.check_data(sweep.manifest, sweep.split)
 
 
 def reap_orphaned_placement_groups() -> int:

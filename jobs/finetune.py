@@ -19,14 +19,10 @@ import time
 from clman import checkpoint as ckpt
 from clman import cli, report, storage
 from clman import config as C
-from clman.data import pipeline
-from clman.data.manifest import read_manifest
 from clman.models.build import ENCODER_FIELDS
 from clman.train import finetune, runner
-from clman.train.runner import JobError
 
 log = logging.getLogger("jobs.finetune")
-SCORE = "val_auc"
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -63,12 +59,7 @@ def check_encoder(uri: str, cfg: C.FinetuneConfig) -> None:
 def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: str | None = None,
         address: str | None = None) -> dict:
     """Finetune; returns {"model": URI, "metrics": metrics of the kept checkpoint}."""
-    train_rows = read_manifest(manifest, split="train")
-    if len(train_rows) == 0:
-        raise JobError(f"{manifest}: split 'train' is empty; nothing to finetune on")
-    if len(set(train_rows["label"].tolist())) < 2:
-        raise JobError(f"{manifest}: split 'train' holds one class only; finetuning needs benign and malignant")
-    val_rows = read_manifest(manifest, split="val")
+    train_rows, val_rows = finetune.check_data(manifest)
     if encoder:
         check_encoder(encoder, cfg)
     runner.init_ray(address)
@@ -79,16 +70,10 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
     log.info("finetune %s: %d train / %d val clips, T=%d, global batch %d, %d epochs, encoder %s",
              run_name, len(train_rows), len(val_rows), cfg.data.num_frames, cfg.batch_size, cfg.epochs,
              encoder or "from scratch")
-    datasets = {"train": pipeline.finetune_dataset(manifest, "train", cfg.data, train=True, seed=cfg.seed)}
-    if has_val:
-        datasets["val"] = pipeline.finetune_dataset(manifest, "val", cfg.data, train=False, seed=cfg.seed)
+    job = finetune.train_job(cfg, manifest, encoder, has_val)
     t0 = time.time()
-    result = runner.fit(
-        finetune.train_loop_per_worker,
-        {"config": C.to_dict(cfg), "encoder": encoder, "has_val": has_val},
-        cfg.scale, datasets, out, run_name, score=SCORE if has_val else None,
-    )
-    checkpoint, metrics = runner.pick_checkpoint(result, SCORE if has_val else None)
+    result = runner.fit(job, cfg.scale, out, run_name)
+    checkpoint, metrics = runner.pick_checkpoint(result, job.score)
     model_uri = storage.join(run_dir, "model.pt")
     runner.export_checkpoint(checkpoint, model_uri)
     summary = {"model": model_uri, "kept": "best val_auc" if has_val else "last", "metrics": metrics,

@@ -16,10 +16,7 @@ import time
 
 from clman import cli, report, storage
 from clman import config as C
-from clman.data import pipeline
-from clman.data.manifest import read_manifest
 from clman.train import pretrain, runner
-from clman.train.runner import JobError
 
 log = logging.getLogger("jobs.pretrain")
 
@@ -38,25 +35,17 @@ def parse(argv=None) -> argparse.Namespace:
 def run(cfg: C.PretrainConfig, manifest: str, out: str, run_name: str, split: str = "train",
         address: str | None = None) -> dict:
     """Pretrain; returns {"encoder": URI, "metrics": last epoch's metrics}."""
-    rows = read_manifest(manifest, split=split)
-    if len(rows) == 0:
-        raise JobError(f"{manifest}: split {split!r} is empty; nothing to pretrain on")
+    rows = pretrain.check_data(manifest, split)
     runner.init_ray(address)
     runner.check_resources(cfg.scale, extra_cpus=cfg.data.decode_actors * cfg.data.decode_cpus)
-    frames = len(rows) * cfg.data.frames_per_clip
-    steps_per_epoch = max(1, frames // cfg.batch_size)
     run_dir = storage.join(out, run_name)
     storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
+    job = pretrain.train_job(cfg, manifest, split, len(rows))
     log.info("pretrain %s: %d clips x %d frames, global batch %d, %d steps/epoch, %d epochs, %d worker(s)",
-             run_name, len(rows), cfg.data.frames_per_clip, cfg.batch_size, steps_per_epoch, cfg.epochs,
-             cfg.scale.num_workers)
-    datasets = {"train": pipeline.pretrain_dataset(manifest, split, cfg.data, seed=cfg.seed)}
+             run_name, len(rows), cfg.data.frames_per_clip, cfg.batch_size, job.loop_config["steps_per_epoch"],
+             cfg.epochs, cfg.scale.num_workers)
     t0 = time.time()
-    result = runner.fit(
-        pretrain.train_loop_per_worker,
-        {"config": C.to_dict(cfg), "steps_per_epoch": steps_per_epoch},
-        cfg.scale, datasets, out, run_name,
-    )
+    result = runner.fit(job, cfg.scale, out, run_name)
     checkpoint, metrics = runner.pick_checkpoint(result, None)
     encoder_uri = storage.join(run_dir, "encoder.pt")
     runner.export_checkpoint(checkpoint, encoder_uri)

@@ -63,12 +63,14 @@ def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path
     assert state["kind"] == "simclr" and state["epoch"] == 1
     assert set(ckpt.encoder_state_dict(state)) and pre["metrics"]["loss"] > 0
 
-    fin = finetune.run(C.load("finetune", None, TINY), dataset, runs, "fin", encoder=pre["encoder"])
+    # bf16 autocast (what GPUs run by default) on CPU, so CI covers that path too
+    fin_cfg = C.load("finetune", None, TINY + ["scale.precision=bf16"])
+    fin = finetune.run(fin_cfg, dataset, runs, "fin", encoder=pre["encoder"])
     assert fin["kept"] == "best val_auc"
     for key in ("val_accuracy", "val_ap", "val_sensitivity", "val_specificity", "val_f1", "val_auc", "val_loss"):
         assert key in fin["metrics"]
     saved = C.from_dict("finetune", __import__("yaml").safe_load(storage.read_text(f"{runs}/fin/config.yaml")))
-    assert saved == C.load("finetune", None, TINY)
+    assert saved == fin_cfg
     assert json.loads(storage.read_text(f"{runs}/fin/metrics.json"))["model"] == fin["model"]
 
     result = evaluate.run(fin["model"], dataset, "test", C.load("evaluate", None, TINY))

@@ -16,7 +16,6 @@ import uuid
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from clman import config as C
 from clman import storage, tuning

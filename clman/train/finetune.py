@@ -15,14 +15,55 @@ import ray.train.torch
 import torch
 import torch.nn.functional as F
 
+from clman import amp
 from clman import checkpoint as ckpt
 from clman import config as C
 from clman import distributed
 from clman.metrics import BinaryMetrics
 from clman.models.build import classifier_from
-from clman.train import worker
+from clman.train import runner, worker
+from clman.train.runner import JobError
 
 log = worker.worker_logger("clman.finetune")
+SCORE = "val_auc"  # what ranks checkpoints (and Tune trials) when there is a validation split
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def check_data(manifest: str, require_val: bool = False) -> tuple:
+    """The train and val rows of ``manifest``; a :class:`JobError` before any worker when they cannot be used.
+
+    ``require_val``: a validation split with both classes must exist (Tune ranks trials by val_auc).
+    """
+    from clman.data.manifest import read_manifest
+
+    train = read_manifest(manifest, split="train")
+    if len(train) == 0:
+        raise JobError(f"{manifest}: split 'train' is empty; nothing to finetune on")
+    if len(set(train["label"].tolist())) < 2:
+        raise JobError(f"{manifest}: split 'train' holds one class only; finetuning needs benign and malignant")
+    val = read_manifest(manifest, split="val")
+    if require_val:
+        if len(val) == 0:
+            raise JobError(f"{manifest}: no 'val' split; a finetune sweep ranks trials by val_auc")
+        if len(set(val["label"].tolist())) < 2:
+            raise JobError(f"{manifest}: split 'val' holds one class only, so val_auc is undefined")
+    return train, val
+
+
+def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val: bool) -> runner.TrainJob:
+    """The finetune run of ``cfg`` on ``manifest`` (Ray must be up: the datasets are built here)."""
+    from clman.data import pipeline
+
+    datasets = {"train": pipeline.finetune_dataset(manifest, "train", cfg.data, train=True, seed=cfg.seed)}
+    if has_val:
+        datasets["val"] = pipeline.finetune_dataset(manifest, "val", cfg.data, train=False, seed=cfg.seed)
+    return runner.TrainJob(train_loop_per_worker, {"config": C.to_dict(cfg), "encoder": encoder, "has_val": has_val},
+                           datasets, SCORE if has_val else None)
+
+
+# ---------------------------------------------------------------- worker side
 
 
 def load_encoder(model, encoder_uri: str) -> None:
@@ -48,13 +89,14 @@ def sgd(model, cfg: C.FinetuneConfig) -> torch.optim.SGD:
 
 
 @torch.no_grad()
-def validate(model, batches, device) -> dict:
+def validate(model, batches, device, precision: str = "fp32") -> dict:
     """Loss and the six metrics over this worker's shard, synced over all workers."""
     model.eval()
     metric = BinaryMetrics().to(device)
     loss_sum = torch.zeros(2, device=device)  # (sum of losses, count)
     for batch in batches:
-        logits = model(batch["clip"], batch["mask"])
+        with amp.autocast(precision, device):
+            logits = model(batch["clip"], batch["mask"]).float()
         labels = batch["label"].long()
         loss_sum += torch.stack([F.cross_entropy(logits, labels, reduction="sum"), torch.tensor(float(len(labels)), device=device)])
         metric.update(torch.softmax(logits, dim=1)[:, 1], labels)
@@ -83,7 +125,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.info("resumed from epoch %d (step %d)", state["epoch"], step)
     raw_model = model
     model = ray.train.torch.prepare_model(model)
+    if cfg.scale.compile:
+        model = torch.compile(model)  # after DDP, so its buckets split the graph; checkpoints unwrap both
     device = ray.train.torch.get_device()
+    precision = amp.resolve(cfg.scale.precision, device)
     per_worker = max(1, cfg.batch_size // world)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if has_val else None
@@ -93,7 +138,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.train()
         t0, clips, loss_sum, n_steps = time.perf_counter(), 0, 0.0, 0
         for batch in train_shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device):
-            logits = model(batch["clip"], batch["mask"])  # (B, 2)
+            with amp.autocast(precision, device):
+                logits = model(batch["clip"], batch["mask"]).float()  # (B, 2)
             loss = F.cross_entropy(logits, batch["label"].long())
             worker.check_finite(loss, epoch, step)
             optimizer.zero_grad(set_to_none=True)
@@ -114,7 +160,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
         if val_shard is not None:
             # The unwrapped module: no DDP collectives while shards hold unequal numbers of videos.
-            metrics |= validate(raw_model, val_shard.iter_torch_batches(batch_size=per_worker, device=device), device)
+            metrics |= validate(raw_model, val_shard.iter_torch_batches(batch_size=per_worker, device=device),
+                                device, precision)
         log.info(
             "finetune epoch %d/%d  loss %.4f  %s  %.1f clips/s",
             epoch + 1, cfg.epochs, metrics["train_loss"],

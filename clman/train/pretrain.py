@@ -14,14 +14,48 @@ import ray.train
 import ray.train.torch
 import torch
 
+from clman import amp
 from clman import config as C
 from clman import distributed
 from clman.losses import nt_xent
 from clman.models.build import simclr_from
 from clman.optim import LARS, lars_param_groups, warmup_cosine
-from clman.train import worker
+from clman.train import runner, worker
+from clman.train.runner import JobError
 
 log = worker.worker_logger("clman.pretrain")
+
+
+# ---------------------------------------------------------------- driver side
+
+
+def check_data(manifest: str, split: str):
+    """The rows of ``split``; a :class:`JobError` before any worker when it is empty."""
+    from clman.data.manifest import read_manifest
+
+    rows = read_manifest(manifest, split=split)
+    if len(rows) == 0:
+        raise JobError(f"{manifest}: split {split!r} is empty; nothing to pretrain on")
+    return rows
+
+
+def steps_per_epoch(cfg: C.PretrainConfig, clips: int) -> int:
+    """Optimizer steps in one epoch: ``frames_per_clip`` frames of each clip, in global batches."""
+    return max(1, clips * cfg.data.frames_per_clip // cfg.batch_size)
+
+
+def train_job(cfg: C.PretrainConfig, manifest: str, split: str, clips: int) -> runner.TrainJob:
+    """The pretrain run of ``cfg`` on ``clips`` clips of ``split`` (Ray must be up: the dataset is built here)."""
+    from clman.data import pipeline
+
+    return runner.TrainJob(
+        train_loop_per_worker,
+        {"config": C.to_dict(cfg), "steps_per_epoch": steps_per_epoch(cfg, clips)},
+        {"train": pipeline.pretrain_dataset(manifest, split, cfg.data, seed=cfg.seed)},
+    )
+
+
+# ---------------------------------------------------------------- worker side
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -45,7 +79,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state:
         log.info("resumed from epoch %d (step %d)", state["epoch"], step)
     model = ray.train.torch.prepare_model(model)  # device + DDP; the module itself stays plain
+    if cfg.scale.compile:
+        model = torch.compile(model)  # after DDP, so its buckets split the graph; checkpoints unwrap both
     device = ray.train.torch.get_device()
+    precision = amp.resolve(cfg.scale.precision, device)
 
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
@@ -62,7 +99,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 group["lr"] = lr
             n = batch["view1"].shape[0]
             # One forward over both views: (2n, C, H, W) -> (2n, proj_dim)
-            z = model(torch.cat([batch["view1"], batch["view2"]]))
+            with amp.autocast(precision, device):
+                z = model(torch.cat([batch["view1"], batch["view2"]])).float()
             loss = nt_xent(z[:n], z[n:], temperature=cfg.temperature)
             worker.check_finite(loss, epoch, step)
             optimizer.zero_grad(set_to_none=True)

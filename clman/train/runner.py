@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import ray
 import ray.data
@@ -22,7 +24,6 @@ from clman.config import ScaleConfig
 from clman.train.worker import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
-
 
 
 class JobError(RuntimeError):
@@ -39,9 +40,42 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    # Ray Data's per-operator progress bars flood job logs; the loops log epoch, loss and speed.
+        # No dashboard (it needs ray[default] and a CPU of its own); the hook below makes up for
+        # the one thing Ray Train uses it for. Ray Data's per-operator progress bars flood job logs
+        # (the loops log epoch, loss and speed): off in every worker process, Tune trials included.
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"worker_process_setup_hook": "clman.train.runner.setup_local_worker",
+                              "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _actor_alive(actor_id: str, timeout: float | None = None) -> bool:
+    """Whether the actor is not DEAD, asked of the GCS directly (no dashboard needed)."""
+    from ray._private.state import state
+
+    info = state.actor_table(actor_id)
+    return bool(info) and info.get("State") != "DEAD"
+
+
+def setup_local_worker() -> None:
+    """Runs in every worker process of a Ray that :func:`init_ray` started here.
+
+    Ray Train starts, for every run, a detached ``PlacementGroupCleaner`` that
+    polls whether the run's controller is alive through the State API, which
+    lives in the dashboard. Without one the poll fails every second (a
+    warning line each time, in the job's log) and the cleaner never ends: one
+    leaked process per run whose controller died (every trial ASHA stops),
+    and the stopped trial's placement group is never released. Answering the
+    poll from the GCS makes the cleaner work as on a cluster with a dashboard.
+    Any failure here only keeps Ray's own behaviour: the hook must never stop
+    a worker from starting.
+    """
+    try:
+        from ray.train.v2._internal.execution.controller import placement_group_cleaner
+
+        placement_group_cleaner.is_actor_alive = _actor_alive
+    except Exception as e:  # a Ray upgrade moved it: the warnings come back, nothing breaks
+        log.debug("PlacementGroupCleaner not patched: %s: %s", type(e).__name__, e)
 
 
 def check_resources(scale: ScaleConfig, extra_cpus: float = 0.0) -> None:
@@ -71,7 +105,18 @@ def scaling_config(scale: ScaleConfig) -> ScalingConfig:
     )
 
 
-def run_config(out: str, run_name: str, scale: ScaleConfig, score: str | None) -> RunConfig:
+@dataclass(frozen=True)
+class TrainJob:
+    """What a TorchTrainer needs for one job (``finetune.train_job``, ``pretrain.train_job``)."""
+
+    loop: Callable[[dict], None]  # the function every worker runs
+    loop_config: dict[str, Any]
+    datasets: dict  # Ray datasets by name ("train", "val"); Train V2 splits them over the workers
+    score: str | None = None  # the metric that ranks checkpoints (None: keep the latest)
+
+
+def run_config(out: str, run_name: str, scale: ScaleConfig, score: str | None,
+               callbacks: Sequence[Any] = ()) -> RunConfig:
     """Checkpoints under ``<out>/<run_name>/`` on local disk or S3 (same name = resume)."""
     fs, path = storage.arrow_fs(out)
     return RunConfig(
@@ -86,27 +131,25 @@ def run_config(out: str, run_name: str, scale: ScaleConfig, score: str | None) -
         )
         if score
         else CheckpointConfig(num_to_keep=2),
+        callbacks=list(callbacks) or None,
     )
 
 
-def fit(
-    loop: Callable[[dict], None],
-    loop_config: dict[str, Any],
-    scale: ScaleConfig,
-    datasets: dict,
-    out: str,
-    run_name: str,
-    score: str | None = None,
-):
-    """Run ``loop`` on ``scale.num_workers`` Ray Train workers; return the Ray ``Result``."""
-    trainer = TorchTrainer(
-        loop,
-        train_loop_config=loop_config,
+def trainer(job: TrainJob, scale: ScaleConfig, out: str, run_name: str,
+            callbacks: Sequence[Any] = ()) -> TorchTrainer:
+    """The TorchTrainer of ``job`` on ``scale``'s workers, its run under ``<out>/<run_name>/``."""
+    return TorchTrainer(
+        job.loop,
+        train_loop_config=job.loop_config,
         scaling_config=scaling_config(scale),
-        run_config=run_config(out, run_name, scale, score),
-        datasets=datasets,
+        run_config=run_config(out, run_name, scale, job.score, callbacks),
+        datasets=job.datasets,
     )
-    result = trainer.fit()
+
+
+def fit(job: TrainJob, scale: ScaleConfig, out: str, run_name: str):
+    """Run ``job`` to the end; return the Ray ``Result`` (one-line :class:`JobError` when it failed)."""
+    result = trainer(job, scale, out, run_name).fit()
     if result.error is not None:
         raise JobError(f"run {run_name!r} failed: {result.error}")
     return result
