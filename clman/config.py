@@ -65,8 +65,8 @@ class DataConfig:
     frames_per_clip: int = 4  # M, frames drawn per clip for SimCLR
     crop_scale_min: float = 0.5  # RandomResizedCrop lower scale
     elastic_p: float = 0.2  # probability of the elastic transform
-    decode_actors: int = 1  # Ray Data actors decoding clips
-    decode_cpus: float = 0.5  # CPUs per decode actor (fractional leaves room for Train workers)
+    decode_tasks: int = 1  # Ray Data tasks decoding clips at once
+    decode_cpus: float = 0.5  # CPUs per decode task (fractional leaves room for Train workers)
 
     def check(self, where: str) -> None:
         _at_least(where, "size", self.size, 8)
@@ -74,7 +74,7 @@ class DataConfig:
         _at_least(where, "frames_per_clip", self.frames_per_clip, 1)
         _in_range(where, "crop_scale_min", self.crop_scale_min, 0.05, 1.0)
         _in_range(where, "elastic_p", self.elastic_p, 0.0, 1.0)
-        _at_least(where, "decode_actors", self.decode_actors, 1)
+        _at_least(where, "decode_tasks", self.decode_tasks, 1)
         _positive(where, "decode_cpus", self.decode_cpus)
 
 
@@ -85,7 +85,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 class ScaleConfig:
     num_workers: int = 1
     gpus_per_worker: float = 0.0  # 0 = CPU workers with gloo
-    cpus_per_worker: float = 0.5  # fractional on small machines so decode actors can run
+    cpus_per_worker: float = 0.5  # fractional on small machines so decode tasks can run
     max_failures: int = 2  # worker failures to recover from (from the last checkpoint)
     precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPUs; or bf16 | fp32 (clman/amp.py)
     compile: bool = False  # torch.compile the training model: ~2x faster steps on GPUs, ~1 min to compile

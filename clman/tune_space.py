@@ -23,7 +23,7 @@ building the job's config with each candidate value (both bounds of a range)
 on top of the sweep's base config, so the config's own type and range checks
 apply: a ``choice`` of strings for an int field, a negative learning rate or a
 depth of 0 fail here with one line naming the file and the key. ``scale.*``
-and the decode resources (``data.decode_actors``, ``data.decode_cpus``) set
+and the decode resources (``data.decode_tasks``, ``data.decode_cpus``) set
 the resources of every trial and cannot be tuned; fix them with ``--set``.
 """
 
@@ -43,7 +43,7 @@ KINDS = ("loguniform", "uniform", "randint", "choice", "grid")
 RANGE_KINDS = ("loguniform", "uniform", "randint")
 # Fields that size each trial's resources: tuning them would break the concurrency plan.
 FIXED_SECTIONS = ("scale",)
-FIXED_FIELDS = ("data.decode_actors", "data.decode_cpus")
+FIXED_FIELDS = ("data.decode_tasks", "data.decode_cpus")
 
 
 class SpaceError(C.ConfigError):

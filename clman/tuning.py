@@ -20,7 +20,7 @@ preset with the best trial's values), ``summary.md`` and ``auc_vs_lr.png``
 (``loss_vs_lr.png`` for pretrain).
 
 Concurrency: a trial needs ``num_workers x cpus_per_worker`` CPUs (and GPUs)
-for its workers, ``decode_actors x decode_cpus`` for its Ray Data decoders and
+for its workers, ``decode_tasks x decode_cpus`` for its Ray Data decoders and
 a sliver for its driver; ``max_concurrent_trials`` is what the cluster holds of
 that at once, so no trial sits holding a driver while its workers wait. When
 ASHA stops a trial, Tune kills its driver and the Train run dies with it;
@@ -199,7 +199,7 @@ def load_sweep(out: str, run_name: str) -> Sweep:
 def max_concurrent_trials(resources: Mapping[str, float], cfg) -> int:
     """How many trials of ``cfg`` the cluster ``resources`` (ray.cluster_resources()) holds at once."""
     scale, data = cfg.scale, cfg.data
-    per_trial = scale.num_workers * scale.cpus_per_worker + data.decode_actors * data.decode_cpus + DRIVER_CPUS
+    per_trial = scale.num_workers * scale.cpus_per_worker + data.decode_tasks * data.decode_cpus + DRIVER_CPUS
     n = math.floor(resources.get("CPU", 0.0) / per_trial + 1e-9)
     if scale.gpus_per_worker > 0:
         n = min(n, math.floor(resources.get("GPU", 0.0) / (scale.num_workers * scale.gpus_per_worker) + 1e-9))
@@ -459,7 +459,7 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
     runner.init_ray(address)
     import ray
 
-    runner.check_resources(cfg.scale, extra_cpus=cfg.data.decode_actors * cfg.data.decode_cpus + DRIVER_CPUS)
+    runner.check_resources(cfg.scale, extra_cpus=cfg.data.decode_tasks * cfg.data.decode_cpus + DRIVER_CPUS)
     concurrent = max_concurrent_trials(ray.cluster_resources(), cfg)
     if not resume:
         storage.write_text(sweep_uri, json.dumps(sweep.to_dict(), indent=2) + "\n")

@@ -7,6 +7,7 @@ recovered from the last checkpoint, and a restarted driver continues its run.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -199,9 +200,10 @@ def test_killed_worker_resumes_from_checkpoint(dataset, bucket, local_ray):
     thread = threading.Thread(target=fit)
     thread.start()
     deadline = time.time() + 240
-    while not _checkpoints(f"{runs}/killed") and time.time() < deadline:
+    # Registered, not only written: a worker killed in between restarts from scratch.
+    while not _registered_checkpoint(f"{runs}/killed") and time.time() < deadline:
         time.sleep(0.5)
-    assert _checkpoints(f"{runs}/killed"), "no checkpoint appeared"
+    assert _registered_checkpoint(f"{runs}/killed"), "no checkpoint was registered"
     victims = _train_worker_pids()
     assert victims, "no live Ray Train worker to kill"
     os.kill(victims[-1], signal.SIGKILL)
@@ -213,11 +215,14 @@ def test_killed_worker_resumes_from_checkpoint(dataset, bucket, local_ray):
 
     baseline = finetune.run(cfg, dataset, runs, "uninterrupted")
     final = json.loads(storage.read_text(f"{runs}/killed/metrics.json"))
-    # Same seed, same data: the recovered run ends near the uninterrupted one (augmentation
-    # draws differ after the restart, so not bit for bit).
-    assert final["last_metrics"]["epoch"] == baseline["last_metrics"]["epoch"] == 3
-    assert abs(final["last_metrics"]["val_loss"] - baseline["last_metrics"]["val_loss"]) < 0.5
-    assert abs(final["last_metrics"]["val_auc"] - baseline["last_metrics"]["val_auc"]) <= 0.5
+    last, base = final["last_metrics"], baseline["last_metrics"]
+    # The new worker group continued from a checkpoint (not from scratch) with its step counter,
+    # and ran the same epochs and optimizer steps as the uninterrupted run. (Validation metrics are
+    # only checked to be there: on 6 validation videos they move by more than any fair bound
+    # between two runs whose augmentation draws differ.)
+    assert last["start_epoch"] >= 1 and base["start_epoch"] == 0, (last, base)
+    assert last["epoch"] == base["epoch"] == 3 and last["step"] == base["step"], (last, base)
+    assert all(math.isfinite(last[k]) for k in ("val_loss", "val_auc", "train_loss")), last
 
 
 def test_restarted_driver_continues_the_run(dataset, bucket):

@@ -1,4 +1,4 @@
-"""The Ray Data pipeline: clips from the real local S3, decoded in an actor pool, local Ray."""
+"""The Ray Data pipeline: clips from the real local S3, decoded by Ray Data tasks, local Ray."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def data_set(s3, ray_local):
     return f"{root}/manifest.parquet"
 
 
-CFG = DataConfig(size=SIZE, num_frames=T, frames_per_clip=M_FRAMES, decode_actors=2, decode_cpus=0.5)
+CFG = DataConfig(size=SIZE, num_frames=T, frames_per_clip=M_FRAMES, decode_tasks=2, decode_cpus=0.5)
 
 
 def test_finetune_batches_have_the_right_shapes_and_skip_bad_clips(data_set):

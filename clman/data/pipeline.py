@@ -1,6 +1,6 @@
 """Ray Data datasets that stream clips from S3 into Ray Train workers.
 
-    manifest rows ──from_items──▶ (shuffle) ──map_batches(DecodeClips, actor pool)──▶ tensors
+    manifest rows ──from_items──▶ (shuffle) ──map_batches(decode_batch, tasks)──▶ tensors
                                                read_bytes(uri) → sample indices → decord → augment
 
 Ray Train workers read a shard with
@@ -20,10 +20,10 @@ Columns of the batches:
 between rows: iterate with ``batch_size=1``, or pass ``collate_fn=PadClips()``
 to pad a batch to its longest video (the mask marks the padding).
 
-Resources: each decode actor takes ``decode_cpus`` CPUs (0.5 by default). On a
-small machine give Ray Train workers fractional CPUs too (``resources_per_worker
-={"CPU": 0.5}``): with whole-CPU workers on 2 cores the actors get nothing and
-the run hangs waiting for data.
+Resources: up to ``decode_tasks`` decode tasks run at once, each taking
+``decode_cpus`` CPUs (0.5 by default). On a small machine give Ray Train workers
+fractional CPUs too (``resources_per_worker={"CPU": 0.5}``): with whole-CPU
+workers on 2 cores the decoders get nothing and the run hangs waiting for data.
 
 A clip that cannot be read or decoded is logged (``logger.warning`` naming its
 URI) and dropped from its batch; the epoch goes on without it.
@@ -53,7 +53,7 @@ DEFAULT_MAX_FRAMES = 512  # whole-video evaluation reads at most this many frame
 
 
 class DecodeClips:
-    """Ray Data actor: a batch of manifest rows -> decoded, augmented tensors.
+    """A batch of manifest rows -> decoded, augmented tensors (run by :func:`decode_batch` tasks).
 
     mode: "train" (T frames, random per segment, augmented), "eval" (T segment
     centres, resize only), "all" (every frame up to ``max_frames``, resize only)
@@ -65,11 +65,11 @@ class DecodeClips:
                  max_frames: int = DEFAULT_MAX_FRAMES):
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}; valid: {list(MODES)}")
-        # Parallelism comes from the actor pool; more threads per actor only contend.
+        # Parallelism comes from concurrent decode tasks; more threads per process only contend.
         torch.set_num_threads(1)
         self.mode, self.size = mode, size
         self.num_frames, self.frames_per_clip, self.max_frames = num_frames, frames_per_clip, max_frames
-        # Training draws differ per actor and per epoch (actors are new each epoch);
+        # Training draws differ per process and go on across epochs (the decoder is kept);
         # ``seed`` keeps runs apart, evaluation is deterministic anyway.
         self.rng = np.random.default_rng([seed, os.getpid(), time.time_ns() % 2**32])
         torch.manual_seed(int(self.rng.integers(2**31)))
@@ -137,6 +137,25 @@ class DecodeClips:
         return batch
 
 
+_DECODERS: dict[tuple, DecodeClips] = {}
+
+
+def decode_batch(batch: dict[str, np.ndarray], **settings) -> dict[str, np.ndarray]:
+    """Ray Data task: ``DecodeClips(**settings)(batch)``, one decoder per worker process and settings.
+
+    Tasks, not an actor pool: Ray Data starts a new actor pool for every
+    execution, i.e. every epoch of every dataset, and on small runs those
+    start-ups were the larger part of an epoch. Task workers stay up between
+    epochs, and so does the decoder kept here (its random state goes on, so
+    every epoch draws new frames and augmentations).
+    """
+    key = tuple(sorted(settings.items()))
+    decoder = _DECODERS.get(key)
+    if decoder is None:
+        decoder = _DECODERS[key] = DecodeClips(**settings)
+    return decoder(batch)
+
+
 try:
     from ray.data.collate_fn import NumpyBatchCollateFn as _NumpyCollate
 except ImportError:  # pragma: no cover - Ray < 2.47
@@ -195,17 +214,17 @@ def _dataset(manifest: str | pd.DataFrame, split, data, mode: str, seed: int, sh
     else:
         # One row per block and a block-order shuffle: a full row shuffle with no
         # tasks. random_shuffle() would need whole-CPU shuffle tasks, which never
-        # schedule while fractional Train workers and decode actors hold the CPUs.
+        # schedule while fractional Train workers and decode tasks hold the CPUs.
         # Reseeded per execution: a new order every epoch, the same sequence per seed.
         ds = ray.data.from_items(items, override_num_blocks=len(items)).randomize_block_order(
             seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
     return ds.map_batches(
-        DecodeClips,
-        fn_constructor_kwargs=dict(
+        decode_batch,
+        fn_kwargs=dict(
             mode=mode, size=data.size, num_frames=data.num_frames,
             frames_per_clip=data.frames_per_clip, crop_scale_min=data.crop_scale_min,
             elastic_p=data.elastic_p, seed=seed, max_frames=max_frames),
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=max(1, data.decode_actors)),
+        compute=ray.data.TaskPoolStrategy(size=max(1, data.decode_tasks)),
         num_cpus=data.decode_cpus,
         batch_size=batch_size,
     )
@@ -217,7 +236,7 @@ def finetune_dataset(manifest: str | pd.DataFrame, split: str | Sequence[str] | 
     (rows shuffled every epoch), segment centres + resize otherwise.
 
     ``data``: a DataConfig (size, num_frames, frames_per_clip, crop_scale_min,
-    elastic_p, decode_actors, decode_cpus). ``repeats``: clips per video per epoch.
+    elastic_p, decode_tasks, decode_cpus). ``repeats``: clips per video per epoch.
     """
     return _dataset(manifest, split, data, "train" if train else "eval", seed, shuffle=train,
                     repeats=repeats, batch_size=decode_batch_size)
