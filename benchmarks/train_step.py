@@ -78,14 +78,12 @@ def _time(step, warmup: int, iters: int, device: str) -> tuple[float, float]:
     return (time.perf_counter() - t0) / iters, peak
 
 
-COMPILE = False  # --compile: torch.compile every model timed (the first warm-up steps compile)
-
-
-def _prep(model, device, channels_last: bool | None = None):
+def _prep(model, device, channels_last: bool | None = None, compile: bool = False):
+    """On ``device``; channels_last (default: on GPUs); compiled (the first warm-up steps compile)."""
     model = model.to(device)
     if channels_last if channels_last is not None else device == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if COMPILE else model
+    return torch.compile(model) if compile else model
 
 
 def finetune_step(model, clips, labels, device, precision):
@@ -136,8 +134,6 @@ def main(argv=None) -> None:
                         "to find what costs time")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (CLMAN and baseline)")
     args = p.parse_args(argv)
-    global COMPILE
-    COMPILE = args.compile
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
     torch.manual_seed(0)
@@ -157,10 +153,10 @@ def main(argv=None) -> None:
     n_clips, n_images = args.batch, images.shape[0]
 
     def ft(make, precision):
-        return _time(finetune_step(_prep(make(), dev), clips, labels, dev, precision), args.warmup, args.iters, dev)
+        return _time(finetune_step(_prep(make(), dev, compile=args.compile), clips, labels, dev, precision), args.warmup, args.iters, dev)
 
     def pt(make, precision):
-        return _time(pretrain_step(_prep(make(), dev), images, dev, precision), args.warmup, args.iters, dev)
+        return _time(pretrain_step(_prep(make(), dev, compile=args.compile), images, dev, precision), args.warmup, args.iters, dev)
 
     ft_ours, ft_base = ft(lambda: classifier_from(mcfg), prec), ft(PlainVideo, prec)
     pt_ours, pt_base = pt(lambda: simclr_from(mcfg), prec), pt(PlainSimCLR, prec)
@@ -179,7 +175,7 @@ def main(argv=None) -> None:
             for stages in ((), (3, 4)):
                 for cl in (False, True):
                     cfg = dataclasses.replace(mcfg, norm=norm, nonlocal_stages=stages)
-                    t, mem = _time(finetune_step(_prep(classifier_from(cfg), dev, cl), clips, labels, dev, prec),
+                    t, mem = _time(finetune_step(_prep(classifier_from(cfg), dev, cl, args.compile), clips, labels, dev, prec),
                                    args.warmup, args.iters, dev)
                     rows.append((f"  {norm[0].upper()}N{'+NL' if stages else ''}{' cl' if cl else ''}", n_clips,
                                  (t, mem), ft_base, "resnet18"))

@@ -198,8 +198,10 @@ def load_sweep(out: str, run_name: str) -> Sweep:
 
 def max_concurrent_trials(resources: Mapping[str, float], cfg) -> int:
     """How many trials of ``cfg`` the cluster ``resources`` (ray.cluster_resources()) holds at once."""
-    scale, data = cfg.scale, cfg.data
-    per_trial = scale.num_workers * scale.cpus_per_worker + data.decode_tasks * data.decode_cpus + DRIVER_CPUS
+    from clman.train import runner
+
+    scale = cfg.scale
+    per_trial = scale.num_workers * scale.cpus_per_worker + runner.decode_cpus(cfg.data) + DRIVER_CPUS
     n = math.floor(resources.get("CPU", 0.0) / per_trial + 1e-9)
     if scale.gpus_per_worker > 0:
         n = min(n, math.floor(resources.get("GPU", 0.0) / (scale.num_workers * scale.gpus_per_worker) + 1e-9))
@@ -459,7 +461,7 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
     runner.init_ray(address)
     import ray
 
-    runner.check_resources(cfg.scale, extra_cpus=cfg.data.decode_tasks * cfg.data.decode_cpus + DRIVER_CPUS)
+    runner.check_resources(cfg.scale, cfg.data, extra_cpus=DRIVER_CPUS)
     concurrent = max_concurrent_trials(ray.cluster_resources(), cfg)
     if not resume:
         storage.write_text(sweep_uri, json.dumps(sweep.to_dict(), indent=2) + "\n")

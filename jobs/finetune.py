@@ -63,7 +63,7 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
     if encoder:
         check_encoder(encoder, cfg)
     runner.init_ray(address)
-    runner.check_resources(cfg.scale, extra_cpus=cfg.data.decode_tasks * cfg.data.decode_cpus)
+    runner.check_resources(cfg.scale, cfg.data)
     run_dir = storage.join(out, run_name)
     storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
     has_val = len(val_rows) > 0

@@ -37,7 +37,7 @@ def run(cfg: C.PretrainConfig, manifest: str, out: str, run_name: str, split: st
     """Pretrain; returns {"encoder": URI, "metrics": last epoch's metrics}."""
     rows = pretrain.check_data(manifest, split)
     runner.init_ray(address)
-    runner.check_resources(cfg.scale, extra_cpus=cfg.data.decode_tasks * cfg.data.decode_cpus)
+    runner.check_resources(cfg.scale, cfg.data)
     run_dir = storage.join(out, run_name)
     storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
     job = pretrain.train_job(cfg, manifest, split, len(rows))

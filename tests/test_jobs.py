@@ -146,7 +146,7 @@ def test_missing_classifier_checkpoint(dataset, bucket):
 
 def test_gpu_asked_where_none(local_ray):
     with pytest.raises(runner.JobError, match="GPU asked for, but the Ray cluster has 0 GPU"):
-        runner.check_resources(C.ScaleConfig(num_workers=1, gpus_per_worker=1.0))
+        runner.check_resources(C.ScaleConfig(num_workers=1, gpus_per_worker=1.0), C.DataConfig())
 
 
 def test_unknown_config_key_is_one_line_before_work(dataset, bucket):

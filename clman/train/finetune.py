@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import ray.train
-import ray.train.torch
 import torch
 import torch.nn.functional as F
 
@@ -124,11 +123,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state:
         log.info("resumed from epoch %d (step %d)", state["epoch"], step)
     raw_model = model
-    model = ray.train.torch.prepare_model(model)
-    if cfg.scale.compile:
-        model = torch.compile(model)  # after DDP, so its buckets split the graph; checkpoints unwrap both
-    device = ray.train.torch.get_device()
-    precision = amp.resolve(cfg.scale.precision, device)
+    model, device, precision = worker.prepare(model, cfg.scale)
     per_worker = max(1, cfg.batch_size // world)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if has_val else None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import ray.train
-import ray.train.torch
 import torch
 
 from clman import amp
@@ -78,11 +77,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step = state["step"] if state else 0
     if state:
         log.info("resumed from epoch %d (step %d)", state["epoch"], step)
-    model = ray.train.torch.prepare_model(model)  # device + DDP; the module itself stays plain
-    if cfg.scale.compile:
-        model = torch.compile(model)  # after DDP, so its buckets split the graph; checkpoints unwrap both
-    device = ray.train.torch.get_device()
-    precision = amp.resolve(cfg.scale.precision, device)
+    model, device, precision = worker.prepare(model, cfg.scale)  # the module itself stays plain
 
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = cfg.warmup_epochs * steps_per_epoch

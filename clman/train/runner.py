@@ -20,7 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clman import storage
-from clman.config import ScaleConfig
+from clman.config import DataConfig, ScaleConfig
 from clman.train.worker import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
@@ -78,8 +78,14 @@ def setup_local_worker() -> None:
         log.debug("PlacementGroupCleaner not patched: %s: %s", type(e).__name__, e)
 
 
-def check_resources(scale: ScaleConfig, extra_cpus: float = 0.0) -> None:
-    """Fail before any worker starts when the cluster cannot hold the workers."""
+def decode_cpus(data: DataConfig) -> float:
+    """CPUs the Ray Data decode tasks of one run hold at most."""
+    return data.decode_tasks * data.decode_cpus
+
+
+def check_resources(scale: ScaleConfig, data: DataConfig, extra_cpus: float = 0.0) -> None:
+    """Fail before any worker starts when the cluster cannot hold the workers and their decoders."""
+    extra_cpus += decode_cpus(data)
     total = ray.cluster_resources()
     gpus_needed = scale.gpus_per_worker * scale.num_workers
     if gpus_needed > total.get("GPU", 0.0):

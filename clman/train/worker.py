@@ -12,6 +12,7 @@ import numpy as np
 import ray.train
 import torch
 
+from clman import amp
 from clman import checkpoint as ckpt
 from clman import distributed
 
@@ -69,6 +70,19 @@ def report(metrics: dict, model, optimizer, *, kind: str, config: dict, step: in
             shutil.rmtree(d, ignore_errors=True)
     else:
         ray.train.report(metrics)
+
+
+def prepare(model: torch.nn.Module, scale) -> tuple[torch.nn.Module, torch.device, str]:
+    """(the model to train, its device, the precision to run at): device + DDP through Ray Train,
+    then ``torch.compile`` when ``scale.compile`` (after DDP, so its buckets split the graph;
+    checkpoints unwrap both)."""
+    import ray.train.torch
+
+    model = ray.train.torch.prepare_model(model)
+    if scale.compile:
+        model = torch.compile(model)
+    device = ray.train.torch.get_device()
+    return model, device, amp.resolve(scale.precision, device)
 
 
 def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
