@@ -19,6 +19,7 @@ The defaults are the paper's recipe (Sections 3 and 4.3).
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -33,10 +34,17 @@ class ConfigError(ValueError):
 NORMS = ("batch", "group")
 AGGREGATORS = ("mma", "mean", "max", "lstm", "self_attention", "external_attention", "emsa")
 EVAL_FRAMES = ("all", "clip")
+# model.arch: CLMAN, or a comparison method of the paper's Table 4 (+ s3d, swin3d_t, mvit_v2_s); README "Baselines"
+ARCHS = (
+    "clman", "r3d_18", "mc3_18", "r2plus1d_18", "p3d", "timesformer", "tin_18", "tin_34", "tin_50",
+    "tsm_18", "tsm_50", "s3d", "swin3d_t", "mvit_v2_s",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    arch: str = "clman"  # or a Table 4 baseline (ARCHS); baselines ignore the CLMAN fields norm .. proj_layers
+    weights: str | None = None  # local path or s3:// URI of a state dict / clman checkpoint of this arch; never downloaded
     norm: str = "group"  # the paper's GN; "batch" for the vanilla ResNet-18 row
     nonlocal_stages: tuple[int, ...] = (3, 4)  # the paper's NL; () = vanilla
     width: float = 1.0  # channel multiplier; 0.125-0.25 for CPU demos and tests
@@ -45,8 +53,23 @@ class ModelConfig:
     mma_depth: int = 1  # L cascaded Linear+Tanh layers in multi-meta attention
     proj_dim: int = 128  # SimCLR projection output
     proj_layers: int = 2
+    # TimeSformer only: ViT-B/16 by default; embeddings learned for tf_size px frames and tf_frames frames
+    tf_dim: int = 768
+    tf_depth: int = 12
+    tf_heads: int = 12  # must divide tf_dim
+    tf_patch: int = 16
+    tf_size: int = 224  # other frame sizes resample the position embedding (keep it = data.size)
+    tf_frames: int = 16  # other clip lengths resample the time embedding (keep it = data.num_frames)
 
     def check(self, where: str) -> None:
+        _one_of(where, "arch", self.arch, ARCHS)
+        if self.weights is not None:
+            scheme = self.weights.split("://", 1)[0] if "://" in self.weights else None
+            if not self.weights.strip() or scheme not in (None, "s3", "file"):
+                raise ConfigError(
+                    f"{where}.weights: must be a local path or s3:// URI (clman never downloads weights), "
+                    f"got {self.weights!r}"
+                )
         _one_of(where, "norm", self.norm, NORMS)
         _one_of(where, "aggregator", self.aggregator, AGGREGATORS)
         for s in self.nonlocal_stages:
@@ -56,26 +79,59 @@ class ModelConfig:
         _at_least(where, "mma_depth", self.mma_depth, 1)
         _at_least(where, "proj_dim", self.proj_dim, 1)
         _at_least(where, "proj_layers", self.proj_layers, 1)
+        for key in ("tf_dim", "tf_depth", "tf_heads", "tf_patch", "tf_frames"):
+            _at_least(where, key, getattr(self, key), 1)
+        _at_least(where, "tf_size", self.tf_size, self.tf_patch)
+        if self.tf_dim % self.tf_heads:
+            raise ConfigError(f"{where}.tf_heads: must divide tf_dim = {self.tf_dim}, got {self.tf_heads}")
+
+
+CACHE_MODES = ("auto", "memory", "off")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    size: int = 224  # frames are resized / cropped to size x size
+    """What the CPU decodes and how the worker's device augments it (clman/data/augment.py).
+
+    Decode tasks return uint8 frames at ``store_size`` (one channel for grayscale B-mode);
+    everything per-pixel after decoding runs on the training worker's device, in batch.
+    """
+
+    size: int = 224  # frames are cropped / resized to size x size on the device
+    store_size: int = 0  # decoded frames are stored at this size; 0 = auto: size * 8 / 7 (256 for 224)
     num_frames: int = 16  # T, frames per finetuning clip (paper: 16)
     frames_per_clip: int = 4  # M, frames drawn per clip for SimCLR
-    crop_scale_min: float = 0.5  # RandomResizedCrop lower scale
-    elastic_p: float = 0.2  # probability of the elastic transform
-    decode_tasks: int = 1  # Ray Data tasks decoding clips at once
+    crop_scale_min: float = 0.5  # finetune random resized crop: area share in [crop_scale_min, 1]
+    simclr_scale_min: float = 0.2  # SimCLR random resized crop: area share in [simclr_scale_min, 1]
+    elastic_p: float = 0.2  # probability of the elastic deformation (finetune; SimCLR uses simclr_elastic_p)
+    simclr_elastic_p: float = 0.5
+    cache: str = "auto"  # decode every video once and keep the frames in the object store: auto | memory | off
+    cache_fraction: float = 0.5  # auto caches when the decoded data set fits this share of the object store
+    decode_tasks: int | str = "auto"  # decode tasks in flight; auto = as many as the CPUs the workers leave free
     decode_cpus: float = 0.5  # CPUs per decode task (fractional leaves room for Train workers)
 
     def check(self, where: str) -> None:
         _at_least(where, "size", self.size, 8)
+        if self.store_size:
+            _at_least(where, "store_size", self.store_size, self.size)
         _at_least(where, "num_frames", self.num_frames, 1)
         _at_least(where, "frames_per_clip", self.frames_per_clip, 1)
         _in_range(where, "crop_scale_min", self.crop_scale_min, 0.05, 1.0)
+        _in_range(where, "simclr_scale_min", self.simclr_scale_min, 0.05, 1.0)
         _in_range(where, "elastic_p", self.elastic_p, 0.0, 1.0)
-        _at_least(where, "decode_tasks", self.decode_tasks, 1)
+        _in_range(where, "simclr_elastic_p", self.simclr_elastic_p, 0.0, 1.0)
+        _one_of(where, "cache", self.cache, CACHE_MODES)
+        _in_range(where, "cache_fraction", self.cache_fraction, 0.01, 0.95)
+        if isinstance(self.decode_tasks, str):
+            _one_of(where, "decode_tasks", self.decode_tasks, ("auto",))
+        else:
+            _at_least(where, "decode_tasks", self.decode_tasks, 1)
         _positive(where, "decode_cpus", self.decode_cpus)
+
+    @property
+    def stored_size(self) -> int:
+        """The side of the decoded frames: a margin above ``size`` for the random crop."""
+        return self.store_size or -(-self.size * 8 // 7)
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -205,12 +261,19 @@ def _coerce(where: str, key: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp``; int -> float is the only widening."""
     origin = typing.get_origin(tp)
     name = f"{where}.{key}"
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(where, key, value, inner[0])
+        errors = []
+        for tp_ in inner:  # the first member that takes the value (int | str: 4 or "auto")
+            try:
+                return _coerce(where, key, value, tp_)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{name}: expected one of {[t.__name__ for t in inner]}, got {value!r}")
     if origin is tuple:
         (item, _ell) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):

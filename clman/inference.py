@@ -13,6 +13,7 @@ import torch
 
 from clman import checkpoint as ckpt
 from clman import config as C
+from clman.data.augment import resize_clips
 from clman.models.build import classifier_from
 
 
@@ -39,6 +40,15 @@ def load_classifier(uri: str, device: torch.device | str = "cpu"):
     model = classifier_from(cfg.model)
     ckpt.load_model_state(model, state["model"], what=f"classifier checkpoint {uri}")
     return model.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def score_frames(model, frames: torch.Tensor, frame_idx: np.ndarray, size: int,
+                 device: torch.device | str = "cpu") -> Prediction:
+    """One video: uint8 frames (T, C, S, S) as decoded (``clman.data.frames``) -> its Prediction."""
+    clip = resize_clips(frames.to(device)[None], size)  # (1, T, 3, size, size)
+    mask = torch.ones(clip.shape[:2], dtype=torch.bool, device=device)
+    return predict_clips(model, clip, mask, torch.as_tensor(frame_idx)[None])[0]
 
 
 @torch.no_grad()

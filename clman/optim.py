@@ -59,37 +59,43 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One update of every parameter, as ``torch._foreach`` ops over each group: a handful of
+        kernels per group instead of ~10 per parameter (GPU steps at these sizes are bound by
+        the host's kernel launches), and no host-device sync."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("LARS does not support sparse gradients")
+            grads = [p.grad for p in params]
             lr, momentum = group["lr"], group["momentum"]
             wd, eta, eps = group["weight_decay"], group["trust_coefficient"], group["eps"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("LARS does not support sparse gradients")
-                grad = p.grad
-                if group["lars_exclude"]:
-                    update = grad * lr
-                else:
-                    w_norm = torch.linalg.vector_norm(p)
-                    g_norm = torch.linalg.vector_norm(grad)
-                    # torch.where keeps this on the device: no CPU-GPU sync per parameter.
-                    local_lr = torch.where(
-                        (w_norm > 0) & (g_norm > 0),
-                        eta * w_norm / (g_norm + wd * w_norm + eps),
-                        torch.ones_like(w_norm),
-                    )
-                    update = grad.add(p, alpha=wd).mul_(local_lr * lr)
+            if group["lars_exclude"]:
+                updates = torch._foreach_mul(grads, lr)
+            else:
+                w_norm = torch.stack(torch._foreach_norm(params))  # (P,)
+                g_norm = torch.stack(torch._foreach_norm(grads))
+                local_lr = torch.where(
+                    (w_norm > 0) & (g_norm > 0),
+                    eta * w_norm / (g_norm + wd * w_norm + eps),
+                    torch.ones_like(w_norm),
+                ) * lr
+                updates = torch._foreach_add(grads, params, alpha=wd)
+                torch._foreach_mul_(updates, list(local_lr.unbind()))
+            bufs = []
+            for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = update.clone()
-                else:
-                    state["momentum_buffer"].mul_(momentum).add_(update)
-                p.sub_(state["momentum_buffer"])
+                    state["momentum_buffer"] = torch.zeros_like(p)  # m * 0 + update = update on the first step
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, momentum)
+            torch._foreach_add_(bufs, updates)
+            torch._foreach_sub_(params, bufs)
         return loss
 
 

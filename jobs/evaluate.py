@@ -17,14 +17,12 @@ import logging
 import time
 
 import numpy as np
-import torch
 
 from clman import cli, report, storage
 from clman import config as C
-from clman.data import pipeline
 from clman.data.manifest import read_manifest
-from clman.inference import load_classifier, predict_clips
-from clman.train import runner
+from clman.inference import load_classifier
+from clman.train import runner, scoring
 from clman.train.runner import JobError
 
 log = logging.getLogger("jobs.evaluate")
@@ -44,24 +42,23 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def score_split(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig) -> dict:
-    """Scores of every video in ``split``: {"video_id", "label", "score", "top_frames"}."""
+    """Scores of every video in ``split``: {"video_id", "label", "score", "top_frames"}, manifest order.
+
+    Ray Data batch inference on actors holding the model (GPU actors when the cluster has GPUs).
+    """
     rows = read_manifest(manifest, split=split)
     if len(rows) == 0:
         raise JobError(f"{manifest}: split {split!r} is empty; nothing to evaluate")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, train_cfg = load_classifier(checkpoint, device)
-    # Frames are prepared the way the model was trained on them (size, T).
-    data = train_cfg.data
-    ds = pipeline.eval_dataset(rows, None, data, frames=cfg.frames)
-    out = {"video_id": [], "label": [], "score": [], "top_frames": []}
+    _, train_cfg = load_classifier(checkpoint)  # fails here, in one line, on a bad checkpoint
     t0 = time.perf_counter()
-    # One video per batch: all-frames videos differ in length, and nothing is padded.
-    for batch in ds.iter_torch_batches(batch_size=1, device=device):
-        pred = predict_clips(model, batch["clip"], batch["mask"], batch["frame_idx"])[0]
-        out["video_id"].append(str(rows["video_id"].iloc[int(batch["video_index"][0])]))
-        out["label"].append(int(batch["label"][0]))
-        out["score"].append(pred.score)
-        out["top_frames"].append(pred.top_frames(3))
+    # Frames are prepared the way the model was trained on them (stored size, size, T).
+    scored = scoring.score_rows(checkpoint, rows, train_cfg.data, whole=cfg.frames == "all")
+    out = {"video_id": [], "label": [], "score": [], "top_frames": []}
+    for i in sorted(scored):
+        out["video_id"].append(str(rows["video_id"].iloc[i]))
+        out["label"].append(int(rows["label"].iloc[i]))
+        out["score"].append(scored[i][0])
+        out["top_frames"].append(scored[i][1])
     log.info("scored %d/%d videos of split %r in %.1f s", len(out["score"]), len(rows), split,
              time.perf_counter() - t0)
     if not out["score"]:

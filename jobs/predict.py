@@ -20,9 +20,9 @@ import torch
 
 from clman import cli, storage
 from clman.data.sampling import all_frame_indices, segment_indices
-from clman.data.transforms import ClipAugment
-from clman.data.video import VideoError, decode_frames, probe_video
-from clman.inference import load_classifier, predict_clips
+from clman.data.frames import to_stored
+from clman.data.video import VideoError, decode_frames_resized, probe_video
+from clman.inference import load_classifier, score_frames
 
 log = logging.getLogger("jobs.predict")
 LABELS = ("benign", "malignant")
@@ -43,18 +43,24 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def read_frames(uri: str, indices_for) -> tuple[np.ndarray, np.ndarray]:
-    """(frames (T, H, W, 3) uint8, source frame indices (T,)) of a video or DICOM file."""
+def read_frames(uri: str, indices_for, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(frames (T, C, size, size) uint8 as the training decode stores them, source frame indices (T,))
+    of a video or DICOM file."""
     data = storage.read_bytes(uri)
     if data[128:132] == b"DICM":
         from clman.data.ingest import dicom_frames
 
+        import torch.nn.functional as F
+
         frames = dicom_frames(data, name=uri)  # (N, H, W, 3) uint8
         idx = indices_for(len(frames))
-        return frames[idx], idx
+        # the decoder's scaler stands in for a bilinear resize here
+        x = torch.from_numpy(np.ascontiguousarray(frames[idx])).permute(0, 3, 1, 2).float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return to_stored(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()), idx
     info = probe_video(data, name=uri)
     idx = indices_for(info.num_frames)
-    return decode_frames(data, idx, name=uri), idx
+    return to_stored(decode_frames_resized(data, idx, size, name=uri)), idx
 
 
 def main(argv=None) -> int:
@@ -63,7 +69,6 @@ def main(argv=None) -> int:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_classifier(args.checkpoint, device)
-    transform = ClipAugment(cfg.data.size, train=False)
     if args.frames == "all":
         def indices_for(n):
             return all_frame_indices(n, args.max_frames)
@@ -74,15 +79,13 @@ def main(argv=None) -> int:
     results, failed = [], 0
     for uri in args.videos:
         try:
-            frames, idx = read_frames(uri, indices_for)
+            frames, idx = read_frames(uri, indices_for, cfg.data.stored_size)
         except (VideoError, storage.StorageError, ValueError) as e:
             print(f"{uri}: cannot be scored: {e}")
             results.append({"video": uri, "error": str(e)})
             failed += 1
             continue
-        clip = transform(frames).unsqueeze(0).to(device)  # (1, T, C, H, W)
-        mask = torch.ones(clip.shape[:2], dtype=torch.bool, device=device)
-        pred = predict_clips(model, clip, mask, torch.from_numpy(idx).unsqueeze(0))[0]
+        pred = score_frames(model, torch.from_numpy(frames), idx, cfg.data.size, device)
         label = LABELS[int(pred.score >= args.threshold)]
         top = pred.top_frames(args.top)
         print(f"{uri}: P(malignant) = {pred.score:.3f} -> {label} (threshold {args.threshold:g}); "

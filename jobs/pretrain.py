@@ -42,7 +42,7 @@ def run(cfg: C.PretrainConfig, manifest: str, out: str, run_name: str, split: st
     storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
     job = pretrain.train_job(cfg, manifest, split, len(rows))
     log.info("pretrain %s: %d clips x %d frames, global batch %d, %d steps/epoch, %d epochs, %d worker(s)",
-             run_name, len(rows), cfg.data.frames_per_clip, cfg.batch_size, job.loop_config["steps_per_epoch"],
+             run_name, len(rows), cfg.data.frames_per_clip, cfg.batch_size, pretrain.steps_per_epoch(cfg, len(rows)),
              cfg.epochs, cfg.scale.num_workers)
     t0 = time.time()
     result = runner.fit(job, cfg.scale, out, run_name)

@@ -60,7 +60,7 @@ def looks_like_container(data: bytes) -> bool:
     return any(data[off:off + len(magic)] == magic for off, magic in _CONTAINER_MAGIC)
 
 
-def _reader(data: bytes, name: str) -> decord.VideoReader:
+def _reader(data: bytes, name: str, size: int | None = None) -> decord.VideoReader:
     if len(data) == 0:
         raise VideoError(f"{name}: empty (0 bytes)", EMPTY)
     if b"\x00" not in data[:4096] and not looks_like_container(data):
@@ -71,7 +71,8 @@ def _reader(data: bytes, name: str) -> decord.VideoReader:
     try:
         # One reader per call and one decoding thread: readers shared across
         # forked worker processes deadlock, and Ray actors parallelise clips.
-        return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1)
+        side = size or -1
+        return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, width=side, height=side)
     except Exception as err:  # decord raises DECORDError or RuntimeError
         reason = TRUNCATED if looks_like_container(data) else NOT_A_VIDEO
         raise VideoError(f"{name}: cannot open as a video ({reason}, {len(data)} bytes): "
@@ -106,7 +107,14 @@ def probe_video(data: bytes, name: str = "video") -> VideoInfo:
 def decode_frames(data: bytes, indices: Sequence[int] | None = None,
                   name: str = "video") -> np.ndarray:
     """Frames at ``indices`` (all frames when None) -> (T, H, W, 3) uint8."""
-    vr = _reader(data, name)
+    return decode_frames_resized(data, indices, None, name)
+
+
+def decode_frames_resized(data: bytes, indices: Sequence[int] | None, size: int | None,
+                          name: str = "video") -> np.ndarray:
+    """Frames at ``indices`` (all when None) -> (T, size, size, 3) uint8, resized by the decoder
+    (FFmpeg's scaler, in decord's C++ thread: no Python per pixel); source size when ``size`` is None."""
+    vr = _reader(data, name, size)
     n = len(vr)
     if n == 0:
         raise VideoError(f"{name}: no frames", NO_FRAMES)

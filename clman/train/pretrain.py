@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 
-import ray.train
 import torch
 
 from clman import amp
@@ -19,7 +18,8 @@ from clman import distributed
 from clman.losses import nt_xent
 from clman.models.build import simclr_from
 from clman.optim import LARS, lars_param_groups, warmup_cosine
-from clman.train import runner, worker
+from clman.data import augment
+from clman.train import feed, runner, worker
 from clman.train.runner import JobError
 
 log = worker.worker_logger("clman.pretrain")
@@ -39,19 +39,19 @@ def check_data(manifest: str, split: str):
 
 
 def steps_per_epoch(cfg: C.PretrainConfig, clips: int) -> int:
-    """Optimizer steps in one epoch: ``frames_per_clip`` frames of each clip, in global batches."""
-    return max(1, clips * cfg.data.frames_per_clip // cfg.batch_size)
+    """Optimizer steps in one epoch, as every worker's Feed counts them: each worker takes
+    ``clips // workers`` clips, ``frames_per_clip`` frames each, in batches of ``batch_size // workers``."""
+    world = cfg.scale.num_workers
+    return (clips // world) * cfg.data.frames_per_clip // max(2, cfg.batch_size // world)
 
 
-def train_job(cfg: C.PretrainConfig, manifest: str, split: str, clips: int) -> runner.TrainJob:
-    """The pretrain run of ``cfg`` on ``clips`` clips of ``split`` (Ray must be up: the dataset is built here)."""
-    from clman.data import pipeline
+def train_job(cfg: C.PretrainConfig, manifest: str, split: str, clips: int | None = None) -> runner.TrainJob:
+    """The pretrain run of ``cfg`` on the clips of ``split`` (Ray must be up: the frames are cached here
+    when they fit). ``clips`` is unused (kept for callers that count first)."""
+    from clman.data.manifest import read_manifest
 
-    return runner.TrainJob(
-        train_loop_per_worker,
-        {"config": C.to_dict(cfg), "steps_per_epoch": steps_per_epoch(cfg, clips)},
-        {"train": pipeline.pretrain_dataset(manifest, split, cfg.data, seed=cfg.seed)},
-    )
+    source = runner.frame_source(read_manifest(manifest, split=split), cfg.data)
+    return runner.TrainJob(train_loop_per_worker, {"config": C.to_dict(cfg), "train": source}, {})
 
 
 # ---------------------------------------------------------------- worker side
@@ -59,10 +59,9 @@ def train_job(cfg: C.PretrainConfig, manifest: str, split: str, clips: int) -> r
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg: C.PretrainConfig = C.from_dict("pretrain", loop_config["config"])
-    steps_per_epoch: int = loop_config["steps_per_epoch"]
     world = distributed.get_world_size()
     rank = distributed.get_rank()
-    worker.seed_everything(cfg.seed + rank)
+    worker.seed_everything(cfg.seed)
 
     model = simclr_from(cfg.model)
     optimizer = LARS(
@@ -79,38 +78,57 @@ def train_loop_per_worker(loop_config: dict) -> None:
         log.info("resumed from epoch %d (step %d)", state["epoch"], step)
     model, device, precision = worker.prepare(model, cfg.scale)  # the module itself stays plain
 
+    per_worker = max(2, cfg.batch_size // world)
+    frames = worker.feed(loop_config["train"], cfg.data, feed.SIMCLR, seed=cfg.seed, batch_size=per_worker,
+                         rank=rank, world=world, pin=device.type == "cuda")
+    steps_per_epoch = frames.steps()
+    if steps_per_epoch < 1:
+        raise JobError(f"pretrain: {len(frames.order(0))} clips x {cfg.data.frames_per_clip} frames per worker "
+                       f"do not fill one batch of {per_worker}; lower pretrain.batch_size")
     total_steps = cfg.epochs * steps_per_epoch
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    per_worker = max(1, cfg.batch_size // world)
-    shard = ray.train.get_dataset_shard("train")
+    spec = augment.AugmentSpec.simclr(cfg.data)
+
+    def forward(images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        # uint8 (2n, C, S, S), both views stacked -> (2n, proj_dim); one graph when compiled
+        with amp.autocast(precision, device):
+            return model(augment.augment(images, keys, spec)).float()
+
+    if cfg.scale.compile:
+        forward = torch.compile(forward)
     saved_config = C.to_dict(cfg)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
-        t0, images, loss_sum, n_steps = time.perf_counter(), 0, 0.0, 0
-        for batch in shard.iter_torch_batches(batch_size=per_worker, drop_last=True, device=device):
+        t0, images, n_steps = time.perf_counter(), 0, 0
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        for batch in frames.batches(epoch):
+            batch = feed.to_device(batch, device)
             lr = warmup_cosine(step, total_steps, cfg.lr, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            n = batch["view1"].shape[0]
-            # One forward over both views: (2n, C, H, W) -> (2n, proj_dim)
-            with amp.autocast(precision, device):
-                z = model(torch.cat([batch["view1"], batch["view2"]])).float()
+            n = batch["frames"].shape[0]
+            # Two views of every image, independent draws: keys of (seed, epoch, video, view, frame).
+            keys = torch.cat([augment.sample_keys(cfg.seed, epoch, batch["video"], view, batch["slot"])
+                              for view in (1, 2)])
+            z = forward(batch["frames"].repeat(2, 1, 1, 1), keys)  # (2n, proj_dim)
             loss = nt_xent(z[:n], z[n:], temperature=cfg.temperature)
-            worker.check_finite(loss, epoch, step)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
             n_steps += 1
             images += 2 * n
-            loss_sum += loss.item()
+            loss_sum += loss.detach()
+            if n_steps % worker.CHECK_EVERY == 0:
+                worker.check_finite(loss_sum, epoch, step)
+        worker.check_finite(loss_sum, epoch, step)
         seconds = time.perf_counter() - t0
         metrics = {
             "epoch": epoch,
             "step": step,
             "start_epoch": start_epoch,  # > 0 when this run resumed from a checkpoint
-            "loss": loss_sum / max(n_steps, 1),
+            "loss": float(loss_sum) / max(n_steps, 1),
             "lr": warmup_cosine(step, total_steps, cfg.lr, warmup_steps),
             # images/s over all workers: every worker ran the same number of steps
             "images_per_s": images * world / max(seconds, 1e-9),

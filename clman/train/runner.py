@@ -79,8 +79,29 @@ def setup_local_worker() -> None:
 
 
 def decode_cpus(data: DataConfig) -> float:
-    """CPUs the Ray Data decode tasks of one run hold at most."""
-    return data.decode_tasks * data.decode_cpus
+    """CPUs the decode tasks of one run must find besides its workers (one task when ``auto``)."""
+    return (1 if data.decode_tasks == "auto" else data.decode_tasks) * data.decode_cpus
+
+
+def frame_source(rows, data: DataConfig) -> dict:
+    """What the workers read a split from: {"videos": [Video], "cache": [ObjectRef] | None}.
+
+    Decodes every video once into the object store when ``data.cache`` allows it
+    (``clman.train.feed``); a video that does not decode is logged and left out.
+    """
+    from clman.train import feed
+
+    videos = feed.videos_of(rows)
+    try:
+        cached = feed.plan_cache(videos, data)
+    except feed.CacheTooLarge as e:
+        raise JobError(str(e)) from None
+    if not cached:
+        return {"videos": videos, "cache": None}
+    kept, refs = feed.build_cache(videos, data)
+    if not kept:
+        raise JobError(f"none of the {len(videos)} videos could be decoded")
+    return {"videos": kept, "cache": refs}
 
 
 def check_resources(scale: ScaleConfig, data: DataConfig, extra_cpus: float = 0.0) -> None:
@@ -117,7 +138,7 @@ class TrainJob:
 
     loop: Callable[[dict], None]  # the function every worker runs
     loop_config: dict[str, Any]
-    datasets: dict  # Ray datasets by name ("train", "val"); Train V2 splits them over the workers
+    datasets: dict  # Ray datasets by name, if any (the clman loops read frames through loop_config)
     score: str | None = None  # the metric that ranks checkpoints (None: keep the latest)
 
 
@@ -149,7 +170,7 @@ def trainer(job: TrainJob, scale: ScaleConfig, out: str, run_name: str,
         train_loop_config=job.loop_config,
         scaling_config=scaling_config(scale),
         run_config=run_config(out, run_name, scale, job.score, callbacks),
-        datasets=job.datasets,
+        datasets=job.datasets or None,
     )
 
 

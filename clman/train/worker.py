@@ -17,6 +17,7 @@ from clman import checkpoint as ckpt
 from clman import distributed
 
 CHECKPOINT_FILE = "checkpoint.pt"
+CHECK_EVERY = 50  # steps between finite-loss checks (each one waits for the device)
 
 
 class RankFilter(logging.Filter):
@@ -73,20 +74,25 @@ def report(metrics: dict, model, optimizer, *, kind: str, config: dict, step: in
 
 
 def prepare(model: torch.nn.Module, scale) -> tuple[torch.nn.Module, torch.device, str]:
-    """(the model to train, its device, the precision to run at): device + DDP through Ray Train,
-    then ``torch.compile`` when ``scale.compile`` (after DDP, so its buckets split the graph;
-    checkpoints unwrap both)."""
+    """(the model to train, its device, the precision to run at): device + DDP through Ray Train.
+    The loops compile their step (augmentation + forward) when ``scale.compile``."""
     import ray.train.torch
 
     model = ray.train.torch.prepare_model(model)
-    if scale.compile:
-        model = torch.compile(model)
     device = ray.train.torch.get_device()
     return model, device, amp.resolve(scale.precision, device)
 
 
+def feed(source: dict, data, mode: str, **kwargs):
+    """This worker's :class:`clman.train.feed.Feed` over a ``runner.frame_source``."""
+    from clman.train.feed import Feed
+
+    return Feed(source["videos"], data, mode, cache=source["cache"], **kwargs)
+
+
 def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    """``loss`` may be a running sum: one non-finite step makes it non-finite."""
     if not torch.isfinite(loss):
         raise FloatingPointError(
-            f"non-finite loss {loss.item()} at epoch {epoch}, step {step}: lower the learning rate"
+            f"non-finite loss {loss.item()} by epoch {epoch}, step {step}: lower the learning rate"
         )

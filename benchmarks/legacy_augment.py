@@ -1,4 +1,4 @@
-"""Augmentations (torchvision.transforms.v2 on tv_tensors.Video / Image).
+"""The per-image CPU augmentation clman used before it augmented on the device (kept as the benchmarks' baseline).
 
 The paper augments with a random combination of flip, crop, scale,
 brightness, contrast and elastic deformation. For finetuning one random draw

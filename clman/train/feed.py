@@ -1,0 +1,328 @@
+"""uint8 frames from S3 to a Train worker: decode once into the object store, or stream.
+
+    driver:  videos_of(rows) ─▶ plan_cache ─▶ build_cache: one Ray task per video decodes it
+             whole, at the stored size, uint8; its frames stay in the object store
+    worker:  Feed(videos, cache).batches(epoch) ─▶ this rank's share of the epoch, in a seeded
+             order; frames drawn from the cached videos (no decoding after the first
+             epoch), or decoded by Ray tasks in flight ahead of the loop when streaming
+
+Why plain Ray tasks and not a Ray Data ``streaming_split``: reproducibility. Ray Data
+hands blocks to whichever worker asks first, so which worker trained on which video,
+and in which batch, changed from run to run; and a map task does not know the epoch,
+so its draws had to come from process-local state (seeded with the pid and the clock).
+Here every choice is a function of (seed, epoch, video, view): the epoch's order is a
+seeded permutation, rank r takes every world-th video of it, the frames of a clip come
+from :func:`clman.data.frames.draw_rng`, the augmentation from keys hashed on the
+device. Tasks are submitted in order and their results taken in order, so the order
+costs nothing but the wait for the slowest task of a window.
+
+Back-pressure: each worker keeps at most ``window`` decode tasks in flight; Ray runs
+them on the CPUs the Train workers leave free (``data.decode_tasks: auto``) or on at
+most ``decode_tasks`` of them. A background thread assembles the next batches (numpy
+stacking, pinned memory on GPUs) while the device works on the current one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from clman import storage
+from clman.data import frames as F
+from clman.data.sampling import segment_indices
+from clman.data.video import VideoError
+
+log = logging.getLogger(__name__)
+
+PREFETCH_BATCHES = 2
+CLIPS, EVAL_CLIPS, SIMCLR = "clips", "eval_clips", "simclr"
+
+
+@dataclass(frozen=True)
+class Video:
+    """One manifest row as the workers need it; ``index`` = its row in the job's DataFrame."""
+
+    index: int
+    uri: str
+    num_frames: int
+    label: int
+
+
+def videos_of(rows) -> list[Video]:
+    """Manifest rows (a DataFrame) -> [Video], ``index`` = row position."""
+    return [Video(i, str(r.uri), int(r.num_frames), int(r.label)) for i, r in enumerate(rows.itertuples(index=False))]
+
+
+# ---------------------------------------------------------------- decode tasks
+
+
+def _decode(uri: str, indices: np.ndarray | None, size: int):
+    """(frames (N, C, S, S) uint8, source indices (N,)) or (None, the one-line reason)."""
+    try:
+        frames = F.decode_stored(uri, indices, size)
+    except (VideoError, storage.StorageError) as err:
+        return None, str(err)
+    return frames, indices
+
+
+@ray.remote(num_returns=2)
+def _decode_whole(uri: str, num_frames: int, size: int):
+    """Cache entry: (meta, frames) as two objects, so the driver reads the small meta only."""
+    idx = F.whole_video_indices(num_frames)
+    frames, err = _decode(uri, idx, size)
+    if frames is None:
+        return {"error": err}, None
+    return {"error": None, "bytes": frames.nbytes, "channels": frames.shape[1]}, (frames, idx)
+
+
+@ray.remote
+def _decode_some(uri: str, indices: np.ndarray, size: int):
+    return _decode(uri, indices, size)
+
+
+def cache_bytes(videos: Sequence[Video], size: int, channels: int = 1) -> int:
+    """Bytes the decoded data set takes in the object store (grayscale unless told)."""
+    frames = sum(min(v.num_frames, F.MAX_CACHED_FRAMES) for v in videos)
+    return frames * size * size * channels
+
+
+class CacheTooLarge(ValueError):
+    """``data.cache: memory`` on a data set that cannot fit; the message names the sizes."""
+
+
+def plan_cache(videos: Sequence[Video], data) -> bool:
+    """Whether to decode once (``data.cache``).
+
+    ``auto`` caches when the decoded frames (grayscale estimate) fit ``cache_fraction`` of
+    the object store now free; ``memory`` insists and fails before any worker starts.
+    """
+    if data.cache == "off":
+        return False
+    need = cache_bytes(videos, data.stored_size)
+    free = ray.available_resources().get("object_store_memory", 0.0)
+    room = data.cache_fraction * free
+    if need <= room:
+        return True
+    what = (f"the decoded data set ({len(videos)} videos, {need / 1e9:.2f} GB at {data.stored_size} px, 1 channel) "
+            f"does not fit data.cache_fraction={data.cache_fraction:g} of the object store's "
+            f"{free / 1e9:.2f} GB free")
+    if data.cache == "memory":
+        raise CacheTooLarge(f"data.cache=memory: {what}; set data.cache=auto to stream, or lower data.store_size")
+    log.info("streaming clips (decoded every epoch): %s", what)
+    return False
+
+
+def _in_flight(data) -> int:
+    """Decode tasks one process keeps in flight: a cap, or a window deep enough to feed a loop."""
+    return int(data.decode_tasks) if data.decode_tasks != "auto" else 0
+
+
+def build_cache(videos: Sequence[Video], data) -> tuple[list[Video], list]:
+    """Decode every video once; returns (the videos that decoded, their frames' ObjectRefs).
+
+    A video that does not decode is logged once, by URI, and left out of every epoch.
+    """
+    size = data.stored_size
+    cap = _in_flight(data) or max(1, int(ray.available_resources().get("CPU", 1) / data.decode_cpus))
+    fn = _decode_whole.options(num_cpus=data.decode_cpus)
+    pending: list[tuple[Video, ray.ObjectRef, ray.ObjectRef]] = []
+    kept, refs = [], []
+
+    def settle(item):
+        video, meta_ref, frames_ref = item
+        meta = ray.get(meta_ref)
+        if meta["error"]:
+            log.warning("skipping clip %s: %s", video.uri, meta["error"])
+            return
+        kept.append(video)
+        refs.append(frames_ref)
+
+    for v in videos:
+        if len(pending) >= cap:
+            settle(pending.pop(0))
+        pending.append((v, *fn.remote(v.uri, v.num_frames, size)))
+    for item in pending:
+        settle(item)
+    return kept, refs
+
+
+# ---------------------------------------------------------------- the worker's side
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """Stack uint8 frame arrays, expanding grayscale ones when the batch mixes 1 and 3 channels."""
+    channels = {a.shape[-3] for a in arrays}
+    if len(channels) > 1:
+        arrays = [np.repeat(a, 3, axis=-3) if a.shape[-3] == 1 else a for a in arrays]
+    return np.stack(arrays)
+
+
+class Feed:
+    """The batches of one worker: ``for batch in feed.batches(epoch)``.
+
+    mode ``clips`` (finetune training): this rank's share of a seeded permutation, T frames
+    per video by segments (random within each), ``batch_size`` clips, the last partial
+    batch dropped so every rank runs the same number of steps.
+    mode ``eval_clips``: every video once, segment centres, in order, the last batch kept.
+    mode ``simclr``: M frames per video (:func:`clman.data.frames.simclr_indices`),
+    ``batch_size`` frames per batch.
+
+    Batches are CPU tensors (pinned when ``pin``): ``frames`` uint8 (B, T, C, S, S) or
+    (N, C, S, S) for simclr, ``video`` (B,) / (N,) int64 row indices, ``label`` (B,),
+    ``frame_idx`` (B, T) / ``slot`` (N,) source frame numbers.
+    """
+
+    def __init__(self, videos: Sequence[Video], data, mode: str, *, seed: int, batch_size: int,
+                 rank: int = 0, world: int = 1, cache: Sequence | None = None, pin: bool = False):
+        if mode not in (CLIPS, EVAL_CLIPS, SIMCLR):
+            raise ValueError(f"mode {mode!r}; valid: {[CLIPS, EVAL_CLIPS, SIMCLR]}")
+        if cache is not None and len(cache) != len(videos):
+            raise ValueError(f"{len(cache)} cached videos for {len(videos)} videos")
+        self.videos, self.data, self.mode = list(videos), data, mode
+        self.seed, self.batch_size, self.rank, self.world = seed, batch_size, rank, world
+        self.cache = list(cache) if cache is not None else None
+        self.pin = pin
+        self.bad: set[str] = set()  # URIs that failed to decode: logged once, skipped after
+        cap = _in_flight(data)
+        per_batch = batch_size if mode != SIMCLR else max(1, math.ceil(batch_size / data.frames_per_clip))
+        self.window = cap or per_batch * (PREFETCH_BATCHES + 1)
+
+    # -- which videos, which frames
+
+    def order(self, epoch: int) -> list[int]:
+        """Positions in ``videos`` this rank reads in ``epoch``, in order."""
+        n = len(self.videos)
+        if self.mode == EVAL_CLIPS:
+            return list(range(self.rank, n, self.world))
+        perm = F.draw_rng(self.seed, epoch, 0, F.SHUFFLE).permutation(n)
+        per_rank = n // self.world  # equal shares: every rank runs the same number of steps
+        return perm[self.rank::self.world][:per_rank].tolist()
+
+    def steps(self, epoch: int = 0) -> int:
+        n = len(self.order(epoch))
+        if self.mode == SIMCLR:
+            return n * self.data.frames_per_clip // self.batch_size
+        if self.mode == CLIPS:
+            return n // self.batch_size
+        return math.ceil(n / self.batch_size)
+
+    def indices(self, video: Video, epoch: int) -> np.ndarray:
+        t = self.data.num_frames
+        if self.mode == CLIPS:
+            return segment_indices(video.num_frames, t, train=True,
+                                   rng=F.draw_rng(self.seed, epoch, video.index, F.CLIP_FRAMES))
+        if self.mode == EVAL_CLIPS:
+            return segment_indices(video.num_frames, t, train=False)
+        return F.simclr_indices(video.num_frames, self.data.frames_per_clip,
+                                F.draw_rng(self.seed, epoch, video.index, F.SIMCLR_FRAMES))
+
+    # -- frames
+
+    def _fetch(self, positions: list[int], epoch: int) -> Iterator[tuple[Video, np.ndarray, np.ndarray]]:
+        """(video, frames (N, C, S, S) uint8, source indices) for each position, in order."""
+        if self.cache is not None:
+            for p in positions:
+                frames, available = ray.get(self.cache[p])  # zero-copy views of the object store
+                want = self.indices(self.videos[p], epoch)
+                yield self.videos[p], frames[F.pick(available, want)], want
+            return
+        fn = _decode_some.options(num_cpus=self.data.decode_cpus)
+        todo = [p for p in positions if self.videos[p].uri not in self.bad]
+        pending: list = []  # (position, indices, ref), submitted in order, taken in order
+        for p in todo + [None] * self.window:
+            if p is not None:
+                want = self.indices(self.videos[p], epoch)
+                pending.append((p, want, fn.remote(self.videos[p].uri, want, self.data.stored_size)))
+            if len(pending) < self.window and p is not None:
+                continue
+            if not pending:
+                return
+            q, want, ref = pending.pop(0)
+            frames, err = ray.get(ref)
+            if frames is None:
+                self.bad.add(self.videos[q].uri)
+                log.warning("skipping clip %s: %s", self.videos[q].uri, err)
+                continue
+            yield self.videos[q], frames, want
+
+    def _batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        positions = self.order(epoch)
+        steps, done = self.steps(epoch), 0
+        buf: list[tuple[Video, np.ndarray, np.ndarray]] = []
+        if self.mode == SIMCLR:
+            frames_buf, video_buf, slot_buf = [], [], []
+            for video, frames, want in self._fetch(positions, epoch):
+                frames_buf.extend(frames)
+                video_buf.extend([video.index] * len(want))
+                slot_buf.extend(want)
+                while len(frames_buf) >= self.batch_size and done < steps:
+                    b = self.batch_size
+                    yield {"frames": _stack(frames_buf[:b]), "video": np.asarray(video_buf[:b], np.int64),
+                           "slot": np.asarray(slot_buf[:b], np.int64)}
+                    del frames_buf[:b], video_buf[:b], slot_buf[:b]
+                    done += 1
+            return
+        for item in self._fetch(positions, epoch):
+            buf.append(item)
+            if len(buf) == self.batch_size:
+                yield self._clip_batch(buf)
+                buf = []
+        if buf and self.mode == EVAL_CLIPS:
+            yield self._clip_batch(buf)
+
+    @staticmethod
+    def _clip_batch(items) -> dict[str, np.ndarray]:
+        return {"frames": _stack([f for _, f, _ in items]),  # (B, T, C, S, S)
+                "video": np.asarray([v.index for v, _, _ in items], np.int64),
+                "label": np.asarray([v.label for v, _, _ in items], np.int64),
+                "frame_idx": np.stack([w for _, _, w in items]).astype(np.int64)}
+
+    def batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The epoch's batches as CPU tensors, assembled one or two ahead by a background thread."""
+        out: queue.Queue = queue.Queue(maxsize=PREFETCH_BATCHES)
+        stop = threading.Event()
+        done = object()
+
+        def produce():
+            try:
+                for batch in self._batches(epoch):
+                    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+                    if self.pin:
+                        tensors = {k: t.pin_memory() for k, t in tensors.items()}
+                    while not stop.is_set():
+                        try:
+                            out.put(tensors, timeout=0.5)
+                            break
+                        except queue.Full:
+                            continue
+                    if stop.is_set():
+                        return
+                out.put(done)
+            except BaseException as e:  # surfaced in the loop's thread
+                out.put(e)
+
+        thread = threading.Thread(target=produce, name="clman-feed", daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = out.get()
+                if item is done:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Non-blocking host-to-device copies (from pinned memory on GPUs)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
