@@ -292,6 +292,8 @@ def _coerce(where: str, key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{name}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):  # YAML 1.1 reads a bare off / on as a boolean: `data.cache: off`
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return value

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from clman.data.sampling import all_frame_indices, segment_indices, simclr_frame_indices
-from clman.data.transforms import MEAN, STD, ClipAugment, SimCLRAugment
-from clman.data.video import (EMPTY, NOT_A_VIDEO, TRUNCATED, VideoError, decode_frames, encode_mp4,
+from clman.data.frames import simclr_indices
+from clman.data.sampling import all_frame_indices, segment_indices
+from clman.data.video import (EMPTY, NOT_A_VIDEO, TRUNCATED, VideoError, decode_frames, decode_frames_resized, encode_mp4,
                               probe_video, transcode, transcode_with_info)
 from tests.media import frames, keyframe_positions, pyav_decode, pyav_mp4
 
@@ -118,44 +118,19 @@ def test_all_frames_and_cap():
     assert len(capped) == 10 and capped.max() < 1000 and (np.diff(capped) > 0).all()
 
 
-def test_simclr_indices_are_distinct():
+def test_simclr_indices_are_distinct_and_always_m():
     rng = np.random.default_rng(0)
-    idx = simclr_frame_indices(20, 6, rng)
+    idx = simclr_indices(20, 6, rng)
     assert len(set(idx.tolist())) == 6 and idx.max() < 20
-    assert sorted(simclr_frame_indices(3, 6, rng).tolist()) == [0, 1, 2]  # all there is
-    with pytest.raises(ValueError, match="num_frames"):
-        simclr_frame_indices(0, 2, rng)
+    short = simclr_indices(3, 6, rng).tolist()  # every frame, then repeats: M per video keeps steps equal
+    assert len(short) == 6 and set(short) == {0, 1, 2}
 
 
-# -- transforms -------------------------------------------------------------
-def test_clip_augment_applies_one_draw_to_all_frames():
-    torch.manual_seed(0)
-    clip = np.repeat(frames(1, 48, 64), 8, axis=0)  # 8 identical frames
-    aug = ClipAugment(32, train=True, elastic_p=1.0)  # elastic always on: the hardest case
-    for _ in range(5):
-        out = aug(clip)
-        assert out.shape == (8, 3, 32, 32) and out.dtype == torch.float32
-        assert type(out) is torch.Tensor
-        assert torch.equal(out, out[:1].expand_as(out)), "frames of one clip got different draws"
+def test_decoding_to_the_stored_size_keeps_one_channel_for_grey():
+    from clman.data.frames import to_stored
 
-
-def test_clip_augment_is_random_between_calls_and_eval_is_not():
-    torch.manual_seed(0)
-    clip = frames(4, 48, 64)
-    aug = ClipAugment(32, train=True)
-    assert not torch.equal(aug(clip), aug(clip))
-    ev = ClipAugment(32, train=False)
-    a, b = ev(clip), ev(clip)
-    assert torch.equal(a, b)
-    # Normalised with the fixed per-channel constants.
-    grey = ev(np.full((1, 8, 8, 3), 128, np.uint8))
-    assert torch.allclose(grey, torch.full_like(grey, (128 / 255 - MEAN[0]) / STD[0]), atol=1e-3)
-
-
-def test_simclr_views_differ_and_have_the_right_shape():
-    torch.manual_seed(0)
-    v1, v2 = SimCLRAugment(24)(frames(3, 40, 40))
-    assert v1.shape == v2.shape == (3, 3, 24, 24)
-    assert v1.dtype == torch.float32
-    for i in range(3):
-        assert not torch.allclose(v1[i], v2[i]), f"frame {i}: the two views are the same"
+    grey = frames(6, 40, 56, gray=True)  # (T, H, W) grayscale
+    stored = to_stored(decode_frames_resized(encode_mp4(grey, fps=10), [0, 3, 5], 36))
+    assert stored.shape == (3, 1, 36, 36) and stored.dtype == np.uint8
+    colour = np.stack([grey, grey // 2, 255 - grey], axis=-1)
+    assert to_stored(decode_frames_resized(encode_mp4(colour, fps=10), None, 36)).shape == (6, 3, 36, 36)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from clman import storage
 from clman.data.sampling import segment_indices
 from clman.data.video import decode_frames_resized
 
@@ -50,8 +49,14 @@ def decode_stored(uri: str, indices: np.ndarray | None, size: int) -> np.ndarray
 
     Raises ``VideoError`` / ``StorageError`` naming the URI.
     """
-    frames = decode_frames_resized(storage.read_bytes(uri), indices, size, name=uri)  # (N, size, size, 3)
-    return to_stored(frames)
+    from clman import storage
+
+    return decode_stored_bytes(storage.read_bytes(uri), indices, size, name=uri)
+
+
+def decode_stored_bytes(data: bytes, indices: np.ndarray | None, size: int, name: str = "video") -> np.ndarray:
+    """:func:`decode_stored` on bytes already read (the benchmark's Ray- and S3-free processes)."""
+    return to_stored(decode_frames_resized(data, indices, size, name=name))  # (N, C, size, size)
 
 
 def whole_video_indices(num_frames: int, max_frames: int = MAX_CACHED_FRAMES) -> np.ndarray:

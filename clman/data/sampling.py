@@ -3,7 +3,7 @@
 Finetuning reads T frames per clip by segments (TSN style): the video is cut
 into T equal segments and one frame is taken from each — a random one when
 training, the centre one when evaluating — so a clip always spans the whole
-video. SimCLR pretraining reads M random distinct frames of a clip.
+video. SimCLR's M random frames: ``clman.data.frames.simclr_indices``.
 """
 
 from __future__ import annotations
@@ -45,9 +45,3 @@ def all_frame_indices(num_frames: int, max_frames: int | None = None) -> np.ndar
         return segment_indices(num_frames, max_frames, train=False)
     _check(num_frames, 1, "count")
     return np.arange(num_frames, dtype=np.int64)
-
-
-def simclr_frame_indices(num_frames: int, M: int, rng: np.random.Generator) -> np.ndarray:
-    """min(M, num_frames) distinct random frames, ascending (ascending = cheaper decoding)."""
-    _check(num_frames, M, "M")
-    return np.sort(rng.choice(num_frames, size=min(M, num_frames), replace=False)).astype(np.int64)

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterator, Sequence
 
-import av
 import decord
 import numpy as np
 
@@ -138,6 +137,8 @@ def iter_frames_pyav(data: bytes, name: str = "video") -> tuple[float, Iterator[
     The iterator raises VideoError(TRUNCATED) when decoding stops early,
     either with an error or with fewer frames than the container declares.
     """
+    import av  # PyAV only where clips are written or transcoded: decoding for training needs decord alone
+
     if len(data) == 0:
         raise VideoError(f"{name}: empty (0 bytes)", EMPTY)
     try:
@@ -207,6 +208,9 @@ class Mp4Writer:
         self.fps = float(fps)
         self.num_frames = 0
         self.height = self.width = 0
+        import av
+
+        self._av = av
         self._buf = io.BytesIO()
         self._out = av.open(self._buf, mode="w", format="mp4")
         self._stream = self._out.add_stream(
@@ -223,7 +227,7 @@ class Mp4Writer:
         elif rgb.shape[:2] != (self.height, self.width):
             raise VideoError(f"{self.name}: frame {self.num_frames} has size {rgb.shape[:2]}, "
                              f"earlier frames {(self.height, self.width)}", UNREADABLE)
-        vf = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        vf = self._av.VideoFrame.from_ndarray(rgb, format="rgb24")
         vf.pts = self.num_frames
         self._out.mux(self._stream.encode(vf))
         self.num_frames += 1

@@ -254,22 +254,39 @@ class Feed:
             yield self.videos[q], frames, want
 
     def _batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
+        """Exactly ``steps(epoch)`` batches in the training modes, whatever failed to decode:
+        DDP ranks must run the same number of steps. A clip that fails while streaming makes
+        a batch come up short at the end; the last good batch is then used again."""
+        steps, done, last = self.steps(epoch), 0, None
+        for batch in self._assemble(epoch):
+            if self.mode != EVAL_CLIPS and done == steps:
+                break
+            last = batch
+            done += 1
+            yield batch
+        if self.mode == EVAL_CLIPS or done == steps:
+            return
+        if last is None:
+            raise RuntimeError(f"rank {self.rank}: none of its {len(self.order(epoch))} clips of epoch {epoch} "
+                               "could be decoded (see the warnings above)")
+        for _ in range(steps - done):
+            yield last
+
+    def _assemble(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         positions = self.order(epoch)
-        steps, done = self.steps(epoch), 0
-        buf: list[tuple[Video, np.ndarray, np.ndarray]] = []
         if self.mode == SIMCLR:
             frames_buf, video_buf, slot_buf = [], [], []
             for video, frames, want in self._fetch(positions, epoch):
                 frames_buf.extend(frames)
                 video_buf.extend([video.index] * len(want))
                 slot_buf.extend(want)
-                while len(frames_buf) >= self.batch_size and done < steps:
+                while len(frames_buf) >= self.batch_size:
                     b = self.batch_size
                     yield {"frames": _stack(frames_buf[:b]), "video": np.asarray(video_buf[:b], np.int64),
                            "slot": np.asarray(slot_buf[:b], np.int64)}
                     del frames_buf[:b], video_buf[:b], slot_buf[:b]
-                    done += 1
             return
+        buf: list[tuple[Video, np.ndarray, np.ndarray]] = []
         for item in self._fetch(positions, epoch):
             buf.append(item)
             if len(buf) == self.batch_size:
