@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
+import math
 
 import av
 import numpy as np
@@ -10,7 +13,7 @@ import pandas as pd
 import pytest
 
 from clman import storage
-from clman.data.synth import SynthConfig, generate_case, plan_cases, sample_case, write_dataset
+from clman.data.synth import FORMATS, SynthConfig, generate_case, plan_cases, sample_case, write_dataset
 
 TINY = SynthConfig(size=64, frames=16)
 
@@ -131,3 +134,161 @@ def test_write_dataset_s3_with_workers(bucket, tmp_path):
     write_dataset(local, 8, seed=1, cfg=TINY, workers=1, progress=False)
     for name in ("labels.csv", "synth_cases.csv"):
         assert storage.read_text(storage.join(out, name)) == storage.read_text(storage.join(local, name))
+
+
+# -- hard mode --------------------------------------------------------------------------
+HARD = SynthConfig(difficulty="hard")
+HARD_TINY = SynthConfig(difficulty="hard", size=40, frames=10, frames_jitter=3)
+
+
+def test_default_frames_are_the_bytes_from_before_hard_mode():
+    # Recorded with the module as it was before difficulty existed: the default phantom must not
+    # move. numpy's Generator streams are stable across versions; an FFT library change could move
+    # this without a bug, then re-record it after checking that only the library changed.
+    h = hashlib.sha256()
+    for i in range(3):
+        h.update(generate_case(7, i, i % 2, TINY).frames.tobytes())
+    assert h.hexdigest() == "935dc46f01e6c432bc688103f566f691b223fdfd9b9d5bf205d5f93e03520e30"
+
+
+def test_difficulty_sets_the_knobs_left_unset():
+    default = SynthConfig()
+    assert (default.size, default.frames, default.formats, default.videos_per_patient) == (128, 48, ("h264-mp4",), 1)
+    assert (default.clutter, default.noise_floor, default.frame_gain_db, default.focal_fraction) == (0, 0, 0, 0.3)
+    assert (HARD.size, HARD.frames, HARD.frames_jitter, HARD.videos_per_patient) == (96, 30, 8, 2)
+    assert set(HARD.formats) == set(FORMATS) and HARD.focal_fraction == 0.5
+    mine = SynthConfig(difficulty="hard", size=64, formats=("ffv1-mkv",))
+    assert mine.size == 64 and mine.formats == ("ffv1-mkv",) and mine.frames == 30
+    with pytest.raises(ValueError, match=r"difficulty='medium'.*\['default', 'hard'\]"):
+        SynthConfig(difficulty="medium")
+    with pytest.raises(ValueError, match="SynthConfig.formats"):
+        SynthConfig(formats=("vp9-webm",))
+    with pytest.raises(ValueError, match="SynthConfig.frames=8"):
+        SynthConfig(difficulty="hard", frames=8)  # 8 - 8 jitter leaves no frames
+
+
+def test_hard_frame_sizes_and_counts_vary_per_case():
+    draws = [sample_case(i % 2, np.random.default_rng([2, i]), HARD) for i in range(300)]
+    h = np.array([p.height for p in draws])
+    w = np.array([p.width for p in draws])
+    t = np.array([p.frames for p in draws])
+    assert (h % 2 == 0).all() and (w % 2 == 0).all()
+    assert h.min() >= 86 and h.max() <= 106 and len(set(h)) >= 8, "height 96 +- 10 %"
+    assert (w / h).min() >= 1.08 and (w / h).max() <= 1.37, "width 1.1-1.35 x height"
+    assert 110 <= np.median(w) <= 126, f"typical frame ~96 x 118, median width {np.median(w)}"
+    assert t.min() == 22 and t.max() == 38, "22-38 frames"
+
+
+def test_hard_plan_pairs_patients_and_mixes_formats():
+    plans = plan_cases(200, 0, HARD)
+    assert plans == plan_cases(200, 0, HARD)
+    for first, second in zip(plans[::2], plans[1::2]):
+        assert first.patient_id == second.patient_id and first.label == second.label
+    assert len({p.patient_id for p in plans}) == 100
+    assert sum(p.label for p in plans[::2]) == round(100 * 152 / 268), "malignant patients, the paper's balance"
+    counts = pd.Series([p.format for p in plans]).value_counts()
+    assert set(counts.index) == set(FORMATS) and counts.max() - counts.min() <= 1
+    assert all(p.video == f"case_{p.index + 1:04d}{FORMATS[p.format][0]}" for p in plans)
+
+
+def test_hard_second_sweep_is_the_same_lesion_in_the_other_plane():
+    a, b = generate_case(4, 0, 1, HARD_TINY), generate_case(4, 1, 1, HARD_TINY)
+    pa, pb = a.params, b.params
+    assert pa.label == pb.label and pa.focal == pb.focal
+    assert (pa.level, pa.posterior, pa.sign_posterior, pa.heterogeneity, pa.halo, len(pa.spicules)) == (
+        pb.level, pb.posterior, pb.sign_posterior, pb.heterogeneity, pb.halo, len(pb.spicules))
+    assert (pb.a, pb.c) == (pa.c, pa.a) and math.isclose(pa.a * pa.aspect, pb.a * pb.aspect)
+    assert a.frames.shape[1:] == b.frames.shape[1:], "one scanner preset per patient"
+    c = generate_case(4, 1, 1, HARD_TINY)
+    assert c.frames.tobytes() == b.frames.tobytes()
+    assert not np.array_equal(a.frames[: len(b.frames)], b.frames[: len(a.frames)])
+
+
+def test_hard_focal_signs_show_in_a_third_of_the_sweep():
+    cfg = dataclasses.replace(HARD_TINY, focal_fraction=1.0, frames=30, frames_jitter=0)
+    case = generate_case(0, 0, 1, cfg)
+    assert case.params.focal
+    assert 0 < case.signs.sum() <= 11, f"{case.signs.sum()} sign frames of 30"
+    draws = [sample_case(1, np.random.default_rng([3, i]), HARD) for i in range(400)]
+    assert 0.4 < np.mean([p.focal for p in draws]) < 0.6, "about half of the malignant cases are focal"
+
+
+def test_hard_noise_clutter_and_drift():
+    # Each knob alone on the same case: they take no draws before the speckle, so the rest is equal.
+    quiet = dataclasses.replace(HARD_TINY, clutter=0.0, noise_floor=0.0, frame_gain_db=0.0)
+    plain = generate_case(1, 0, 0, quiet).frames
+
+    def alone(**knob) -> np.ndarray:
+        return generate_case(1, 0, 0, dataclasses.replace(quiet, **knob)).frames
+
+    top = slice(3, 12)  # below the skin line, where the haze and reverberations sit
+    assert alone(clutter=HARD.clutter)[:, top].mean() > plain[:, top].mean() + 5
+    assert np.percentile(alone(noise_floor=HARD.noise_floor), 1) > np.percentile(plain, 1) + 5, "noise fills the dark"
+    drift = alone(frame_gain_db=HARD.frame_gain_db).reshape(len(plain), -1).mean(axis=1)
+    assert drift.std() > 2 * plain.reshape(len(plain), -1).mean(axis=1).std(), "gain drifts from frame to frame"
+
+
+def _true_features(p) -> dict:
+    """A case's true parameters, signs at their most telling over the sweep."""
+    return {
+        "log_aspect": math.log(p.aspect),
+        "irregularity": sum(amp for k, amp, _, _ in p.harmonics if k >= 3),
+        "spicules": len(p.spicules),
+        "edge_px": p.edge_px,
+        "shadowing": -min(p.posterior, p.sign_posterior),
+        "heterogeneity": max(p.heterogeneity, p.sign_heterogeneity),
+        "halo": max(p.halo, p.sign_halo),
+        "log_level": math.log(p.level),
+        "calcs": len(p.calcs),
+    }
+
+
+def test_hard_classes_overlap_yet_are_learnable():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    draws = [sample_case(i % 2, np.random.default_rng([5, i]), HARD) for i in range(2000)]
+    table = pd.DataFrame([_true_features(p) for p in draws])
+    y = np.array([p.label for p in draws])
+    auc = {name: roc_auc_score(y, table[name]) for name in table.columns}
+    for name in ("log_aspect", "irregularity", "shadowing"):  # the signs the issue names
+        assert 0.6 < auc[name] < 0.85, f"{name}: AUC {auc[name]:.3f} alone should be only partly telling"
+    assert max(auc.values()) < 0.86, f"a single feature gives the class away: {auc}"
+    x = ((table - table.mean()) / table.std()).to_numpy()
+    model = LogisticRegression(max_iter=1000).fit(x[:1000], y[:1000])
+    joint = roc_auc_score(y[1000:], model.predict_proba(x[1000:])[:, 1])
+    assert joint > 0.95, f"logistic regression on the true parameters: AUC {joint:.3f}"
+
+
+def test_hard_dataset_formats_decode_and_ingest(tmp_path):
+    from clman.data.ingest import ingest, labeled_items
+    from clman.data.video import probe_video
+
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    rows = write_dataset(one, 12, seed=3, cfg=HARD_TINY, workers=1, progress=False)
+    write_dataset(two, 12, seed=3, cfg=HARD_TINY, workers=2, progress=False)
+    assert {r["format"] for r in rows} == set(FORMATS)
+    assert len({(r["height"], r["width"]) for r in rows}) > 1 and len({r["frames"] for r in rows}) > 1
+    for r in rows:
+        data = (tmp_path / "one" / r["video"]).read_bytes()
+        assert data == (tmp_path / "two" / r["video"]).read_bytes(), f"{r['video']}: bytes depend on workers"
+        info = probe_video(data, r["video"])  # decord, as the pipeline reads
+        assert (info.num_frames, info.height, info.width) == (r["frames"], r["height"], r["width"]), r["format"]
+    labels = pd.read_csv(tmp_path / "one" / "labels.csv")
+    assert labels.groupby("patient_id").label.nunique().max() == 1 and labels.patient_id.nunique() == 6
+    stats = pd.read_csv(tmp_path / "one" / "synth_cases.csv")
+    assert {"format", "frames", "height", "width"} <= set(stats.columns)
+    result = ingest(labeled_items(one, one + "/labels.csv"), str(tmp_path / "ingested"), ratios=(0.6, 0, 0.4),
+                    seed=0, workers=1)
+    assert result.rejects.empty and len(result.manifest) == 12
+
+
+def test_synth_job_hard(tmp_path):
+    from jobs import synth as job
+
+    assert job.parse(["--out", "x"]).difficulty == "default"
+    out = str(tmp_path / "hard")
+    assert job.main(["--out", out, "--cases", "3", "--difficulty", "hard", "--size", "40", "--frames", "12",
+                     "--workers", "1", "--no-progress"]) == 0
+    labels = pd.read_csv(tmp_path / "hard" / "labels.csv")
+    assert len(labels) == 3 and labels.patient_id.tolist()[:2] == ["P0001", "P0001"]

@@ -31,8 +31,8 @@ Image model (all vectorised numpy over (T, H, W), float32)
 - Probe jitter: a mean-reverting random walk of integer pixel shifts (lateral
   and axial) applied to everything in tissue coordinates.
 
-Class features (per case, overlapping distributions; see `sample_case`)
------------------------------------------------------------------------
+Class features (per case, overlapping distributions; `DEFAULT_LESIONS`, `sample_case`)
+--------------------------------------------------------------------------------------
 ====================  ================================  ==================================
 feature               benign                            malignant
 ====================  ================================  ==================================
@@ -61,20 +61,83 @@ aspect median 0.85, benign irregularity and edge, posterior N(+0.1, 0.4) and
 no halo; inside the window: 4-14 spikes, posterior N(-1.2, 0.4), halo 0.5-1.0,
 heterogeneity 0.4-0.8.
 
+Hard mode (`SynthConfig(difficulty="hard")`, `jobs.synth --difficulty hard`)
+----------------------------------------------------------------------------
+A second phantom, so that training presets are tuned on more than one kind of
+data: class distributions that overlap (`HARD_LESIONS`), focal signs in half of
+the malignant cases, more noise, and the formats and sizes of an export from
+another scanner. The knobs it changes (SynthConfig, marked (*)) and the class
+distributions:
+
+====================  ================================  ==================================
+knob                  default                           hard
+====================  ================================  ==================================
+frame size            128 x 128                         height 96 +-10 %, width 1.1-1.35 x
+                                                        height, per case (~96 x 118)
+frames per sweep      48                                22-38, per case
+formats               H.264 .mp4                        mix of five: H.264 .mp4, MJPEG .avi,
+                                                        FFV1 .mkv, MPEG-4 .avi and .mp4
+                                                        (`FORMATS`)
+videos per patient    1 (8 %: next case same patient)  2: the same lesion swept in two
+                                                        orthogonal planes (`other_plane`)
+focal malignant       30 %, window 0.2 of the sweep     50 %, window 1/3 of the sweep
+speckle persistence   0.7                               0.5 (more frame-to-frame flicker)
+probe jitter          0.8 px                            1.2 px
+clutter               none                              near-field haze + reverberation, 0.4
+electronic noise      none                              0.003 of the 99th percentile
+gain drift            none                              1.5 dB std, slow, per frame
+====================  ================================  ==================================
+
+====================  ================================  ==================================
+feature (hard)        benign                            malignant (focal: body / window)
+====================  ================================  ==================================
+aspect (b / a)        lognormal, median 0.75, sd 0.3    median 1.05, sd 0.3 (focal 0.85)
+margin irregularity   0-0.09, harmonics 3-6             0.02-0.14, harmonics 3-8 (focal
+                      (30 %: gentle 2-3 lobes)          benign-like; 10 % lobulated)
+spiculation           15 %: 1-4 spikes, 0.1-0.35 r      45 %: 2-10 spikes, 0.15-0.55 r
+                                                        (focal 70 %, in the window)
+edge blur (px @128)   0.6-1.9                           0.7-2.2 (focal 0.6-2.0)
+posterior (log gain)  N(+0.3, 0.6)                      N(-0.3, 0.6) (focal N(+0.2, 0.5) /
+                                                        N(-0.6, 0.5))
+heterogeneity         0-0.5                             0.15-0.7 (focal 0-0.5 / 0.3-0.7)
+echo level            0.004-0.08                        0.008-0.08 (focal 0.004-0.08)
+echogenic halo        20 %: 0.1-0.6                     40 %: 0.2-0.8 (focal none / 0.3-0.8)
+tilt                  N(0, 10 deg)                      N(0, 14 deg)
+microcalcifications   12 %: 1-4                         30 %: 2-8
+====================  ================================  ==================================
+
+Measured on 2000 `sample_case` draws (seed 5), AUC of each true parameter alone,
+signs at their most telling over the sweep (default phantom in brackets):
+aspect 0.72 (0.95), margin irregularity 0.66 (0.84), spicule count 0.75 (0.90),
+posterior shadowing 0.82 (0.99), heterogeneity 0.83 (0.98), halo 0.80 (0.85),
+edge blur 0.60 (0.73), echo level 0.55 (0.66); a logistic regression on all of
+them (5-fold) 0.99 (1.00): the class is there, no single sign gives it away.
+Writing 200 hard cases (`jobs.synth --difficulty hard --workers 2`) took 24 s on
+2 shared cores (0.19 s/case rendering, 0.03 s/case encoding, 19 MB); every file
+decodes with decord and PyAV and goes through `clman.data.ingest` without a reject.
+
+Frame geometry: pixels are square and lengths are in image widths, so a wide
+frame images less depth (a shallower depth setting): the lesion's depth range
+scales with height / width. A patient's sweeps share frame size and lesion depth.
+
 Determinism: case `index` of a data set with seed `seed` draws everything from
-`np.random.default_rng([seed, index])`, so its frames are the same bytes in any
-process, worker count or order. Labels and patients come from
-`plan_cases(n, seed, cfg)`.
+`np.random.default_rng([seed, index])` (a later sweep of a patient also draws its
+lesion from the patient's first case's generator), so its frames and video bytes
+are the same in any process, worker count or order (Matroska is written bitexact;
+otherwise its segment UID is random). Labels, patients and formats come from
+`plan_cases(n, seed, cfg)`. Knobs that a config leaves at "off" take no random
+draws, so the default data set is the same bytes as before hard mode existed.
 """
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import multiprocessing
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import scipy.fft
@@ -85,31 +148,166 @@ PAPER_CASES = 268
 PAPER_MALIGNANT = 152
 
 
+# -- class distributions -------------------------------------------------------------
+@dataclass(frozen=True)
+class LesionKind:
+    """Distributions of one kind of lesion body: one column of a class-feature table above."""
+
+    aspect: tuple[float, float]  # b / a: lognormal (median, sd of the log), clipped to 0.35-2
+    lobulated: float  # chance of 2-3 gentle lobes (harmonics 2, 3; amplitude 0.04-0.11)
+    irregularity: tuple[float, float]  # uniform: amplitude scale of the margin harmonics
+    harmonics: tuple[int, ...]  # orders k of those harmonics
+    spiculated: float  # chance of spicules
+    spicules: tuple[int, int]  # count, inclusive
+    spicule_length: tuple[float, float]  # uniform, in margin radii
+    edge_px: tuple[float, float]  # uniform, pixels at 128
+    posterior: tuple[float, float]  # normal (mean, sd): log gain below, > 0 enhancement
+    heterogeneity: tuple[float, float]  # uniform
+    halo: float  # chance of an echogenic halo
+    halo_strength: tuple[float, float]  # uniform
+    tilt_deg: float  # sd of the long axis' angle to the skin
+    level: tuple[float, float]  # log-uniform echo level (gland 1, fat 0.1)
+    calcs: float  # chance of microcalcifications
+    calc_count: tuple[int, int]  # inclusive
+
+
+@dataclass(frozen=True)
+class LesionModel:
+    """Benign, malignant and focal-malignant bodies, and the signs inside a focal window."""
+
+    benign: LesionKind
+    malignant: LesionKind
+    focal: LesionKind  # the body of a focal malignant case: drawn benign-like
+    sign_posterior: tuple[float, float]  # normal
+    sign_halo: tuple[float, float]  # uniform
+    sign_heterogeneity: tuple[float, float]  # uniform
+
+
+# The first table of the module docstring. Draws with chance 0 or 1 take no random
+# number, so these reproduce the default data set draw for draw.
+DEFAULT_LESIONS = LesionModel(
+    benign=LesionKind(
+        aspect=(0.62, 0.22), lobulated=0.3, irregularity=(0.0, 0.06), harmonics=(3, 4, 5),
+        spiculated=0.05, spicules=(1, 3), spicule_length=(0.1, 0.25), edge_px=(0.6, 1.5),
+        posterior=(0.6, 0.45), heterogeneity=(0.0, 0.3), halo=0.1, halo_strength=(0.1, 0.3),
+        tilt_deg=8.0, level=(0.004, 0.08), calcs=0.05, calc_count=(1, 3)),
+    malignant=LesionKind(
+        aspect=(1.5, 0.25), lobulated=0.0, irregularity=(0.04, 0.2), harmonics=(3, 4, 5, 6, 7, 8),
+        spiculated=0.7, spicules=(4, 14), spicule_length=(0.25, 0.7), edge_px=(0.8, 2.2),
+        posterior=(-0.9, 0.5), heterogeneity=(0.2, 0.8), halo=0.6, halo_strength=(0.3, 1.0),
+        tilt_deg=15.0, level=(0.015, 0.08), calcs=0.4, calc_count=(3, 10)),
+    focal=LesionKind(
+        aspect=(0.85, 0.22), lobulated=0.3, irregularity=(0.0, 0.06), harmonics=(3, 4, 5),
+        spiculated=1.0, spicules=(4, 14), spicule_length=(0.25, 0.7), edge_px=(0.6, 1.8),
+        posterior=(0.1, 0.4), heterogeneity=(0.0, 0.3), halo=0.0, halo_strength=(0.0, 0.0),
+        tilt_deg=8.0, level=(0.004, 0.08), calcs=0.4, calc_count=(3, 10)),
+    sign_posterior=(-1.2, 0.4), sign_halo=(0.5, 1.0), sign_heterogeneity=(0.4, 0.8),
+)
+
+# The hard table of the module docstring: every feature overlaps between the classes.
+HARD_LESIONS = LesionModel(
+    benign=LesionKind(
+        aspect=(0.75, 0.3), lobulated=0.3, irregularity=(0.0, 0.09), harmonics=(3, 4, 5, 6),
+        spiculated=0.15, spicules=(1, 4), spicule_length=(0.1, 0.35), edge_px=(0.6, 1.9),
+        posterior=(0.3, 0.6), heterogeneity=(0.0, 0.5), halo=0.2, halo_strength=(0.1, 0.6),
+        tilt_deg=10.0, level=(0.004, 0.08), calcs=0.12, calc_count=(1, 4)),
+    malignant=LesionKind(
+        aspect=(1.05, 0.3), lobulated=0.1, irregularity=(0.02, 0.14), harmonics=(3, 4, 5, 6, 7, 8),
+        spiculated=0.45, spicules=(2, 10), spicule_length=(0.15, 0.55), edge_px=(0.7, 2.2),
+        posterior=(-0.3, 0.6), heterogeneity=(0.15, 0.7), halo=0.4, halo_strength=(0.2, 0.8),
+        tilt_deg=14.0, level=(0.008, 0.08), calcs=0.3, calc_count=(2, 8)),
+    focal=LesionKind(
+        aspect=(0.85, 0.3), lobulated=0.3, irregularity=(0.0, 0.09), harmonics=(3, 4, 5, 6),
+        spiculated=0.7, spicules=(2, 10), spicule_length=(0.15, 0.55), edge_px=(0.6, 2.0),
+        posterior=(0.2, 0.5), heterogeneity=(0.0, 0.5), halo=0.0, halo_strength=(0.0, 0.0),
+        tilt_deg=10.0, level=(0.004, 0.08), calcs=0.3, calc_count=(2, 8)),
+    sign_posterior=(-0.6, 0.5), sign_halo=(0.3, 0.8), sign_heterogeneity=(0.3, 0.7),
+)
+
+
+def lesion_model(difficulty: str) -> LesionModel:
+    if difficulty == "default":
+        return DEFAULT_LESIONS
+    elif difficulty == "hard":
+        return HARD_LESIONS
+    raise ValueError(f"unknown difficulty {difficulty!r}; valid: {sorted(DIFFICULTY_KNOBS)}")
+
+
+# -- video formats ----------------------------------------------------------------
+# name: (extension, PyAV container, encoder, pixel format, encoder options). Without an
+# explicit qmin/qmax, mjpeg and mpeg4 run at 200 kb/s (mean |decoded - frames| ~10 on
+# 96x118 phantom frames: blocks everywhere). Tried and left out, with PyAV 18.1:
+# VP9 (libvpx fails to open, EINVAL, once decord's bundled FFmpeg is loaded, which
+# clman.data.video does) and HEVC (libx265 corrupts the heap on 48x48 frames).
+FORMATS = {
+    "h264-mp4": (".mp4", "mp4", "libx264", "yuv420p", {}),  # clman.data.video.encode_mp4
+    "mjpeg-avi": (".avi", "avi", "mjpeg", "yuvj420p", {"qmin": "4", "qmax": "6"}),
+    "ffv1-mkv": (".mkv", "matroska", "ffv1", "gray", {"threads": "1"}),  # lossless
+    "mpeg4-avi": (".avi", "avi", "mpeg4", "yuv420p", {"qmin": "4", "qmax": "6", "bf": "0"}),
+    "mpeg4-mp4": (".mp4", "mp4", "mpeg4", "yuv420p", {"qmin": "4", "qmax": "6", "bf": "0"}),
+}
+
+# What each difficulty gives the SynthConfig knobs left None (the module docstring's tables).
+DIFFICULTY_KNOBS = {
+    "default": dict(
+        size=128, size_jitter=0.0, frame_aspect=(1.0, 1.0), frames=48, frames_jitter=0,
+        formats=("h264-mp4",), focal_fraction=0.3, focal_extent=0.2, videos_per_patient=1,
+        repeat_patient_prob=0.08, speckle_persistence=0.7, jitter_px=0.8, clutter=0.0,
+        noise_floor=0.0, frame_gain_db=0.0),
+    "hard": dict(
+        size=96, size_jitter=0.1, frame_aspect=(1.1, 1.35), frames=30, frames_jitter=8,
+        formats=tuple(FORMATS), focal_fraction=0.5, focal_extent=1 / 3, videos_per_patient=2,
+        repeat_patient_prob=0.0, speckle_persistence=0.5, jitter_px=1.2, clutter=0.4,
+        noise_floor=0.003, frame_gain_db=1.5),
+}
+
+
 @dataclass(frozen=True)
 class SynthConfig:
     """Knobs of the synthetic data set (defaults: the paper's size and class balance).
 
-    size: frame height = width in pixels (even, >= 32). Pixel-scale features
-        (PSF, edge blur, halo width) scale with size / 128.
-    frames: frames per sweep (>= 2).
-    fps: frame rate written to the mp4.
-    crf, gop: H.264 quality and keyframe interval (short GOP: cheap random access).
-    malignant_fraction: share of malignant cases, 152 / 268 as in the paper.
-    focal_fraction: share of malignant cases whose signs show only in a few
-        frames (0 makes every malignant case obvious in all lesion frames).
-    focal_extent: width (full width at half maximum) of the elevation window
-        where focal signs show, as a fraction of the sweep (0.2 ~ 10 of 48 frames).
+    difficulty: "default" or "hard" (module docstring). It picks the class
+        distributions and the values of the knobs marked (*) that are left None:
+        "default / hard" below. dataclasses.replace(cfg, difficulty="hard") keeps
+        cfg's knobs as they are; build SynthConfig(difficulty="hard", ...) instead.
+    size (*): frame height in pixels (even, >= 32), 128 / 96. Pixel-scale
+        features (PSF, edge blur, halo width) scale with the width / 128.
+    size_jitter (*): per-case frame height drawn in size x (1 +- size_jitter),
+        rounded to even, 0 / 0.1.
+    frame_aspect (*): (low, high) of the per-case frame width / height (width
+        rounded to even), (1, 1) / (1.1, 1.35). Pixels stay square: a wide frame
+        images less depth (lengths are in widths), as a shallower depth setting.
+    frames (*): frames per sweep, 48 / 30.
+    frames_jitter (*): per-case frame count drawn in frames +- frames_jitter, 0 / 8.
+    formats (*): video formats, one per case (a balanced, seeded mix), names
+        of `FORMATS`: ("h264-mp4",) / all five.
+    fps: frame rate written to the videos.
+    crf, gop: H.264 quality and keyframe interval (short GOP: cheap random access);
+        gop is also the keyframe interval of mpeg4.
+    malignant_fraction: share of malignant patients, 152 / 268 as in the paper.
+    focal_fraction (*): share of malignant cases whose signs show only in a few
+        frames (0 makes every malignant case obvious in all lesion frames), 0.3 / 0.5.
+    focal_extent (*): width (full width at half maximum) of the elevation window
+        where focal signs show, as a fraction of the sweep (0.2 ~ 10 of 48 frames), 0.2 / 1/3.
     focal_offset: (low, high) distance of that window's centre from the lesion
         centre, in elevational semi-axes, to either side. Off-centre windows keep
         the signs out of the middle frames, where a single-frame reader looks
         ((0, 0.5) puts them anywhere near the centre, and a middle frame shows
         them in ~40 % of focal cases).
-    repeat_patient_prob: chance that a case belongs to the previous case's patient.
-    speckle_persistence: share of speckle variance fixed in tissue between
-        consecutive frames (0 = fresh speckle each frame, 1 = frozen).
+    videos_per_patient (*): consecutive cases sharing a patient, label and lesion:
+        later ones sweep the lesion in the orthogonal plane, 1 / 2.
+    repeat_patient_prob (*): chance that a patient is the previous patient again
+        (possibly with another lesion and label), 0.08 / 0.
+    speckle_persistence (*): share of speckle variance fixed in tissue between
+        consecutive frames (0 = fresh speckle each frame, 1 = frozen), 0.7 / 0.5.
     sweep_decorrelation: how far the persistent speckle rotates to an
         independent field over the whole sweep (1 = fully independent at the end).
-    jitter_px: probe jitter, std of the per-frame shift step in pixels at 128.
+    jitter_px (*): probe jitter, std of the per-frame shift step in pixels at 128, 0.8 / 1.2.
+    clutter (*): near-field haze and reverberation bands of the subcutaneous
+        interface, in reflectivity units (fat 0.1, gland 1), 0 / 0.4.
+    noise_floor (*): electronic noise, mean intensity as a fraction of the sweep's
+        99th-percentile tissue intensity, 0 / 0.003 (about -25 dB).
+    frame_gain_db (*): std of a slow per-frame gain drift in dB (probe contact), 0 / 1.5.
     dynamic_range_db: log-compression range mapped to 0..255.
     sweep_overshoot: (low, high) of the sweep half-range over the lesion's
         elevation semi-axis; > 1 leaves frames without lesion at both ends.
@@ -117,27 +315,51 @@ class SynthConfig:
         least this (the `visible` mask).
     """
 
-    size: int = 128
-    frames: int = 48
+    difficulty: str = "default"
+    size: int | None = None
+    size_jitter: float | None = None
+    frame_aspect: tuple[float, float] | None = None
+    frames: int | None = None
+    frames_jitter: int | None = None
+    formats: tuple[str, ...] | None = None
     fps: float = 15.0
     crf: int = 20
     gop: int = 8
     malignant_fraction: float = PAPER_MALIGNANT / PAPER_CASES
-    focal_fraction: float = 0.3
-    focal_extent: float = 0.2
+    focal_fraction: float | None = None
+    focal_extent: float | None = None
     focal_offset: tuple[float, float] = (0.45, 0.7)
-    repeat_patient_prob: float = 0.08
-    speckle_persistence: float = 0.7
+    videos_per_patient: int | None = None
+    repeat_patient_prob: float | None = None
+    speckle_persistence: float | None = None
     sweep_decorrelation: float = 1.0
-    jitter_px: float = 0.8
+    jitter_px: float | None = None
+    clutter: float | None = None
+    noise_floor: float | None = None
+    frame_gain_db: float | None = None
     dynamic_range_db: float = 40.0
     sweep_overshoot: tuple[float, float] = (1.3, 1.8)
     visible_section: float = 0.3
 
     def __post_init__(self):
+        if self.difficulty not in DIFFICULTY_KNOBS:
+            raise ValueError(f"SynthConfig.difficulty={self.difficulty!r}: must be one of "
+                             f"{sorted(DIFFICULTY_KNOBS)}")
+        for name, value in DIFFICULTY_KNOBS[self.difficulty].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)  # frozen: resolve once, here
+        if isinstance(self.formats, str):
+            object.__setattr__(self, "formats", (self.formats,))
+        smallest = self.size * (1 - self.size_jitter)
         checks = [
-            (self.size >= 32 and self.size % 2 == 0, "size", "an even integer >= 32"),
-            (self.frames >= 2, "frames", ">= 2"),
+            (self.size % 2 == 0 and smallest >= 32, "size", "an even integer >= 32 (also after size_jitter)"),
+            (0.0 <= self.size_jitter < 0.5, "size_jitter", "in [0, 0.5)"),
+            (0.5 <= self.frame_aspect[0] <= self.frame_aspect[1] <= 2.0, "frame_aspect",
+             "0.5 <= low <= high <= 2"),
+            (self.frames - self.frames_jitter >= 2, "frames", ">= 2 (also after frames_jitter)"),
+            (self.frames_jitter >= 0, "frames_jitter", ">= 0"),
+            (len(self.formats) > 0 and all(f in FORMATS for f in self.formats), "formats",
+             f"a non-empty tuple of {list(FORMATS)}"),
             (self.fps > 0, "fps", "> 0"),
             (0 <= self.crf <= 51, "crf", "in [0, 51]"),
             (self.gop >= 1, "gop", ">= 1"),
@@ -145,10 +367,14 @@ class SynthConfig:
             (0.0 <= self.focal_fraction <= 1.0, "focal_fraction", "in [0, 1]"),
             (0.0 < self.focal_extent <= 1.0, "focal_extent", "in (0, 1]"),
             (0.0 <= self.focal_offset[0] <= self.focal_offset[1] <= 1.0, "focal_offset", "0 <= low <= high <= 1"),
+            (self.videos_per_patient >= 1, "videos_per_patient", ">= 1"),
             (0.0 <= self.repeat_patient_prob < 1.0, "repeat_patient_prob", "in [0, 1)"),
             (0.0 <= self.speckle_persistence <= 1.0, "speckle_persistence", "in [0, 1]"),
             (0.0 <= self.sweep_decorrelation <= 1.0, "sweep_decorrelation", "in [0, 1]"),
             (0.0 <= self.jitter_px <= 4.0, "jitter_px", "in [0, 4]"),
+            (0.0 <= self.clutter <= 2.0, "clutter", "in [0, 2]"),
+            (0.0 <= self.noise_floor <= 0.1, "noise_floor", "in [0, 0.1]"),
+            (0.0 <= self.frame_gain_db <= 6.0, "frame_gain_db", "in [0, 6]"),
             (10.0 <= self.dynamic_range_db <= 90.0, "dynamic_range_db", "in [10, 90]"),
             (1.0 <= self.sweep_overshoot[0] <= self.sweep_overshoot[1], "sweep_overshoot", "1 <= low <= high"),
             (0.0 < self.visible_section < 1.0, "visible_section", "in (0, 1)"),
@@ -199,6 +425,10 @@ class CaseParams:
     psf_ax_px: float
     psf_lat_px: float
     overshoot: float
+    # frame geometry (cfg.size, cfg.size, cfg.frames unless the config varies them)
+    height: int
+    width: int
+    frames: int
 
 
 @dataclass
@@ -218,76 +448,73 @@ class SynthCase:
 
 
 # -- drawing case parameters -----------------------------------------------------
+def _frame_geometry(rng: np.random.Generator, cfg: SynthConfig) -> tuple[int, int, int]:
+    """(height, width, frames) of one case; no draws when the config fixes them."""
+    height = cfg.size
+    if cfg.size_jitter:
+        height = 2 * round(cfg.size * rng.uniform(1 - cfg.size_jitter, 1 + cfg.size_jitter) / 2)
+    lo, hi = cfg.frame_aspect
+    width = 2 * round(height * (lo if lo == hi else rng.uniform(lo, hi)) / 2)
+    frames = cfg.frames
+    if cfg.frames_jitter:
+        frames += int(rng.integers(-cfg.frames_jitter, cfg.frames_jitter + 1))
+    return int(height), int(width), int(frames)
+
+
 def sample_case(label: int, rng: np.random.Generator, cfg: SynthConfig) -> CaseParams:
     """Draw one case's lesion and tissue from the class's (overlapping) distributions."""
     if label not in (0, 1):
         raise ValueError(f"label must be 0 (benign) or 1 (malignant), got {label!r}")
     malignant = label == 1
+    height, width, frames = _frame_geometry(rng, cfg)
     focal = malignant and rng.random() < cfg.focal_fraction
-    benign_like = not malignant or focal
+    model = lesion_model(cfg.difficulty)
+    kind = model.focal if focal else model.malignant if malignant else model.benign
 
+    def chance(p: float) -> bool:
+        # No draw when certain either way: keeps the default data set's draws as they were.
+        return p >= 1.0 or (p > 0.0 and rng.random() < p)
+
+    depth = height / width  # image depth in widths (square pixels)
     a = rng.uniform(0.09, 0.2)
-    if benign_like:
-        aspect = math.exp(rng.normal(math.log(0.62 if not malignant else 0.85), 0.22))
-    else:
-        aspect = math.exp(rng.normal(math.log(1.5), 0.25))
+    aspect = math.exp(rng.normal(math.log(kind.aspect[0]), kind.aspect[1]))
     aspect = float(np.clip(aspect, 0.35, 2.0))
-    b = min(a * aspect, 0.26)  # tall lesions shrink to stay in the field of view
+    b = min(a * aspect, 0.26 * min(depth, 1.0))  # tall lesions shrink to stay in the field of view
     a = b / aspect
     z_skin = rng.uniform(0.035, 0.06)
     z_fat_gland = rng.uniform(0.16, 0.3)
     z_gland_retro = rng.uniform(0.68, 0.95)
     z_lo = max(z_fat_gland, z_skin + 1.2 * b + 0.03)
-    z0 = rng.uniform(z_lo, max(z_lo + 0.02, 0.8 - 1.1 * b))
+    z0 = rng.uniform(z_lo, max(z_lo + 0.02, 0.8 * depth - 1.1 * b))
 
     harmonics = []
-    if benign_like:
-        if rng.random() < 0.3:  # macrolobulated (fibroadenoma-like)
-            for k in (2, 3):
-                harmonics.append((k, rng.uniform(0.04, 0.11), rng.uniform(0, 2 * math.pi), rng.normal(0, 4)))
-        irregularity = rng.uniform(0.0, 0.06)
-        ks = (3, 4, 5)
-    else:
-        irregularity = rng.uniform(0.04, 0.2)
-        ks = (3, 4, 5, 6, 7, 8)
-    for k in ks:
+    if chance(kind.lobulated):  # macrolobulated (fibroadenoma-like)
+        for k in (2, 3):
+            harmonics.append((k, rng.uniform(0.04, 0.11), rng.uniform(0, 2 * math.pi), rng.normal(0, 4)))
+    irregularity = rng.uniform(*kind.irregularity)
+    for k in kind.harmonics:
         amp = irregularity * rng.uniform(0.3, 1.0) / math.sqrt(k / 3)
         harmonics.append((k, amp, rng.uniform(0, 2 * math.pi), rng.normal(0, 8)))
 
-    def draw_spicules(n: int, lo: float, hi: float) -> tuple:
-        return tuple((rng.uniform(-math.pi, math.pi), rng.uniform(lo, hi), rng.uniform(0.04, 0.09))
-                     for _ in range(n))
+    spicules = ()
+    if chance(kind.spiculated):
+        n = int(rng.integers(kind.spicules[0], kind.spicules[1] + 1))
+        spicules = tuple((rng.uniform(-math.pi, math.pi), rng.uniform(*kind.spicule_length), rng.uniform(0.04, 0.09))
+                         for _ in range(n))
 
-    if malignant:
-        spicules = draw_spicules(int(rng.integers(4, 15)), 0.25, 0.7) if (focal or rng.random() < 0.7) else ()
-    else:
-        spicules = draw_spicules(int(rng.integers(1, 4)), 0.1, 0.25) if rng.random() < 0.05 else ()
-
-    if benign_like:
-        edge_px = rng.uniform(0.6, 1.5) if not focal else rng.uniform(0.6, 1.8)
-        posterior = rng.normal(0.6, 0.45) if not focal else rng.normal(0.1, 0.4)
-        heterogeneity = rng.uniform(0.0, 0.3)
-        halo = rng.uniform(0.1, 0.3) if (not malignant and rng.random() < 0.1) else 0.0
-        tilt = math.radians(rng.normal(0, 8))
-        level = math.exp(rng.uniform(math.log(0.004), math.log(0.08)))
-    else:
-        edge_px = rng.uniform(0.8, 2.2)
-        posterior = rng.normal(-0.9, 0.5)
-        heterogeneity = rng.uniform(0.2, 0.8)
-        halo = rng.uniform(0.3, 1.0) if rng.random() < 0.6 else 0.0
-        tilt = math.radians(rng.normal(0, 15))
-        level = math.exp(rng.uniform(math.log(0.015), math.log(0.08)))
+    edge_px = rng.uniform(*kind.edge_px)
+    posterior = rng.normal(*kind.posterior)
+    heterogeneity = rng.uniform(*kind.heterogeneity)
+    halo = rng.uniform(*kind.halo_strength) if chance(kind.halo) else 0.0
+    tilt = math.radians(rng.normal(0, kind.tilt_deg))
+    level = math.exp(rng.uniform(math.log(kind.level[0]), math.log(kind.level[1])))
 
     c = a * rng.uniform(0.8, 1.3)
     y0 = rng.uniform(-0.15, 0.15) * c
     u = rng.uniform(-1.0, 1.0)  # one draw: side and distance of the sign window
     lo, hi = cfg.focal_offset
     y_sign = y0 + math.copysign(lo + (hi - lo) * abs(u), u) * c
-    n_calcs = 0
-    if malignant and rng.random() < 0.4:
-        n_calcs = int(rng.integers(3, 11))
-    elif not malignant and rng.random() < 0.05:
-        n_calcs = int(rng.integers(1, 4))
+    n_calcs = int(rng.integers(kind.calc_count[0], kind.calc_count[1] + 1)) if chance(kind.calcs) else 0
     calc_list = []
     for _ in range(n_calcs):
         r, t = 0.75 * math.sqrt(rng.random()), rng.uniform(-math.pi, math.pi)
@@ -308,14 +535,41 @@ def sample_case(label: int, rng: np.random.Generator, cfg: SynthConfig) -> CaseP
         tilt=tilt, y0=y0, harmonics=tuple(harmonics), spicules=spicules, edge_px=edge_px, level=level,
         heterogeneity=heterogeneity, halo=halo, halo_px=rng.uniform(2.0, 5.0), posterior=posterior,
         calcs=tuple(calc_list),
-        sign_posterior=rng.normal(-1.2, 0.4) if focal else posterior,
-        sign_halo=rng.uniform(0.5, 1.0) if focal else halo,
-        sign_heterogeneity=rng.uniform(0.4, 0.8) if focal else heterogeneity,
+        sign_posterior=rng.normal(*model.sign_posterior) if focal else posterior,
+        sign_halo=rng.uniform(*model.sign_halo) if focal else halo,
+        sign_heterogeneity=rng.uniform(*model.sign_heterogeneity) if focal else heterogeneity,
         y_sign=y_sign,
         z_skin=z_skin, z_fat_gland=z_fat_gland, z_gland_retro=z_gland_retro, layer_waves=layer_waves,
         ligaments=ligaments, attenuation=rng.uniform(-0.3, 1.0), focus_z=rng.uniform(0.3, 0.6),
         gain_db=rng.uniform(-3.0, 3.0), psf_ax_px=rng.uniform(0.7, 1.0), psf_lat_px=rng.uniform(1.4, 2.1),
-        overshoot=rng.uniform(*cfg.sweep_overshoot),
+        overshoot=rng.uniform(*cfg.sweep_overshoot), height=height, width=width, frames=frames,
+    )
+
+
+def other_plane(lesion: CaseParams, view: CaseParams, rng: np.random.Generator) -> CaseParams:
+    """The same lesion swept in the orthogonal plane, in the tissue and probe of `view`.
+
+    Frame size and lesion depth are the first sweep's (one scanner preset per patient);
+    the frame count, position, tilt, tissue layers and probe motion are the view's.
+    Its lateral and elevational semi-axes swap (the depth b stays), so the aspect
+    ratio changes by a / c; margin phases and spicule directions are redrawn (another
+    cut through the same shape); everything that makes the class is kept: irregularity
+    amplitudes, spicule count and lengths, echo, posterior, halo, heterogeneity,
+    calcifications and, for focal cases, the signs and the window's side and distance.
+    """
+    b = lesion.a * lesion.aspect
+    a, c = lesion.c, lesion.a
+    to_view = c / lesion.c  # elevations in lesion semi-axes, carried to the new c
+    return replace(
+        view, label=lesion.label, focal=lesion.focal, a=a, aspect=b / a, c=c, z0=lesion.z0,
+        z_skin=lesion.z_skin, z_fat_gland=lesion.z_fat_gland, height=lesion.height, width=lesion.width,
+        harmonics=tuple((k, amp, rng.uniform(0, 2 * math.pi), drift) for k, amp, _, drift in lesion.harmonics),
+        spicules=tuple((rng.uniform(-math.pi, math.pi), length, width) for _, length, width in lesion.spicules),
+        edge_px=lesion.edge_px, level=lesion.level, heterogeneity=lesion.heterogeneity, halo=lesion.halo,
+        halo_px=lesion.halo_px, posterior=lesion.posterior,
+        calcs=tuple((cu, cv, view.y0 + (cy - lesion.y0) * to_view) for cu, cv, cy in lesion.calcs),
+        sign_posterior=lesion.sign_posterior, sign_halo=lesion.sign_halo,
+        sign_heterogeneity=lesion.sign_heterogeneity, y_sign=view.y0 + (lesion.y_sign - lesion.y0) * to_view,
     )
 
 
@@ -343,6 +597,24 @@ def _smooth_fields(rng: np.random.Generator, k: int, shape: tuple, sigma_px: flo
     return fields
 
 
+def _gain_drift(rng: np.random.Generator, frames: int, sd_db: float) -> np.ndarray:
+    """Slow per-frame gain offsets in dB, (frames,) float32: a stationary AR(1) with std sd_db."""
+    steps = rng.normal(0.0, sd_db * math.sqrt(1 - 0.8**2), frames)
+    walk = np.zeros(frames)
+    walk[0] = steps[0] / math.sqrt(1 - 0.8**2)
+    for t in range(1, frames):
+        walk[t] = 0.8 * walk[t - 1] + steps[t]
+    return walk.astype(np.float32)
+
+
+def _fast_padded(n: int, margin: int) -> int:
+    """Smallest FFT-friendly length >= n + margin with an even pad on both sides."""
+    m = n + margin
+    while scipy.fft.next_fast_len(m) != m or (m - n) % 2:
+        m += 1
+    return m
+
+
 def _jitter(rng: np.random.Generator, frames: int, step_px: float, limit: int) -> np.ndarray:
     """Mean-reverting random walk of integer pixel shifts, (frames,) int."""
     steps = rng.normal(0.0, step_px, frames)
@@ -354,16 +626,13 @@ def _jitter(rng: np.random.Generator, frames: int, step_px: float, limit: int) -
 
 def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> SynthCase:
     """Render the sweep of one case: (T, H, W) uint8 frames plus per-frame masks and stats."""
-    T, H = cfg.frames, cfg.size
-    W = H
-    scale = H / 128.0
+    T, H, W = p.frames, p.height, p.width
+    scale = W / 128.0  # pixels per image width / 128; pixels are square, depth is H / W widths
     psf_ax, psf_lat = p.psf_ax_px * scale, p.psf_lat_px * scale
-    # Circular FFT convolution wraps within the pad only; the padded size is FFT-friendly.
-    Hp = H + 2 * int(math.ceil(4 * psf_lat)) + 4
-    while scipy.fft.next_fast_len(Hp) != Hp or (Hp - H) % 2:
-        Hp += 1
-    pad = (Hp - H) // 2
-    Wp = Hp
+    # Circular FFT convolution wraps within the pad only; the padded sizes are FFT-friendly.
+    margin = 2 * int(math.ceil(4 * psf_lat)) + 4
+    Hp, Wp = _fast_padded(H, margin), _fast_padded(W, margin)
+    pad, padx = (Hp - H) // 2, (Wp - W) // 2  # rows, columns
     J = int(math.ceil(4 * cfg.jitter_px * scale)) + 1  # largest jitter shift
     Hg, Wg = Hp + 2 * J, Wp + 2 * J  # tissue grid: the frame plus room to jitter
 
@@ -373,8 +642,8 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     dz = _jitter(rng, T, cfg.jitter_px * scale * 0.5, J)  # axial jitter is smaller (probe pressure)
     dx = _jitter(rng, T, cfg.jitter_px * scale, J)
     rows_px = np.arange(Hp, dtype=np.float32) - pad
-    cols_px = np.arange(Wp, dtype=np.float32) - pad
-    Z = (rows_px[None, :, None] + dz.astype(np.float32)[:, None, None]) / H  # (T, Hp, 1) depth
+    cols_px = np.arange(Wp, dtype=np.float32) - padx
+    Z = (rows_px[None, :, None] + dz.astype(np.float32)[:, None, None]) / W  # (T, Hp, 1) depth, in widths
     X = (cols_px[None, None, :] + dx.astype(np.float32)[:, None, None]) / W  # (T, 1, Wp) lateral
     yy = y[:, None, None]  # (T, 1, 1)
 
@@ -424,7 +693,7 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     R = R + 1.5 * np.exp(-((Z - z_pm) / 0.005) ** 2)  # pectoral fascia
 
     # Cooper's ligaments: bright arcs from the gland surface towards the skin, in the fat only.
-    rows = int(min(Hp, (float(z_fg.max()) * H + pad + J + 2)))
+    rows = int(min(Hp, (float(z_fg.max()) * W + pad + J + 2)))
     Zf, fat_weight = Z[:, :rows], s_skin[:, :rows] * (1 - s_fg[:, :rows])
     lig = np.zeros((T, rows, Wp), np.float32)
     for cx, half_w, height, drift in p.ligaments:
@@ -472,11 +741,17 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
 
     # Posterior enhancement / shadowing along each beam line (image columns).
     post = (p.posterior + (p.sign_posterior - p.posterior) * sign_w)[:, None, None]
-    path = np.cumsum(m, axis=1) / (2 * b * H)  # lesion path length above, in lesion depths
+    path = np.cumsum(m, axis=1) / (2 * b * W)  # lesion path length above, in lesion depths
     R = R * np.exp(post * np.minimum(path, 1.0))
 
     # Depth gain: residual attenuation after TGC, mild focal-zone brightening.
     R = R * np.exp(-p.attenuation * Z) * (1 + 0.3 * np.exp(-(((Z - p.focus_z) / 0.15) ** 2)))
+    if cfg.clutter:
+        # Near-field haze, and reverberation between the probe and the subcutaneous interface
+        # (echoes at 2, 3, 4 times its depth); they fill dark lesions and shadows near the top.
+        haze = np.exp(-Z / 0.12)
+        reverb = sum(0.6**k * np.exp(-(((Z - k * p.z_skin) / 0.006) ** 2)) for k in (2, 3, 4))
+        R = R + np.float32(cfg.clutter) * (haze + reverb)
     R = np.maximum(R, 1e-4)
 
     # Speckle: persistent (tissue-fixed, slowly rotating) + fresh scatterers, weighted by sqrt(R).
@@ -493,22 +768,27 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
             xc = p.x0 + cu * p.a * math.cos(p.tilt) - cv * b * math.sin(p.tilt)
             zc = p.z0 + cu * p.a * math.sin(p.tilt) + cv * b * math.cos(p.tilt)
             ts = np.flatnonzero(hit)
-            ii = np.clip(np.round(zc * H + pad - dz[ts]).astype(np.int64), 0, Hp - 1)
-            jj = np.clip(np.round(xc * W + pad - dx[ts]).astype(np.int64), 0, Wp - 1)
+            ii = np.clip(np.round(zc * W + pad - dz[ts]).astype(np.int64), 0, Hp - 1)
+            jj = np.clip(np.round(xc * W + padx - dx[ts]).astype(np.int64), 0, Wp - 1)
             field_[ts, ii, jj] += np.float32(5.0)
     fz = scipy.fft.fftfreq(Hp).astype(np.float32)[:, None]
     fx = scipy.fft.fftfreq(Wp).astype(np.float32)[None, :]
     psf = np.exp(-2 * math.pi**2 * ((psf_ax * fz) ** 2 + (psf_lat * fx) ** 2)).astype(np.float32)
     intensity = np.abs(scipy.fft.ifft2(scipy.fft.fft2(field_) * psf)) ** 2  # (T, Hp, Wp), Rayleigh envelope^2
+    if cfg.noise_floor:  # electronic noise: white, after the beamformer, exponential intensity
+        floor = np.float32(cfg.noise_floor * np.percentile(intensity[:, ::3, ::3], 99.0))
+        intensity += floor * np.abs(_complex_normal(rng, (T, Hp, Wp))) ** 2
     # The display pixel integrates over a patch of speckle (the scanner's image is finer than 128 px):
     # a small Gaussian on the intensity lowers speckle contrast the way downsampling does.
     rfx = scipy.fft.rfftfreq(Wp).astype(np.float32)[None, :]
     blur = np.exp(-2 * math.pi**2 * (0.8 * scale) ** 2 * (fz**2 + rfx**2))
-    intensity = scipy.fft.irfft2(scipy.fft.rfft2(intensity) * blur, s=(Hp, Wp))[:, pad:pad + H, pad:pad + W]
+    intensity = scipy.fft.irfft2(scipy.fft.rfft2(intensity) * blur, s=(Hp, Wp))[:, pad:pad + H, padx:padx + W]
 
     # Log compression: white is 8 dB above the sweep's 99th percentile (bright speckle of gland).
     ref = np.percentile(intensity[:, ::3, ::3], 99.0) * 10 ** ((8.0 - p.gain_db) / 10)
     db = 10 * np.log10(np.maximum(intensity, 0) / ref + 1e-9)
+    if cfg.frame_gain_db:
+        db += _gain_drift(rng, T, cfg.frame_gain_db)[:, None, None]
     assert db.dtype == np.float32, f"render_case computed in {db.dtype}, expected float32 throughout"
     frames = np.clip((db + cfg.dynamic_range_db) * (255.0 / cfg.dynamic_range_db), 0, 255).astype(np.uint8)
 
@@ -519,7 +799,7 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
         signs = visible & (sign_w > 0.5)
     else:
         signs = visible.copy()
-    mask = m[:, pad:pad + H, pad:pad + W] > 0.5  # (T, H, W)
+    mask = m[:, pad:pad + H, padx:padx + W] > 0.5  # (T, H, W)
     heights = mask.any(axis=2).sum(axis=1)
     widths = mask.any(axis=1).sum(axis=1)
     # Shape stats from near-full sections: grazing cuts look round whatever the lesion.
@@ -539,57 +819,110 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
 
 
 def generate_case(seed: int, index: int, label: int, cfg: SynthConfig = SynthConfig()) -> SynthCase:
-    """Case `index` of the data set with `seed`: same frames for the same arguments."""
+    """Case `index` of the data set with `seed`: same frames for the same arguments.
+
+    With videos_per_patient k, cases k*j .. k*j+k-1 are one patient's sweeps of one
+    lesion: the first draws it from case k*j's generator, later ones sweep it in the
+    orthogonal plane (`other_plane`) with their own tissue, probe and speckle.
+    """
     rng = np.random.default_rng([seed, index])
-    return render_case(sample_case(label, rng, cfg), cfg, rng)
+    p = sample_case(label, rng, cfg)
+    first = index - index % cfg.videos_per_patient
+    if first != index:
+        p = other_plane(sample_case(label, np.random.default_rng([seed, first]), cfg), p, rng)
+    return render_case(p, cfg, rng)
 
 
 # -- data sets --------------------------------------------------------------------
 @dataclass(frozen=True)
 class CasePlan:
     index: int
-    video: str  # file name, e.g. "case_0001.mp4"
+    video: str  # file name, e.g. "case_0001.mp4" (the extension follows the format)
     label: int
     patient_id: str
+    format: str = "h264-mp4"  # a name of FORMATS
 
 
 def plan_cases(n: int, seed: int, cfg: SynthConfig = SynthConfig()) -> list[CasePlan]:
-    """Labels (shuffled, round(n * malignant_fraction) malignant) and patients for n cases."""
+    """Labels, patients and video formats for n cases.
+
+    Patients hold videos_per_patient consecutive cases (one lesion, one label; the
+    last patient may hold fewer): round(patients * malignant_fraction) of them,
+    shuffled, are malignant. Formats: a seeded shuffle of cfg.formats repeated, so
+    each format gets n / len(formats) cases, +-1.
+    """
     if n < 1:
         raise ValueError(f"number of cases must be >= 1, got {n}")
     rng = np.random.default_rng([seed, 0x5EED])
-    n_mal = int(round(n * cfg.malignant_fraction))
-    labels = rng.permutation(np.array([1] * n_mal + [0] * (n - n_mal)))
-    plans, patient = [], 0
+    per = cfg.videos_per_patient
+    slots = -(-n // per)  # lesions
+    n_mal = int(round(slots * cfg.malignant_fraction))
+    labels = rng.permutation(np.array([1] * n_mal + [0] * (slots - n_mal)))
+    patients, patient = [], 0
     for i in range(n):
-        if i == 0 or rng.random() >= cfg.repeat_patient_prob:
+        if i % per == 0 and (i == 0 or rng.random() >= cfg.repeat_patient_prob):
             patient += 1
-        plans.append(CasePlan(i, f"case_{i + 1:04d}.mp4", int(labels[i]), f"P{patient:04d}"))
-    return plans
+        patients.append(f"P{patient:04d}")
+    formats = [cfg.formats[0]] * n
+    if len(cfg.formats) > 1:  # drawn after the rest: plans of one-format configs are as before
+        formats = [cfg.formats[k] for k in rng.permutation(np.arange(n) % len(cfg.formats))]
+    return [CasePlan(i, f"case_{i + 1:04d}{FORMATS[formats[i]][0]}", int(labels[i // per]), patients[i],
+                     formats[i]) for i in range(n)]
+
+
+def encode_video(frames: np.ndarray, fmt: str, cfg: SynthConfig, name: str = "video") -> bytes:
+    """(T, H, W) uint8 frames -> bytes of the video format `fmt` (a name of FORMATS)."""
+    from fractions import Fraction
+
+    import av
+
+    from clman.data.video import encode_mp4
+
+    if fmt == "h264-mp4":  # the project's writer: the default data set's bytes
+        return encode_mp4(frames, fps=cfg.fps, gop=cfg.gop, crf=cfg.crf, name=name)
+    if fmt not in FORMATS:
+        raise ValueError(f"{name}: unknown video format {fmt!r}; valid: {list(FORMATS)}")
+    _, container, encoder, pix_fmt, options = FORMATS[fmt]
+    buf = io.BytesIO()
+    # bitexact: Matroska otherwise writes a random segment UID, so the same frames
+    # would give other bytes on every run.
+    with av.open(buf, mode="w", format=container, options={"fflags": "+bitexact"}) as out:
+        stream = out.add_stream(encoder, rate=Fraction(cfg.fps).limit_denominator(1001), options=dict(options))
+        stream.pix_fmt = pix_fmt
+        stream.height, stream.width = frames.shape[1:]
+        stream.codec_context.gop_size = cfg.gop
+        for t, frame in enumerate(frames):
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="gray")
+            vf.pts = t
+            out.mux(stream.encode(vf))
+        out.mux(stream.encode(None))
+    return buf.getvalue()
 
 
 def _make_case(args: tuple) -> dict:
     """Worker: render, encode and write one case; returns its labels row and stats."""
     from clman import storage
-    from clman.data.video import encode_mp4
 
     out_uri, plan, seed, cfg = args
     t0 = time.perf_counter()
     case = generate_case(seed, plan.index, plan.label, cfg)
     t1 = time.perf_counter()
-    data = encode_mp4(case.frames, fps=cfg.fps, gop=cfg.gop, crf=cfg.crf, name=plan.video)
+    data = encode_video(case.frames, plan.format, cfg, name=plan.video)
     t2 = time.perf_counter()
     storage.write_bytes(storage.join(out_uri, plan.video), data)
-    return {**asdict(plan), **case.stats, "bytes": len(data), "generate_s": t1 - t0, "encode_s": t2 - t1}
+    frames, height, width = case.frames.shape
+    return {**asdict(plan), **case.stats, "frames": frames, "height": height, "width": width,
+            "bytes": len(data), "generate_s": t1 - t0, "encode_s": t2 - t1}
 
 
 def write_dataset(out_uri: str, n_cases: int, seed: int = 0, cfg: SynthConfig = SynthConfig(),
                   workers: int | None = None, progress: bool = True) -> list[dict]:
-    """Write `n_cases` sweeps as mp4 plus labels.csv (video, label, patient_id) to `out_uri`.
+    """Write `n_cases` sweeps (videos in cfg.formats) plus labels.csv (video, label, patient_id).
 
     Also writes synth_cases.csv (per-case stats: focal, aspect ratio, lesion and
-    sign frame counts). labels.csv is written last, so an interrupted run never
-    leaves a labels file that lists missing videos. Returns the per-case rows.
+    sign frame counts; format, frames, height, width where they vary). labels.csv
+    is written last, so an interrupted run never leaves a labels file that lists
+    missing videos. Returns the per-case rows.
     """
     import pandas as pd
     from tqdm import tqdm
@@ -616,7 +949,10 @@ def write_dataset(out_uri: str, n_cases: int, seed: int = 0, cfg: SynthConfig = 
     logger.info("rendered %d sweeps: %.3f s/case rendering, %.3f s/case encoding", len(rows),
                 float(np.mean([r["generate_s"] for r in rows])), float(np.mean([r["encode_s"] for r in rows])))
     table = pd.DataFrame(rows)
-    stats = table.drop(columns=["index", "generate_s", "encode_s"])  # no timings: same seed, same file
+    # No timings: same seed, same file. Format and frame geometry only where they vary
+    # (hard): a default data set's synth_cases.csv stays as it was.
+    fixed = [c for c in ("format", "frames", "height", "width") if table[c].nunique() == 1]
+    stats = table.drop(columns=["index", "generate_s", "encode_s", *fixed])
     storage.write_text(storage.join(out_uri, "synth_cases.csv"), stats.to_csv(index=False))
     storage.write_text(storage.join(out_uri, "labels.csv"),
                        table[["video", "label", "patient_id"]].to_csv(index=False))

@@ -43,6 +43,11 @@ from clman.data.video import VideoError
 log = logging.getLogger(__name__)
 
 PREFETCH_BATCHES = 2
+# Decode tasks run on the CPUs the cluster has free, not inside the placement group of the
+# process that submits them: a Tune trial's group holds only its driver's 0.01 CPU, a Train
+# worker's bundle only that worker (Ray would refuse or wait forever). Tune's trial count
+# already leaves room for them (``clman.tuning.max_concurrent_trials``).
+OUTSIDE_PLACEMENT_GROUPS = "DEFAULT"
 CLIPS, EVAL_CLIPS, SIMCLR = "clips", "eval_clips", "simclr"
 
 
@@ -132,7 +137,7 @@ def build_cache(videos: Sequence[Video], data) -> tuple[list[Video], list]:
     """
     size = data.stored_size
     cap = _in_flight(data) or max(1, int(ray.available_resources().get("CPU", 1) / data.decode_cpus))
-    fn = _decode_whole.options(num_cpus=data.decode_cpus)
+    fn = _decode_whole.options(num_cpus=data.decode_cpus, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS)
     pending: list[tuple[Video, ray.ObjectRef, ray.ObjectRef]] = []
     kept, refs = [], []
 
@@ -234,7 +239,7 @@ class Feed:
                 want = self.indices(self.videos[p], epoch)
                 yield self.videos[p], frames[F.pick(available, want)], want
             return
-        fn = _decode_some.options(num_cpus=self.data.decode_cpus)
+        fn = _decode_some.options(num_cpus=self.data.decode_cpus, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS)
         todo = [p for p in positions if self.videos[p].uri not in self.bad]
         pending: list = []  # (position, indices, ref), submitted in order, taken in order
         for p in todo + [None] * self.window:
