@@ -139,7 +139,7 @@ def build_cache(videos: Sequence[Video], data) -> tuple[list[Video], list]:
     cap = _in_flight(data) or max(1, int(ray.available_resources().get("CPU", 1) / data.decode_cpus))
     fn = _decode_whole.options(num_cpus=data.decode_cpus, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS)
     pending: list[tuple[Video, ray.ObjectRef, ray.ObjectRef]] = []
-    kept, refs = [], []
+    kept, refs, stored, channels = [], [], [0], set()
 
     def settle(item):
         video, meta_ref, frames_ref = item
@@ -149,6 +149,8 @@ def build_cache(videos: Sequence[Video], data) -> tuple[list[Video], list]:
             return
         kept.append(video)
         refs.append(frames_ref)
+        stored[0] += meta["bytes"]
+        channels.add(meta["channels"])
 
     for v in videos:
         if len(pending) >= cap:
@@ -156,6 +158,8 @@ def build_cache(videos: Sequence[Video], data) -> tuple[list[Video], list]:
         pending.append((v, *fn.remote(v.uri, v.num_frames, size)))
     for item in pending:
         settle(item)
+    log.info("decoded %d videos once: %.1f MB of uint8 frames (%s channel(s), %d px) in the object store",
+             len(kept), stored[0] / 1e6, "/".join(map(str, sorted(channels))) or "-", size)
     return kept, refs
 
 
