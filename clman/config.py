@@ -44,7 +44,7 @@ ARCHS = (
 @dataclass(frozen=True)
 class ModelConfig:
     arch: str = "clman"  # or a Table 4 baseline (ARCHS); baselines ignore the CLMAN fields norm .. proj_layers
-    weights: str | None = None  # local path or s3:// URI of a state dict / clman checkpoint of this arch; never downloaded
+    weights: str | None = None  # path / s3:// URI: a state dict or clman checkpoint of this arch; never downloaded
     norm: str = "group"  # the paper's GN; "batch" for the vanilla ResNet-18 row
     nonlocal_stages: tuple[int, ...] = (3, 4)  # the paper's NL; () = vanilla
     width: float = 1.0  # channel multiplier; 0.125-0.25 for CPU demos and tests
@@ -184,29 +184,58 @@ class PretrainConfig:
         _at_least(where, "checkpoint_every", self.checkpoint_every, 1)
 
 
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("constant", "cosine")
+CLASS_WEIGHTS = ("none", "balanced")
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """CLMAN: encoder + aggregator + linear classifier on T-frame clips (paper 3.3, 4.3)."""
+    """CLMAN: encoder + aggregator + linear classifier on T-frame clips (paper 3.3, 4.3).
+
+    The defaults are the paper's recipe (SGD, constant lr 1e-4, the last epoch) plus a
+    validation split carved from the training patients when the manifest has none;
+    ``jobs/configs/demo-cpu.yaml`` holds a recipe measured to learn on two phantoms
+    (README "Finetuning recipes").
+    """
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     epochs: int = 320
     batch_size: int = 8  # global batch of clips
-    lr: float = 1e-4
-    encoder_lr_scale: float = 1.0  # encoder lr = lr * this (1.0 = the paper: one lr)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    optimizer: str = "sgd"  # sgd (the paper's, with momentum) | adamw (decoupled weight decay)
+    lr: float = 1e-4  # peak learning rate; 0 trains nothing (it checks the not-learning warning)
+    schedule: str = "constant"  # constant (the paper's) | cosine: per-step cosine annealing to 0 after warmup
+    warmup_epochs: int = 0  # linear warmup from lr / warmup_steps to lr, per step, with either schedule
+    encoder_lr_scale: float = 1.0  # encoder lr = lr * this (1.0 = the paper: one lr; 0 freezes it)
+    momentum: float = 0.9  # sgd only
+    weight_decay: float = 5e-4  # sgd: L2 added to the gradient; adamw: decoupled (try 0.01-0.05)
+    grad_clip: float = 0.0  # max global gradient norm; 0 = off (1.0 tames the first AdamW steps)
+    label_smoothing: float = 0.0  # cross-entropy target smoothing, 0-0.49 (0.1 keeps logits from running away)
+    class_weights: str = "none"  # none | balanced: weights n / (2 n_class) from the training split's videos
+    val_fraction: float = 0.2  # no val split in the manifest: this share of training patients validates; 0 = off
+    patience: int = 0  # stop after this many epochs without a better val AUC; 0 = run every epoch
     checkpoint_every: int = 1
-    seed: int = 0
+    seed: int = 0  # also picks the carved validation patients
 
     def check(self, where: str = "finetune") -> None:
         _at_least(where, "epochs", self.epochs, 1)
         _at_least(where, "batch_size", self.batch_size, 1)
-        _positive(where, "lr", self.lr)
+        _one_of(where, "optimizer", self.optimizer, OPTIMIZERS)
+        if not self.lr >= 0:  # 0 is allowed: a run that must trigger the not-learning warning
+            raise ConfigError(f"{where}.lr: must be > 0 to learn (0 is accepted: a run that checks the "
+                              f"not-learning warning), got {self.lr!r}")
+        _one_of(where, "schedule", self.schedule, SCHEDULES)
+        _in_range(where, "warmup_epochs", self.warmup_epochs, 0, self.epochs)
         _at_least(where, "encoder_lr_scale", self.encoder_lr_scale, 0.0)
         _in_range(where, "momentum", self.momentum, 0.0, 1.0)
         _at_least(where, "weight_decay", self.weight_decay, 0.0)
+        _at_least(where, "grad_clip", self.grad_clip, 0.0)
+        _in_range(where, "label_smoothing", self.label_smoothing, 0.0, 0.49)
+        _one_of(where, "class_weights", self.class_weights, CLASS_WEIGHTS)
+        _in_range(where, "val_fraction", self.val_fraction, 0.0, 0.9)
+        _at_least(where, "patience", self.patience, 0)
         _at_least(where, "checkpoint_every", self.checkpoint_every, 1)
 
 
