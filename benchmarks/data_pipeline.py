@@ -1,11 +1,12 @@
-"""Clips/s per core of the data path S3 -> decode -> augment, against two baselines in the same run.
+"""Clips/s per core of the CPU data path S3 -> decode to uint8 at the stored size, against two baselines in the same run.
 
     python -m benchmarks.data_pipeline [--videos 6] [--frames 240] [--size 128] [--T 16] [--rounds 3]
 
 Every variant runs in this process on one thread (torch and decord), so its
 rate is clips per second per core. For each clip, T frames are drawn by
-segments (random offset, as in finetuning), decoded with decord and augmented
-with ClipAugment(train=True):
+segments (random offset, as in finetuning) and decoded by decord to uint8 at the
+stored size (``clman.data.frames.decode_stored_bytes``; the augmentation runs on the
+training worker's device since the input path moved there, see benchmarks/feed.py):
 
 - memory (ceiling): the short-GOP clip's bytes already in memory;
 - s3: the same clip read from S3 first (the pipeline's path; the local
@@ -43,13 +44,11 @@ def measure(variants: dict, num_frames: list[int], T: int, rounds: int, size: in
             seed: int) -> list[dict]:
     """variants: name -> (fetch(i) -> bytes). Interleaved clip by clip, so load from
     other processes on a shared machine hits every variant alike."""
+    from clman.data.frames import decode_stored_bytes
     from clman.data.sampling import segment_indices
-    from clman.data.transforms import ClipAugment
-    from clman.data.video import decode_frames
 
     rng = np.random.default_rng(seed)
-    augment = ClipAugment(size, train=True)
-    times = {name: np.zeros(3) for name in variants}  # fetch, decode, augment (s)
+    times = {name: np.zeros(2) for name in variants}  # fetch, decode (s)
     clips = 0
     for _ in range(rounds):
         for i, n in enumerate(num_frames):
@@ -58,16 +57,13 @@ def measure(variants: dict, num_frames: list[int], T: int, rounds: int, size: in
                 t0 = time.perf_counter()
                 data = fetch(i)
                 t1 = time.perf_counter()
-                frames = decode_frames(data, idx)  # (T, H, W, 3)
+                clip = decode_stored_bytes(data, idx, size)  # (T, C, S, S) uint8
                 t2 = time.perf_counter()
-                clip = augment(frames)  # (T, C, S, S)
-                t3 = time.perf_counter()
-                assert clip.shape == (T, 3, size, size)
-                times[name] += (t1 - t0, t2 - t1, t3 - t2)
+                assert clip.shape[0] == T and clip.shape[2:] == (size, size)
+                times[name] += (t1 - t0, t2 - t1)
             clips += 1
     return [{"variant": name, "clips": clips, "clips_per_s": clips / t.sum(),
-             "fetch_ms": 1e3 * t[0] / clips, "decode_ms": 1e3 * t[1] / clips,
-             "augment_ms": 1e3 * t[2] / clips} for name, t in times.items()]
+             "fetch_ms": 1e3 * t[0] / clips, "decode_ms": 1e3 * t[1] / clips} for name, t in times.items()]
 
 
 def main(argv=None) -> int:
@@ -75,7 +71,7 @@ def main(argv=None) -> int:
     p.add_argument("--videos", type=int, default=6)
     p.add_argument("--frames", type=int, default=240, help="frames per video")
     p.add_argument("--size", type=int, default=128, help="video height = width")
-    p.add_argument("--crop", type=int, default=112, help="augmented output size")
+    p.add_argument("--crop", type=int, default=128, help="stored frame size (data.stored_size: 128 for a 112 crop)")
     p.add_argument("--T", type=int, default=16, help="frames per clip")
     p.add_argument("--rounds", type=int, default=3, help="passes over the videos per variant")
     p.add_argument("--seed", type=int, default=0)
@@ -116,16 +112,14 @@ def main(argv=None) -> int:
             "s3, long-GOP source": lambda i: storage.read_bytes(keys_long[i]),
         }
         measure(variants, n[:1], args.T, 1, args.crop, args.seed)  # warm-up: imports, first S3 connection
-        torch.manual_seed(args.seed)
         results = measure(variants, n, args.T, args.rounds, args.crop, args.seed)
     finally:
         if server is not None:
             server.stop(timeout=3.0)
 
-    print(f"\n{'variant':<30}{'clips/s/core':>13}{'fetch ms':>10}{'decode ms':>11}{'augment ms':>12}")
+    print(f"\n{'variant':<30}{'clips/s/core':>13}{'fetch ms':>10}{'decode ms':>11}")
     for r in results:
-        print(f"{r['variant']:<30}{r['clips_per_s']:>13.1f}{r['fetch_ms']:>10.1f}{r['decode_ms']:>11.1f}"
-              f"{r['augment_ms']:>12.1f}")
+        print(f"{r['variant']:<30}{r['clips_per_s']:>13.1f}{r['fetch_ms']:>10.1f}{r['decode_ms']:>11.1f}")
     mem, s3, long = (r["clips_per_s"] for r in results)
     print(f"\ns3 / memory ceiling      = {s3 / mem:.2f}")
     print(f"s3 short GOP / long GOP  = {s3 / long:.2f}x")
