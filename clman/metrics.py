@@ -1,4 +1,5 @@
-"""The paper's six metrics (Section 4.2), operating points and bootstrap CIs.
+"""The paper's six metrics (Section 4.2), operating points, bootstrap CIs (by video or by patient),
+the paired DeLong test of two AUCs and t-intervals of means over runs.
 
 Malignant (label 1) is the positive class; a score is P(malignant) in [0, 1]
 and a case is called malignant when score >= threshold (the same rule as the
@@ -32,10 +33,16 @@ class UndefinedMetricWarning(UserWarning):
     """A metric is undefined for this set of cases (one class only) and reported as NaN."""
 
 
+def _writable(x) -> np.ndarray:
+    """An array torch can share: pandas (copy-on-write) hands out read-only views, which torch warns about."""
+    a = np.asarray(x)
+    return a if a.flags.writeable else a.copy()
+
+
 def _check_inputs(scores, labels, allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) float scores in [0, 1] and (N,) int64 labels in {0, 1}, or ValueError naming the problem."""
-    s = scores if isinstance(scores, torch.Tensor) else torch.as_tensor(np.asarray(scores))
-    y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(np.asarray(labels))
+    s = scores if isinstance(scores, torch.Tensor) else torch.as_tensor(_writable(scores))
+    y = labels if isinstance(labels, torch.Tensor) else torch.as_tensor(_writable(labels))
     if s.ndim != 1 or y.ndim != 1:
         raise ValueError(f"scores and labels must be 1-D, got shapes {tuple(s.shape)} and {tuple(y.shape)}")
     if s.shape[0] != y.shape[0]:
@@ -225,6 +232,34 @@ def specificity_at_sensitivity(scores, labels, sensitivity: float = 0.95) -> tup
     return float(1.0 - fps[i] / n_neg), float(s[last[i]])
 
 
+def bootstrap_indices(n: int, n_boot: int, seed: int = 0, groups=None):
+    """Yield ``n_boot`` resamples of case indices, drawn with replacement from ``default_rng(seed)``.
+
+    Without ``groups``: n cases drawn from the n. With ``groups`` ((n,) ids, e.g. patient ids):
+    G groups drawn from the G distinct ids and every case of a drawn group taken, once per
+    draw, so a patient's videos always travel together (a resample then holds about n cases,
+    not exactly n). Indices of one group are consecutive within a resample, in case order.
+    """
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        for _ in range(n_boot):
+            yield rng.integers(0, n, size=n)
+        return
+    groups = np.asarray(groups)
+    if groups.shape != (n,):
+        raise ValueError(f"groups must hold one id per case: shape {groups.shape}, expected ({n},)")
+    _, inverse = np.unique(groups, return_inverse=True)  # ids sorted: the draw does not depend on case order
+    order = np.argsort(inverse, kind="stable")  # cases grouped, in case order within a group
+    counts = np.bincount(inverse)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    for _ in range(n_boot):
+        drawn = rng.integers(0, len(counts), size=len(counts))
+        # Positions of every drawn group's cases in `order`, concatenated without a Python loop.
+        sizes = counts[drawn]
+        first = np.repeat(starts[drawn] - np.r_[0, np.cumsum(sizes)[:-1]], sizes)
+        yield order[first + np.arange(sizes.sum())]
+
+
 def bootstrap_ci(
     scores,
     labels,
@@ -233,12 +268,16 @@ def bootstrap_ci(
     seed: int = 0,
     threshold: float = 0.5,
     *,
+    groups=None,
     return_skipped: bool = False,
 ):
     """Percentile-bootstrap (1 - alpha) CIs of the six metrics: {name: (lo, hi)}.
 
     Cases are resampled with replacement (numpy Generator seeded with `seed`, so
-    the result is reproducible). A resample holding one class only is skipped
+    the result is reproducible). With ``groups`` (one patient id per case) whole
+    patients are resampled, a patient's videos together (:func:`bootstrap_indices`):
+    videos of one patient are correlated, and resampling them one by one makes
+    the CI too narrow. A resample holding one class only is skipped
     and counted: the count is logged, warned about, and returned as
     `(cis, n_skipped)` when `return_skipped=True`. If every resample is
     skipped the CIs are (NaN, NaN).
@@ -251,14 +290,13 @@ def bootstrap_ci(
     s, y = _check_inputs(scores, labels)
     s, y = s.cpu(), y.cpu()
     n = s.shape[0]
-    rng = np.random.default_rng(seed)
     values: dict[str, list[float]] = {name: [] for name in METRIC_NAMES}
     skipped = 0
-    for _ in range(n_boot):
-        idx = torch.from_numpy(rng.integers(0, n, size=n))
+    for idx in bootstrap_indices(n, n_boot, seed, groups):
+        idx = torch.from_numpy(idx)
         yb = y[idx]
         n_pos = int(yb.sum())
-        if n_pos == 0 or n_pos == n:
+        if n_pos == 0 or n_pos == len(idx):
             skipped += 1
             continue
         for name, v in _compute(s[idx], yb, threshold, warn=False).items():
@@ -276,3 +314,77 @@ def bootstrap_ci(
         else:
             cis[name] = (float("nan"), float("nan"))
     return (cis, skipped) if return_skipped else cis
+
+
+# ---------------------------------------------------------------- paired AUC test, means over runs
+
+
+def delong_covariance(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    """(aucs (K,), covariance (K, K)) of K correlated AUCs on the same cases (DeLong et al. 1988).
+
+    scores (K, N) or (N,), labels (N,). The fast algorithm of Sun & Xu (2014, IEEE SPL 21:1389):
+    the placement values come from three midrankings per classifier, O(K N log N), not from
+    the O(N^2) comparison of every positive with every negative; ties count one half.
+    """
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    y = np.asarray(labels)
+    if s.shape[1] != y.shape[0]:
+        raise ValueError(f"scores and labels differ in length: {s.shape[1]} vs {y.shape[0]}")
+    for row in s:
+        _check_inputs(row, y)
+    pos, neg = s[:, y == 1], s[:, y == 0]  # (K, m), (K, n)
+    m, n = pos.shape[1], neg.shape[1]
+    if m < 2 or n < 2:
+        raise ValueError(f"DeLong: needs at least 2 malignant and 2 benign cases, got {m} and {n}")
+    from scipy.stats import rankdata
+
+    tx = rankdata(pos, axis=1)  # midranks within the positives
+    ty = rankdata(neg, axis=1)  # within the negatives
+    tz = rankdata(np.concatenate([pos, neg], axis=1), axis=1)  # within all cases
+    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
+    v10 = (tz[:, :m] - tx) / n  # (K, m) structural components of the positives: share of negatives below
+    v01 = 1.0 - (tz[:, m:] - ty) / m  # (K, n) of the negatives: share of positives above
+    cov = np.atleast_2d(np.cov(v10, ddof=1)) / m + np.atleast_2d(np.cov(v01, ddof=1)) / n
+    return aucs, cov
+
+
+def delong_test(scores_a, scores_b, labels) -> float:
+    """Two-sided p-value of the paired DeLong test of AUC(a) = AUC(b) on the same cases.
+
+    z = (AUC_a - AUC_b) / sqrt(var_a + var_b - 2 cov_ab) against the standard normal. Two
+    classifiers whose difference has no variance (e.g. the same scores) give p = 1 when
+    their AUCs are equal, 0 otherwise. Needs at least two cases of each class.
+    """
+    from scipy.special import ndtr
+
+    aucs, cov = delong_covariance(np.stack([np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)]),
+                                  labels)
+    diff = aucs[0] - aucs[1]
+    var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
+    if not var > 1e-15:  # equal rankings, or every case on the same side
+        return 1.0 if abs(diff) < 1e-12 else 0.0
+    z = diff / np.sqrt(var)
+    return float(2 * ndtr(-abs(z)))
+
+
+def mean_ci(values, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean, lo, hi): the mean of ``values`` and its (1 - alpha) Student-t interval.
+
+    For the mean of a metric over (fold, seed) runs: mean +- t(1 - alpha/2, n - 1) * sd / sqrt(n),
+    sd with n - 1. One value gives (value, NaN, NaN); none gives NaNs. Not clipped.
+    """
+    from scipy.stats import t
+
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size and not np.isfinite(v).all():
+        raise ValueError(f"mean_ci: values must be finite, got {v.tolist()}")
+    nan = float("nan")
+    if v.size == 0:
+        return nan, nan, nan
+    mean = float(v.mean())
+    if v.size == 1:
+        return mean, nan, nan
+    half = float(t.ppf(1 - alpha / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    return mean, mean - half, mean + half

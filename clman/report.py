@@ -23,10 +23,16 @@ PAPER_COLUMNS = (("accuracy", "Acc"), ("ap", "AP"), ("sensitivity", "Sens"), ("s
 
 
 def evaluate_scores(scores: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5,
-                    target_sensitivity: float = 0.95, n_boot: int = 1000, seed: int = 0) -> dict:
-    """The six metrics, their bootstrap 95% CIs and specificity at a fixed sensitivity."""
+                    target_sensitivity: float = 0.95, n_boot: int = 1000, seed: int = 0,
+                    patients: Sequence[str] | None = None) -> dict:
+    """The six metrics, their bootstrap 95% CIs and specificity at a fixed sensitivity.
+
+    ``patients`` (one id per video): the bootstrap resamples patients, a patient's videos
+    together; without it, videos.
+    """
     point = compute_metrics(scores, labels, threshold=threshold)
-    ci = bootstrap_ci(scores, labels, n_boot=n_boot, seed=seed, threshold=threshold) if n_boot else {}
+    groups = None if patients is None else np.asarray(patients)
+    ci = bootstrap_ci(scores, labels, n_boot=n_boot, seed=seed, threshold=threshold, groups=groups) if n_boot else {}
     spec, thr = specificity_at_sensitivity(scores, labels, sensitivity=target_sensitivity)
     return {
         "n": int(len(labels)),
@@ -37,6 +43,7 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray, *, threshold: float 
         "specificity_at_sensitivity": {"sensitivity": target_sensitivity, "specificity": _num(spec),
                                        "threshold": _num(thr)},
         "bootstrap": n_boot,
+        "bootstrap_unit": "video" if patients is None else "patient",
     }
 
 
@@ -69,7 +76,8 @@ def markdown(rows: Mapping[str, dict], title: str = "CLMAN evaluation", notes: S
     first = next(iter(rows.values()))
     lines = [f"# {title}", "",
              f"{first['n']} videos ({first['n_malignant']} malignant); malignant is the positive class; "
-             f"threshold {first['threshold']:g}; 95% CIs from {first['bootstrap']} bootstrap resamples of videos.",
+             f"threshold {first['threshold']:g}; 95% CIs from {first['bootstrap']} bootstrap resamples of "
+             f"{first.get('bootstrap_unit', 'video')}s.",
              "", table_rows(rows), ""]
     for name, result in rows.items():
         op = result["specificity_at_sensitivity"]
@@ -90,20 +98,21 @@ def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     return fpr, tpr
 
 
-def roc_png(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float | None]]) -> bytes:
-    """ROC curves as PNG bytes; ``curves`` maps a name to (scores, labels, auc)."""
+def roc_png(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float | None]],
+            title: str = "ROC (malignant = positive)", size: float = 4.5) -> bytes:
+    """ROC curves as PNG bytes; ``curves`` maps a name to (scores, labels, auc), drawn in that order."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(size, size), dpi=120)
     for name, (scores, labels, auc) in curves.items():
         fpr, tpr = roc_points(np.asarray(scores, dtype=np.float64), np.asarray(labels))
         label = name if auc is None else f"{name} (AUC {auc:.3f})"
         ax.plot(fpr, tpr, drawstyle="steps-post", label=label)
     ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
-    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title="ROC (malignant = positive)")
+    ax.set(xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -1,0 +1,162 @@
+"""Which videos train, validate and test each (fold, seed) of a study.
+
+Two protocols, both by patient (no patient on two sides):
+- k-fold: the manifest's ``fold`` column, written by ``jobs.ingest --folds K``
+  (``clman.data.manifest.assign_splits``: patients dealt round-robin per label, so the folds
+  are stratified). Fold k tests on the patients of fold k and trains on the others.
+- holdout (``--holdout``): the manifest's fixed train / test split, the paper's protocol.
+
+The validation videos that pick the checkpoint come from the training side only: the
+manifest's val split in holdout when it has one, else a share of the training patients
+carved per label by ``assign_splits`` from the trial's seed — the same carve
+``clman.train.finetune.validation_split`` makes, so a (fold, seed) gives the same validation
+patients to every row, and the rows are compared on the same footing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from clman.data.manifest import ManifestError, assign_splits, check_patient_splits
+from clman.study.rows import StudyError
+
+HOLDOUT = -1  # the fold number of the manifest's fixed train/test split
+
+
+@dataclass(frozen=True, eq=False)
+class Split:
+    """The videos of one (fold, seed): manifest rows, their ``split`` set to train / val / test."""
+
+    fold: int  # HOLDOUT for the manifest's fixed split
+    seed: int
+    train: pd.DataFrame
+    val: pd.DataFrame  # empty when finetune.val_fraction = 0 and the manifest has no val split
+    test: pd.DataFrame
+    note: str  # one line: where the validation videos come from
+
+    def manifest(self) -> pd.DataFrame:
+        """One manifest (DataFrame) with split train / val / test, for ``write_manifest`` and finetune."""
+        parts = [self.train.assign(split="train"), self.val.assign(split="val"), self.test.assign(split="test")]
+        return pd.concat(parts, ignore_index=True)
+
+    @property
+    def training_folds(self) -> pd.DataFrame:
+        """Train + val: every video SimCLR pretraining of this (fold, seed) may see (never a test video)."""
+        return pd.concat([self.train, self.val], ignore_index=True)
+
+
+def _classes(rows: pd.DataFrame) -> str:
+    b, m = int((rows["label"] == 0).sum()), int((rows["label"] == 1).sum())
+    return f"{b} benign + {m} malignant videos of {rows['patient_id'].nunique()} patients"
+
+
+@dataclass(frozen=True, eq=False)
+class FoldPlan:
+    """The checked manifest and the folds of a study; ``split(fold, seed)`` gives a trial's videos."""
+
+    manifest: pd.DataFrame
+    folds: tuple[int, ...]  # (HOLDOUT,) for --holdout
+    where: str = "manifest"
+
+    @property
+    def holdout(self) -> bool:
+        return self.folds == (HOLDOUT,)
+
+    def describe(self) -> str:
+        df = self.manifest
+        head = (f"{len(df)} videos of {df['patient_id'].nunique()} patients "
+                f"({int((df['label'] == 1).sum())} malignant)")
+        if self.holdout:
+            test = df[df["split"] == "test"]
+            return f"{head}; the manifest's fixed train/test split ({len(test)} test videos)"
+        return f"{head}; {len(self.folds)}-fold cross-validation by patient, stratified by label (manifest `fold`)"
+
+    def split(self, fold: int, seed: int, val_fraction: float = 0.2) -> Split:
+        """The train / val / test videos of (fold, seed); the val patients are drawn from ``seed``."""
+        if fold not in self.folds:
+            raise StudyError(f"fold {fold} is not in this study; folds: {list(self.folds)}")
+        df = self.manifest
+        if self.holdout:
+            train, val, test = (df[df["split"] == s].reset_index(drop=True) for s in ("train", "val", "test"))
+        else:
+            test = df[df["fold"] == fold].reset_index(drop=True)
+            train = df[df["fold"] != fold].reset_index(drop=True)
+            val = train.iloc[:0]
+        if len(val):
+            return Split(fold, seed, train, val, test, f"validation: the manifest's val split ({_classes(val)})")
+        if val_fraction == 0:
+            return Split(fold, seed, train, val, test,
+                         "no validation (finetune.val_fraction=0): the last checkpoint is kept")
+        train, val = carve_validation(train, val_fraction, seed, f"{self.where} fold {fold}")
+        return Split(fold, seed, train, val, test,
+                     f"validation: {_classes(val)} carved from the training folds "
+                     f"(finetune.val_fraction={val_fraction:g}, seed {seed})")
+
+
+def carve_validation(train: pd.DataFrame, fraction: float, seed: int, where: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, val): ``fraction`` of the training patients, per label, drawn from ``seed``; both keep both classes."""
+    try:
+        # assign_splits rewrites split and fold: take only which patients it sends to val.
+        val_patients = set(assign_splits(train, (1.0 - fraction, fraction, 0.0), seed=seed)
+                           .query("split == 'val'")["patient_id"])
+    except ManifestError:  # not one patient falls to val: reported with the counts below
+        val_patients = set()
+    is_val = train["patient_id"].isin(val_patients)
+    kept, val = train[~is_val].reset_index(drop=True), train[is_val].reset_index(drop=True)
+    if kept["label"].nunique() < 2 or val["label"].nunique() < 2:
+        raise StudyError(f"{where}: finetune.val_fraction={fraction:g} of the training patients "
+                         f"({_classes(train)}) leaves a class out of train ({_classes(kept)}) or validation "
+                         f"({_classes(val)}); change finetune.val_fraction or use fewer folds")
+    return kept, val
+
+
+def plan_folds(manifest: pd.DataFrame, folds: int | None = None, holdout: bool = False,
+               where: str = "manifest") -> FoldPlan:
+    """Check ``manifest`` for ``folds`` = K (k-fold) or ``holdout``; every problem is one StudyError line.
+
+    k-fold: the manifest's folds must be exactly 0..K-1 (``jobs.ingest --folds K``), every video
+    in one, each holding both classes (a one-class fold has no AUC). holdout: train and test
+    splits, each with both classes.
+    """
+    if holdout == (folds is not None):
+        raise StudyError("give either --folds K or --holdout")
+    df = manifest.reset_index(drop=True)
+    if df.empty:
+        raise StudyError(f"{where}: no videos")
+    try:
+        check_patient_splits(df, where)
+    except ManifestError as e:
+        raise StudyError(str(e)) from None
+    if holdout:
+        for name in ("train", "test"):
+            part = df[df["split"] == name]
+            if part.empty:
+                hint = " (it was ingested with --folds: use --folds)" if (df["fold"] >= 0).any() else ""
+                raise StudyError(f"{where}: --holdout needs a {name!r} split, the manifest has none{hint}")
+            if part["label"].nunique() < 2:
+                raise StudyError(f"{where}: split {name!r} holds one class only ({_classes(part)}); "
+                                 "re-ingest with another --seed or --split")
+        return FoldPlan(df, (HOLDOUT,), where)
+    if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
+        raise StudyError(f"--folds must be an integer >= 2, got {folds!r}")
+    present = sorted(int(f) for f in df["fold"].unique())
+    if present == [-1]:
+        raise StudyError(f"{where}: --folds {folds}: the manifest has no folds (every fold is -1); "
+                         f"ingest with `jobs.ingest --folds {folds}`, or use --holdout")
+    if -1 in present:
+        n = int((df["fold"] == -1).sum())
+        raise StudyError(f"{where}: --folds {folds}: {n} videos have no fold (-1) beside folds "
+                         f"{[f for f in present if f >= 0]}; re-ingest with `jobs.ingest --folds {folds}`")
+    if present != list(range(folds)):
+        raise StudyError(f"{where}: --folds {folds}: the manifest has {len(present)} folds {present}, "
+                         f"not 0..{folds - 1}; pass --folds {len(present)} or re-ingest with "
+                         f"`jobs.ingest --folds {folds}`")
+    for f in present:
+        part = df[df["fold"] == f]
+        if part["label"].nunique() < 2:
+            only = "benign" if int(part["label"].iloc[0]) == 0 else "malignant"
+            raise StudyError(f"{where}: fold {f} holds only {only} videos ({_classes(part)}), so its AUC is "
+                             "undefined; re-ingest with fewer --folds or another --seed")
+    return FoldPlan(df, tuple(present), where)
