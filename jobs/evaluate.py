@@ -42,7 +42,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def score_split(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig) -> dict:
-    """Scores of every video in ``split``: {"video_id", "label", "score", "top_frames"}, manifest order.
+    """Scores of every video in ``split``: {"video_id", "patient_id", "label", "score", "top_frames"}, manifest order.
 
     Ray Data batch inference on actors holding the model (GPU actors when the cluster has GPUs).
     """
@@ -53,9 +53,10 @@ def score_split(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfi
     t0 = time.perf_counter()
     # Frames are prepared the way the model was trained on them (stored size, size, T).
     scored = scoring.score_rows(checkpoint, rows, train_cfg.data, whole=cfg.frames == "all")
-    out = {"video_id": [], "label": [], "score": [], "top_frames": []}
+    out = {"video_id": [], "patient_id": [], "label": [], "score": [], "top_frames": []}
     for i in sorted(scored):
         out["video_id"].append(str(rows["video_id"].iloc[i]))
+        out["patient_id"].append(str(rows["patient_id"].iloc[i]))
         out["label"].append(int(rows["label"].iloc[i]))
         out["score"].append(scored[i][0])
         out["top_frames"].append(scored[i][1])
@@ -70,7 +71,8 @@ def write_outputs(out_dir: str, name: str, scored: dict, cfg: C.EvaluateConfig) 
     scores = np.asarray(scored["score"], dtype=np.float64)
     labels = np.asarray(scored["label"], dtype=np.int64)
     result = report.evaluate_scores(scores, labels, threshold=cfg.threshold,
-                                    target_sensitivity=cfg.target_sensitivity, n_boot=cfg.bootstrap, seed=cfg.seed)
+                                    target_sensitivity=cfg.target_sensitivity, n_boot=cfg.bootstrap, seed=cfg.seed,
+                                    patients=scored.get("patient_id"))  # the bootstrap resamples patients
     report.write_predictions(storage.join(out_dir, "predictions.parquet"), scored["video_id"], labels, scores,
                              cfg.threshold, scored["top_frames"])
     storage.write_bytes(storage.join(out_dir, "roc.png"),
