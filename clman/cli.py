@@ -15,8 +15,8 @@ _USER_ERRORS: tuple[type[BaseException], ...] = (C.ConfigError, FileNotFoundErro
 
 def user_errors() -> tuple[type[BaseException], ...]:
     from clman.checkpoint import CheckpointError
+    from clman.errors import JobError
     from clman.storage import StorageError
-    from clman.train.runner import JobError
 
     errors = [*_USER_ERRORS, CheckpointError, StorageError, JobError]
     try:

@@ -145,6 +145,9 @@ class ScaleConfig:
     max_failures: int = 2  # worker failures to recover from (from the last checkpoint)
     precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPUs; or bf16 | fp32 (clman/amp.py)
     compile: bool = False  # torch.compile the training model: 1.6-1.9x faster steps on an H100, ~1 min to compile
+    # Attached to a cluster: seconds to wait for the autoscaler to add what the workers need (a cold
+    # GPU node takes 2-10 min); then fail naming what is missing. A Ray started here never waits.
+    resource_timeout: float = 600.0
 
     def check(self, where: str) -> None:
         _at_least(where, "num_workers", self.num_workers, 1)
@@ -152,6 +155,7 @@ class ScaleConfig:
         _in_range(where, "gpus_per_worker", self.gpus_per_worker, 0.0, 16.0)
         _positive(where, "cpus_per_worker", self.cpus_per_worker)
         _at_least(where, "max_failures", self.max_failures, -1)
+        _at_least(where, "resource_timeout", self.resource_timeout, 0.0)
 
 
 @dataclass(frozen=True)

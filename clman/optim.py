@@ -1,7 +1,8 @@
 """Optimisers and learning-rate schedules of the paper's recipe (Section 4.3).
 
 Pretraining: LARS (You et al. 2017), lr 9e-3, weight decay 1e-6, cosine annealing.
-Finetuning: SGD, lr 1e-4, momentum 0.9, weight decay 5e-4.
+Finetuning: SGD, lr 1e-4, momentum 0.9, weight decay 5e-4, constant (``schedule``
+picks warmup + constant or warmup + cosine for other recipes).
 """
 
 from __future__ import annotations
@@ -137,6 +138,26 @@ def warmup_cosine(step: int, total_steps: int, base_lr: float, warmup_steps: int
         return final_lr
     progress = (step - warmup_steps) / (total_steps - warmup_steps)
     return final_lr + (base_lr - final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+SCHEDULES = ("constant", "cosine")
+
+
+def schedule(name: str, step: int, total_steps: int, base_lr: float, warmup_steps: int = 0) -> float:
+    """Learning rate at `step` (0-based) of schedule `name`: a pure function of the step.
+
+    constant: base_lr * (step + 1) / warmup_steps during warmup, then base_lr.
+    cosine:   warmup_cosine(step, total_steps, base_lr, warmup_steps) (anneals to 0 at total_steps).
+    """
+    if name == "constant":
+        if not 0 <= warmup_steps <= total_steps:
+            raise ValueError(f"schedule warmup_steps must be in [0, total_steps={total_steps}], got {warmup_steps}")
+        if step < 0:
+            raise ValueError(f"schedule step must be >= 0, got {step}")
+        return base_lr * (step + 1) / warmup_steps if step < warmup_steps else base_lr
+    elif name == "cosine":
+        return warmup_cosine(step, total_steps, base_lr, warmup_steps)
+    raise ValueError(f"unknown learning-rate schedule {name!r}; valid: {list(SCHEDULES)}")
 
 
 def finetune_sgd(params: Iterable, lr: float = 1e-4, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:

@@ -16,7 +16,26 @@ Retries come in two layers: botocore's "standard" mode retries each API call
 (`S3_MAX_ATTEMPTS`), and `with_retries` retries the whole operation —
 including reading the response body, which botocore does not retry — on
 throttling, 5xx answers and dropped connections, with jittered exponential
-backoff.
+backoff. The filesystem Ray Train writes checkpoints through (`arrow_fs`) has
+its own retries in the AWS C++ SDK (`ARROW_RETRIES`).
+
+Facts that shaped the retries (SeaweedFS stopped for 20 s during a finetune):
+- The old budget (4 attempts, ~4 s of waiting) lost the run: decode tasks gave up
+  and skipped their videos, and Ray Train's controller failed on its first failed
+  write of `checkpoint_manager_snapshot.json`. Both layers now wait at least ~30 s:
+  `with_retries` makes `RETRY_ATTEMPTS` attempts with delays 0.5, 1, 2, 4, then 8 s
+  (x a jitter in [0.5, 1]: 32-63 s in all); the arrow filesystem uses the SDK's
+  default strategy, delays of 25 ms x 2^k, `ARROW_RETRIES` = 11 retries = 51 s.
+  (Measured against a closed port: the SDK's "standard" strategy, pyarrow's default,
+  waited 1.5 s in 3 attempts, 17.7 s in 6, 47 s in 8, drawing random delays and on a
+  retry quota shared by the filesystem's calls; the default strategy's 8 retries 6.4 s.)
+  pyarrow drops the retry strategy when it pickles the filesystem, as Ray does to
+  hand it to its workers: `RetryingS3FileSystem` keeps it.
+- A refused connection is a configuration error (a wrong `AWS_ENDPOINT_URL`) the
+  first time, and an outage once the endpoint has answered: `with_retries` retries
+  it only for an endpoint this process has reached, or where `CLMAN_S3_REACHED=1`
+  says the job's driver did (`clman.train.runner` sets it for the Ray workers it
+  starts: a decode task may be the first S3 call of a fresh worker process).
 """
 
 from __future__ import annotations
@@ -41,9 +60,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 S3_MAX_ATTEMPTS = 3  # botocore attempts per API call
-RETRY_ATTEMPTS = 4  # our attempts per whole operation
+RETRY_ATTEMPTS = 12  # our attempts per whole operation: waits of 0.5, 1, 2, 4, then 8 s, x a jitter in [0.5, 1]
 RETRY_BASE_DELAY = 0.5  # seconds; doubles each retry, capped at RETRY_MAX_DELAY
 RETRY_MAX_DELAY = 8.0
+ARROW_RETRIES = 11  # the arrow filesystem's retries per call: 25 ms x 2^k, 51 s in all
+REACHED_ENV = "CLMAN_S3_REACHED"  # "1": the job reached the endpoint already (refused = outage)
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes; larger writes use a multipart upload
 
 _THROTTLE_CODES = {
@@ -162,17 +183,32 @@ def _error_code(exc: BaseException) -> tuple[str, int]:
     return code, status
 
 
+_reached: set[str] = set()  # endpoints that answered this process
+
+
+def _mark_reached() -> None:
+    _reached.add(_endpoint_name())
+
+
+def endpoint_reached() -> bool:
+    """Whether the S3 endpoint has answered this process (or, per ``CLMAN_S3_REACHED``, the job)."""
+    return _endpoint_name() in _reached or os.environ.get(REACHED_ENV) == "1"
+
+
 def _is_transient(exc: BaseException) -> bool:
-    """Throttling, 5xx, or a connection dropped mid-request: worth retrying the operation."""
+    """Throttling, 5xx, a connection dropped mid-request, or an outage: worth retrying the operation."""
     from botocore.exceptions import (
-        ClientError, ConnectionClosedError, IncompleteReadError, ReadTimeoutError, ResponseStreamingError,
+        ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, IncompleteReadError,
+        ReadTimeoutError, ResponseStreamingError,
     )
 
     if isinstance(exc, ClientError):
         code, status = _error_code(exc)
         return code in _THROTTLE_CODES or status == 429 or status >= 500
-    # Not EndpointConnectionError: botocore already retried the connect, and an
-    # endpoint that refuses every attempt is a configuration error, not a blip.
+    if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
+        # botocore already retried the connect: an endpoint that never answered is a
+        # configuration error, one that answered before is down for a while.
+        return endpoint_reached()
     return isinstance(exc, (ConnectionClosedError, ReadTimeoutError, ResponseStreamingError, IncompleteReadError))
 
 
@@ -195,8 +231,8 @@ def with_retries(
             if attempt == attempts or not _is_transient(exc):
                 raise
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            logger.warning("%s: transient S3 error (%s), retry %d/%d in %.1f s",
-                           what, _scrub(type(exc).__name__ + ": " + str(exc))[:200], attempt, attempts - 1, delay)
+            logger.warning("%s: transient S3 error at %s (%s), retry %d/%d in %.1f s", what, _endpoint_name(),
+                           _scrub(type(exc).__name__ + ": " + str(exc))[:200], attempt, attempts - 1, delay)
             sleep(delay)
     raise AssertionError("unreachable")
 
@@ -233,7 +269,9 @@ def _translate(uri: str, exc: BaseException) -> StorageError:
 def _s3_call(uri: str, fn: Callable[[], T]) -> T:
     """Run an S3 operation with retries; raise StorageError on failure."""
     try:
-        return with_retries(fn, uri)
+        result = with_retries(fn, uri)
+        _mark_reached()
+        return result
     except StorageError:
         raise
     except Exception as exc:
@@ -404,12 +442,35 @@ def write_parquet(table: pa.Table, uri: str) -> None:
     write_bytes(uri, sink.getvalue().to_pybytes())
 
 
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem with ``ARROW_RETRIES`` retries per call, also after pickling.
+
+    Ray Train pickles ``RunConfig(storage_filesystem=...)`` to its controller and workers,
+    and pyarrow's pickle of an ``S3FileSystem`` leaves the retry strategy out: every copy
+    fell back to 3 attempts (~1.5 s). This class pickles its arguments and rebuilds itself.
+    """
+
+    def __init__(self, retries: int = ARROW_RETRIES, **kwargs):
+        super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=retries), **kwargs)
+        self.retries = retries
+        self._kwargs = kwargs
+
+    def __reduce__(self):
+        return _rebuild_s3fs, (self.retries, self._kwargs)
+
+
+def _rebuild_s3fs(retries: int, kwargs: dict) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(retries, **kwargs)
+
+
 def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for `uri`, e.g. Ray's RunConfig(storage_filesystem=...).
 
     For S3 the filesystem is built from the same AWS_* variables as `s3_client`,
     and the bucket is checked first so a typo fails here with a clear message
-    rather than deep inside Ray.
+    rather than deep inside Ray. Ray Train writes every checkpoint and its run
+    state through it, and one failed write ends the run: it retries each call
+    for ~50 s (`RetryingS3FileSystem`, module docstring).
     """
     uri = str(uri)
     if not is_s3(uri):
@@ -417,10 +478,7 @@ def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     bucket, key = _split(uri)
     _check_bucket(uri)
     settings = _s3_settings()
-    kwargs: dict = {
-        "region": settings["region_name"],
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS),
-    }
+    kwargs: dict = {"region": settings["region_name"]}
     if settings["aws_access_key_id"] and settings["aws_secret_access_key"]:
         kwargs["access_key"] = settings["aws_access_key_id"]
         kwargs["secret_key"] = settings["aws_secret_access_key"]
@@ -428,4 +486,4 @@ def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
         endpoint = urlparse(settings["endpoint_url"])
         kwargs["endpoint_override"] = endpoint.netloc
         kwargs["scheme"] = endpoint.scheme or "https"
-    return pafs.S3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")
+    return RetryingS3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")

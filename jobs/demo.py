@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> dict:
         stage(4, "SimCLR pretraining, then CLMAN finetuning with and without it")
         from jobs import evaluate, finetune, pretrain
 
-        runner.init_ray()
+        # Ray's own output (and the workers' warnings) to a file; stages, epochs, the table here.
+        runner.init_ray(log_file=str(workdir / "ray.log"))
         pre = pretrain.run(pre_cfg, manifest, runs, "pretrain")
         with_cl = finetune.run(fin_cfg, manifest, runs, "clman-cl", encoder=pre["encoder"])
         without_cl = finetune.run(fin_cfg, manifest, runs, "clman-scratch", encoder=None)

@@ -5,9 +5,12 @@
         --encoder s3://bucket/runs/pretrain-v1/encoder.pt --run-name clman-v1
 
 Without ``--encoder`` the encoder starts from scratch (the paper's "without
-CL" row). Writes ``<out>/<run-name>/model.pt`` — the checkpoint with the best
-validation AUC, or the last one when the manifest has no validation split —
-plus ``config.yaml`` and ``metrics.json``. The same ``--run-name`` resumes.
+CL" row). Validation: the manifest's val split, else ``finetune.val_fraction``
+(0.2) of the training patients, stratified by label (0 = none). Writes
+``<out>/<run-name>/model.pt`` — the checkpoint with the best validation AUC (the
+last one without validation) — plus ``config.yaml`` and ``metrics.json`` (what was
+validated on, the kept and last epochs' metrics, a not-learning warning if any).
+The same ``--run-name`` resumes. Recipes and what they gave: README "Finetuning recipes".
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import time
 from clman import checkpoint as ckpt
 from clman import cli, report, storage
 from clman import config as C
-from clman.models.build import ENCODER_FIELDS
+from clman.models.build import ENCODER_FIELDS, is_clman
 from clman.train import finetune, runner
+from clman.train.runner import JobError
 
 log = logging.getLogger("jobs.finetune")
 
@@ -60,6 +64,15 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
         address: str | None = None) -> dict:
     """Finetune; returns {"model": URI, "metrics": metrics of the kept checkpoint}."""
     train_rows, val_rows = finetune.check_data(manifest)
+    train_rows, val_rows, validation = finetune.validation_split(train_rows, val_rows, cfg.val_fraction,
+                                                                 cfg.seed, manifest)
+    log.info("%s", validation["note"])
+    if cfg.patience and not len(val_rows):
+        log.info("finetune.patience=%d unused: no validation to stop on", cfg.patience)
+    if encoder and not is_clman(cfg.model):
+        raise JobError(f"--encoder {encoder}: contrastive pretraining applies to CLMAN only; model.arch="
+                       f"{cfg.model.arch} trains from the data alone (drop --encoder; model.weights loads "
+                       "weights of this arch)")
     if encoder:
         check_encoder(encoder, cfg)
     runner.init_ray(address)
@@ -67,19 +80,24 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
     run_dir = storage.join(out, run_name)
     storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
     has_val = len(val_rows) > 0
-    log.info("finetune %s: %d train / %d val clips, T=%d, global batch %d, %d epochs, encoder %s",
+    log.info("finetune %s: %d train / %d val clips, T=%d, global batch %d, %d epochs, %s lr %g (%s), encoder %s",
              run_name, len(train_rows), len(val_rows), cfg.data.num_frames, cfg.batch_size, cfg.epochs,
-             encoder or "from scratch")
-    job = finetune.train_job(cfg, manifest, encoder, has_val)
+             cfg.optimizer, cfg.lr, cfg.schedule, encoder or "from scratch")
+    job = finetune.train_job(cfg, manifest, encoder, has_val, rows=(train_rows, val_rows))
     t0 = time.time()
     result = runner.fit(job, cfg.scale, out, run_name)
     checkpoint, metrics = runner.pick_checkpoint(result, job.score)
     model_uri = storage.join(run_dir, "model.pt")
     runner.export_checkpoint(checkpoint, model_uri)
+    last = result.metrics or {}
     summary = {"model": model_uri, "kept": "best val_auc" if has_val else "last", "metrics": metrics,
-               "last_metrics": result.metrics, "seconds": time.time() - t0}
+               "last_metrics": last, "validation": validation, "stopped_early": bool(last.get("stopped_early")),
+               "warnings": [last["warning"]] if last.get("warning") else [], "seconds": time.time() - t0}
     report.write_json(storage.join(run_dir, "metrics.json"), summary)
-    log.info("finetune %s done in %.0f s -> %s (%s)", run_name, summary["seconds"], model_uri, summary["kept"])
+    kept = f"epoch {metrics.get('epoch', -1) + 1}" + (f", val AUC {metrics['val_auc']:.3f}" if has_val else "")
+    log.info("finetune %s done in %.0f s -> %s (%s: %s)%s%s", run_name, summary["seconds"], model_uri,
+             summary["kept"], kept, ", stopped early" if summary["stopped_early"] else "",
+             ", NOT LEARNING: see metrics.json 'warnings'" if summary["warnings"] else "")
     return summary
 
 

@@ -12,7 +12,7 @@ time), ``epochs.parquet`` (every trial's every epoch), ``best.yaml`` (a preset
 with the best values, for ``jobs.finetune --config``), ``summary.md``,
 ``auc_vs_lr.png`` (``loss_vs_lr.png`` for pretrain), ``sweep.json`` (these
 arguments) and Tune's state with each trial's Ray Train checkpoints. Search
-spaces: ``tune_spaces/*.yaml``; their format is in ``clman/tune_space.py``.
+spaces: ``tune_spaces/*.yaml``; their format is in ``clman/tune/space.py``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-from clman import cli, tuning
+from clman import cli
+from clman.tune import driver
+from clman.tune import sweep as sweeps
 
 log = logging.getLogger("jobs.tune")
 
@@ -34,15 +36,15 @@ def parse(argv=None) -> argparse.Namespace:
                         "unfinished ones continue from their last checkpoint; takes no other sweep flags")
     p.add_argument("--restart-errored", action="store_true",
                    help="with --resume: run errored trials again from scratch (default: keep them as errors)")
-    p.add_argument("--job", choices=tuning.JOBS, help="which job each trial runs")
+    p.add_argument("--job", choices=sweeps.JOBS, help="which job each trial runs")
     p.add_argument("--space", help="search-space YAML, e.g. tune_spaces/finetune_lr_depth.yaml")
     p.add_argument("--samples", type=int,
                    help="trials to sample (times the size of any 'grid' entries); ASHA needs a few "
                         "per rung to prune: 8+ is a useful sweep")
-    p.add_argument("--scheduler", choices=tuning.SCHEDULERS, default="asha",
+    p.add_argument("--scheduler", choices=sweeps.SCHEDULERS, default="asha",
                    help="asha: stop trials whose validation AUC (pretrain: loss) trails the others at "
                         "each rung; fifo: run every trial to the end (default: asha)")
-    p.add_argument("--search", choices=tuning.SEARCHES, default="random",
+    p.add_argument("--search", choices=sweeps.SEARCHES, default="random",
                    help="random sampling, or optuna (TPE, learns from finished trials; no 'grid') "
                         "(default: random)")
     p.add_argument("--grace-period", type=int, default=1,
@@ -75,14 +77,14 @@ def parse(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse(argv)
     if args.resume:
-        sweep = tuning.load_sweep(args.out, args.resume)
-        uris = tuning.run_sweep(sweep, args.address, resume=True, restart_errored=args.restart_errored)
+        sweep = sweeps.load_sweep(args.out, args.resume)
+        uris = driver.run_sweep(sweep, args.address, resume=True, restart_errored=args.restart_errored)
     else:
-        sweep = tuning.new_sweep(
+        sweep = sweeps.new_sweep(
             args.job, args.space, args.samples, args.manifest, args.out, args.run_name, args.config,
             args.overrides, scheduler=args.scheduler, search=args.search, grace_period=args.grace_period,
             reduction_factor=args.reduction_factor, seed=args.seed, encoder=args.encoder, split=args.split)
-        uris = tuning.run_sweep(sweep, args.address)
+        uris = driver.run_sweep(sweep, args.address)
     log.info("sweep %s done: %s", sweep.run_name, uris["summary.md"])
     return 0
 

@@ -3,50 +3,133 @@
 The per-worker loops are in ``pretrain.py`` and ``finetune.py``; this module
 only builds Ray configs from a job config and checks, before any worker
 starts, that the cluster can hold the run.
+
+Facts that shaped the resource check:
+- ``ray.cluster_resources()`` counts the nodes present *now*. On an autoscaling
+  cluster (KubeRay, or the cluster launcher with ``min_workers: 0``, the usual GPU
+  set-up) the GPU nodes appear only once something asks for them, so a job that
+  refused to start without them could never start. Attached to a cluster, a job
+  asks the autoscaler for its workers' bundles (``request_resources``, a hint that
+  persists until overridden, so it is cleared once the nodes are there) and waits
+  up to ``scale.resource_timeout``; a cluster without an autoscaler just times out.
+- A Ray that :func:`init_ray` started on this machine cannot grow: it fails at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 import ray.data
 import ray.train
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from clman import storage
 from clman.config import DataConfig, ScaleConfig
+from clman.errors import JobError  # re-exported: clman.train.runner.JobError is the same class
+from clman.tune.resources import decode_cpus  # a run's resource maths, in one place with Tune's
+from clman.train import worker
 from clman.train.worker import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
 
+WAIT_POLL_S = 5.0  # seconds between looks at the cluster while waiting for the autoscaler
+WAIT_LOG_S = 60.0  # seconds between "still waiting" lines
+_attached = False  # init_ray attached to a running cluster (whose autoscaler may add nodes)
 
-class JobError(RuntimeError):
-    """A job cannot start or finish; the message is one line naming the cause."""
+
+def attached() -> bool:
+    """Whether this driver attached to a running cluster rather than starting Ray here."""
+    return _attached
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Attach to ``address`` / ``RAY_ADDRESS`` when set, else start Ray on this machine."""
+def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: str | None = None) -> None:
+    """Attach to ``address`` / ``RAY_ADDRESS`` when set, else start Ray on this machine.
+
+    ``log_file`` (a local start only; ``make demo``): everything Ray, its workers and the
+    libraries print goes to that file; this process's log lines and the workers' clman
+    lines (one per epoch) stay on the terminal.
+    """
+    global _attached
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     # Train V2 is the default in Ray 2.60; pin it so a cluster with an older default agrees.
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Every worker treats a refused S3 connection as an outage once this driver has reached S3.
+    env = {storage.REACHED_ENV: "1"} if storage.endpoint_reached() and storage.REACHED_ENV not in os.environ else {}
     if address:
-        ray.init(address=address, log_to_driver=True)
+        check_address(address)
+        try:
+            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
+        except ray.exceptions.AuthenticationError as e:
+            raise JobError(f"the Ray cluster at {address} refused this driver ({_first_line(e)}): set "
+                           "RAY_AUTH_MODE=token and copy the head node's ~/.ray/auth_token to this machine "
+                           "(or point RAY_AUTH_TOKEN_PATH at it)") from None
+        except ConnectionError as e:
+            raise JobError(f"cannot attach to the Ray cluster at {address!r} (--address / RAY_ADDRESS): "
+                           f"{_first_line(e)}") from None
+        _attached = address != "local"
     else:
         # No dashboard (it needs ray[default] and a CPU of its own); the hook below makes up for
         # the one thing Ray Train uses it for. Ray Data's per-operator progress bars flood job logs
         # (the loops log epoch, loss and speed): off in every worker process, Tune trials included.
+        env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+        if log_file:
+            divert_stderr(log_file)
+            env[worker.LOG_TO_STDOUT_ENV] = "1"
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": "clman.train.runner.setup_local_worker",
-                              "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+                              "env_vars": env})
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """A one-line :class:`JobError` when nothing listens at a ``host:port`` cluster address.
+
+    ``ray.init`` retries an unreachable GCS for minutes, printing a warning every few
+    seconds; ``auto``, ``local`` and ``ray://`` addresses are left to Ray.
+    """
+    if address in ("auto", "local") or "://" in address and not address.startswith("http"):
+        return
+    if address.startswith(("http://", "https://")):
+        raise JobError(f"--address / RAY_ADDRESS {address!r} is a dashboard URL: ray.init needs the cluster's "
+                       "GCS address host:6379 (`ray job submit` uses the dashboard URL and sets RAY_ADDRESS itself)")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise JobError(f"--address / RAY_ADDRESS {address!r}: expected host:port (e.g. 10.0.0.1:6379) or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise JobError(f"cannot reach the Ray cluster at {address} (--address / RAY_ADDRESS): "
+                       f"{e.strerror or type(e).__name__}; is `ray start --head` running there?") from None
+
+
+def divert_stderr(path: str) -> None:
+    """Point this process's stderr (fd 2) at ``path``; its log handlers keep the terminal.
+
+    Ray prints what its workers write to stderr (their logging, warnings, Ray's own
+    lines) on the driver's stderr, and its C++ core writes there directly: a file
+    descriptor, not ``sys.stderr``, is the one place all of it passes through. The
+    workers' clman lines come on stdout (``worker.LOG_TO_STDOUT_ENV``), so they stay.
+    """
+    terminal = os.fdopen(os.dup(2), "w", buffering=1, errors="replace")
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.__stderr__):
+            handler.setStream(terminal)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+    log.info("Ray's own output: %s", path)
 
 
 def _actor_alive(actor_id: str, timeout: float | None = None) -> bool:
@@ -76,11 +159,22 @@ def setup_local_worker() -> None:
         placement_group_cleaner.is_actor_alive = _actor_alive
     except Exception as e:  # a Ray upgrade moved it: the warnings come back, nothing breaks
         log.debug("PlacementGroupCleaner not patched: %s: %s", type(e).__name__, e)
+    quiet_warnings()
 
 
-def decode_cpus(data: DataConfig) -> float:
-    """CPUs the decode tasks of one run must find besides its workers (one task when ``auto``)."""
-    return (1 if data.decode_tasks == "auto" else data.decode_tasks) * data.decode_cpus
+def quiet_warnings() -> None:
+    """Warnings that say nothing a clman user can act on, once per worker process and run.
+
+    - DDP's "Grad strides do not match bucket view strides": the non-local block's 1x1
+      convolutions get channels-last gradients; DDP copies them into its buckets (a copy,
+      not an error). The fix belongs in ``clman.models`` (the weight's memory layout).
+    - Deprecations inside torch, Ray and their dependencies.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|ray|torchvision|torchmetrics)\b")
 
 
 def frame_source(rows, data: DataConfig) -> dict:
@@ -104,23 +198,110 @@ def frame_source(rows, data: DataConfig) -> dict:
     return {"videos": kept, "cache": refs}
 
 
+def resource_needs(scale: ScaleConfig, data: DataConfig, extra_cpus: float = 0.0) -> dict[str, float]:
+    """What one run needs of the cluster in all: its workers, their decode tasks and ``extra_cpus``."""
+    need = {"CPU": scale.cpus_per_worker * scale.num_workers + decode_cpus(data) + extra_cpus}
+    if scale.gpus_per_worker > 0:
+        need["GPU"] = scale.gpus_per_worker * scale.num_workers
+    return need
+
+
+def resource_bundles(scale: ScaleConfig, data: DataConfig, extra_cpus: float = 0.0) -> list[dict[str, float]]:
+    """The shapes the autoscaler must place: one bundle per worker, one for decoding and the rest."""
+    worker = {"CPU": scale.cpus_per_worker}
+    if scale.gpus_per_worker > 0:
+        worker["GPU"] = scale.gpus_per_worker
+    rest = decode_cpus(data) + extra_cpus
+    return [dict(worker) for _ in range(scale.num_workers)] + ([{"CPU": rest}] if rest > 0 else [])
+
+
+def shortfall(need: Mapping[str, float], total: Mapping[str, float]) -> dict[str, tuple[float, float]]:
+    """{resource: (needed, present)} for every resource ``total`` holds too little of."""
+    return {k: (v, float(total.get(k, 0.0))) for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
+
+
+def describe_shortfall(missing: Mapping[str, tuple[float, float]]) -> str:
+    """'2 GPU more (needs 2, has 0), ...': what to add beside what is there, GPUs first."""
+    items = sorted(missing.items(), key=lambda kv: kv[0] != "GPU")
+    return ", ".join(f"{need - have:g} {k} more (needs {need:g}, has {have:g})" for k, (need, have) in items)
+
+
+def _ask_autoscaler(bundles: list[dict[str, float]]) -> None:
+    """Ask the autoscaler to fit ``bundles`` now; [] withdraws the request. A hint: never fatal."""
+    try:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=bundles)
+    except Exception as e:  # no autoscaler API on this cluster: waiting still works if nodes come
+        log.debug("request_resources(%s) failed: %s: %s", bundles, type(e).__name__, e)
+
+
+def wait_for_resources(need: Mapping[str, float], bundles: list[dict[str, float]], timeout: float, *,
+                       read: Callable[[], Mapping[str, float]] = ray.cluster_resources,
+                       ask: Callable[[list], None] = _ask_autoscaler,
+                       clock: Callable[[], float] = time.monotonic,
+                       sleep: Callable[[float], None] = time.sleep,
+                       poll_s: float = WAIT_POLL_S, log_every_s: float = WAIT_LOG_S) -> float:
+    """Wait until the cluster (``read()``) holds ``need``; return the seconds waited.
+
+    Asks the autoscaler for ``bundles`` while waiting and withdraws the request at the end
+    (it would otherwise keep the nodes up after the job). After ``timeout`` s: a one-line
+    :class:`JobError` naming what is still missing.
+    """
+    start = clock()
+    missing = shortfall(need, read())
+    if not missing:
+        return 0.0
+    ask(bundles)
+    try:
+        last_log = None
+        while missing:
+            waited = clock() - start
+            if waited >= timeout:
+                raise JobError(
+                    f"scale: the Ray cluster still lacks {describe_shortfall(missing)} after {waited:.0f} s "
+                    f"waiting for the autoscaler (scale.resource_timeout={timeout:g}); check the cluster's "
+                    "worker node types and max_workers, or lower scale.num_workers / scale.gpus_per_worker / "
+                    "scale.cpus_per_worker"
+                )
+            if last_log is None or clock() - last_log >= log_every_s:
+                log.info("waiting for the autoscaler (%.0f of %g s): the run needs %s", waited, timeout,
+                         describe_shortfall(missing))
+                last_log = clock()
+            sleep(max(0.0, min(poll_s, timeout - waited)))
+            missing = shortfall(need, read())
+    finally:
+        ask([])
+    waited = clock() - start
+    log.info("the Ray cluster holds the run after %.0f s of waiting", waited)
+    return waited
+
+
 def check_resources(scale: ScaleConfig, data: DataConfig, extra_cpus: float = 0.0) -> None:
-    """Fail before any worker starts when the cluster cannot hold the workers and their decoders."""
-    extra_cpus += decode_cpus(data)
+    """Before any worker starts: the cluster must hold the workers and their decoders.
+
+    A Ray started here fails at once; attached to a cluster, the job waits up to
+    ``scale.resource_timeout`` s for the autoscaler (:func:`wait_for_resources`).
+    """
+    need = resource_needs(scale, data, extra_cpus)
     total = ray.cluster_resources()
-    gpus_needed = scale.gpus_per_worker * scale.num_workers
+    if not shortfall(need, total):
+        return
+    if attached():
+        wait_for_resources(need, resource_bundles(scale, data, extra_cpus), scale.resource_timeout)
+        return
+    gpus_needed = need.get("GPU", 0.0)
     if gpus_needed > total.get("GPU", 0.0):
         raise JobError(
             f"scale: {scale.num_workers} worker(s) x {scale.gpus_per_worker} GPU asked for, "
             f"but the Ray cluster has {total.get('GPU', 0.0):g} GPU(s); set scale.gpus_per_worker=0 for CPU workers"
         )
-    cpus_needed = scale.cpus_per_worker * scale.num_workers + extra_cpus
-    if cpus_needed > total.get("CPU", 0.0) + 1e-9:
-        raise JobError(
-            f"scale: {scale.num_workers} worker(s) x {scale.cpus_per_worker} CPU + {extra_cpus:g} CPU for "
-            f"decoding asked for, but the Ray cluster has {total.get('CPU', 0.0):g} CPU(s); "
-            "lower scale.cpus_per_worker or scale.num_workers"
-        )
+    extra_cpus += decode_cpus(data)
+    raise JobError(
+        f"scale: {scale.num_workers} worker(s) x {scale.cpus_per_worker} CPU + {extra_cpus:g} CPU for "
+        f"decoding asked for, but the Ray cluster has {total.get('CPU', 0.0):g} CPU(s); "
+        "lower scale.cpus_per_worker or scale.num_workers"
+    )
 
 
 def scaling_config(scale: ScaleConfig) -> ScalingConfig:
@@ -159,6 +340,11 @@ def run_config(out: str, run_name: str, scale: ScaleConfig, score: str | None,
         if score
         else CheckpointConfig(num_to_keep=2),
         callbacks=list(callbacks) or None,
+        # Ray Train's INFO lines (worker group start-up, "Checkpoint successfully created ...",
+        # DDP set-up) repeat what the jobs log; they stay in Ray's session log files. Not
+        # "Reporting training result ...": Ray 2.60 logs it on a logger named after its file
+        # path, outside ray.train, which this setting does not reach.
+        logging_config=LoggingConfig(log_level="WARNING"),
     )
 
 
@@ -174,11 +360,53 @@ def trainer(job: TrainJob, scale: ScaleConfig, out: str, run_name: str,
     )
 
 
+def _first_line(e: BaseException | str) -> str:
+    """One line of an error: the last line of a traceback ("FloatingPointError: ..."), else the first line."""
+    lines = [line.rstrip() for line in str(e).splitlines() if line.strip()]
+    if any(line.startswith("Traceback (most recent call last)") for line in lines):
+        tail = [line for line in lines if not line[0].isspace() and not line.startswith(("Traceback", "The above"))]
+        if tail:
+            return tail[-1].strip()
+    return lines[0].strip() if lines else (type(e).__name__ if isinstance(e, BaseException) else str(e))
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The exception under Ray Train's wrappers: the controller's failure, or the lowest rank's."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        failures = getattr(error, "worker_failures", None)
+        inner = getattr(error, "controller_failure", None) or (failures[min(failures)] if failures else None)
+        inner = inner or error.__cause__
+        if inner is None:
+            break
+        error = inner
+    return error
+
+
+def failure_line(run_name: str, error: BaseException) -> str:
+    """One line for a failed run: its root cause, the S3 endpoint when storage failed, how to resume."""
+    cause = _root_cause(error)
+    line = _first_line(cause)
+    if not isinstance(cause, JobError) and not re.match(r"[\w.]+: ", line):
+        line = f"{type(cause).__name__}: {line}"
+    text = f"run {run_name!r} failed: {line[:400]}"
+    if "AWS Error" in str(cause) or isinstance(cause, (OSError, storage.StorageError)) and "s3" in str(cause).lower():
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the default AWS S3 endpoint"
+        text += f" (S3 at {endpoint} after retries); once S3 answers, the same --run-name resumes from the last checkpoint"
+    return text
+
+
 def fit(job: TrainJob, scale: ScaleConfig, out: str, run_name: str):
     """Run ``job`` to the end; return the Ray ``Result`` (one-line :class:`JobError` when it failed)."""
-    result = trainer(job, scale, out, run_name).fit()
+    try:
+        result = trainer(job, scale, out, run_name).fit()
+    except ray.train.TrainingFailedError as e:  # a worker or the controller gave up (after scale.max_failures)
+        raise JobError(failure_line(run_name, e)) from None
+    except OSError as e:  # pyarrow, creating the run's folder or reading its state on the driver
+        raise JobError(failure_line(run_name, e)) from None
     if result.error is not None:
-        raise JobError(f"run {run_name!r} failed: {result.error}")
+        raise JobError(failure_line(run_name, result.error))
     return result
 
 

@@ -6,6 +6,7 @@ import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
 
 import numpy as np
@@ -27,12 +28,21 @@ class RankFilter(logging.Filter):
         return record.levelno >= logging.WARNING or distributed.get_rank() == 0
 
 
+LOG_TO_STDOUT_ENV = "CLMAN_LOG_TO_STDOUT"  # "1": also to stdout (the one stream a quiet driver shows)
+
+
 def worker_logger(name: str) -> logging.Logger:
     log = logging.getLogger(name)
     if not any(isinstance(f, RankFilter) for f in log.filters):
         log.addFilter(RankFilter())
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if os.environ.get(LOG_TO_STDOUT_ENV) == "1" and not any(getattr(h, "clman_stdout", False) for h in log.handlers):
+        # A Ray worker under runner.init_ray(log_file=...): its stderr goes to the log file.
+        handler = logging.StreamHandler(sys.stdout)
+        handler.clman_stdout = True
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     return log
 

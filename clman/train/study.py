@@ -1,0 +1,362 @@
+"""The study driver behind ``jobs.study``: the paper's Tables 1-4 as Ray Tune trials, each driving Ray Train.
+
+    plan_study (clman.study, no Ray): rows x folds x seeds; every input checked, every config built
+      │  cells/<f0-s0>/manifest.parquet: the (fold, seed)'s train / val / test videos (split column)
+      ▼
+    stage 1 (Tune grid): a SimCLR run per (fold, seed) that a pretrained row needs, on that
+      │                  cell's train + val videos only, and every from-scratch trial beside them
+    stage 2 (Tune grid): the pretrained rows' trials, each loading its (fold, seed)'s encoder
+      │  a trial: Ray Train finetune -> model.pt -> score val + test videos -> trials/<id>.json
+      ▼
+    clman.study.write_study: study.md, study.parquet, predictions.parquet, roc.png
+
+Storage under ``<out>/<run-name>/``: ``study.json`` (what was asked, so ``--resume`` can refuse
+a different study), ``cells/``, ``pretrain/<cell>/`` (the SimCLR Train run, ``encoder.pt``,
+``metrics.json``), ``train/<trial id>/`` (the finetune Train run, ``model.pt``), ``trials/<trial
+id>.json`` (the trial's results line, its test videos' scores and its validation scores),
+``tune/`` (Tune's state and every trial's every epoch, passed on by ``TuneReportCallback``),
+and the four outputs.
+
+Resume: a trial whose ``trials/<id>.json`` exists is left out of the grid, a cell whose
+``encoder.pt`` exists is not pretrained again; an interrupted Train run continues from its
+last checkpoint (its name is the trial id). Every output is rebuilt from the trial files.
+
+Facts that shaped this module
+- A trial holds 0.01 CPU for its driver (``clman.tune.resources.DRIVER_CPUS``); its Train run
+  takes its workers' and decoders' CPUs when it starts, so ``max_concurrent_trials`` counts
+  those, like a sweep. Scoring (``clman.train.scoring``: 0.5-CPU decode tasks, a scoring
+  actor per GPU, or one of 0.5 CPU) starts after the Train run has freed its CPUs; on a full
+  cluster it waits for a neighbour's run to end, never for itself.
+- The from-scratch rows need no encoder, so they run beside the SimCLR runs in stage 1 rather
+  than after them: on a cluster the grid is wider, on 2 cores the order does not matter.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import pandas as pd
+
+from clman import config as C
+from clman import storage, study
+from clman.data.manifest import ManifestError, read_manifest, write_manifest
+from clman.study import FoldPlan, Row, StudyError, StudySets, Trial
+from clman.train import finetune, pretrain, runner, scoring
+from clman.train.runner import JobError
+from clman.tune.driver import PlacementGroupReaper
+from clman.tune.resources import DRIVER_CPUS, max_concurrent_trials
+
+log = logging.getLogger(__name__)
+
+SPEC_FILE = "study.json"
+PRETRAIN_PREFIX = "pretrain-"  # a SimCLR run's id in the grid: pretrain-f0-s0
+TRAINING_SPLITS = ("train", "val")  # what SimCLR of a cell sees: never its test videos
+
+
+def cell_name(fold: int, seed: int) -> str:
+    """``f2-s0``, ``holdout-s1``: the folder of a (fold, seed) (the suffix of its trials' ids)."""
+    return f"{'holdout' if fold == study.HOLDOUT else f'f{fold}'}-s{seed}"
+
+
+@dataclass(frozen=True)
+class StudyRun:
+    """A checked study: all its trials need, sent to each Tune trial (plain, picklable data)."""
+
+    manifest: str
+    out: str
+    run_name: str
+    tables: tuple[int, ...]
+    rows: tuple[Row, ...]
+    plan: FoldPlan
+    seeds: int
+    preset: dict  # the --config preset alone (clman.config.load_tree)
+    tree: dict  # the preset with the --set items for every row: the shared config
+    sets: StudySets
+    config: str | None = None  # the preset's path, for the record
+    command: str = ""
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.out, self.run_name)
+
+    @property
+    def grid(self) -> list[Trial]:
+        return study.trials(self.rows, self.plan.folds, self.seeds)
+
+    @property
+    def cells(self) -> list[tuple[int, int]]:
+        """Every (fold, seed), fold-major."""
+        return [(f, s) for f in self.plan.folds for s in range(self.seeds)]
+
+    def finetune_config(self, t: Trial) -> C.FinetuneConfig:
+        return C.job_config(C.apply_overrides(self.tree, study.trial_sets(t, self.sets, self.tree)), "finetune")
+
+    def pretrain_config(self, seed: int) -> C.PretrainConfig:
+        return C.job_config(C.apply_overrides(self.tree, study.pretrain_sets(seed, self.sets, self.rows)), "pretrain")
+
+    def evaluate_config(self) -> C.EvaluateConfig:
+        return C.job_config(self.tree, "evaluate")
+
+    def split(self, fold: int, seed: int) -> study.Split:
+        return self.plan.split(fold, seed, C.job_config(self.tree, "finetune").val_fraction)
+
+    def cell_manifest(self, fold: int, seed: int) -> str:
+        return storage.join(self.run_dir, "cells", cell_name(fold, seed), "manifest.parquet")
+
+    def encoder(self, fold: int, seed: int) -> str:
+        return storage.join(self.run_dir, "pretrain", cell_name(fold, seed), "encoder.pt")
+
+    def trial_file(self, trial_id: str) -> str:
+        return storage.join(self.run_dir, "trials", f"{trial_id}.json")
+
+    def spec(self) -> dict:
+        """What makes two studies the same study (``--resume`` checks it against ``study.json``)."""
+        return {"manifest": self.manifest, "tables": list(self.tables), "rows": [r.name for r in self.rows],
+                "folds": list(self.plan.folds), "seeds": self.seeds, "preset": self.preset,
+                "sets": list(self.sets.common) + [f"{r}:{i}" for r, i in self.sets.scoped]}
+
+
+def plan_study(manifest: str, out: str, run_name: str, *, tables: str | None = None, rows: str | None = None,
+               folds: int | None = None, holdout: bool = False, seeds: int = 1, config: str | None = None,
+               sets: Sequence[str] = (), command: str = "") -> StudyRun:
+    """Check everything a study needs and build every trial's config; a one-line error on bad input.
+
+    No Ray, no training: this is the part that must fail before the first trial starts.
+    """
+    if not run_name or "/" in run_name:
+        raise StudyError(f"--run-name {run_name!r}: a folder name without '/'")
+    if not isinstance(seeds, int) or seeds < 1:
+        raise StudyError(f"--seeds must be >= 1, got {seeds!r}")
+    chosen = study.select_rows(tables, rows)
+    preset = C.load_tree(config)
+    checked = study.parse_sets(list(sets), chosen, model=preset.get("model"))
+    tree = C.load_tree(config, checked.common)
+    try:
+        df = read_manifest(manifest)
+    except ManifestError as e:
+        raise StudyError(str(e)) from None
+    plan = study.plan_folds(df, folds=folds, holdout=holdout, where=manifest)
+    run = StudyRun(manifest, out, run_name, study.parse_tables(tables), chosen, plan, seeds, preset, tree,
+                   checked, config, command)
+    for t in run.grid:  # a bad value scoped to one row fails here, naming the row
+        try:
+            run.finetune_config(t)
+        except C.ConfigError as e:
+            raise StudyError(f"row {t.row.name}: {e}") from None
+    for fold, seed in study.pretrain_cells(run.grid):
+        run.pretrain_config(seed)
+    for fold, seed in run.cells:
+        run.split(fold, seed)  # a carve that leaves a class out fails here
+    run.evaluate_config()
+    return run
+
+
+# ---------------------------------------------------------------- inside a Tune trial
+
+
+def _fit(job: runner.TrainJob, scale: C.ScaleConfig, out: str, name: str):
+    """Run a Train job inside a Tune trial, each epoch's metrics passed on to Tune."""
+    import ray.train
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    try:
+        result = runner.trainer(job, scale, out, name, callbacks=[TuneReportCallback()]).fit()
+    except ray.train.TrainingFailedError as e:
+        raise JobError(runner.failure_line(name, e)) from None
+    if result.error is not None:
+        raise JobError(runner.failure_line(name, result.error))
+    return result
+
+
+def run_pretrain(run: StudyRun, fold: int, seed: int) -> dict:
+    """SimCLR on the (fold, seed)'s training videos (train + val); writes ``encoder.pt``."""
+    cfg = run.pretrain_config(seed)
+    manifest, name = run.cell_manifest(fold, seed), cell_name(fold, seed)
+    videos = len(pretrain.check_data(manifest, list(TRAINING_SPLITS)))
+    t0 = time.time()
+    result = _fit(pretrain.train_job(cfg, manifest, list(TRAINING_SPLITS)), cfg.scale,
+                  storage.join(run.run_dir, "pretrain"), name)
+    checkpoint, metrics = runner.pick_checkpoint(result, None)
+    summary = {"encoder": run.encoder(fold, seed), "videos": videos, "loss": metrics.get("loss"),
+               "seconds": time.time() - t0}
+    storage.write_text(storage.join(run.run_dir, "pretrain", name, "metrics.json"),
+                       json.dumps(summary, indent=2, default=float) + "\n")
+    runner.export_checkpoint(checkpoint, summary["encoder"])  # last: its presence marks a finished run
+    log.info("pretrain %s done in %.0f s (loss %.4f)", name, summary["seconds"], summary["loss"] or math.nan)
+    return summary
+
+
+def run_trial(run: StudyRun, t: Trial) -> dict:
+    """One (row, fold, seed): finetune, score the val and test videos, write ``trials/<id>.json``."""
+    cfg, ev = run.finetune_config(t), run.evaluate_config()
+    manifest = run.cell_manifest(t.fold, t.seed)
+    train, val = read_manifest(manifest, split="train"), read_manifest(manifest, split="val")
+    encoder = run.encoder(t.fold, t.seed) if t.row.pretrained else None
+    t0 = time.time()
+    job = finetune.train_job(cfg, manifest, encoder, has_val=len(val) > 0, rows=(train, val))
+    result = _fit(job, cfg.scale, storage.join(run.run_dir, "train"), t.id)
+    checkpoint, kept = runner.pick_checkpoint(result, job.score)
+    model = storage.join(run.run_dir, "train", t.id, "model.pt")
+    runner.export_checkpoint(checkpoint, model)
+    train_s = time.time() - t0
+
+    rows = read_manifest(manifest, split=["val", "test"])
+    scored = scoring.score_rows(model, rows, cfg.data, whole=ev.frames == "all")
+    if len(scored) < len(rows):
+        log.warning("trial %s: %d of %d val/test videos did not decode; scored without them",
+                    t.id, len(rows) - len(scored), len(rows))
+    videos = [{"split": r.split, "video_id": str(r.video_id), "patient_id": str(r.patient_id),
+               "label": int(r.label), "score": scored[i][0]}
+              for i, r in enumerate(rows.itertuples(index=False)) if i in scored]
+    test = [v for v in videos if v["split"] == "test"]
+    val_scored = [v for v in videos if v["split"] == "val"]
+    if not test:
+        raise JobError(f"trial {t.id}: none of the {int((rows['split'] == 'test').sum())} test videos decoded")
+    has_op = {v["label"] for v in val_scored} == {0, 1}
+    metrics = study.trial_metrics([v["score"] for v in test], [v["label"] for v in test], threshold=ev.threshold,
+                                  val_scores=[v["score"] for v in val_scored] if has_op else None,
+                                  val_labels=[v["label"] for v in val_scored] if has_op else None,
+                                  target_sensitivity=ev.target_sensitivity)
+    line = {"row": t.row.name, "fold": t.fold, "seed": t.seed, **metrics,
+            "val_auc": float(kept.get("val_auc", math.nan)), "kept_epoch": int(kept.get("epoch", -1)),
+            "train_seconds": train_s, "seconds": time.time() - t0}
+    record = {"trial": t.id, "result": line, "model": model, "encoder": encoder,
+              "predictions": [{"row": t.row.name, "fold": t.fold, "seed": t.seed,
+                               **{k: v[k] for k in ("video_id", "patient_id", "label", "score")}} for v in test],
+              "val_scores": [{k: v[k] for k in ("video_id", "patient_id", "label", "score")} for v in val_scored]}
+    storage.write_text(run.trial_file(t.id), json.dumps(record, indent=1) + "\n")  # atomic: the trial is done
+    log.info("trial %s done in %.0f s: test AUC %.3f", t.id, line["seconds"], line["auc"])
+    return line
+
+
+def trial_driver(config: dict, run: StudyRun) -> None:
+    """A Tune trial: ``config["trial"]`` is a SimCLR run (``pretrain-f0-s0``) or a (row, fold, seed) id."""
+    import ray.tune
+
+    trial_id = config["trial"]
+    if trial_id.startswith(PRETRAIN_PREFIX):
+        fold, seed = next(c for c in run.cells if PRETRAIN_PREFIX + cell_name(*c) == trial_id)
+        summary = run_pretrain(run, fold, seed)
+        ray.tune.report({"loss": summary["loss"], "seconds": summary["seconds"]})
+    else:
+        line = run_trial(run, next(t for t in run.grid if t.id == trial_id))
+        ray.tune.report({k: v for k, v in line.items() if isinstance(v, (int, float))})
+
+
+# ---------------------------------------------------------------- the driver
+
+
+def _run_grid(run: StudyRun, name: str, ids: list[str], configs: list) -> dict[str, str]:
+    """Run ``ids`` as one Tune grid, as many at once as the cluster holds; {id: error line} of failures."""
+    import ray
+    from ray import tune
+
+    if not ids:
+        return {}
+    for cfg in configs:  # attached to an autoscaling cluster: wait for room for one trial of each kind
+        runner.check_resources(cfg.scale, cfg.data, extra_cpus=DRIVER_CPUS)
+    concurrent = min(max_concurrent_trials(ray.cluster_resources(), cfg) for cfg in configs)
+    log.info("study %s, %s: %d trial(s), up to %d at once", run.run_name, name, len(ids), concurrent)
+    fs, path = storage.arrow_fs(storage.join(run.run_dir, "tune"))
+    trainable = tune.with_resources(tune.with_parameters(trial_driver, run=run), {"CPU": DRIVER_CPUS})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(ids)},
+        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[PlacementGroupReaper()]),
+    )
+    results = tuner.fit()
+    failed = {}
+    for r in results:
+        if r.error is not None:
+            lines = [ln.strip() for ln in str(r.error).splitlines() if ln.strip()]
+            failed[r.config["trial"]] = (lines[-1] if lines else type(r.error).__name__)[:300]
+    return failed
+
+
+def _check_spec(run: StudyRun, resume: bool) -> None:
+    uri = storage.join(run.run_dir, SPEC_FILE)
+    if not storage.exists(uri):
+        if resume and storage.exists(storage.join(run.run_dir, "trials")):
+            raise JobError(f"{uri}: missing; cannot tell whether the trials under {run.run_dir} are this study's")
+        storage.write_text(uri, json.dumps(run.spec(), indent=2) + "\n")
+        return
+    if not resume:
+        raise JobError(f"study {run.run_name!r} already exists under {run.out}; continue it with --resume, "
+                       "or choose another --run-name")
+    saved, now = json.loads(storage.read_text(uri)), json.loads(json.dumps(run.spec()))
+    for key in now:
+        if saved.get(key) != now[key]:
+            raise JobError(f"--resume: {key} differs from the study under {run.run_dir} ({saved.get(key)!r} there, "
+                           f"{now[key]!r} now); give the same arguments, or another --run-name")
+
+
+def run_study(run: StudyRun, address: str | None = None, resume: bool = False) -> dict:
+    """Run (or with ``resume``, continue) the study; write its outputs; return their URIs."""
+    t_start = time.time()
+    _check_spec(run, resume)
+    grid = run.grid
+    done = {t.id for t in grid if resume and storage.exists(run.trial_file(t.id))}
+    todo = [t for t in grid if t.id not in done]
+    cells = [c for c in study.pretrain_cells(todo) if not (resume and storage.exists(run.encoder(*c)))]
+    if resume:
+        log.info("resuming study %s: %d of %d trial(s) finished, kept; %d SimCLR run(s) to do", run.run_name,
+                 len(done), len(grid), len(cells))
+    for fold, seed in {(t.fold, t.seed): None for t in todo}:
+        write_manifest(run.split(fold, seed).manifest(), run.cell_manifest(fold, seed))
+    runner.init_ray(address)
+
+    scratch = [t for t in todo if not t.row.pretrained]
+    stage1 = [PRETRAIN_PREFIX + cell_name(*c) for c in cells] + [t.id for t in scratch]
+    failed = _run_grid(run, "stage1", stage1, [run.pretrain_config(s) for _, s in cells[:1]]
+                       + [run.finetune_config(t) for t in scratch])
+    pretrained = [t for t in todo if t.row.pretrained]
+    ready = [t for t in pretrained if storage.exists(run.encoder(t.fold, t.seed))]
+    for t in pretrained:
+        if t not in ready:
+            failed[t.id] = f"its encoder ({PRETRAIN_PREFIX}{cell_name(t.fold, t.seed)}) was not trained"
+    failed |= _run_grid(run, "stage2", [t.id for t in ready], [run.finetune_config(t) for t in ready])
+
+    missing = {t.id: failed.get(t.id, "no result file") for t in grid if not storage.exists(run.trial_file(t.id))}
+    failed_cells = {k: v for k, v in failed.items() if k.startswith(PRETRAIN_PREFIX)}
+    if missing:
+        first = next(iter({**failed_cells, **missing}.items()))
+        raise JobError(f"study {run.run_name}: {len(missing)} of {len(grid)} trial(s) did not finish (first: "
+                       f"{first[0]}: {first[1]}); the finished ones are kept: rerun the same command with --resume")
+    return write_outputs(run, run_time_s=time.time() - t_start, resumed=len(done))
+
+
+def write_outputs(run: StudyRun, run_time_s: float | None = None, resumed: int = 0) -> dict:
+    """study.md, study.parquet, predictions.parquet and roc.png from the trial files."""
+    records = [json.loads(storage.read_text(run.trial_file(t.id))) for t in run.grid]
+    results = pd.DataFrame([r["result"] for r in records])
+    predictions = pd.DataFrame([p for r in records for p in r["predictions"]])
+    ev = run.evaluate_config()
+    pretrain_s = []
+    for fold, seed in study.pretrain_cells(run.grid):
+        m = json.loads(storage.read_text(storage.join(run.run_dir, "pretrain", cell_name(fold, seed), "metrics.json")))
+        pretrain_s.append(m["seconds"])
+    notes = [f"{run.split(f, s).note} (fold {f}, seed {s})" for f, s in run.cells]
+    notes.append(f"finetune per trial: {results['seconds'].mean():.0f} s on average ({results['seconds'].min():.0f}"
+                 f"–{results['seconds'].max():.0f} s: Ray Train run + scoring val and test videos)")
+    if pretrain_s:
+        notes.append(f"SimCLR per (fold, seed): {sum(pretrain_s) / len(pretrain_s):.0f} s on average, "
+                     f"{len(pretrain_s)} run(s) on the training videos of their cell only")
+    if resumed:
+        notes.append(f"resumed: {resumed} trial(s) finished in an earlier run; the run time is this run's")
+    study.write_study(run.run_dir, results, predictions, tables_shown=run.tables, protocol=run.plan.describe(),
+                      command=run.command, config=run.tree, run_time_s=run_time_s, n_boot=ev.bootstrap,
+                      seed=ev.seed, threshold=ev.threshold, notes=notes)
+    uris = {name: storage.join(run.run_dir, name) for name in study.OUTPUTS}
+    log.info("study %s: %d trial(s) -> %s", run.run_name, len(records), uris["study.md"])
+    return uris
+
+
+__all__ = ["StudyRun", "cell_name", "plan_study", "run_study", "trial_driver", "write_outputs"]

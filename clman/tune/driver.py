@@ -1,0 +1,349 @@
+"""The sweep driver, the one module of ``clman.tune`` that imports Ray: every trial drives its own Ray Train run.
+
+    Tuner ──trial (0.01 CPU)──▶ train_driver(config) ──▶ TorchTrainer(train_loop_per_worker)
+      │  ASHA / FIFO, random / Optuna              │  RunConfig(callbacks=[EpochReport()])
+      ◀──────── every epoch's ray.train.report ────┘  (Train V2's TuneReportCallback)
+
+A trial's config is the sweep's base config (preset + ``--set``) with the
+trial's sampled values set (``clman.tune_space``). Each epoch the worker loop
+reports the validation metrics (finetune: ``val_auc`` and the other five,
+``val_loss``, ``train_loss``; pretrain: ``loss``); the callback passes them to
+Tune, where ASHA can stop the trial early, and Tune keeps every epoch's row.
+
+Storage, under ``<out>/<run-name>/``: ``sweep.json`` (the sweep's own
+arguments and base config, so ``--resume <run-name>`` needs nothing else),
+Tune's experiment state and trial folders, ``train/<trial-id>/`` (each
+trial's Ray Train run and checkpoints) and, when the sweep ends, the result
+files written by ``write_results``: ``trials.parquet``/``trials.csv`` (a row
+per trial), ``epochs.parquet`` (a row per trial per epoch), ``best.yaml`` (a
+preset with the best trial's values), ``summary.md`` and ``auc_vs_lr.png``
+(``loss_vs_lr.png`` for pretrain).
+
+Concurrency: a trial needs ``num_workers x cpus_per_worker`` CPUs (and GPUs)
+for its workers, ``decode_tasks x decode_cpus`` for its Ray Data decoders and
+a sliver for its driver; ``max_concurrent_trials`` is what the cluster holds of
+that at once, so no trial sits holding a driver while its workers wait. When
+ASHA stops a trial, Tune kills its driver and the Train run dies with it;
+``PlacementGroupReaper`` then frees the resources that run still reserved.
+
+Resume: ``Tuner.restore`` keeps finished trials and continues unfinished ones
+(each Train run from its last checkpoint, as its name is the trial id). Tune
+does not save ASHA's rungs, so ``ResumableASHA`` replays the stored results
+into them first. Restoring unpickles Tune's state: resume only sweeps whose
+storage you trust.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Sequence
+
+import pandas as pd
+from ray.tune import Callback
+from ray.tune.schedulers import ASHAScheduler
+
+from clman import config as C
+from clman import storage
+from clman.errors import JobError
+from clman.tune.resources import DRIVER_CPUS, max_concurrent_trials
+from clman.tune.results import TrialRecord, _one_line, epochs_table, trial_statuses, write_results
+from clman.tune.space import Param
+from clman.tune.sweep import SCHEDULERS, SCORES, SEARCHES, TIME_ATTR, TRAIN_DIR, SWEEP_FILE, Sweep
+
+log = logging.getLogger(__name__)
+
+
+def tune_domain(param: Param):
+    """The ray.tune domain a search-space parameter stands for."""
+    from ray import tune
+
+    if param.kind == "loguniform":
+        return tune.loguniform(*param.args)
+    if param.kind == "uniform":
+        return tune.uniform(*param.args)
+    if param.kind == "randint":
+        lo, hi = param.args
+        return tune.randint(lo, hi + 1)  # ours includes hi, Ray's excludes it
+    if param.kind == "choice":
+        return tune.choice(list(param.args))
+    if param.kind == "grid":
+        return tune.grid_search(list(param.args))
+    raise AssertionError(f"unhandled kind {param.kind!r}")
+
+
+def _epoch_report_callback():
+    """Train V2's TuneReportCallback, adding ``epochs_done`` (1-based) for ASHA's clock.
+
+    Built inside the trial: the callback must be created in a Tune session.
+    """
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReport(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            metrics = [dict(m, **{TIME_ATTR: int(m["epoch"]) + 1}) if "epoch" in m else m for m in metrics]
+            super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReport()
+
+def _train_job(sweep: Sweep, cfg):
+    """The trial's ``runner.TrainJob``: the same loop, datasets and checkpoint score as the job itself."""
+    if sweep.job == "finetune":
+        from clman.train import finetune
+
+        return finetune.train_job(cfg, sweep.manifest, sweep.encoder, has_val=True)
+    from clman.train import pretrain
+
+    return pretrain.train_job(cfg, sweep.manifest, sweep.split, len(pretrain.check_data(sweep.manifest, sweep.split)))
+
+def train_driver(config: dict, sweep: dict) -> None:
+    """One Tune trial: the job's config with this trial's values, fitted by a TorchTrainer.
+
+    The Train run is named after the trial id, so a trial restarted after the
+    sweep's driver died continues from its own last checkpoint.
+    """
+    import ray.tune
+
+    from clman.train import runner
+
+    s = Sweep.from_dict(sweep)
+    cfg = s.trial_config(config)
+    trial_id = ray.tune.get_context().get_trial_id()
+    trainer = runner.trainer(_train_job(s, cfg), cfg.scale, storage.join(s.run_dir, TRAIN_DIR), trial_id,
+                             callbacks=[_epoch_report_callback()])
+    trainer.fit()  # raises when the run fails: Tune marks the trial ERROR with the cause
+
+def _check_data(sweep: Sweep) -> None:
+    """A clear error before any trial when the manifest cannot feed the sweep's job."""
+    if sweep.job == "finetune":
+        from clman.train import finetune
+
+        finetune.check_data(sweep.manifest, require_val=True)
+    else:
+        from clman.train import pretrain
+
+        pretrain.check_data(sweep.manifest, sweep.split)
+
+def reap_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creator actor is dead; returns how many.
+
+    Why: when ASHA stops a trial early, Tune kills the trial's actor; its Ray
+    Train controller dies with it before it can remove the worker group's
+    placement group. Ray keeps a placement group made by a (non-detached)
+    actor until the whole job ends, and Train V2's own cleaner needs the Ray
+    State API (``ray[default]``'s dashboard server, and a single Ray instance
+    per host to find it), so without this the stopped trial's CPUs and GPUs
+    stay reserved and the next trial waits forever. Placement groups made by
+    the driver (Tune's own, one per trial) have no creator actor and are never
+    touched.
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (pg.is_detached or not pg.creator_actor_dead or pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
+                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+        removed += 1
+    if removed:
+        log.info("released %d placement group(s) of stopped trials' Ray Train runs", removed)
+    return removed
+
+class PlacementGroupReaper(Callback):
+    """Tune callback: every few seconds, release what stopped trials' Train runs still reserve."""
+
+    def __init__(self, every_s: float = 5.0):
+        self.every_s = every_s
+        self._last = 0.0
+        self._failed = False
+
+    def on_step_end(self, iteration: int, trials: list, **info):
+        if self._failed or time.monotonic() - self._last < self.every_s:
+            return
+        self._last = time.monotonic()
+        try:
+            reap_orphaned_placement_groups()
+        except Exception as e:  # a Ray upgrade may move these internals: warn once, let the sweep go on
+            self._failed = True
+            log.warning("cannot release stopped trials' placement groups (%s: %s); later trials may wait "
+                        "for resources", type(e).__name__, e)
+
+class _StoredTrial:
+    """Stands in for a Tune trial when stored results are replayed into ASHA (it reads only the id)."""
+
+    def __init__(self, trial_id: str):
+        self.trial_id = trial_id
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA that first replays the sweep's stored results into its rungs.
+
+    Tune does not save scheduler state with the experiment, so after
+    ``--resume`` a plain ASHA starts with empty rungs and compares the resumed
+    trials only with each other. This one, before the first trial is added,
+    reads every result stored under ``<out>/<run_name>/`` (none on a fresh
+    sweep) and records it as if it had just been reported.
+    """
+
+    def __init__(self, out: str, run_name: str, **kwargs):
+        super().__init__(**kwargs)
+        self._sweep_dir = (out, run_name)
+        self._replayed = False
+
+    def __getstate__(self):  # pickled with the experiment: a restored copy replays again
+        return {**self.__dict__, "_replayed": False}
+
+    def on_trial_add(self, tune_controller, trial):
+        if not self._replayed:
+            self._replayed = True
+            try:
+                if trial_statuses(*self._sweep_dir):
+                    self.replay(collect(*self._sweep_dir, keys=()))
+            except Exception as e:  # the sweep still runs without the replay: say so, go on
+                log.warning("could not replay stored results into ASHA (%s: %s); resumed trials are "
+                            "compared only with each other", type(e).__name__, e)
+        super().on_trial_add(tune_controller, trial)
+
+    def replay(self, records: Sequence["TrialRecord"]) -> int:
+        """Record stored results in the rungs, in the order they were reported; returns how many."""
+        rows = epochs_table(records, ())
+        if rows.empty or not {TIME_ATTR, self._metric} <= set(rows.columns):
+            return 0
+        if "timestamp" in rows.columns:
+            rows = rows.sort_values("timestamp", kind="stable")
+        stubs = {t: _StoredTrial(t) for t in rows["trial_id"].unique()}
+        stopped_before = self._num_stopped
+        for stub in stubs.values():
+            super().on_trial_add(None, stub)
+        n = 0
+        for row in rows.to_dict("records"):
+            if pd.notna(row[self._metric]):
+                super().on_trial_result(None, stubs[row["trial_id"]], row)  # its decisions are moot
+                n += 1
+        for stub in stubs.values():
+            self._trial_info.pop(stub.trial_id, None)
+        self._num_stopped = stopped_before  # replayed decisions stopped nothing
+        log.info("ASHA: replayed %d stored result(s) of %d trial(s) into its rungs", n, len(stubs))
+        return n
+
+def _tuner(sweep: Sweep, trainable, concurrent: int):
+    from ray import tune
+    from ray.tune.schedulers import FIFOScheduler
+
+    metric, mode = SCORES[sweep.job]
+    if sweep.scheduler == "asha":
+        scheduler = ResumableASHA(sweep.out, sweep.run_name, time_attr=TIME_ATTR, max_t=sweep.max_epochs(),
+                                  grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
+                                  # A trial at max_t ends by itself: let its Train run finish cleanly.
+                                  stop_last_trials=False)
+    elif sweep.scheduler == "fifo":
+        scheduler = FIFOScheduler()
+    else:
+        raise C.ConfigError(f"--scheduler {sweep.scheduler!r}: not one of {list(SCHEDULERS)}")
+    if sweep.search == "random":
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        # max_concurrent here: Tune ignores TuneConfig.max_concurrent_trials for a given generator.
+        search_alg = BasicVariantGenerator(max_concurrent=concurrent, random_state=sweep.seed)
+    elif sweep.search == "optuna":
+        try:
+            from ray.tune.search.optuna import OptunaSearch
+            import optuna  # noqa: F401
+        except ImportError:
+            raise JobError("--search optuna needs the optuna package: pip install optuna") from None
+        search_alg = OptunaSearch(seed=sweep.seed)
+    else:
+        raise C.ConfigError(f"--search {sweep.search!r}: not one of {list(SEARCHES)}")
+    fs, path = storage.arrow_fs(sweep.out)
+    return tune.Tuner(
+        trainable,
+        param_space=sweep.search_space().to_tune(),
+        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
+                                    num_samples=sweep.samples, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=sweep.run_name, storage_path=path, storage_filesystem=fs,
+                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  callbacks=[PlacementGroupReaper()]),
+    )
+
+def _trainable(sweep: Sweep):
+    from ray import tune
+
+    return tune.with_resources(tune.with_parameters(train_driver, sweep=sweep.to_dict()), {"CPU": DRIVER_CPUS})
+
+def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
+              restart_errored: bool = False) -> dict:
+    """Run (or, with ``resume``, continue) ``sweep``; write the result files; return their URIs.
+
+    A resumed sweep keeps its finished trials, continues the unfinished ones
+    from their last checkpoints and leaves errored trials as they are unless
+    ``restart_errored``.
+    """
+    from ray import tune
+
+    from clman.train import runner
+
+    sweep.check()
+    cfg = sweep.base_config()
+    _check_data(sweep)
+    if sweep.encoder:
+        from clman import checkpoint as ckpt
+
+        state = ckpt.load_checkpoint(sweep.encoder)
+        if state.get("kind") not in ("simclr", "classifier", "encoder"):
+            raise ckpt.CheckpointError(f"{sweep.encoder}: a {state.get('kind')!r} checkpoint holds no encoder")
+    sweep_uri = storage.join(sweep.run_dir, SWEEP_FILE)
+    if not resume and storage.exists(sweep_uri):
+        raise JobError(f"sweep {sweep.run_name!r} already exists under {sweep.out}; continue it with "
+                       f"--resume {sweep.run_name}, or choose another --run-name")
+    runner.init_ray(address)
+    import ray
+
+    runner.check_resources(cfg.scale, cfg.data, extra_cpus=DRIVER_CPUS)
+    concurrent = max_concurrent_trials(ray.cluster_resources(), cfg)
+    if not resume:
+        storage.write_text(sweep_uri, json.dumps(sweep.to_dict(), indent=2) + "\n")
+    space = sweep.search_space()
+    log.info("sweep %s: %s over %s, %d sample(s), %s scheduler, %s search, up to %d trial(s) at once -> %s",
+             sweep.run_name, sweep.job, ", ".join(f"{p.key} {p.describe()}" for p in space.params),
+             sweep.samples, sweep.scheduler, sweep.search, concurrent, sweep.run_dir)
+    trainable = _trainable(sweep)
+    if resume:
+        fs, path = storage.arrow_fs(sweep.run_dir)
+        if not tune.Tuner.can_restore(path, storage_filesystem=fs):
+            raise JobError(f"{sweep.run_dir}: no Tune experiment state to resume (did the sweep start?)")
+        done = [t for t, st in trial_statuses(sweep.out, sweep.run_name).items() if st == "TERMINATED"]
+        log.info("resuming sweep %s: %d finished trial(s) kept", sweep.run_name, len(done))
+        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=restart_errored, storage_filesystem=fs)
+    else:
+        tuner = _tuner(sweep, trainable, concurrent)
+    t0 = time.time()
+    tuner.fit()
+    log.info("sweep %s: trials done in %.0f s", sweep.run_name, time.time() - t0)
+    return write_results(sweep)
+
+def collect(out: str, run_name: str, keys: Sequence[str]) -> list[TrialRecord]:
+    """Every trial of the sweep stored under ``<out>/<run_name>/``, read back through Tune."""
+    from ray.tune import ExperimentAnalysis
+
+    fs, path = storage.arrow_fs(storage.join(out, run_name))
+    analysis = ExperimentAnalysis(path, storage_filesystem=fs)
+    frames = analysis.trial_dataframes
+    records = []
+    for trial in analysis.trials:
+        error = None
+        if trial.status == "ERROR":
+            try:
+                err = trial.get_pickled_error() or trial.get_error()
+            except Exception as e:  # a missing error file must not lose the table
+                err = f"{type(e).__name__}: error file unreadable"
+            error = _one_line(str(err)) if err is not None else "error"
+        config = {k: trial.config.get(k) for k in keys}
+        records.append(TrialRecord(trial.trial_id, trial.status, config, frames.get(trial.trial_id), error))
+    return records

@@ -1,0 +1,81 @@
+"""The paper's Tables 1-4 on your manifest: every (row, fold, seed) a Ray Tune trial driving a Ray Train finetune.
+
+    python -m jobs.study --manifest s3://bucket/data/manifest.parquet --out s3://bucket/studies \\
+        --run-name cv5 --folds 5 --seeds 3 --config jobs/configs/paper.yaml
+    python -m jobs.study ... --tables 2,4 --rows gn_nl,clman,tsm_18     # a few rows
+    python -m jobs.study ... --resume                                   # after an interruption
+
+Rows (--rows takes these names): Table 1 vanilla, gn, nl, gn_nl (no pretraining); Table 2 gn_nl,
+clman; Table 3 external_attention, self_attention, emsa, lstm, mean, max, clman (pretrained);
+Table 4 r3d_18, timesformer, mc3_18, p3d, r2plus1d_18, tin_34, tin_50, tin_18, tsm_18 (from
+scratch), clman. CLMAN is always trained: every row's AUC is tested against it.
+
+SimCLR runs once per (fold, seed), on that fold's training videos only, and the pretrained rows
+share it. Writes ``<out>/<run-name>/``: study.md (each table in the paper's layout: mean over
+folds x seeds with 95% CIs, pooled out-of-fold metrics with patient-level bootstrap CIs, the
+paper's numbers, DeLong p vs CLMAN, the operating point chosen on validation videos),
+study.parquet, predictions.parquet, roc.png, and every trial's files (trials/, train/, pretrain/).
+Layout and resume: clman/train/study.py; the cost of a study: README "Studies".
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+from clman import cli
+from clman.train import study as S
+
+log = logging.getLogger("jobs.study")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.study", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--manifest", required=True, help="manifest.parquet written by jobs.ingest (path or s3:// URI)")
+    p.add_argument("--out", required=True, help="storage root for studies (path or s3:// URI)")
+    p.add_argument("--run-name", required=True, help="study folder under --out; with --resume, the study to continue")
+    p.add_argument("--tables", help="tables whose rows to train, e.g. 1,2 (default: 1,2,3,4 = 20 rows; "
+                                    "Table 4 alone is 10 rows, most of the cost)")
+    p.add_argument("--rows", help="only these rows of those tables, e.g. gn_nl,clman,tsm_18 (default: all)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--folds", type=int, metavar="K",
+                     help="K-fold cross-validation by patient on the manifest's fold column "
+                          "(jobs.ingest --folds K); 5 gives every video an out-of-fold score from "
+                          "models trained on 80%% of the patients")
+    how.add_argument("--holdout", action="store_true",
+                     help="the manifest's fixed train/test split: the paper's protocol (one split, "
+                          "wide CIs: 107 test videos give an AUC CI about 0.1 wide)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds per fold (default: 1); 3 separates a row's seed noise from its "
+                        "fold noise, at 3x the cost")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted study (same arguments): finished trials and encoders are "
+                        "kept, an interrupted Train run continues from its last checkpoint")
+    p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else start Ray here")
+    p.add_argument("--config", help="preset YAML (jobs/configs/paper.yaml, jobs/configs/demo-cpu.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[ROW:]SECTION.KEY=VALUE",
+                   help="override a config field for every row (--set finetune.lr=3e-4) or one row "
+                        "(--set timesformer:model.tf_depth=4); keys that define the rows (model.arch, "
+                        "norm, nonlocal_stages, aggregator) and the seeds are refused; CLMAN-only model "
+                        "keys (model.width) belong in the preset, as baselines do not read them")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    command = "python -m jobs.study " + shlex.join(sys.argv[1:] if argv is None else argv)
+    run = S.plan_study(args.manifest, args.out, args.run_name, tables=args.tables, rows=args.rows,
+                       folds=args.folds, holdout=args.holdout, seeds=args.seeds, config=args.config,
+                       sets=args.overrides, command=command)
+    log.info("study %s: %d row(s) x %d fold(s) x %d seed(s) = %d trial(s); %s", run.run_name, len(run.rows),
+             len(run.plan.folds), run.seeds, len(run.grid), run.plan.describe())
+    uris = S.run_study(run, args.address, resume=args.resume)
+    print(f"study: {uris['study.md']} (also study.parquet, predictions.parquet, roc.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run_main(main)

@@ -1,0 +1,226 @@
+"""Finetuning recipes (issue 13): the carved validation split, schedules, class weights, config
+errors, the not-learning warning, and a learning test of the demo recipe on the hard phantom.
+
+The unit tests run in milliseconds; the job runs use a local Ray (2 CPU workers) and tiny
+synthetic data on the real SeaweedFS, as tests/test_jobs.py.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+import torch.nn.functional as F
+
+from clman import config as C
+from clman import optim, storage
+from clman.metrics import compute_metrics
+from clman.train import finetune as loop
+from clman.train.runner import JobError
+
+# ---------------------------------------------------------------- the carved validation split
+
+
+def _rows(patients: int, videos_per_patient: int = 2, malignant_every: int = 3) -> pd.DataFrame:
+    """A training split: patient p malignant when p % malignant_every == 0, a few videos each."""
+    rows = [{"video_id": f"v{p:03d}_{k}", "patient_id": f"p{p:03d}", "label": int(p % malignant_every == 0),
+             "split": "train", "fold": -1} for p in range(patients) for k in range(videos_per_patient)]
+    return pd.DataFrame(rows)
+
+
+def _patients(rows: pd.DataFrame, label: int | None = None) -> set:
+    return set(rows["patient_id"] if label is None else rows.loc[rows["label"] == label, "patient_id"])
+
+
+def test_carve_is_by_patient_stratified_and_deterministic():
+    train = _rows(60)  # 20 malignant, 40 benign patients, 2 videos each
+    t, v, info = loop.validation_split(train, train.iloc[:0], 0.2, seed=0)
+    assert not _patients(t) & _patients(v), "a patient on both sides"
+    assert len(t) + len(v) == len(train) and set(t["video_id"]) | set(v["video_id"]) == set(train["video_id"])
+    # stratified: each label's share of patients within one of its quota
+    assert len(_patients(v, 1)) in (4,) and len(_patients(v, 0)) in (8,)
+    assert info["source"] == "carved" and info["videos"] == len(v) == 24 and info["patients"] == 12
+    assert info["note"].startswith("no val split: 24 of 120 training videos (by patient")
+    again = loop.validation_split(train.sample(frac=1.0, random_state=3), train.iloc[:0], 0.2, seed=0)[1]
+    assert sorted(again["video_id"]) == sorted(v["video_id"]), "the carve depends on row order"
+    other = loop.validation_split(train, train.iloc[:0], 0.2, seed=1)[1]
+    assert sorted(other["video_id"]) != sorted(v["video_id"])
+    assert (v["split"] == "val").all() and (t["split"] == "train").all()
+
+
+def test_manifest_val_split_is_used_and_fraction_0_keeps_todays_behaviour():
+    train, val = _rows(20), _rows(10).assign(split="val", patient_id=lambda d: "q" + d["patient_id"])
+    t, v, info = loop.validation_split(train, val, 0.2, seed=0)
+    assert t is train and v is val and info["source"] == "manifest"
+    t, v, info = loop.validation_split(train, train.iloc[:0], 0.0, seed=0)
+    assert t is train and len(v) == 0 and info["source"] == "none"
+
+
+def test_carve_that_leaves_a_class_out_names_the_counts():
+    with pytest.raises(JobError, match=r"finetune.val_fraction=0.2 leaves a class out: the 2 benign and 1 "
+                                       r"malignant training patients would split into .* for validation"):
+        loop.validation_split(_rows(3), _rows(3).iloc[:0], 0.2, seed=0)
+    one_class_val = _rows(4).assign(split="val", label=0)
+    with pytest.raises(JobError, match=r"split 'val' holds 8 benign and 0 malignant videos"):
+        loop.validation_split(_rows(10), one_class_val, 0.2, seed=0)
+
+
+# ---------------------------------------------------------------- schedule, weights, optimizer
+
+
+def test_schedule_is_a_pure_function_of_the_step():
+    const = [optim.schedule("constant", s, 10, 0.1, 4) for s in range(12)]
+    assert const == pytest.approx([0.025, 0.05, 0.075, 0.1] + [0.1] * 8)
+    assert [optim.schedule("constant", s, 10, 0.1) for s in (0, 9)] == [0.1, 0.1]
+    cos = [optim.schedule("cosine", s, 10, 0.1, 2) for s in range(11)]
+    assert cos == [optim.warmup_cosine(s, 10, 0.1, 2) for s in range(11)]
+    assert cos[1] == pytest.approx(0.1) and cos[6] == pytest.approx(0.05) and cos[10] == 0.0
+    with pytest.raises(ValueError, match=r"unknown learning-rate schedule 'step'; valid: \['constant', 'cosine'\]"):
+        optim.schedule("step", 0, 10, 0.1)
+    assert tuple(C.SCHEDULES) == optim.SCHEDULES
+
+
+def test_balanced_class_weights_equalise_the_classes():
+    w = loop.class_weights([0, 0, 0, 1], "balanced")  # n / (2 n_c)
+    assert w.tolist() == pytest.approx([4 / 6, 4 / 2])
+    assert loop.class_weights([0, 1, 0, 1], "balanced").tolist() == [1.0, 1.0]
+    assert loop.class_weights([0, 0, 1], "none") is None
+    # each class then contributes the same total to the summed loss
+    logits, labels = torch.zeros(4, 2), torch.tensor([0, 0, 0, 1])
+    per = F.cross_entropy(logits, labels, weight=w, reduction="none")
+    assert per[labels == 0].sum().item() == pytest.approx(per[labels == 1].sum().item())
+
+
+def test_optimizers_and_lr_groups():
+    from clman.models.build import classifier_from
+
+    base = C.load("finetune", None, ["model.width=0.125", "model.gn_groups=4", "finetune.encoder_lr_scale=0.1"])
+    sgd = loop.make_optimizer(classifier_from(base.model), base)
+    assert isinstance(sgd, torch.optim.SGD) and [g["lr"] for g in sgd.param_groups] == pytest.approx([1e-4, 1e-5])
+    cfg = C.load("finetune", None, ["model.width=0.125", "model.gn_groups=4", "finetune.optimizer=adamw",
+                                    "finetune.lr=1e-3", "finetune.weight_decay=0.05"])
+    adamw = loop.make_optimizer(classifier_from(cfg.model), cfg)
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("finetune.optimizer=adam", "finetune.optimizer: 'adam' is not one of ['sgd', 'adamw']"),
+        ("finetune.schedule=step", "finetune.schedule: 'step' is not one of ['constant', 'cosine']"),
+        ("finetune.class_weights=auto", "finetune.class_weights: 'auto' is not one of ['none', 'balanced']"),
+        ("finetune.lr=-1", "finetune.lr: must be > 0 to learn (0 is accepted"),
+        ("finetune.val_fraction=1", "finetune.val_fraction: must be in [0.0, 0.9]"),
+        ("finetune.warmup_epochs=11", "finetune.warmup_epochs: must be in [0, 10]"),
+        ("finetune.label_smoothing=0.5", "finetune.label_smoothing: must be in [0.0, 0.49]"),
+        ("finetune.grad_clip=-1", "finetune.grad_clip: must be >= 0.0"),
+        ("finetune.patience=-1", "finetune.patience: must be >= 0"),
+    ],
+)
+def test_recipe_config_errors_name_the_key_and_the_valid_values(override, message):
+    with pytest.raises(C.ConfigError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(")):
+        C.load("finetune", None, ["finetune.epochs=10", override])
+
+
+def test_presets_keep_the_papers_recipe_and_the_demo_recipe_is_valid():
+    paper = C.load("finetune", "jobs/configs/paper.yaml")
+    assert (paper.optimizer, paper.lr, paper.momentum, paper.weight_decay, paper.schedule, paper.warmup_epochs,
+            paper.grad_clip, paper.label_smoothing, paper.class_weights) == \
+        ("sgd", 1e-4, 0.9, 5e-4, "constant", 0, 0.0, 0.0, "none")
+    assert C.load("finetune", None, ["finetune.lr=0"]).lr == 0.0
+    C.load("finetune", "jobs/configs/demo-cpu.yaml")
+
+
+def test_not_learning_fires_on_a_flat_loss_or_chance_val_auc_only():
+    assert loop.check_epoch(12) == 3 and loop.check_epoch(2) == 1 and loop.check_epoch(320) == 106
+    flat = loop.not_learning([0.694, 0.693, 0.695], [0.8, 0.9, 0.85], lr=0.0, epochs=10)
+    assert flat.startswith("finetune is not learning after 3 of 10 epochs: training loss 0.694 -> 0.695 "
+                           "(best 0.693, not 5% below 0.694)")
+    assert "finetune.lr" in flat and "epochs" in flat and "data.size" in flat and "\n" not in flat
+    rising = loop.not_learning([0.75, 0.8, 0.86], [], lr=1e-2, epochs=10)  # the issue's run
+    assert "training loss 0.750 -> 0.860 (best 0.750, not 5% below 0.750)" in rising and "val AUC" not in rising
+    chance = loop.not_learning([0.69, 0.55, 0.45], [0.52, 0.48, 0.55], lr=1e-3, epochs=10)
+    assert "best val AUC 0.550 (chance 0.5)" in chance and "training loss" not in chance
+    assert loop.not_learning([0.73, 0.70, 0.69, 0.67], [0.6, 0.75, 0.8], lr=1e-3, epochs=12) == ""  # slow, but falls
+    assert loop.not_learning([0.5, 0.45, 0.47], [], lr=1e-3, epochs=10) == ""  # a good encoder: below chance at once
+
+
+# ---------------------------------------------------------------- job runs: local Ray, hard phantom
+
+HARD_CASES = 200  # 120 train (24 of them carved for validation) / 80 test videos, 100 patients
+# The demo recipe's finetune section as it is; only the model and the clips are made small.
+SMALL = ["model.width=0.125", "model.gn_groups=4", "data.size=64",
+         "scale.num_workers=2", "scale.cpus_per_worker=0.5"]
+# What the demo recipe reached on this data, measured when the test was written (README "Finetuning
+# recipes"): kept-checkpoint test AUC 0.69; the recipe before it (SGD, constant 1e-2) reached 0.56-0.63
+# on such data at the demo's size. The margin covers other CPUs and library versions (runs are
+# bit-reproducible on one machine).
+MIN_TEST_AUC = 0.6
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hard_manifest(s3):
+    """HARD_CASES hard-phantom sweeps at 64 px, ingested 60/40 by patient with no val split (as the demo)."""
+    from clman.data.ingest import ingest, labeled_items
+    from clman.data.synth import SynthConfig, write_dataset
+
+    name = "recipe-hard"
+    s3.make_bucket(name)
+    write_dataset(f"s3://{name}/raw", HARD_CASES, seed=0, cfg=SynthConfig(difficulty="hard", size=64, frames=16),
+                  workers=2, progress=False)
+    ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
+           ratios=(0.6, 0.0, 0.4), seed=0, workers=2)
+    return f"s3://{name}/data/manifest.parquet"
+
+
+def test_demo_recipe_learns_the_hard_phantom(hard_manifest, bucket, local_ray):
+    from jobs import evaluate, finetune
+
+    t0 = time.time()
+    cfg = C.load("finetune", "jobs/configs/demo-cpu.yaml", SMALL)
+    assert (cfg.optimizer, cfg.schedule, cfg.class_weights, cfg.val_fraction) == ("adamw", "cosine", "balanced", 0.2)
+    fin = finetune.run(cfg, hard_manifest, f"{bucket}/runs", "demo-recipe")
+    saved = json.loads(storage.read_text(f"{bucket}/runs/demo-recipe/metrics.json"))
+    assert saved["validation"]["source"] == "carved" and saved["validation"]["videos"] == 24
+    assert saved["kept"] == "best val_auc" and saved["metrics"]["val_auc"] == saved["metrics"]["best_val_auc"]
+    assert saved["warnings"] == [] and saved["last_metrics"]["warning"] == ""  # it learns: no warning
+    last = saved["last_metrics"]
+    assert last["epoch"] == cfg.epochs - 1 or (saved["stopped_early"] and last["epoch"] - last["best_epoch"]
+                                                == cfg.patience)
+    assert 0.0 <= last["train_auc"] <= 1.0 and last["train_loss"] < math.log(2)
+
+    scored = evaluate.score_split(fin["model"], hard_manifest, "test", C.EvaluateConfig(bootstrap=0))
+    auc = compute_metrics(np.asarray(scored["score"]), np.asarray(scored["label"]))["auc"]
+    print(f"demo recipe on the hard phantom: test AUC {auc:.3f} ({len(scored['score'])} videos), "
+          f"kept epoch {fin['metrics']['epoch']}, {time.time() - t0:.0f} s")
+    assert auc >= MIN_TEST_AUC, f"test AUC {auc:.3f} < {MIN_TEST_AUC}"
+
+
+def test_lr_zero_warns_once_and_stops_early_with_a_checkpoint(hard_manifest, bucket, local_ray):
+    """lr 0 learns nothing: the one-line warning, in metrics.json; the val AUC never improves, so
+    patience 1 stops the run after its second epoch, whose report still carries a checkpoint."""
+    from jobs import finetune
+
+    cfg = C.load("finetune", "jobs/configs/demo-cpu.yaml", SMALL + ["finetune.lr=0", "finetune.epochs=4",
+                                                                     "finetune.patience=1"])
+    fin = finetune.run(cfg, hard_manifest, f"{bucket}/runs", "lr0")
+    saved = json.loads(storage.read_text(f"{bucket}/runs/lr0/metrics.json"))
+    assert saved["stopped_early"] and saved["last_metrics"]["epoch"] == 1 and saved["metrics"]["epoch"] == 0
+    (warning,) = saved["warnings"]
+    assert warning.startswith("finetune is not learning after 2 of 4 epochs: training loss ")
+    assert "\n" not in warning and "finetune.lr" in warning and "(now 0)" in warning
+    assert storage.exists(fin["model"])
