@@ -140,38 +140,6 @@ def _registered_checkpoint(run_uri: str) -> bool:
     return storage.exists(snapshot) and "checkpoint_" in storage.read_text(snapshot)
 
 
-@pytest.mark.slow
-def test_job_submit_stop_and_resume_on_a_real_cluster(head, manifest, bucket):
-    runs = f"{bucket}/runs"
-    args = ["--manifest", manifest, "--out", runs, "--run-name", "submitted",
-            *sum((["--set", o] for o in TINY), [])]
-    t0 = time.time()
-
-    first = _submit(head, "clman-first", args, wait=False)
-    assert first.returncode == 0, first.stderr[-2000:]
-    deadline = time.time() + 420
-    while not _registered_checkpoint(f"{runs}/submitted") and time.time() < deadline:
-        assert _status(head, "clman-first") in ("PENDING", "RUNNING"), _ray(
-            "job", "logs", "--address", head["address"], "clman-first", env=head["env"]).stdout[-3000:]
-        time.sleep(5)
-    assert _registered_checkpoint(f"{runs}/submitted"), "the submitted job registered no checkpoint"
-    _ray("job", "stop", "--address", head["address"], "clman-first", env=head["env"])
-    assert _status(head, "clman-first") == "STOPPED"
-    print(f"first submission: a checkpoint, then stopped, after {time.time() - t0:.0f} s")
-
-    t1 = time.time()
-    second = _submit(head, "clman-second", args, wait=True)
-    assert _status(head, "clman-second") == "SUCCEEDED", second.stdout[-3000:] + second.stderr[-2000:]
-    print(f"resubmission ran to the end in {time.time() - t1:.0f} s")
-    logs = _ray("job", "logs", "--address", head["address"], "clman-second", env=head["env"]).stdout
-    print("\n".join(line for line in logs.splitlines() if " I jobs.finetune: " in line or "epoch" in line))
-    assert "finetune submitted done in" in logs, logs[-3000:]
-    summary = json.loads(storage.read_text(f"{runs}/submitted/metrics.json"))
-    assert summary["last_metrics"]["epoch"] == 2
-    assert summary["last_metrics"]["start_epoch"] > 0, "the resubmission started over instead of resuming"
-    assert ckpt.load_checkpoint(summary["model"])["kind"] == "classifier"
-
-
 def test_missing_token_is_one_line(head, manifest):
     """A driver attaching in token mode without the cluster's token: one line saying what to fix."""
     env = dict(head["env"], RAY_AUTH_TOKEN_PATH=os.path.join(tempfile.gettempdir(), "clman-no-such-token"))
