@@ -9,7 +9,8 @@ CL" row). Validation: the manifest's val split, else ``finetune.val_fraction``
 (0.2) of the training patients, stratified by label (0 = none). Writes
 ``<out>/<run-name>/model.pt`` — the checkpoint with the best validation AUC (the
 last one without validation) — plus ``config.yaml`` and ``metrics.json`` (what was
-validated on, the kept and last epochs' metrics, a not-learning warning if any).
+validated on, the kept and last epochs' metrics, per-epoch training loss / AUC and val
+AUC, and the one-line not-learning warning, if any, under ``warnings``).
 The same ``--run-name`` resumes. Recipes and what they gave: README "Finetuning recipes".
 """
 
@@ -92,7 +93,8 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
     last = result.metrics or {}
     summary = {"model": model_uri, "kept": "best val_auc" if has_val else "last", "metrics": metrics,
                "last_metrics": last, "validation": validation, "stopped_early": bool(last.get("stopped_early")),
-               "warnings": [last["warning"]] if last.get("warning") else [], "seconds": time.time() - t0}
+               "warnings": [last["warning"]] if last.get("warning") else [],
+               "history": finetune.history(result.checkpoint), "seconds": time.time() - t0}
     report.write_json(storage.join(run_dir, "metrics.json"), summary)
     kept = f"epoch {metrics.get('epoch', -1) + 1}" + (f", val AUC {metrics['val_auc']:.3f}" if has_val else "")
     log.info("finetune %s done in %.0f s -> %s (%s: %s)%s%s", run_name, summary["seconds"], model_uri,

@@ -139,88 +139,54 @@ def test_presets_keep_the_papers_recipe_and_the_demo_recipe_is_valid():
 
 def test_not_learning_fires_on_a_flat_loss_or_chance_val_auc_only():
     assert loop.check_epoch(12) == 3 and loop.check_epoch(2) == 1 and loop.check_epoch(320) == 106
-    flat = loop.not_learning([0.694, 0.693, 0.695], [0.8, 0.9, 0.85], lr=0.0, epochs=10)
-    assert flat.startswith("finetune is not learning after 3 of 10 epochs: training loss 0.694 -> 0.695 "
-                           "(best 0.693, not 5% below 0.694)")
-    assert "finetune.lr" in flat and "epochs" in flat and "data.size" in flat and "\n" not in flat
-    rising = loop.not_learning([0.75, 0.8, 0.86], [], lr=1e-2, epochs=10)  # the issue's run
-    assert "training loss 0.750 -> 0.860 (best 0.750, not 5% below 0.750)" in rising and "val AUC" not in rising
-    chance = loop.not_learning([0.69, 0.55, 0.45], [0.52, 0.48, 0.55], lr=1e-3, epochs=10)
-    assert "best val AUC 0.550 (chance 0.5)" in chance and "training loss" not in chance
-    assert loop.not_learning([0.73, 0.70, 0.69, 0.67], [0.6, 0.75, 0.8], lr=1e-3, epochs=12) == ""  # slow, but falls
-    assert loop.not_learning([0.5, 0.45, 0.47], [], lr=1e-3, epochs=10) == ""  # a good encoder: below chance at once
+    flat = loop.loss_stalled([0.694, 0.693, 0.695])  # lr 0
+    assert flat == "training loss 0.694 -> 0.695 in 3 epochs (best 0.693, not 5% below 0.694)"
+    assert loop.loss_stalled([0.75, 0.8, 0.86]).startswith("training loss 0.750 -> 0.860")  # the issue's run
+    assert loop.loss_stalled([0.73, 0.70, 0.69, 0.67]) == ""  # slow (the hard phantom), but falling
+    assert loop.loss_stalled([0.5, 0.45, 0.47]) == ""  # a good encoder: below chance from the start
+    assert loop.val_at_chance([0.52, 0.48, float("nan"), 0.55]) == "best val AUC 0.550 in 4 epochs (chance 0.5)"
+    assert loop.val_at_chance([0.52, 0.61]) == ""
+    line = loop.not_learning([flat, "best val AUC 0.550 in 4 epochs (chance 0.5)"], lr=0.0)
+    assert line.startswith("finetune is not learning: training loss 0.694 -> 0.695 in 3 epochs") and "\n" not in line
+    assert "(now 0)" in line and "finetune.lr" in line and "epochs" in line and "data.size" in line
+    assert loop.not_learning([], lr=1e-3) == ""
 
 
 # ---------------------------------------------------------------- job runs: local Ray, hard phantom
 
 HARD_CASES = 200  # 120 train (24 of them carved for validation) / 80 test videos, 100 patients
-# The demo recipe's finetune section as it is; only the model and the clips are made small.
-SMALL = ["model.width=0.125", "model.gn_groups=4", "data.size=64",
-         "scale.num_workers=2", "scale.cpus_per_worker=0.5"]
-# What the demo recipe reached on this data, measured when the test was written (README "Finetuning
-# recipes"): kept-checkpoint test AUC 0.69; the recipe before it (SGD, constant 1e-2) reached 0.56-0.63
-# on such data at the demo's size. The margin covers other CPUs and library versions (runs are
-# bit-reproducible on one machine).
-MIN_TEST_AUC = 0.6
+# The demo recipe's finetune section as it is; only the model is made small (and T = 8 at 64 px, as the demo).
+SMALL = ["model.width=0.125", "model.gn_groups=4", "data.size=64", "scale.num_workers=2",
+         "scale.cpus_per_worker=0.5"]
+# What is stable here, measured when the test was written (README "Finetuning recipes"): on this data
+# the demo recipe's training loss fell 16-18 % below its first epoch's (0.73 -> 0.60 and 0.61, two runs),
+# to a last-epoch training AUC of 0.76-0.78; with lr 0 the loss moved 2 %, and so much training AUC
+# (0.60-0.65) does a fixed random model get, so the loss is the criterion. Held-out AUC at this size
+# depends on the draw of cases more than on the recipe (another, 160-case draw gave 0.39-0.45 for the
+# demo recipe and the one before it alike), so it is only asked to be above chance here (0.65-0.72 seen).
+MIN_LOSS_FALL = 0.10
+MIN_TEST_AUC = 0.55
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from clman.train.runner import init_ray
+
+    init_ray(num_cpus=2)  # as the jobs start it: Train's placement-group cleaner works, so runs free their CPUs
     yield
     ray.shutdown()
 
 
 @pytest.fixture(scope="module")
 def hard_manifest(s3):
-    """HARD_CASES hard-phantom sweeps at 64 px, ingested 60/40 by patient with no val split (as the demo)."""
+    """HARD_CASES hard-phantom sweeps (64 px high, 22-38 frames), ingested 60/40 by patient, no val split."""
     from clman.data.ingest import ingest, labeled_items
     from clman.data.synth import SynthConfig, write_dataset
 
     name = "recipe-hard"
     s3.make_bucket(name)
-    write_dataset(f"s3://{name}/raw", HARD_CASES, seed=0, cfg=SynthConfig(difficulty="hard", size=64, frames=16),
+    write_dataset(f"s3://{name}/raw", HARD_CASES, seed=0, cfg=SynthConfig(difficulty="hard", size=64),
                   workers=2, progress=False)
     ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
            ratios=(0.6, 0.0, 0.4), seed=0, workers=2)
     return f"s3://{name}/data/manifest.parquet"
-
-
-def test_demo_recipe_learns_the_hard_phantom(hard_manifest, bucket, local_ray):
-    from jobs import evaluate, finetune
-
-    t0 = time.time()
-    cfg = C.load("finetune", "jobs/configs/demo-cpu.yaml", SMALL)
-    assert (cfg.optimizer, cfg.schedule, cfg.class_weights, cfg.val_fraction) == ("adamw", "cosine", "balanced", 0.2)
-    fin = finetune.run(cfg, hard_manifest, f"{bucket}/runs", "demo-recipe")
-    saved = json.loads(storage.read_text(f"{bucket}/runs/demo-recipe/metrics.json"))
-    assert saved["validation"]["source"] == "carved" and saved["validation"]["videos"] == 24
-    assert saved["kept"] == "best val_auc" and saved["metrics"]["val_auc"] == saved["metrics"]["best_val_auc"]
-    assert saved["warnings"] == [] and saved["last_metrics"]["warning"] == ""  # it learns: no warning
-    last = saved["last_metrics"]
-    assert last["epoch"] == cfg.epochs - 1 or (saved["stopped_early"] and last["epoch"] - last["best_epoch"]
-                                                == cfg.patience)
-    assert 0.0 <= last["train_auc"] <= 1.0 and last["train_loss"] < math.log(2)
-
-    scored = evaluate.score_split(fin["model"], hard_manifest, "test", C.EvaluateConfig(bootstrap=0))
-    auc = compute_metrics(np.asarray(scored["score"]), np.asarray(scored["label"]))["auc"]
-    print(f"demo recipe on the hard phantom: test AUC {auc:.3f} ({len(scored['score'])} videos), "
-          f"kept epoch {fin['metrics']['epoch']}, {time.time() - t0:.0f} s")
-    assert auc >= MIN_TEST_AUC, f"test AUC {auc:.3f} < {MIN_TEST_AUC}"
-
-
-def test_lr_zero_warns_once_and_stops_early_with_a_checkpoint(hard_manifest, bucket, local_ray):
-    """lr 0 learns nothing: the one-line warning, in metrics.json; the val AUC never improves, so
-    patience 1 stops the run after its second epoch, whose report still carries a checkpoint."""
-    from jobs import finetune
-
-    cfg = C.load("finetune", "jobs/configs/demo-cpu.yaml", SMALL + ["finetune.lr=0", "finetune.epochs=4",
-                                                                     "finetune.patience=1"])
-    fin = finetune.run(cfg, hard_manifest, f"{bucket}/runs", "lr0")
-    saved = json.loads(storage.read_text(f"{bucket}/runs/lr0/metrics.json"))
-    assert saved["stopped_early"] and saved["last_metrics"]["epoch"] == 1 and saved["metrics"]["epoch"] == 0
-    (warning,) = saved["warnings"]
-    assert warning.startswith("finetune is not learning after 2 of 4 epochs: training loss ")
-    assert "\n" not in warning and "finetune.lr" in warning and "(now 0)" in warning
-    assert storage.exists(fin["model"])

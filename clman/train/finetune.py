@@ -13,7 +13,8 @@ Facts that shaped this module
 - The demo recipe before this one (SGD, constant lr 1e-2, the last epoch) learned the
   project's own phantom and not another generator's: training loss 0.75 -> 0.86 there,
   test AUC 0.58, every video called benign — and nothing said so. Hence the training AUC
-  beside the loss and the one-line not-learning warning (:func:`not_learning`).
+  beside the loss and the one-line not-learning warning (:func:`loss_stalled` after a third
+  of the run, :func:`val_at_chance` at its end).
 - The thresholds of that warning were set on the runs in README "Finetuning recipes": with
   lr 0 the training loss stays within 1 % of ln 2 (the loss of calling every video 50/50);
   the demo recipe on the hard phantom falls only 0.73 -> 0.67 by its fourth epoch
@@ -24,6 +25,7 @@ Facts that shaped this module
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import torch
@@ -132,6 +134,15 @@ def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val
     return runner.TrainJob(train_loop_per_worker, loop_config, {}, SCORE if has_val else None)
 
 
+def history(checkpoint) -> dict:
+    """Per-epoch ``train_loss``, ``train_auc`` and ``val_auc`` lists of a run, from its last (Ray) checkpoint."""
+    with checkpoint.as_directory() as d:
+        state = ckpt.load_checkpoint(os.path.join(d, worker.CHECKPOINT_FILE))
+    progress = (state.get("extra") or {}).get("progress") or {}
+    return {"train_loss": progress.get("losses", []), "train_auc": progress.get("train_aucs", []),
+            "val_auc": progress.get("val_aucs", [])}
+
+
 # ---------------------------------------------------------------- worker side
 
 
@@ -185,40 +196,52 @@ def class_weights(labels, mode: str) -> torch.Tensor | None:
 
 # The not-learning check (one warning line, in metrics.json too); thresholds from the runs in
 # README "Finetuning recipes" (module docstring).
-CHECK_AFTER_EPOCHS = 3  # decide after this many epochs (a third of a longer run; at the end of a shorter one)
+CHECK_AFTER_EPOCHS = 3  # the loss is judged after this many epochs (a third of a longer run)
 MIN_LOSS_DROP = 0.05  # by then the best epoch's training loss must be this share below its reference
-CHANCE_AUC_MARGIN = 0.1  # a best val AUC under 0.5 + this is "near chance"
+CHANCE_AUC_MARGIN = 0.1  # a best val AUC under 0.5 + this, over the whole run, is "near chance"
 
 
 def check_epoch(epochs: int) -> int:
-    """The 0-based epoch after which :func:`not_learning` decides."""
+    """The 0-based epoch after which :func:`loss_stalled` is asked (or the run's last, if sooner)."""
     return min(epochs, max(CHECK_AFTER_EPOCHS, math.ceil(epochs / 3))) - 1
 
 
-def not_learning(losses: list[float], val_aucs: list[float], lr: float, epochs: int) -> str:
-    """"" when the run learns, else one line saying what is wrong and what to try.
+def loss_stalled(losses: list[float]) -> str:
+    """"" or what is wrong: no epoch's mean training loss is ``MIN_LOSS_DROP`` below the higher
+    of the first epoch's and chance's (ln 2: every video called 50/50).
 
-    ``losses``: the mean training loss of each epoch so far; ``val_aucs``: the val AUC of each
-    (empty without validation). Not learning: no epoch's training loss is ``MIN_LOSS_DROP``
-    below the higher of the first epoch's and chance's (ln 2: every video called 50/50), or
-    the best val AUC is within ``CHANCE_AUC_MARGIN`` of 0.5. The first epoch's loss, when it
-    is higher, because label smoothing and class weights keep a learning run's loss near
-    ln 2 for epochs on hard data (0.73 -> 0.67 by epoch 4 on the hard phantom); chance, so
-    that a run that starts below it (a good encoder) is not told it stalled.
+    The first epoch's loss when it is higher, because label smoothing and class weights keep
+    a learning run's loss near ln 2 for epochs on hard data (0.73 -> 0.67 by epoch 4 on the
+    hard phantom); chance when it is higher, so that a run starting below it (a good
+    encoder) is not told it stalled.
     """
-    problems = []
     reference = max(losses[0], math.log(2))
-    if min(losses) > (1 - MIN_LOSS_DROP) * reference:
-        problems.append(f"training loss {losses[0]:.3f} -> {losses[-1]:.3f} (best {min(losses):.3f}, not "
-                        f"{MIN_LOSS_DROP:.0%} below {reference:.3f})")
+    if min(losses) <= (1 - MIN_LOSS_DROP) * reference:
+        return ""
+    return (f"training loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} epochs (best {min(losses):.3f}, "
+            f"not {MIN_LOSS_DROP:.0%} below {reference:.3f})")
+
+
+def val_at_chance(val_aucs: list[float]) -> str:
+    """"" or what is wrong: the best val AUC of the run is within ``CHANCE_AUC_MARGIN`` of 0.5.
+
+    Judged on the whole run, not early: a small validation split's AUC is noisy (+-0.12 at
+    24 videos), and a hard data set's rises late.
+    """
     finite = [a for a in val_aucs if a == a]
-    if val_aucs and (not finite or max(finite) < 0.5 + CHANCE_AUC_MARGIN):
-        problems.append(f"best val AUC {max(finite) if finite else float('nan'):.3f} (chance 0.5)")
+    best = max(finite) if finite else float("nan")
+    if best >= 0.5 + CHANCE_AUC_MARGIN:
+        return ""
+    return f"best val AUC {best:.3f} in {len(val_aucs)} epochs (chance 0.5)"
+
+
+def not_learning(problems: list[str], lr: float) -> str:
+    """The one warning line for ``problems`` ("" when there are none): what is wrong, what to try."""
     if not problems:
         return ""
-    return (f"finetune is not learning after {len(losses)} of {epochs} epochs: {'; '.join(problems)}. Try "
-            f"finetune.lr 3-10x higher or lower (now {lr:g}), finetune.optimizer=adamw with schedule=cosine, "
-            "more finetune.epochs, or a larger data.size / model.width")
+    return (f"finetune is not learning: {'; '.join(problems)}. Try finetune.lr 3-10x higher or lower "
+            f"(now {lr:g}), finetune.optimizer=adamw with schedule=cosine, more finetune.epochs, "
+            "or a larger data.size / model.width")
 
 
 @torch.no_grad()
@@ -262,9 +285,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # What early stopping and the not-learning check remember, restored with the checkpoint.
     progress = dict((state.get("extra") or {}).get("progress") or {}) if state else {}
     losses: list[float] = list(progress.get("losses", []))  # mean training loss per epoch
+    train_aucs: list[float] = list(progress.get("train_aucs", []))
     val_aucs: list[float] = list(progress.get("val_aucs", []))
     best_auc, best_epoch = progress.get("best_val_auc"), progress.get("best_epoch", -1)
-    warning: str = progress.get("warning", "")
+    problems: list[str] = list(progress.get("problems", []))  # what the not-learning check found
     if state:
         log.info("resumed from epoch %d (step %d)", state["epoch"], step)
     raw_model = model
@@ -336,6 +360,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             "clips_per_s": clips * world / max(seconds, 1e-9),
         }
         losses.append(train_loss)
+        train_aucs.append(metrics["train_auc"])
         improved = False
         if val_feed is not None:
             # The unwrapped module: no DDP collectives while shards hold unequal numbers of videos.
@@ -348,10 +373,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics |= {"best_val_auc": best_auc if best_auc is not None else float("nan"), "best_epoch": best_epoch}
         stop = val_feed is not None and cfg.patience > 0 and epoch - best_epoch >= cfg.patience
         last = stop or epoch + 1 == cfg.epochs
+        before = not_learning(problems, cfg.lr)
         if epoch == decide_at or (last and epoch < decide_at):
-            warning = not_learning(losses, val_aucs, cfg.lr, cfg.epochs)
-            if warning and rank == 0:  # one line, not one per rank
-                log.warning("%s", warning)
+            problems += [p for p in [loss_stalled(losses)] if p]
+        if last and val_aucs:
+            problems += [p for p in [val_at_chance(val_aucs)] if p]
+        warning = not_learning(problems, cfg.lr)
+        if warning and not before and rank == 0:  # one line, the first time; not one per rank
+            log.warning("%s", warning)
         metrics |= {"stopped_early": stop, "warning": warning}
         log.info(
             "finetune epoch %d/%d  loss %.4f  train auc %.3f  %s  lr %.2e  %.1f clips/s",
@@ -365,8 +394,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # A new best is always saved (it is the checkpoint the job keeps); the last report always
         # carries one, so the run's final metrics are the last epoch's.
         save = (epoch + 1) % cfg.checkpoint_every == 0 or last or improved
-        progress = {"losses": losses, "val_aucs": val_aucs, "best_val_auc": best_auc, "best_epoch": best_epoch,
-                    "warning": warning}
+        progress = {"losses": losses, "train_aucs": train_aucs, "val_aucs": val_aucs, "best_val_auc": best_auc,
+                    "best_epoch": best_epoch, "problems": problems}
         worker.report(metrics, model, optimizer, kind="classifier", config=saved_config, step=step,
                       epoch=epoch, save=save, extra={"encoder": encoder_uri or "", "progress": progress})
         if stop:
