@@ -23,6 +23,9 @@ Facts that shaped this module:
 - Every bucket is a SeaweedFS collection, and by default the master grows 7
   volumes per collection; `WEED_MASTER_VOLUME_GROWTH_COPY_1=1` makes it one,
   so a test session that creates many buckets stays small.
+- weed adds an admin identity from the AWS_* variables of its environment; a
+  shell (or a test) that already points them at another server would give our
+  access key that server's secret, so the server starts without them.
 - On SIGTERM the filer waits 15 s for the S3 gateway's metadata stream before
   it stops, so a clean exit takes ~16 s; `stop()` waits, then SIGKILLs.
 """
@@ -281,7 +284,10 @@ class LocalS3:
             "-master.volumeSizeLimitMB=64", "-volume.max=0",
             "-volume.preStopSeconds=0",
         ] + [f"-{name}={port}" for name, port in ports.items()]
-        env = dict(os.environ, WEED_MASTER_VOLUME_GROWTH_COPY_1="1")
+        # No AWS_* from the caller: weed adds an admin identity from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+        # which, holding another server's secret under our access key, makes every signature mismatch.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env["WEED_MASTER_VOLUME_GROWTH_COPY_1"] = "1"
         log = open(self.data_dir / LOG_FILE, "ab")
         try:
             self._proc = subprocess.Popen(

@@ -1,6 +1,7 @@
 """The whole CLMAN pipeline on one machine: embedded S3 + synthetic sweeps (what `make demo` runs).
 
     python -m jobs.demo --config jobs/configs/demo-cpu.yaml
+    python -m jobs.demo --config jobs/configs/demo-cpu.yaml --difficulty hard --workdir .demo-hard
 
 1. starts SeaweedFS on loopback (data in ``<workdir>/s3``) and points the AWS_* variables at it;
 2. makes 268 synthetic breast-ultrasound sweeps like the paper's data set (152 malignant);
@@ -17,13 +18,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 from clman import cli, report, storage
 from clman import config as C
 from clman.data.ingest import ingest, labeled_items, summary_table
-from clman.data.synth import SynthConfig, write_dataset
+from clman.data.synth import DIFFICULTY_KNOBS, SynthConfig, write_dataset
 from clman.local_s3 import LocalS3
 from clman.train import runner
 
@@ -36,11 +38,23 @@ def parse(argv=None) -> argparse.Namespace:
     cli.add_config_args(p)
     p.add_argument("--workdir", default=".demo", help="local folder for the S3 data and the copied report")
     p.add_argument("--cases", type=int, default=268, help="synthetic sweeps (the paper has 268)")
-    p.add_argument("--frames", type=int, default=24, help="frames per synthetic sweep")
-    p.add_argument("--synth-size", type=int, default=64, help="synthetic frame size in pixels")
+    p.add_argument("--difficulty", choices=sorted(DIFFICULTY_KNOBS), default="default",
+                   help="which phantom: default, or hard (overlapping classes, focal signs, five codecs; "
+                        "clman.data.synth)")
+    p.add_argument("--frames", type=int, default=None, help="frames per synthetic sweep (default 24; hard: 30 +- 8)")
+    p.add_argument("--synth-size", type=int, default=None,
+                   help="synthetic frame size in pixels (default 64; hard: 96 high, 1.1-1.35x as wide)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bucket", default="clman-demo")
     return p.parse_args(argv)
+
+
+def synth_config(args: argparse.Namespace) -> SynthConfig:
+    """The demo's phantom: 24 frames at 64 px by default; the hard phantom at its own sizes unless given."""
+    if args.difficulty == "default":
+        return SynthConfig(size=args.synth_size or 64, frames=args.frames or 24)
+    given = {k: v for k, v in (("size", args.synth_size), ("frames", args.frames)) if v}
+    return SynthConfig(difficulty=args.difficulty, **given)
 
 
 def stage(n: int, text: str) -> None:
@@ -54,16 +68,21 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.time()
 
     stage(1, f"starting the embedded S3 server (SeaweedFS) in {workdir / 's3'}")
+    if (workdir / "s3").exists():
+        # A run name that exists resumes; the demo always starts from nothing, so two runs match.
+        log.info("removing the previous demo's data and runs in %s", workdir / "s3")
+        shutil.rmtree(workdir / "s3")
     with LocalS3(workdir / "s3") as s3:
         os.environ.update(s3.env())
         root = s3.make_bucket(args.bucket)
         raw, data, runs = f"{root}/raw", f"{root}/data", f"{root}/runs"
         log.info("S3 endpoint %s, bucket %s", s3.endpoint, root)
 
-        stage(2, f"making {args.cases} synthetic sweeps ({args.frames} frames, {args.synth_size}px) -> {raw}")
+        synth = synth_config(args)
+        stage(2, f"making {args.cases} synthetic sweeps ({args.difficulty} phantom, {synth.frames} frames, "
+                 f"{synth.size}px) -> {raw}")
         if not storage.exists(storage.join(raw, "labels.csv")):
-            write_dataset(raw, args.cases, seed=args.seed,
-                          cfg=SynthConfig(size=args.synth_size, frames=args.frames), workers=os.cpu_count())
+            write_dataset(raw, args.cases, seed=args.seed, cfg=synth, workers=os.cpu_count())
         else:
             log.info("already there; skipping")
 
@@ -92,7 +111,8 @@ def run(args: argparse.Namespace) -> dict:
             curves[name] = (scored["score"], scored["label"], rows[name]["metrics"]["auc"])
         storage.write_bytes(storage.join(out, "roc.png"), report.roc_png(curves))
         minutes = (time.time() - t0) / 60
-        notes = [f"Synthetic data: {args.cases} sweeps, {args.frames} frames at {args.synth_size}px, seed {args.seed}. "
+        notes = [f"Synthetic data ({args.difficulty} phantom): {args.cases} sweeps, {synth.frames} frames at "
+                 f"{synth.size}px, seed {args.seed}. "
                  f"Config: `{args.config}`. Whole demo: {minutes:.1f} min."]
         storage.write_text(storage.join(out, "report.md"),
                            report.markdown(rows, title="CLMAN demo: effect of contrastive pretraining", notes=notes))

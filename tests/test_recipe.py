@@ -190,3 +190,49 @@ def hard_manifest(s3):
     ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
            ratios=(0.6, 0.0, 0.4), seed=0, workers=2)
     return f"s3://{name}/data/manifest.parquet"
+
+
+def _scored_auc(model: str, manifest: str) -> tuple[float, int]:
+    from jobs import evaluate
+
+    scored = evaluate.score_split(model, manifest, "test", C.EvaluateConfig(bootstrap=0))
+    return compute_metrics(np.asarray(scored["score"]), np.asarray(scored["label"]))["auc"], len(scored["score"])
+
+
+@pytest.mark.slow
+def test_demo_recipe_learns_the_hard_phantom(hard_manifest, bucket, local_ray):
+    from jobs import finetune
+
+    t0 = time.time()
+    cfg = C.load("finetune", "jobs/configs/demo-cpu.yaml", SMALL)
+    assert (cfg.optimizer, cfg.schedule, cfg.class_weights, cfg.val_fraction) == ("adamw", "cosine", "balanced", 0.2)
+    fin = finetune.run(cfg, hard_manifest, f"{bucket}/runs", "demo-recipe")
+    saved = json.loads(storage.read_text(f"{bucket}/runs/demo-recipe/metrics.json"))
+    assert saved["validation"]["source"] == "carved" and saved["validation"]["videos"] > 0
+    assert saved["kept"] == "best val_auc" and saved["metrics"]["val_auc"] == saved["metrics"]["best_val_auc"]
+    assert saved["warnings"] == [] and saved["last_metrics"]["warning"] == "", saved["warnings"]  # it learns
+    last, losses = saved["last_metrics"], saved["history"]["train_loss"]
+    assert len(losses) == last["epoch"] + 1 and 0.0 <= last["train_auc"] <= 1.0
+    auc, videos = _scored_auc(fin["model"], hard_manifest)
+    print(f"demo recipe on the hard phantom: training loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+          f"train AUC {last['train_auc']:.3f}, test AUC {auc:.3f} ({videos} videos), "
+          f"kept epoch {fin['metrics']['epoch']}, {time.time() - t0:.0f} s")
+    assert min(losses) <= (1 - MIN_LOSS_FALL) * losses[0], f"training loss {losses}"
+    assert auc >= MIN_TEST_AUC, f"test AUC {auc:.3f} < {MIN_TEST_AUC}"
+
+
+@pytest.mark.slow
+def test_lr_zero_warns_once_and_stops_early_with_a_checkpoint(hard_manifest, bucket, local_ray):
+    """lr 0 learns nothing: the one-line warning, in metrics.json; the val AUC never improves, so
+    patience 1 stops the run after its second epoch, whose report still carries a checkpoint."""
+    from jobs import finetune
+
+    cfg = C.load("finetune", "jobs/configs/demo-cpu.yaml", SMALL + ["finetune.lr=0", "finetune.epochs=4",
+                                                                     "finetune.patience=1"])
+    fin = finetune.run(cfg, hard_manifest, f"{bucket}/runs", "lr0")
+    saved = json.loads(storage.read_text(f"{bucket}/runs/lr0/metrics.json"))
+    assert saved["stopped_early"] and saved["last_metrics"]["epoch"] == 1 and saved["metrics"]["epoch"] == 0
+    (warning,) = saved["warnings"]
+    assert warning.startswith("finetune is not learning: training loss "), warning
+    assert "\n" not in warning and "finetune.lr" in warning and "(now 0)" in warning
+    assert storage.exists(fin["model"])
