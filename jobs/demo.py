@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> dict:
         # A run name that exists resumes; the demo always starts from nothing, so two runs match.
         log.info("removing the previous demo's data and runs in %s", workdir / "s3")
         shutil.rmtree(workdir / "s3")
+    (workdir / "ray.log").unlink(missing_ok=True)
     with LocalS3(workdir / "s3") as s3:
         os.environ.update(s3.env())
         root = s3.make_bucket(args.bucket)

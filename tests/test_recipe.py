@@ -227,7 +227,9 @@ def test_lr_zero_warns_once_and_stops_early_with_a_checkpoint(hard_manifest, buc
     patience 1 stops the run after its second epoch, whose report still carries a checkpoint."""
     from jobs import finetune
 
-    cfg = C.load("finetune", "jobs/configs/demo-cpu.yaml", SMALL + ["finetune.lr=0", "finetune.epochs=4",
+    # 32 px, T = 4: what is checked does not depend on the size
+    cfg = C.load("finetune", "jobs/configs/demo-cpu.yaml", SMALL + ["data.size=32", "data.num_frames=4",
+                                                                     "finetune.lr=0", "finetune.epochs=4",
                                                                      "finetune.patience=1"])
     fin = finetune.run(cfg, hard_manifest, f"{bucket}/runs", "lr0")
     saved = json.loads(storage.read_text(f"{bucket}/runs/lr0/metrics.json"))

@@ -78,14 +78,21 @@ def _decode(uri: str, indices: np.ndarray | None, size: int):
     return frames, indices
 
 
-@ray.remote(num_returns=2)
-def _decode_whole(uri: str, num_frames: int, size: int):
-    """Cache entry: (meta, frames) as two objects, so the driver reads the small meta only."""
-    idx = F.whole_video_indices(num_frames)
-    frames, err = _decode(uri, idx, size)
-    if frames is None:
-        return {"error": err}, None
-    return {"error": None, "bytes": frames.nbytes, "channels": frames.shape[1]}, (frames, idx)
+@ray.remote
+def _decode_whole(items: list[tuple[str, int]], size: int):
+    """Cache entries of a chunk of videos: their metas (one small object the driver reads), then
+    each video's (frames, indices) as an object of its own (``num_returns`` = 1 + len(items))."""
+    metas, entries = [], []
+    for uri, num_frames in items:
+        idx = F.whole_video_indices(num_frames)
+        frames, err = _decode(uri, idx, size)
+        if frames is None:
+            metas.append({"error": err})
+            entries.append(None)
+        else:
+            metas.append({"error": None, "bytes": frames.nbytes, "channels": frames.shape[1]})
+            entries.append((frames, idx))
+    return (metas, *entries)
 
 
 @ray.remote
@@ -97,6 +104,9 @@ def cache_bytes(videos: Sequence[Video], size: int, channels: int = 1) -> int:
     """Bytes the decoded data set takes in the object store (grayscale unless told)."""
     frames = sum(min(v.num_frames, F.MAX_CACHED_FRAMES) for v in videos)
     return frames * size * size * channels
+
+
+CACHE_CHUNK = 16  # at most this many videos per decode task when caching
 
 
 class CacheTooLarge(ValueError):
@@ -136,26 +146,32 @@ def build_cache(videos: Sequence[Video], data) -> tuple[list[Video], list]:
     A video that does not decode is logged once, by URI, and left out of every epoch.
     """
     size = data.stored_size
-    cap = _in_flight(data) or max(1, int(ray.available_resources().get("CPU", 1) / data.decode_cpus))
-    fn = _decode_whole.options(num_cpus=data.decode_cpus, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS)
-    pending: list[tuple[Video, ray.ObjectRef, ray.ObjectRef]] = []
+    cap = _in_flight(data) or max(1, int(ray.cluster_resources().get("CPU", 1) / data.decode_cpus))
+    # Chunks of videos per task, about four per task slot: one task per video spent more time in
+    # Ray's per-task overhead than in decoding (the demo's 131 clips took 50 s after a Train run,
+    # each task often on a freshly started worker process).
+    chunk = max(1, min(CACHE_CHUNK, math.ceil(len(videos) / (4 * cap))))
+    pending: list[tuple[list[Video], list]] = []
     kept, refs, stored, channels = [], [], [0], set()
 
     def settle(item):
-        video, meta_ref, frames_ref = item
-        meta = ray.get(meta_ref)
-        if meta["error"]:
-            log.warning("skipping clip %s: %s", video.uri, meta["error"])
-            return
-        kept.append(video)
-        refs.append(frames_ref)
-        stored[0] += meta["bytes"]
-        channels.add(meta["channels"])
+        chunk_videos, (meta_ref, *frame_refs) = item
+        for video, meta, frames_ref in zip(chunk_videos, ray.get(meta_ref), frame_refs):
+            if meta["error"]:
+                log.warning("skipping clip %s: %s", video.uri, meta["error"])
+                continue
+            kept.append(video)
+            refs.append(frames_ref)
+            stored[0] += meta["bytes"]
+            channels.add(meta["channels"])
 
-    for v in videos:
+    for start in range(0, len(videos), chunk):
+        part = list(videos[start:start + chunk])
+        fn = _decode_whole.options(num_cpus=data.decode_cpus, num_returns=1 + len(part),
+                                   scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS)
         if len(pending) >= cap:
             settle(pending.pop(0))
-        pending.append((v, *fn.remote(v.uri, v.num_frames, size)))
+        pending.append((part, fn.remote([(v.uri, v.num_frames) for v in part], size)))
     for item in pending:
         settle(item)
     log.info("decoded %d videos once: %.1f MB of uint8 frames (%s channel(s), %d px) in the object store",

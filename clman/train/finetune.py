@@ -267,6 +267,7 @@ def validate(model, batches, device, size: int, precision: str = "fp32") -> dict
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg: C.FinetuneConfig = C.from_dict("finetune", loop_config["config"])
+    worker.follow(loop_config)
     encoder_uri: str | None = loop_config.get("encoder")
     has_val: bool = loop_config.get("has_val", False)
     world = distributed.get_world_size()

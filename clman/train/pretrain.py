@@ -59,6 +59,7 @@ def train_job(cfg: C.PretrainConfig, manifest: str, split: str, clips: int | Non
 
 def train_loop_per_worker(loop_config: dict) -> None:
     cfg: C.PretrainConfig = C.from_dict("pretrain", loop_config["config"])
+    worker.follow(loop_config)
     world = distributed.get_world_size()
     rank = distributed.get_rank()
     worker.seed_everything(cfg.seed)

@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,12 +53,15 @@ def attached() -> bool:
     return _attached
 
 
+_terminal = None  # the terminal, when divert_stderr() sent fd 2 to a file (a quiet driver)
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: str | None = None) -> None:
     """Attach to ``address`` / ``RAY_ADDRESS`` when set, else start Ray on this machine.
 
     ``log_file`` (a local start only; ``make demo``): everything Ray, its workers and the
-    libraries print goes to that file; this process's log lines and the workers' clman
-    lines (one per epoch) stay on the terminal.
+    libraries print goes to that file, the workers' epoch lines included; this process's
+    log lines stay on the terminal, and :func:`fit` shows each run as a progress bar.
     """
     global _attached
     if ray.is_initialized():
@@ -84,9 +88,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
         # the one thing Ray Train uses it for. Ray Data's per-operator progress bars flood job logs
         # (the loops log epoch, loss and speed): off in every worker process, Tune trials included.
         env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-        if log_file:
+        if log_file:  # the workers' lines (one per epoch) go there too; fit() shows a bar per run
             divert_stderr(log_file)
-            env[worker.LOG_TO_STDOUT_ENV] = "1"
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": "clman.train.runner.setup_local_worker",
                               "env_vars": env})
@@ -120,9 +123,11 @@ def divert_stderr(path: str) -> None:
     Ray prints what its workers write to stderr (their logging, warnings, Ray's own
     lines) on the driver's stderr, and its C++ core writes there directly: a file
     descriptor, not ``sys.stderr``, is the one place all of it passes through. The
-    workers' clman lines come on stdout (``worker.LOG_TO_STDOUT_ENV``), so they stay.
+    workers' epoch lines go to the file too; :func:`fit` draws a progress bar per run on
+    the terminal instead.
     """
-    terminal = os.fdopen(os.dup(2), "w", buffering=1, errors="replace")
+    global _terminal
+    terminal = _terminal = os.fdopen(os.dup(2), "w", buffering=1, errors="replace")
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.__stderr__):
             handler.setStream(terminal)
@@ -397,14 +402,61 @@ def failure_line(run_name: str, error: BaseException) -> str:
     return text
 
 
+class ProgressBar:
+    """A run's epochs as a tqdm bar on the terminal of a quiet driver (``init_ray(log_file=...)``).
+
+    Rank 0 puts each epoch's metrics in a Ray queue (``worker.report``, through
+    ``loop_config["progress"]``); a thread here moves the bar. The queue's actor takes no CPU,
+    so it never waits for the workers' resources.
+    """
+
+    SHOWN = (("loss", "loss"), ("loss", "train_loss"), ("auc", "train_auc"), ("val auc", "val_auc"))
+
+    def __init__(self, job: TrainJob, run_name: str, stream):
+        from ray.util.queue import Queue
+        from tqdm import tqdm
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        job.loop_config["progress"] = self.queue
+        epochs = int(job.loop_config.get("config", {}).get("epochs", 0)) or None
+        self.bar = tqdm(total=epochs, desc=run_name, unit="epoch", file=stream, dynamic_ncols=False, ncols=100)
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+        self.thread.start()
+
+    def _follow(self) -> None:
+        from ray.util.queue import Empty
+
+        while not self.done.is_set():
+            try:
+                item = self.queue.get(timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # the queue's actor is gone (Ray shutting down): no more bar
+                return
+            self.bar.n = item["epoch"]
+            shown = {k: item[m] for k, m in self.SHOWN if isinstance(item.get(m), float) and item[m] == item[m]}
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=True)
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=5)
+        self.bar.close()
+        ray.kill(self.queue.actor)
+
+
 def fit(job: TrainJob, scale: ScaleConfig, out: str, run_name: str):
     """Run ``job`` to the end; return the Ray ``Result`` (one-line :class:`JobError` when it failed)."""
+    bar = ProgressBar(job, run_name, _terminal) if _terminal is not None else None
     try:
         result = trainer(job, scale, out, run_name).fit()
     except ray.train.TrainingFailedError as e:  # a worker or the controller gave up (after scale.max_failures)
         raise JobError(failure_line(run_name, e)) from None
     except OSError as e:  # pyarrow, creating the run's folder or reading its state on the driver
         raise JobError(failure_line(run_name, e)) from None
+    finally:
+        if bar is not None:
+            bar.close()
     if result.error is not None:
         raise JobError(failure_line(run_name, result.error))
     return result

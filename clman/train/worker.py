@@ -6,7 +6,6 @@ import logging
 import os
 import random
 import shutil
-import sys
 import tempfile
 
 import numpy as np
@@ -28,7 +27,6 @@ class RankFilter(logging.Filter):
         return record.levelno >= logging.WARNING or distributed.get_rank() == 0
 
 
-LOG_TO_STDOUT_ENV = "CLMAN_LOG_TO_STDOUT"  # "1": also to stdout (the one stream a quiet driver shows)
 
 
 def worker_logger(name: str) -> logging.Logger:
@@ -37,12 +35,6 @@ def worker_logger(name: str) -> logging.Logger:
         log.addFilter(RankFilter())
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if os.environ.get(LOG_TO_STDOUT_ENV) == "1" and not any(getattr(h, "clman_stdout", False) for h in log.handlers):
-        # A Ray worker under runner.init_ray(log_file=...): its stderr goes to the log file.
-        handler = logging.StreamHandler(sys.stdout)
-        handler.clman_stdout = True
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(handler)
     log.setLevel(logging.INFO)
     return log
 
@@ -66,9 +58,21 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     return state
 
 
+_progress = None  # the driver's progress queue (runner.ProgressBar), when it shows one
+
+
+def follow(loop_config: dict) -> None:
+    """Send each epoch's metrics to the driver's progress bar, if it shows one (``make demo``)."""
+    global _progress
+    _progress = loop_config.get("progress")
+
+
 def report(metrics: dict, model, optimizer, *, kind: str, config: dict, step: int, epoch: int,
            save: bool, extra: dict | None = None) -> None:
     """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint."""
+    if _progress is not None and distributed.is_main_process():
+        shown = {k: float(v) for k, v in metrics.items() if k in ("loss", "train_loss", "train_auc", "val_auc")}
+        _progress.put_nowait({"epoch": epoch + 1, **shown})
     if save and distributed.is_main_process():
         d = tempfile.mkdtemp(prefix="clman-ckpt-")
         try:
