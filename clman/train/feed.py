@@ -38,7 +38,7 @@ import torch
 from clman import storage
 from clman.data import frames as F
 from clman.data.sampling import segment_indices
-from clman.data.video import VideoError
+from clman.train.decode import _decode_some, _decode_whole
 
 log = logging.getLogger(__name__)
 
@@ -64,40 +64,6 @@ class Video:
 def videos_of(rows) -> list[Video]:
     """Manifest rows (a DataFrame) -> [Video], ``index`` = row position."""
     return [Video(i, str(r.uri), int(r.num_frames), int(r.label)) for i, r in enumerate(rows.itertuples(index=False))]
-
-
-# ---------------------------------------------------------------- decode tasks
-
-
-def _decode(uri: str, indices: np.ndarray | None, size: int):
-    """(frames (N, C, S, S) uint8, source indices (N,)) or (None, the one-line reason)."""
-    try:
-        frames = F.decode_stored(uri, indices, size)
-    except (VideoError, storage.StorageError) as err:
-        return None, str(err)
-    return frames, indices
-
-
-@ray.remote
-def _decode_whole(items: list[tuple[str, int]], size: int):
-    """Cache entries of a chunk of videos: their metas (one small object the driver reads), then
-    each video's (frames, indices) as an object of its own (``num_returns`` = 1 + len(items))."""
-    metas, entries = [], []
-    for uri, num_frames in items:
-        idx = F.whole_video_indices(num_frames)
-        frames, err = _decode(uri, idx, size)
-        if frames is None:
-            metas.append({"error": err})
-            entries.append(None)
-        else:
-            metas.append({"error": None, "bytes": frames.nbytes, "channels": frames.shape[1]})
-            entries.append((frames, idx))
-    return (metas, *entries)
-
-
-@ray.remote
-def _decode_some(uri: str, indices: np.ndarray, size: int):
-    return _decode(uri, indices, size)
 
 
 def cache_bytes(videos: Sequence[Video], size: int, channels: int = 1) -> int:
