@@ -24,7 +24,8 @@ from pathlib import Path
 
 from clman import cli, report, storage
 from clman import config as C
-from clman.data.ingest import ingest, labeled_items, summary_table
+from clman.data import manifest as M
+from clman.data.ingest import ingest, labeled_items
 from clman.data.synth import DIFFICULTY_KNOBS, SynthConfig, write_dataset
 from clman.local_s3 import LocalS3
 from clman.train import runner
@@ -57,6 +58,16 @@ def synth_config(args: argparse.Namespace) -> SynthConfig:
     return SynthConfig(difficulty=args.difficulty, **given)
 
 
+def one_line_summary(result) -> str:
+    """The ingest summary in one line: outcomes, then videos (patients, malignant) per split."""
+    outcomes = ", ".join(f"{v} {k}" for k, v in result.counts.items() if v)
+    if not result.usable:
+        return outcomes
+    splits = "; ".join(f"{split} {int(r.videos)} videos ({int(r.patients)} patients, {int(r.malignant)} malignant)"
+                       for split, r in M.summarize(result.manifest).iterrows())
+    return f"{outcomes}: {splits}"
+
+
 def stage(n: int, text: str) -> None:
     log.info("==== [%d/6] %s", n, text)
 
@@ -77,7 +88,6 @@ def run(args: argparse.Namespace) -> dict:
         os.environ.update(s3.env())
         root = s3.make_bucket(args.bucket)
         raw, data, runs = f"{root}/raw", f"{root}/data", f"{root}/runs"
-        log.info("S3 endpoint %s, bucket %s", s3.endpoint, root)
 
         synth = synth_config(args)
         stage(2, f"making {args.cases} synthetic sweeps ({args.difficulty} phantom, {synth.frames} frames, "
@@ -90,7 +100,7 @@ def run(args: argparse.Namespace) -> dict:
         stage(3, f"ingesting -> {data}/manifest.parquet")
         result = ingest(labeled_items(raw, storage.join(raw, "labels.csv")), data, ratios=(0.6, 0.0, 0.4),
                         seed=args.seed, workers=os.cpu_count() or 1)
-        print(summary_table(result))
+        log.info("%s", one_line_summary(result))
         manifest = storage.join(data, "manifest.parquet")
 
         stage(4, "SimCLR pretraining, then CLMAN finetuning with and without it")
