@@ -11,7 +11,8 @@
     ``clman.data.augment`` inside the (compiled) step. Two variants: ``stream`` decodes every
     batch's frames (``data.cache: off``); ``cache`` decodes every video once and draws the
     batches' frames from memory (``data.cache: auto`` when the data set fits);
-then the ratio (b)/(a) of each. Last, the SimCLR input path's images/s per decode CPU: the
+then the ratio (b)/(a) of each. A third variant, ``device``, feeds one uint8 batch already on the
+device every step: the cost of the augmentation alone, without the input path. Last, the SimCLR input path's images/s per decode CPU: the
 old path (decode at the source size + per-image torchvision v2 augmentation on the CPU,
 ``benchmarks/legacy_augment.py``) against the new one (decode to uint8 at the stored size;
 the views are made on the device), one process each, ending with the line
@@ -302,7 +303,6 @@ def main(argv=None):
 
     if not args.skip_steps:
         b, s, t, pb = args.batch, args.size, args.frames, args.pretrain_batch
-        rows = []
         ctx = mp.get_context("spawn")
         with ctx.Pool(args.procs) as pool:
             # decode every video once for the cache variant (timed apart: once per run)
@@ -310,6 +310,8 @@ def main(argv=None):
             whole = pool.map(_decode, [(p, FR.whole_video_indices(n), stored) for p, n in media])
             decoded = {p: (f, FR.whole_video_indices(n)) for (p, n), f in zip(media, whole)}
             cache_s = time.perf_counter() - t0
+            print(f"\n(cache: {len(media)} sweeps decoded once in {cache_s:.1f} s)")
+            print(f"{'step':<9} {'input':<7} {'(a) synthetic':>16} {'(b) fed':>14} {'(b)/(a)':>8}", flush=True)
             for name, count, make_step, synthetic, tasks_fn in (
                 ("pretrain", 2 * pb, pretrain_step, lambda: torch.randn(2 * pb, 3, s, s, device=device),
                  lambda: simclr_tasks(media, total, pb, args.m, stored)),
@@ -322,16 +324,14 @@ def main(argv=None):
                                 args.warmup, device)
                 tasks, per_batch = tasks_fn()
                 stack = np.concatenate if name == "pretrain" else np.stack
-                for variant, source in (("stream", streamed(pool, tasks, per_batch, stack)),
-                                        ("cache", cached(decoded, tasks, per_batch, stack))):
-                    step = make_step(args, device, precision, fed=True)
-                    fed = timed(step, ((xb, count) for xb in prefetch(source, device)), args.warmup, device)
-                    rows.append((name, variant, ceiling, fed, unit))
-        print(f"\n(cache: {len(media)} sweeps decoded once in {cache_s:.1f} s)")
-        print(f"{'step':<9} {'input':<7} {'(a) synthetic':>16} {'(b) fed':>14} {'(b)/(a)':>8}")
-        for name, variant, ceiling, fed, unit in rows:
-            print(f"{name:<9} {variant:<7} {ceiling:>8.1f} {unit:<8}{fed:>14.1f} {fed / ceiling:>8.2f}")
-            print(f"feed: {name} {variant} fed/synthetic = {fed / ceiling:.2f}")
+                step = make_step(args, device, precision, fed=True)  # one (compiled) step for both inputs
+                resident = torch.from_numpy(next(cached(decoded, tasks, per_batch, stack))).to(device)
+                for variant, source in (("device", (resident for _ in range(total))),  # augmentation only
+                                        ("stream", prefetch(streamed(pool, tasks, per_batch, stack), device)),
+                                        ("cache", prefetch(cached(decoded, tasks, per_batch, stack), device))):
+                    fed = timed(step, ((xb, count) for xb in source), args.warmup, device)
+                    print(f"{name:<9} {variant:<7} {ceiling:>8.1f} {unit:<8}{fed:>14.1f} {fed / ceiling:>8.2f}")
+                    print(f"feed: {name} {variant} fed/synthetic = {fed / ceiling:.2f}", flush=True)
 
     rates = per_core(media, args.percore_size, args.m, args.percore_seconds)
     print(f"\nSimCLR input path, one process, {args.percore_size} px from {args.src_size} px sweeps: "

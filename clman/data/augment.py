@@ -97,10 +97,26 @@ def sample_keys(seed: int, epoch: int, video: torch.Tensor, view: int = 0,
     return key
 
 
+def _hash32_int(x: int) -> int:
+    """``_hash32`` on one Python int (the same bits)."""
+    x &= _M32
+    x ^= x >> 16
+    x = (x * _MUL1) & _M32
+    x ^= x >> 15
+    x = (x * _MUL2) & _M32
+    return x ^ (x >> 16)
+
+
 def uniform(keys: torch.Tensor, k: int) -> torch.Tensor:
-    """(N,) keys -> (N, k) float32 uniform in [0, 1): draw j of sample i is hash(key_i, j)."""
-    counters = torch.arange(k, dtype=torch.int64, device=keys.device)
-    bits = combine(keys[:, None], counters[None, :]) >> 8  # (N, k), 24 random bits
+    """(N,) keys -> (N, k) float32 uniform in [0, 1): draw j of sample i is hash(key_i, j).
+
+    The counters' half of ``combine`` is hashed in Python and enters as a constant tensor:
+    on an H100 with torch 2.11, Inductor fused ``arange(k) + 0x9E3779B9`` into a Triton kernel
+    as int32 index arithmetic and failed ("Scalar 2654435769 is out of range for type int32").
+    """
+    counters = torch.tensor([_hash32_int(j + 0x9E3779B9) for j in range(k)], dtype=torch.int64,
+                            device=keys.device)
+    bits = _hash32(keys[:, None] ^ counters[None, :]) >> 8  # (N, k), 24 random bits
     return bits.to(torch.float32) * (1.0 / (1 << 24))
 
 
