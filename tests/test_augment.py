@@ -34,6 +34,17 @@ def test_uniform_draws_are_uniform_and_independent_of_the_batch():
     assert torch.equal(A.uniform(keys(20000)[5:7], 3), u[5:7])
 
 
+def test_counters_hashed_in_python_match_the_tensor_hash():
+    """uniform() hashes its counters in Python (Inductor cannot compile them on CUDA); same bits."""
+    xs = [0, 1, 17, 2**31 - 1, 2**31, 2**32 - 1, 0x9E3779B9, 123456789012]
+    want = A._hash32(torch.tensor(xs, dtype=torch.int64)).tolist()
+    assert [A._hash32_int(x) for x in xs] == want
+    keys = A.sample_keys(3, 2, torch.arange(5))
+    u = A.uniform(keys, 4)
+    ref = (A.combine(keys[:, None], torch.arange(4)[None, :]) >> 8).float() / (1 << 24)
+    assert torch.equal(u, ref)
+
+
 def test_keys_separate_seed_epoch_video_view_and_frame():
     video = torch.tensor([3, 3, 4])
     base = A.sample_keys(0, 1, video, 1, torch.tensor([7, 8, 7]))
