@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
 
 from clman.local_s3 import LocalS3
+from clman.train.runner import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV
+
+# Tests start Ray with ray.init / ray start, not through init_ray: the same Train poll interval
+# (its raylet, and so every worker, inherits this process's environment).
+os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
 
 
 @pytest.fixture(scope="session")
