@@ -17,9 +17,9 @@ Facts that shaped this module
   of the run, :func:`val_at_chance` at its end).
 - The thresholds of that warning were set on the runs in README "Finetuning recipes": with
   lr 0 the training loss stays within 1 % of ln 2 (the loss of calling every video 50/50);
-  the demo recipe on the hard phantom falls only 0.73 -> 0.67 by its fourth epoch
-  (label smoothing and class weights keep it near ln 2), so the bar is 5 %, against the
-  first epoch's loss or ln 2, whichever is higher.
+  the demo recipe on the hard phantom falls only 0.73 -> 0.67 by its fourth epoch, and in
+  some runs 0.727 -> 0.694 (label smoothing and class weights keep it near ln 2), so the bar
+  is 4 % (``MIN_LOSS_DROP``), against the first epoch's loss or ln 2, whichever is higher.
 """
 
 from __future__ import annotations
@@ -120,15 +120,19 @@ def validation_split(train, val, fraction: float, seed: int, manifest: str = "ma
 
 
 def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val: bool,
-              rows: tuple | None = None) -> runner.TrainJob:
+              rows: tuple | None = None, sources: dict | None = None) -> runner.TrainJob:
     """The finetune run of ``cfg`` on ``manifest`` (Ray must be up: the frames are cached here when they fit).
 
     ``rows``: (train, val) DataFrames to use instead of the manifest's splits (:func:`validation_split`).
+    ``sources``: {split: ``runner.frame_source``} made already (a sweep decodes once for all its trials).
     """
     from clman.data.manifest import read_manifest
 
     loop_config = {"config": C.to_dict(cfg), "encoder": encoder, "has_val": has_val}
     for i, split in enumerate(("train", "val") if has_val else ("train",)):
+        if sources is not None:
+            loop_config[split] = sources[split]
+            continue
         split_rows = rows[i] if rows is not None else read_manifest(manifest, split=split)
         loop_config[split] = runner.frame_source(split_rows, cfg.data)
     return runner.TrainJob(train_loop_per_worker, loop_config, {}, SCORE if has_val else None)
@@ -197,7 +201,11 @@ def class_weights(labels, mode: str) -> torch.Tensor | None:
 # The not-learning check (one warning line, in metrics.json too); thresholds from the runs in
 # README "Finetuning recipes" (module docstring).
 CHECK_AFTER_EPOCHS = 3  # the loss is judged after this many epochs (a third of a longer run)
-MIN_LOSS_DROP = 0.05  # by then the best epoch's training loss must be this share below its reference
+# By then the best epoch's training loss must be this share below its reference. 4 %, not 5 %: the demo
+# recipe on the hard phantom (tests/test_recipe.py) fell 0.727 -> 0.694 (4.5 %) by epoch 4 in some runs and
+# then on to 0.64 (it learns; the runs differ because re-ingesting those sweeps does not give the same
+# bytes), while lr 0 moves the loss about 2 %.
+MIN_LOSS_DROP = 0.04
 CHANCE_AUC_MARGIN = 0.1  # a best val AUC under 0.5 + this, over the whole run, is "near chance"
 
 

@@ -45,12 +45,15 @@ def steps_per_epoch(cfg: C.PretrainConfig, clips: int) -> int:
     return (clips // world) * cfg.data.frames_per_clip // max(2, cfg.batch_size // world)
 
 
-def train_job(cfg: C.PretrainConfig, manifest: str, split: str, clips: int | None = None) -> runner.TrainJob:
+def train_job(cfg: C.PretrainConfig, manifest: str, split: str, clips: int | None = None,
+              source: dict | None = None) -> runner.TrainJob:
     """The pretrain run of ``cfg`` on the clips of ``split`` (Ray must be up: the frames are cached here
-    when they fit). ``clips`` is unused (kept for callers that count first)."""
+    when they fit). ``clips`` is unused (kept for callers that count first). ``source``: the split's
+    ``runner.frame_source`` made already (a sweep decodes once for all its trials)."""
     from clman.data.manifest import read_manifest
 
-    source = runner.frame_source(read_manifest(manifest, split=split), cfg.data)
+    if source is None:
+        source = runner.frame_source(read_manifest(manifest, split=split), cfg.data)
     return runner.TrainJob(train_loop_per_worker, {"config": C.to_dict(cfg), "train": source}, {})
 
 
