@@ -101,8 +101,8 @@ def _train_job(sweep: Sweep, cfg, frames: dict | None = None):
         return finetune.train_job(cfg, sweep.manifest, sweep.encoder, has_val=True, sources=frames)
     from clman.train import pretrain
 
-    return pretrain.train_job(cfg, sweep.manifest, sweep.split, len(pretrain.check_data(sweep.manifest, sweep.split)),
-                              source=frames[sweep.split] if frames else None)
+    # The manifest was checked once, before any trial (_check_data): no second read per trial.
+    return pretrain.train_job(cfg, sweep.manifest, sweep.split, source=frames[sweep.split] if frames else None)
 
 
 def shared_frames(sweep: Sweep) -> dict | None:
