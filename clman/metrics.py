@@ -20,9 +20,10 @@ import warnings
 
 import numpy as np
 import torch
-from torchmetrics import MetricCollection
-from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryStatScores
-from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_stat_scores
+
+# torchmetrics is imported where it is used: importing it pulls in torchvision, torch._dynamo and
+# scipy.signal (~2.3 s of CPU), and every Ray process that unpickles a reference to a module
+# importing this one (Train's controller and helper actors, Tune trials, report writers) paid it.
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,9 @@ class BinaryMetrics:
     """
 
     def __init__(self, threshold: float = 0.5, sync_on_compute: bool = True):
+        from torchmetrics import MetricCollection
+        from torchmetrics.classification import BinaryAUROC, BinaryAveragePrecision, BinaryStatScores
+
         self.threshold = _check_threshold(threshold)
         self._counts = BinaryStatScores(sync_on_compute=sync_on_compute, validate_args=False)
         self._ranking = MetricCollection(
@@ -186,6 +190,8 @@ class BinaryMetrics:
 
 def _compute(s: torch.Tensor, y: torch.Tensor, threshold: float, warn: bool = True) -> dict[str, float]:
     """Metrics of checked tensors, in this process only (no sync)."""
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision, binary_stat_scores
+
     tp, fp, tn, fn, _ = (int(v) for v in binary_stat_scores((s >= threshold).long(), y, validate_args=False).tolist())
 
     def ranking():

@@ -8,11 +8,12 @@ import uuid
 import pytest
 
 from clman.local_s3 import LocalS3
-from clman.train.runner import LOCAL_TRAIN_POLL_S, TRAIN_POLL_ENV
+from clman.train.runner import LOCAL_TRAIN_ENV
 
-# Tests start Ray with ray.init / ray start, not through init_ray: the same Train poll interval
-# (its raylet, and so every worker, inherits this process's environment).
-os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
+# Tests start Ray with ray.init / ray start, not through init_ray: the same Train settings as a local
+# run's (its raylet, and so every worker, inherits this process's environment).
+for _key, _value in LOCAL_TRAIN_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")

@@ -54,3 +54,15 @@ def test_job_error_is_the_same_class_everywhere():
 
     assert runner.JobError is JobError
     assert JobError in cli.user_errors()
+
+
+def test_drivers_do_not_import_the_model_zoo_or_torchmetrics():
+    """A job's driver, a Tune trial and a study trial import these modules in a fresh process each;
+    torchvision (with torch._dynamo) and torchmetrics (with scipy.signal) cost ~3.5 s of CPU there and
+    only the Train workers and scoring actors use them."""
+    code = ("import sys\n"
+            "import jobs.finetune, jobs.pretrain, jobs.study, jobs.tune, clman.train.study, clman.tune.driver\n"
+            "heavy = sorted(m for m in ('torchvision', 'torchmetrics', 'scipy.signal') if m in sys.modules)\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -14,7 +14,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models.resnet import BasicBlock, conv1x1
 
 NORMS = ("batch", "group")
 NONLOCAL_STAGES = (3, 4)
@@ -148,6 +147,8 @@ def _make_stage(
     inplanes: int, planes: int, blocks: int, stride: int, norm_layer: Callable[[int], nn.Module]
 ) -> nn.Sequential:
     """torchvision's ResNet._make_layer for BasicBlock, at any width."""
+    from torchvision.models.resnet import BasicBlock, conv1x1  # here: torchvision costs ~1.4 s to import
+
     downsample = None
     if stride != 1 or inplanes != planes:
         downsample = nn.Sequential(conv1x1(inplanes, planes, stride), norm_layer(planes))

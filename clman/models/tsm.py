@@ -19,13 +19,16 @@ next to one reads zeros as at a clip's end; the consensus averages valid frames 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
-from torchvision.models.resnet import Bottleneck, ResNet
 
 from clman.models.aggregators import masked_mean
 from clman.models.baselines import check_clips
+
+if TYPE_CHECKING:
+    from torchvision.models.resnet import ResNet
 
 
 def temporal_shift(x: torch.Tensor, fold_div: int = 8) -> torch.Tensor:
@@ -58,15 +61,18 @@ class TemporalBlock(nn.Module):
     """A torchvision BasicBlock / Bottleneck with a temporal module at the start of its residual branch."""
 
     def __init__(self, block: nn.Module, temporal: nn.Module):
+        from torchvision.models.resnet import Bottleneck
+
         super().__init__()
         self.block = block
         self.temporal = temporal
+        self.bottleneck = isinstance(block, Bottleneck)
 
     def forward(self, x: torch.Tensor, t: int, mask: torch.Tensor) -> torch.Tensor:  # (B*T, C, H, W)
         b = self.block
         identity = x if b.downsample is None else b.downsample(x)  # the shortcut is not shifted
         out = b.relu(b.bn1(b.conv1(self.temporal(x, t, mask))))
-        if isinstance(b, Bottleneck):
+        if self.bottleneck:
             out = b.relu(b.bn2(b.conv2(out)))
             out = b.bn3(b.conv3(out))
         else:  # BasicBlock

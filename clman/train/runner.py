@@ -43,7 +43,14 @@ from clman.train.worker import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
 
-TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"  # a Ray this driver starts
+# Ray Train settings for a Ray this driver starts on its own machine (each a setdefault: a user's value wins).
+# The controller looks at its workers every 2 s by default, and a run waits on that poll several times
+# between start-up and shutdown: a tiny finetune run took 18.5-21 s with it, 15-16 s at 0.5 s (2-core
+# machine). The preemption watcher (an actor per run polling for node drains) and Train's Prometheus
+# metrics have nothing to watch or export on one machine without a dashboard: off (a process and ~1.5 s
+# of CPU less per run).
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+                   "RAY_TRAIN_METRICS_ENABLED": "0"}
 WAIT_POLL_S = 5.0  # seconds between looks at the cluster while waiting for the autoscaler
 WAIT_LOG_S = 60.0  # seconds between "still waiting" lines
 _attached = False  # init_ray attached to a running cluster (whose autoscaler may add nodes)
@@ -89,10 +96,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
         # the one thing Ray Train uses it for. Ray Data's per-operator progress bars flood job logs
         # (the loops log epoch, loss and speed): off in every worker process, Tune trials included.
         env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-        # Ray Train's controller looks at its workers every 2 s by default, and a run waits on that
-        # poll several times between start-up and shutdown: a tiny finetune run took 18.5-21 s
-        # with it, 15-16 s at 0.5 s (2-core machine). Local runs are short: poll more often.
-        os.environ.setdefault(TRAIN_POLL_ENV, LOCAL_TRAIN_POLL_S)
+        for key, value in LOCAL_TRAIN_ENV.items():  # see LOCAL_TRAIN_ENV; the raylet and workers inherit them
+            os.environ.setdefault(key, value)
         if log_file:  # the workers' lines (one per epoch) go there too; fit() shows a bar per run
             divert_stderr(log_file)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
