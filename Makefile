@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo --config jobs/configs/demo-cpu.yaml

@@ -46,16 +46,3 @@ def bucket(s3):
         client.delete_bucket(Bucket=name)
     except client.exceptions.NoSuchBucket:  # the test deleted it itself
         pass
-
-
-# `make test` runs two pytest workers, a test file each (`-n 2 --dist loadfile`): one stream of
-# end-to-end tests left ~22 % of the 2 cores idle (waiting on Ray's process start-ups and polls).
-# Files are handed out in collection order, so the long ones go first (longest first keeps one long
-# file from starting last and running alone); the order inside a file is kept.
-LONG_FIRST = ("test_study_job.py", "test_jobs.py", "test_tune.py", "test_cluster.py", "test_recipe.py",
-              "test_outage.py", "test_arch_jobs.py", "test_synth_signal.py")
-
-
-def pytest_collection_modifyitems(session, config, items):
-    rank = {name: i for i, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))
