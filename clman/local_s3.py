@@ -359,7 +359,7 @@ def _read_pid(data_dir: Path) -> int | None:
     return pid if _is_weed(pid) else None
 
 
-def cli_start(data_dir: Path, port: int | None, timeout: float) -> int:
+def cli_start(data_dir: Path, port: int | None, timeout: float, buckets: list[str] = ()) -> int:
     running = _read_pid(data_dir)
     if running is not None:
         print(f"local S3 already running (pid {running}); see {data_dir / ENV_FILE}", file=sys.stderr)
@@ -370,6 +370,8 @@ def cli_start(data_dir: Path, port: int | None, timeout: float) -> int:
     with os.fdopen(fd, "w") as f:
         f.write("# source this file: points boto3, pyarrow and aws-cli at the local S3 server\n")
         f.writelines(f"export {k}={v}\n" for k, v in server.env().items())
+    for name in buckets:
+        server.make_bucket(name)
     print(f"local S3 running at {server.endpoint} (pid {server.pid}); credentials: source {data_dir / ENV_FILE}")
     return 0
 
@@ -398,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     p_start.add_argument("--data-dir", type=Path, required=True)
     p_start.add_argument("--port", type=int, default=None, help="S3 port (default: a free one)")
     p_start.add_argument("--timeout", type=float, default=60.0, help="seconds to wait until ready")
+    p_start.add_argument("--bucket", action="append", default=[], help="create this bucket (repeatable)")
     p_stop = sub.add_parser("stop", help="SIGTERM the server of DATA_DIR, SIGKILL after --timeout")
     p_stop.add_argument("--data-dir", type=Path, required=True)
     p_stop.add_argument("--timeout", type=float, default=30.0, help="a clean exit takes ~16 s")
@@ -405,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     data_dir = args.data_dir.resolve()
     if args.command == "start":
-        return cli_start(data_dir, args.port, args.timeout)
+        return cli_start(data_dir, args.port, args.timeout, args.bucket)
     elif args.command == "stop":
         return cli_stop(data_dir, args.timeout)
     raise ValueError(f"unknown command {args.command!r}; valid: start, stop")

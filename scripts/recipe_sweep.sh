@@ -17,15 +17,10 @@ cfg=jobs/configs/demo-cpu.yaml
 work=".recipe-$difficulty"
 bucket=s3://clman-recipe
 
-infra/local_s3/start.sh "$work/s3"
+"$py" -m clman.local_s3 start --data-dir "$work/s3" --bucket "${bucket#s3://}"
 trap 'infra/local_s3/stop.sh "$work/s3"' EXIT
 set -a; source "$work/s3/s3.env"; set +a
 
-"$py" -c "
-import boto3, os
-c = boto3.client('s3', endpoint_url=os.environ['AWS_ENDPOINT_URL'])
-if 'clman-recipe' not in [b['Name'] for b in c.list_buckets()['Buckets']]:
-    c.create_bucket(Bucket='clman-recipe')"
 if [ "$difficulty" = default ]; then
     synth=(--size 64 --frames 24)  # what jobs.demo makes
 else
