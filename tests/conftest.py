@@ -8,12 +8,11 @@ import uuid
 import pytest
 
 from clman.local_s3 import LocalS3
-from clman.train.runner import LOCAL_TRAIN_ENV
+from clman.train.runner import set_local_train_env
 
 # Tests start Ray with ray.init / ray start, not through init_ray: the same Train settings as a local
 # run's (its raylet, and so every worker, inherits this process's environment).
-for _key, _value in LOCAL_TRAIN_ENV.items():
-    os.environ.setdefault(_key, _value)
+set_local_train_env()
 
 
 @pytest.fixture(scope="session")

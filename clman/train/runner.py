@@ -96,14 +96,19 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
         # the one thing Ray Train uses it for. Ray Data's per-operator progress bars flood job logs
         # (the loops log epoch, loss and speed): off in every worker process, Tune trials included.
         env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
-        for key, value in LOCAL_TRAIN_ENV.items():  # see LOCAL_TRAIN_ENV; the raylet and workers inherit them
-            os.environ.setdefault(key, value)
+        set_local_train_env()
         if log_file:  # the workers' lines (one per epoch) go there too; fit() shows a bar per run
             divert_stderr(log_file)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
                  runtime_env={"worker_process_setup_hook": "clman.train.runner.setup_local_worker",
                               "env_vars": env})
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def set_local_train_env() -> None:
+    """LOCAL_TRAIN_ENV into os.environ where unset: a Ray started from here, its raylet and workers inherit it."""
+    for key, value in LOCAL_TRAIN_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def check_address(address: str, timeout: float = 5.0) -> None:
