@@ -242,7 +242,7 @@ def test_same_seed_same_metrics_and_another_seed_differs(dataset, bucket, local_
 def test_restarted_driver_continues_the_run(dataset, bucket):
     runs = f"{bucket}/runs"
     cmd = [sys.executable, "-m", "jobs.finetune", "--manifest", dataset, "--out", runs, "--run-name", "driver",
-           *sum((["--set", o] for o in TINY + ["finetune.epochs=3"]), [])]
+           *sum((["--set", o] for o in TINY + ["finetune.epochs=4"]), [])]
     env = dict(os.environ, RAY_ADDRESS="")  # each driver starts its own local Ray
     first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
@@ -257,5 +257,5 @@ def test_restarted_driver_continues_the_run(dataset, bucket):
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stderr[-3000:]
     final = json.loads(storage.read_text(f"{runs}/driver/metrics.json"))
-    assert final["last_metrics"]["epoch"] == 2
+    assert final["last_metrics"]["epoch"] == 3
     assert final["last_metrics"]["start_epoch"] > 0, "the restarted driver started over instead of resuming"
