@@ -12,7 +12,12 @@
     batch's frames (``data.cache: off``); ``cache`` decodes every video once and draws the
     batches' frames from memory (``data.cache: auto`` when the data set fits);
 then the ratio (b)/(a) of each. A third variant, ``device``, feeds one uint8 batch already on the
-device every step: the cost of the augmentation alone, without the input path. Last, the SimCLR input path's images/s per decode CPU: the
+device every step: the cost of the augmentation alone, without the input path. ``--variants`` picks
+and orders them; ``device-old`` and ``cache-old`` are the steps and the batch stacking as they were
+before (keys made outside the compiled graph, a sampling grid per frame; numpy stacking then
+pinning), for a same-run comparison. ``--compile-mode`` as ``scale.compile_mode`` (``auto``: CUDA
+graphs on GPUs); ``--profile N`` then profiles N steps of each (device time against wall time, top
+kernels). Last, the SimCLR input path's images/s per decode CPU: the
 old path (decode at the source size + per-image torchvision v2 augmentation on the CPU,
 ``benchmarks/legacy_augment.py``) against the new one (decode to uint8 at the stored size;
 the views are made on the device), one process each, ending with the line
@@ -109,13 +114,14 @@ def clip_tasks(media, steps, batch, t, size, seed=0):
 
 
 def prefetch(batches, device, depth=2):
-    """Stack + pin on a background thread, as the jobs' Feed does; yields device tensors."""
+    """Batches assembled (and pinned) on a background thread, as the jobs' Feed does; yields device tensors."""
     q: queue.Queue = queue.Queue(maxsize=depth)
+    pin = device.type == "cuda"
 
     def run():
         for b in batches:
-            t = torch.from_numpy(b)
-            q.put(t.pin_memory() if device.type == "cuda" else t)
+            t = b if isinstance(b, torch.Tensor) else torch.from_numpy(b)
+            q.put(t.pin_memory() if pin and not t.is_pinned() else t)
         q.put(None)
 
     threading.Thread(target=run, daemon=True).start()
@@ -123,8 +129,13 @@ def prefetch(batches, device, depth=2):
         yield item.to(device, non_blocking=True)
 
 
-def streamed(pool, tasks, per_batch, shape_fn):
-    """Batches of ``per_batch`` decoded items, in task order, from the pool."""
+def _items(arrays, per_frame: bool):
+    """SimCLR batches are frames from several videos (per_frame); finetune batches are clips."""
+    return [(a, r) for a in arrays for r in range(len(a))] if per_frame else list(arrays)
+
+
+def streamed(pool, tasks, per_batch, per_frame: bool, pin: bool):
+    """Batches of ``per_batch`` decoded items, in task order, from the pool, stacked as the jobs do."""
     it = pool.imap(_decode, tasks, chunksize=1)
     while True:
         items = []
@@ -133,17 +144,22 @@ def streamed(pool, tasks, per_batch, shape_fn):
                 items.append(next(it))
         except StopIteration:
             return
-        yield shape_fn(items)
+        yield FR.stack_frames(_items(items, per_frame), pin)
 
 
-def cached(decoded, tasks, per_batch, shape_fn):
-    """The same batches drawn from whole videos decoded once (``decoded[path] = (frames, indices)``)."""
+def cached(decoded, tasks, per_batch, per_frame: bool, pin: bool, old: bool = False):
+    """The same batches drawn from whole videos decoded once (``decoded[path] = (frames, indices)``),
+    gathered straight into (pinned) memory as the jobs' Feed does; old: numpy fancy indexing and
+    np.stack / np.concatenate, pinned after (the Feed before, variant ``cache-old``)."""
     for i in range(0, len(tasks) - per_batch + 1, per_batch):
-        items = []
-        for path, want, _ in tasks[i:i + per_batch]:
-            frames, have = decoded[path]
-            items.append(frames[FR.pick(have, want)])
-        yield shape_fn(items)
+        picked = [(decoded[path][0], FR.pick(decoded[path][1], want)) for path, want, _ in tasks[i:i + per_batch]]
+        if old:
+            arrays = [frames[rows] for frames, rows in picked]
+            yield (np.concatenate if per_frame else np.stack)(arrays)
+        elif per_frame:
+            yield FR.stack_frames([(frames, r) for frames, rows in picked for r in rows], pin)
+        else:
+            yield FR.stack_frames(picked, pin)
 
 
 # ---------------------------------------------------------------- steps
@@ -167,25 +183,48 @@ def timed(step, inputs, warmup, device):
     return n / (time.perf_counter() - t0)
 
 
-def pretrain_step(args, device, precision, fed: bool):
+def eager_keys(seed: int, epoch: int, video: torch.Tensor, view: int = 0) -> torch.Tensor:
+    """The draws' keys as the steps made them before (variant ``device-old``): outside the compiled
+    graph, every part a tensor op, the ints copied to the device one by one. Same bits as
+    ``A.sample_keys``."""
+    key = A._hash32(torch.full_like(video, seed & A._M32, dtype=torch.int64))
+    for value in (epoch, video, view, 0):
+        key = A.combine(key, torch.as_tensor(value, dtype=torch.int64, device=video.device))
+    return key
+
+
+def compiled(fn, args):
+    """``fn`` compiled as ``scale.compile: true`` compiles the jobs' steps (mode ``auto`` unless told)."""
+    return torch.compile(fn, mode=amp.compile_mode(args.compile_mode, args.device)) if args.compile else fn
+
+
+def pretrain_step(args, device, precision, fed: bool, old: bool = False):
+    """The SimCLR step. fed: uint8 frames in, both views made inside the (compiled) forward with their
+    keys, as ``clman/train/pretrain.py`` does; old: keys and the views' copy made outside it."""
     model = simclr_from(ModelConfig(width=args.width, gn_groups=args.gn_groups)).to(device)
     opt = LARS(lars_param_groups(model, 1e-6), lr=0.1, weight_decay=1e-6)
     spec = A.AugmentSpec.simclr(DataConfig(size=args.size))
+    n = args.pretrain_batch
+    video, slot = torch.arange(n, device=device), torch.zeros(n, dtype=torch.int64, device=device)
+    # a new epoch key every step (fresh draws), made before the timing: the jobs make one per epoch
+    prefixes = torch.tensor([A.epoch_key(0, i) for i in range(args.warmup + args.steps)], device=device).split(1)
 
-    def forward(x, keys):
+    def forward(x, video, slot, prefix):
         with amp.autocast(precision, device):
-            if fed:
-                x = A.augment(x, keys, spec)
-            return model(x).float()
+            return model(A.simclr_views(x, prefix, video, slot, spec)).float()
 
-    fwd = torch.compile(forward) if args.compile else forward
-    epoch = [0]
+    def forward_old(x, keys):
+        with amp.autocast(precision, device):
+            return model(A.augment(x, keys, spec) if fed else x).float()
+
+    fwd = compiled(forward if fed and not old else forward_old, args)
+    i = [0]
 
     def step(x):
-        n = x.shape[0] // 2 if not fed else x.shape[0]
-        if fed:
-            video = torch.arange(n, device=device)
-            keys = torch.cat([A.sample_keys(0, epoch[0], video, v) for v in (1, 2)])
+        if fed and not old:
+            z = fwd(x, video, slot, prefixes[i[0] % len(prefixes)])
+        elif fed:
+            keys = torch.cat([eager_keys(0, i[0], video, v) for v in (1, 2)])
             z = fwd(x.repeat(2, 1, 1, 1), keys)
         else:
             z = fwd(x, None)
@@ -193,33 +232,46 @@ def pretrain_step(args, device, precision, fed: bool):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        epoch[0] += 1
+        i[0] += 1
 
     return step
 
 
-def finetune_step(args, device, precision, fed: bool):
+def finetune_step(args, device, precision, fed: bool, old: bool = False):
+    """The CLMAN step. fed: uint8 clips in, keys and augmentation (one grid per clip) inside the (compiled)
+    forward, as ``clman/train/finetune.py`` does; old: keys made outside, one grid per frame."""
     model = classifier_from(ModelConfig(width=args.width, gn_groups=args.gn_groups)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9, weight_decay=5e-4, foreach=True)
     spec = A.AugmentSpec.finetune(DataConfig(size=args.size))
     labels = torch.arange(args.batch, device=device) % 2
+    video = torch.arange(args.batch, device=device)
+    prefixes = torch.tensor([A.epoch_key(0, i) for i in range(args.warmup + args.steps)], device=device).split(1)
 
-    def forward(x, keys):
+    def forward(x, video, prefix):
+        with amp.autocast(precision, device):
+            return model(A.augment_clips(x, A.keys_at(prefix, video), spec), None).float()
+
+    def forward_old(x, keys):
         with amp.autocast(precision, device):
             if fed:
-                x = A.augment_clips(x, keys, spec)
+                b, t = x.shape[:2]
+                x = A.augment(x.flatten(0, 1), keys.repeat_interleave(t), spec)
+                x = x.view(b, t, *x.shape[1:])
             return model(x, None).float()
 
-    fwd = torch.compile(forward) if args.compile else forward
-    epoch = [0]
+    fwd = compiled(forward if fed and not old else forward_old, args)
+    i = [0]
 
     def step(x):
-        keys = A.sample_keys(0, epoch[0], torch.arange(x.shape[0], device=device)) if fed else None
-        loss = F.cross_entropy(fwd(x, keys), labels)
+        if fed and not old:
+            logits = fwd(x, video, prefixes[i[0] % len(prefixes)])
+        else:
+            logits = fwd(x, eager_keys(0, i[0], video) if fed else None)
+        loss = F.cross_entropy(logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        epoch[0] += 1
+        i[0] += 1
 
     return step
 
@@ -242,6 +294,17 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile the steps (scale.compile)")
+    p.add_argument("--compile-mode", default="auto",
+                   help="torch.compile mode (scale.compile_mode): auto = reduce-overhead (CUDA graphs) on CUDA, "
+                        "default on CPU; or default, max-autotune, ...")
+    p.add_argument("--only", choices=("pretrain", "finetune"), help="time one of the two steps")
+    p.add_argument("--profile", type=int, default=0,
+                   help="then profile this many steps of the synthetic and each fed variant (torch.profiler): "
+                        "device time per step and the top kernels")
+    p.add_argument("--variants", default="device,cache,stream",
+                   help="fed variants, in order: device, device-old (keys outside the graph, a grid per frame: "
+                        "the steps before), cache, cache-old (batches stacked by numpy and pinned after: the "
+                        "Feed before), stream")
     p.add_argument("--media", type=Path, help="folder of pre-encoded .mp4 sweeps (else made here with PyAV)")
     p.add_argument("--save-media", type=Path, help="make the sweeps into this folder and stop")
     p.add_argument("--videos", type=int, default=24, help="sweeps to make")
@@ -281,6 +344,26 @@ def per_core(media, size, m, seconds):
     return rates
 
 
+def profile(step, inputs, steps, label):
+    """Device time per step (kernels summed) against wall time per step, and the top kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    inputs = list(inputs)[:steps]
+    sync(inputs[0].device)
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for x in inputs:
+            step(x)
+        sync(inputs[0].device)
+        wall = (time.perf_counter() - t0) / len(inputs)
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_us = sum(e.self_device_time_total for e in events) / len(inputs)
+    print(f"\nprofile {label}: wall {wall * 1e3:.2f} ms/step, kernels {device_us / 1e3:.2f} ms/step")
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]:
+        print(f"  {e.self_device_time_total / len(inputs) / 1e3:7.3f} ms  x{e.count // len(inputs):<4} {e.key[:90]}")
+
+
 def main(argv=None):
     args = parse(argv)
     if args.save_media:
@@ -297,8 +380,9 @@ def main(argv=None):
     precision = amp.resolve("auto", device)
     stored = DataConfig(size=args.size).stored_size
     total = args.warmup + args.steps
+    mode = amp.compile_mode(args.compile_mode, device) if args.compile else "off"
     print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-          f"precision {precision}, compile {args.compile}, {args.procs} decode processes, "
+          f"precision {precision}, compile {mode}, {args.procs} decode processes, "
           f"{len(media)} sweeps in {args.media}")
 
     if not args.skip_steps:
@@ -318,21 +402,34 @@ def main(argv=None):
                 ("finetune", b, finetune_step, lambda: torch.randn(b, t, 3, s, s, device=device),
                  lambda: clip_tasks(media, total, b, t, stored)),
             ):
+                if args.only and name != args.only:
+                    continue
                 unit = "images/s" if name == "pretrain" else "clips/s"
                 x = synthetic()
-                ceiling = timed(make_step(args, device, precision, fed=False), ((x, count) for _ in range(total)),
-                                args.warmup, device)
+                synthetic_step = make_step(args, device, precision, fed=False)
+                ceiling = timed(synthetic_step, ((x, count) for _ in range(total)), args.warmup, device)
+                if args.profile:
+                    profile(synthetic_step, (x for _ in range(args.profile)), args.profile, f"{name} synthetic")
                 tasks, per_batch = tasks_fn()
-                stack = np.concatenate if name == "pretrain" else np.stack
-                step = make_step(args, device, precision, fed=True)  # one (compiled) step for both inputs
-                resident = torch.from_numpy(next(cached(decoded, tasks, per_batch, stack))).to(device)
-                for variant, source in (("device", (resident for _ in range(total))),  # augmentation only
-                                        ("stream", prefetch(streamed(pool, tasks, per_batch, stack), device)),
-                                        ("cache", prefetch(cached(decoded, tasks, per_batch, stack), device))):
-                    fed = timed(step, ((xb, count) for xb in source), args.warmup, device)
+                per_frame, pin = name == "pretrain", device.type == "cuda"
+                step = make_step(args, device, precision, fed=True)  # one (compiled) step for all inputs
+                resident = next(cached(decoded, tasks, per_batch, per_frame, False)).to(device)
+                sources = {"device": lambda: (resident for _ in range(total)),  # augmentation only
+                           "device-old": lambda: (resident for _ in range(total)),
+                           "stream": lambda: prefetch(streamed(pool, tasks, per_batch, per_frame, pin), device),
+                           "cache": lambda: prefetch(cached(decoded, tasks, per_batch, per_frame, pin), device),
+                           "cache-old": lambda: prefetch(cached(decoded, tasks, per_batch, per_frame, pin, old=True),
+                                                         device)}
+                for variant in args.variants.split(","):
+                    run = make_step(args, device, precision, fed=True, old=True) if variant == "device-old" else step
+                    fed = timed(run, ((xb, count) for xb in sources[variant]()), args.warmup, device)
                     print(f"{name:<9} {variant:<7} {ceiling:>8.1f} {unit:<8}{fed:>14.1f} {fed / ceiling:>8.2f}")
                     print(f"feed: {name} {variant} fed/synthetic = {fed / ceiling:.2f}", flush=True)
+                    if args.profile:
+                        profile(run, sources[variant](), args.profile, f"{name} {variant}")
 
+    if args.percore_seconds <= 0:
+        return
     rates = per_core(media, args.percore_size, args.m, args.percore_seconds)
     print(f"\nSimCLR input path, one process, {args.percore_size} px from {args.src_size} px sweeps: "
           f"old {rates['old']:.1f} images/s, new {rates['new']:.1f} images/s (2 views per decoded frame)")

@@ -135,6 +135,7 @@ class DataConfig:
 
 
 PRECISIONS = ("auto", "bf16", "fp32")
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -145,6 +146,9 @@ class ScaleConfig:
     max_failures: int = 2  # worker failures to recover from (from the last checkpoint)
     precision: str = "auto"  # auto: bf16 autocast on GPUs, fp32 on CPUs; or bf16 | fp32 (clman/amp.py)
     compile: bool = False  # torch.compile the training model: 1.6-1.9x faster steps on an H100, ~1 min to compile
+    # torch.compile's mode; auto: reduce-overhead (CUDA graphs) on GPUs, where the steps are bound by
+    # the host's kernel launches, default on CPUs (clman/amp.py compile_mode)
+    compile_mode: str = "auto"
     # Attached to a cluster: seconds to wait for the autoscaler to add what the workers need (a cold
     # GPU node takes 2-10 min); then fail naming what is missing. A Ray started here never waits.
     resource_timeout: float = 600.0
@@ -152,6 +156,7 @@ class ScaleConfig:
     def check(self, where: str) -> None:
         _at_least(where, "num_workers", self.num_workers, 1)
         _one_of(where, "precision", self.precision, PRECISIONS)
+        _one_of(where, "compile_mode", self.compile_mode, COMPILE_MODES)
         _in_range(where, "gpus_per_worker", self.gpus_per_worker, 0.0, 16.0)
         _positive(where, "cpus_per_worker", self.cpus_per_worker)
         _at_least(where, "max_failures", self.max_failures, -1)

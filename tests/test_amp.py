@@ -43,3 +43,12 @@ def test_fp32_context_changes_nothing():
     x = torch.randn(4, 4)
     with amp.autocast("fp32", "cpu"):
         assert (x @ x).dtype == torch.float32
+
+
+def test_compile_mode_auto_is_cuda_graphs_on_gpus_only():
+    assert amp.compile_mode("auto", "cpu") == "default"
+    assert amp.compile_mode("auto", torch.device("cuda")) == "reduce-overhead"  # no GPU needed to name one
+    assert amp.compile_mode("max-autotune", "cuda") == "max-autotune"
+    assert C.load("finetune", None, []).scale.compile_mode == "auto"
+    with pytest.raises(C.ConfigError, match=r"scale\.compile_mode: 'fast'.*reduce-overhead"):
+        C.load("finetune", None, ["scale.compile_mode=fast"])

@@ -55,6 +55,26 @@ def test_keys_separate_seed_epoch_video_view_and_frame():
         assert not (other == base).any()
 
 
+def test_keys_from_an_epoch_key_are_the_sample_keys():
+    """The steps make (seed, epoch)'s part once per epoch (a Python int, or a device tensor of it)."""
+    video, slot = torch.tensor([0, 5, 9, 2**40]), torch.tensor([3, 0, 7, 1])
+    for seed, epoch in ((0, 0), (7, 3), (2**33 + 1, 999)):
+        prefix = A.epoch_key(seed, epoch)
+        for view in (0, 1, 2):
+            want = A.sample_keys(seed, epoch, video, view, slot)
+            assert torch.equal(A.keys_at(prefix, video, view, slot), want)
+            assert torch.equal(A.keys_at(torch.tensor([prefix]), video, view, slot), want)
+        assert torch.equal(A.keys_at(prefix, video), A.sample_keys(seed, epoch, video))
+
+
+def test_simclr_views_are_two_independent_views_of_every_image():
+    x, video, slot = pattern(6), torch.arange(6) + 10, torch.arange(6) % 3
+    spec = A.AugmentSpec.simclr(DataConfig(size=32))
+    want = A.augment(x.repeat(2, 1, 1, 1),
+                     torch.cat([A.sample_keys(1, 4, video, view, slot) for view in (1, 2)]), spec)
+    assert torch.equal(A.simclr_views(x, torch.tensor([A.epoch_key(1, 4)]), video, slot, spec), want)
+
+
 def test_per_sample_draws_differ_within_a_batch():
     x = pattern(16)
     out = A.augment(x, keys(16), A.AugmentSpec.simclr(DataConfig(size=32)))
@@ -81,6 +101,19 @@ def test_a_clip_gets_one_draw_for_all_its_frames():
     for b in range(3):
         assert torch.equal(out[b], out[b, :1].expand_as(out[b])), "frames of one clip got different draws"
     assert not torch.allclose(out[0], out[1])
+
+
+def test_one_grid_per_clip_equals_augmenting_every_frame_with_the_clip_key():
+    """augment_clips samples a clip's T frames as channels of one grid_sample: the same numbers as
+    augmenting each frame on its own with the clip's key, brightness / contrast per frame included."""
+    gen = torch.Generator().manual_seed(0)
+    clips = torch.randint(0, 256, (3, 5, 1, 40, 40), generator=gen, dtype=torch.uint8)
+    for channels in (1, 3):
+        x = clips.expand(3, 5, channels, 40, 40).contiguous() if channels == 3 else clips
+        spec = A.AugmentSpec(32, elastic_p=1.0)
+        out = A.augment_clips(x, keys(3), spec)
+        per_frame = A.augment(x.flatten(0, 1), keys(3).repeat_interleave(5), spec).view(3, 5, 3, 32, 32)
+        assert torch.allclose(out, per_frame, atol=1e-5), channels
 
 
 def test_values_are_normalised_like_before():

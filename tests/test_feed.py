@@ -165,3 +165,24 @@ def test_cache_auto_streams_a_data_set_too_large_saying_so(rows, caplog):
         source = runner.frame_source(rows, data)
     assert source["cache"] is None
     assert [r.getMessage() for r in caplog.records if "streaming clips" in r.getMessage()]
+
+
+def test_stack_frames_gathers_straight_into_the_batch():
+    """The Feed's stacking: np.stack's numbers, rows gathered from cached videos, 1 -> 3 channels in a mixed batch."""
+    from clman.data.frames import stack_frames
+
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (9, 1, 6, 6), dtype=np.uint8)
+    colour = rng.integers(0, 256, (9, 3, 6, 6), dtype=np.uint8)
+    grey.flags.writeable = False  # as Ray's object store hands them out
+    rows = np.array([0, 4, 4, 8])
+    got = stack_frames([(grey, rows), (grey, rows[::-1])])
+    assert got.dtype == torch.uint8 and torch.equal(got, torch.from_numpy(np.stack([grey[rows], grey[rows[::-1]]])))
+    mixed = stack_frames([(grey, rows), (colour, rows)])
+    assert mixed.shape == (2, 4, 3, 6, 6)
+    assert torch.equal(mixed[0], torch.from_numpy(np.repeat(grey[rows], 3, axis=1)))
+    assert torch.equal(mixed[1], torch.from_numpy(colour[rows]))
+    frames = stack_frames([(grey, 2), (colour, 5), grey[7]])  # SimCLR: single frames
+    assert torch.equal(frames[1], torch.from_numpy(colour[5])) and torch.equal(frames[2, 0], torch.from_numpy(grey[7, 0]))
+    with pytest.raises(ValueError, match="shape"):
+        stack_frames([grey[:2], grey[:3]])

@@ -79,9 +79,37 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def combine(key: torch.Tensor, value: torch.Tensor | int) -> torch.Tensor:
-    """A new 32-bit key from ``key`` and ``value`` (any int64 tensor or int, broadcast)."""
-    return _hash32(key ^ _hash32(torch.as_tensor(value, dtype=torch.int64, device=key.device) + 0x9E3779B9))
+_GOLDEN = 0x9E3779B9
+
+
+def combine(key: torch.Tensor | int, value: torch.Tensor | int) -> torch.Tensor | int:
+    """A new 32-bit key from ``key`` and ``value`` (int64 tensors or Python ints, broadcast).
+
+    Python ints stay Python ints (the same bits as the tensor hash), so the parts of a key that
+    are the same for a whole batch (seed, epoch, view) cost no kernel launches.
+    """
+    if isinstance(value, int):
+        mixed = _hash32_int(value + _GOLDEN)
+    else:
+        mixed = _hash32(torch.as_tensor(value).to(torch.int64) + _GOLDEN)
+    if isinstance(key, int) and isinstance(mixed, int):
+        return _hash32_int(key ^ mixed)
+    return _hash32(key ^ mixed)
+
+
+def epoch_key(seed: int, epoch: int) -> int:
+    """The key of (seed, epoch) as a Python int: the part of :func:`sample_keys` shared by a batch."""
+    return combine(_hash32_int(seed & _M32), epoch)
+
+
+def keys_at(prefix: torch.Tensor | int, video: torch.Tensor, view: int = 0,
+            slot: torch.Tensor | int = 0) -> torch.Tensor:
+    """(N,) int64 keys from an :func:`epoch_key` (an int, or an int64 tensor of it on the device:
+    then a compiled step takes it as an input and does not recompile each epoch), video indices,
+    the view and the slot. ``keys_at(epoch_key(s, e), v, w, f) == sample_keys(s, e, v, w, f)``."""
+    key = combine(prefix, video.to(torch.int64))
+    key = combine(key, view)
+    return combine(key, slot)
 
 
 def sample_keys(seed: int, epoch: int, video: torch.Tensor, view: int = 0,
@@ -91,10 +119,7 @@ def sample_keys(seed: int, epoch: int, video: torch.Tensor, view: int = 0,
     slot: the frame's index in its source video for SimCLR images, 0 for a finetuning
     clip (its T frames share the key, hence one draw).
     """
-    key = _hash32(torch.full_like(video, seed & _M32, dtype=torch.int64))
-    for value in (epoch, video.to(torch.int64), view, slot):
-        key = combine(key, value)
-    return key
+    return keys_at(epoch_key(seed, epoch), video, view, slot)
 
 
 def _hash32_int(x: int) -> int:
@@ -169,9 +194,17 @@ class AugmentSpec:
 def augment(frames: torch.Tensor, keys: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
     """uint8 frames (N, C, S, S) + keys (N,) -> float32 (N, 3, size, size), normalised.
 
-    Samples with equal keys get equal draws (a clip's T frames: repeat its key T times).
+    Samples with equal keys get equal draws (a clip's T frames: :func:`augment_clips`).
     """
-    n, c = frames.shape[:2]
+    return _augment(frames, keys, spec, group=1)
+
+
+def _augment(frames: torch.Tensor, keys: torch.Tensor, spec: AugmentSpec, group: int) -> torch.Tensor:
+    """uint8 (N, G*C, S, S): G images of C channels per sample sharing one draw (a clip's frames)
+    -> float32 (N*G, 3, size, size). One sampling grid per sample, applied to all its G*C channels
+    by one ``grid_sample``: a clip's frames cost one grid, not T."""
+    n = frames.shape[0]
+    c = frames.shape[1] // group
     size = spec.size
     u = uniform(keys, spec.draws)  # (N, draws)
 
@@ -199,14 +232,25 @@ def augment(frames: torch.Tensor, keys: torch.Tensor, spec: AugmentSpec) -> torc
         grid = grid + disp.permute(0, 2, 3, 1)
 
     x = F.grid_sample(frames.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    x = x * (1.0 / 255)  # (N, C, size, size) in [0, 1]
-    b = (1 - spec.brightness + 2 * spec.brightness * u[:, 5])[:, None, None, None]
-    ct = (1 - spec.contrast + 2 * spec.contrast * u[:, 6])[:, None, None, None]
+    x = x.view(n, group, c, size, size) * (1.0 / 255)  # in [0, 1]
+    b = (1 - spec.brightness + 2 * spec.brightness * u[:, 5])[:, None, None, None, None]
+    ct = (1 - spec.contrast + 2 * spec.contrast * u[:, 6])[:, None, None, None, None]
     x = (x * b).clamp(0, 1)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    mean = x.mean(dim=(2, 3, 4), keepdim=True)  # per image, as torchvision's adjust_contrast
     x = (ct * x + (1 - ct) * mean).clamp(0, 1)
-    x = (x - MEAN) * (1.0 / STD)
+    x = ((x - MEAN) * (1.0 / STD)).view(n * group, c, size, size)
     return x.expand(-1, 3, -1, -1) if c == 1 else x
+
+
+def simclr_views(images: torch.Tensor, prefix: torch.Tensor | int, video: torch.Tensor, slot: torch.Tensor,
+                 spec: AugmentSpec) -> torch.Tensor:
+    """uint8 images (n, C, S, S) -> (2n, 3, size, size): view 1 of every image, then view 2.
+
+    Keys of (epoch ``prefix``, video, view, frame ``slot``): every image and view its own draw.
+    Meant to run inside the compiled step, keys included (no extra kernel launches per step).
+    """
+    keys = torch.cat([keys_at(prefix, video, view, slot) for view in (1, 2)])
+    return augment(images.repeat(2, 1, 1, 1), keys, spec)
 
 
 def resize_normalize(frames: torch.Tensor, size: int) -> torch.Tensor:
@@ -219,9 +263,10 @@ def resize_normalize(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def augment_clips(clips: torch.Tensor, keys: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
-    """uint8 clips (B, T, C, S, S) + one key per clip (B,) -> (B, T, 3, size, size): one draw per clip."""
-    b, t = clips.shape[:2]
-    out = augment(clips.flatten(0, 1), keys.repeat_interleave(t), spec)  # (B*T, 3, size, size)
+    """uint8 clips (B, T, C, S, S) + one key per clip (B,) -> (B, T, 3, size, size): one draw per clip,
+    one sampling grid per clip (its T frames sampled as channels of one ``grid_sample``)."""
+    b, t, c = clips.shape[:3]
+    out = _augment(clips.flatten(1, 2), keys, spec, group=t)  # (B*T, 3, size, size)
     return out.view(b, t, *out.shape[1:])
 
 

@@ -18,6 +18,8 @@ processes all call :func:`decode_stored`.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 from clman.data.sampling import segment_indices
@@ -83,3 +85,40 @@ def pick(available: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     left = (pos - 1).clip(0)
     closer_left = np.abs(available[left] - wanted) < np.abs(available[pos] - wanted)
     return np.where(closer_left, left, pos)
+
+
+# Ray's object store hands out read-only arrays; stack_frames only reads them. (A filter, not
+# warnings.catch_warnings: that is not thread-safe, and the feed stacks on its own thread.)
+warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+
+
+def stack_frames(items: list, pin: bool = False):
+    """Stack uint8 frames into one torch tensor, written once, into pinned memory when ``pin``.
+
+    items: arrays of equal shape (..., C, S, S), or ``(array, rows)`` pairs meaning ``array[rows]``
+    (a cached video and the positions wanted from it: gathered straight into the batch, no copy
+    between). Grayscale items are expanded when the batch mixes 1 and 3 channels. One copy per
+    batch instead of three (numpy's gather, ``np.stack``, ``pin_memory()``), as torch ops, which
+    release the GIL while the training loop's thread launches the step's kernels. (On an H200 at
+    the paper's sizes the two ways fed the CUDA-graph steps equally: 0.98-0.99 of synthetic input.)
+    """
+    import torch
+
+    pairs = [item if isinstance(item, tuple) else (item, None) for item in items]
+    shapes = [a.shape[1:] if rows is not None and np.ndim(rows) == 0 else
+              ((len(rows),) + a.shape[1:] if rows is not None else a.shape) for a, rows in pairs]
+    channels = max(s[-3] for s in shapes)
+    out = torch.empty((len(pairs), *shapes[0][:-3], channels, *shapes[0][-2:]), dtype=torch.uint8, pin_memory=pin)
+    for dst, (a, rows), shape in zip(out, pairs, shapes):
+        if shape[:-3] != shapes[0][:-3] or shape[-2:] != shapes[0][-2:]:
+            raise ValueError(f"frames of shape {tuple(shape)} in a batch of {tuple(shapes[0])}")
+        src = torch.from_numpy(np.ascontiguousarray(a))  # no copy when it already is (decoded, cached)
+        if rows is None:
+            dst.copy_(src)
+        elif np.ndim(rows) == 0:
+            dst.copy_(src[int(rows)])
+        elif shape[-3] == channels:
+            torch.index_select(src, 0, torch.from_numpy(np.ascontiguousarray(rows, np.int64)), out=dst)
+        else:
+            dst.copy_(src[torch.from_numpy(np.ascontiguousarray(rows, np.int64))])
+    return out

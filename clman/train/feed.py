@@ -148,14 +148,6 @@ def build_cache(videos: Sequence[Video], data) -> tuple[list[Video], list]:
 # ---------------------------------------------------------------- the worker's side
 
 
-def _stack(arrays: list[np.ndarray]) -> np.ndarray:
-    """Stack uint8 frame arrays, expanding grayscale ones when the batch mixes 1 and 3 channels."""
-    channels = {a.shape[-3] for a in arrays}
-    if len(channels) > 1:
-        arrays = [np.repeat(a, 3, axis=-3) if a.shape[-3] == 1 else a for a in arrays]
-    return np.stack(arrays)
-
-
 class Feed:
     """The batches of one worker: ``for batch in feed.batches(epoch)``.
 
@@ -217,13 +209,14 @@ class Feed:
 
     # -- frames
 
-    def _fetch(self, positions: list[int], epoch: int) -> Iterator[tuple[Video, np.ndarray, np.ndarray]]:
-        """(video, frames (N, C, S, S) uint8, source indices) for each position, in order."""
+    def _fetch(self, positions: list[int], epoch: int) -> Iterator[tuple[Video, tuple, np.ndarray]]:
+        """(video, (frames (N, C, S, S) uint8, rows), source indices) for each position, in order: the
+        frames wanted are ``frames[rows]`` (all of them, rows None, when streamed)."""
         if self.cache is not None:
             for p in positions:
                 frames, available = ray.get(self.cache[p])  # zero-copy views of the object store
                 want = self.indices(self.videos[p], epoch)
-                yield self.videos[p], frames[F.pick(available, want)], want
+                yield self.videos[p], (frames, F.pick(available, want)), want  # gathered into the batch
             return
         fn = _decode_some.options(num_cpus=self.data.decode_cpus, scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS)
         todo = [p for p in positions if self.videos[p].uri not in self.bad]
@@ -242,7 +235,7 @@ class Feed:
                 self.bad.add(self.videos[q].uri)
                 log.warning("skipping clip %s: %s", self.videos[q].uri, err)
                 continue
-            yield self.videos[q], frames, want
+            yield self.videos[q], (frames, None), want
 
     def _batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         """Exactly ``steps(epoch)`` batches in the training modes, whatever failed to decode:
@@ -267,13 +260,14 @@ class Feed:
         positions = self.order(epoch)
         if self.mode == SIMCLR:
             frames_buf, video_buf, slot_buf = [], [], []
-            for video, frames, want in self._fetch(positions, epoch):
-                frames_buf.extend(frames)
+            for video, (frames, rows), want in self._fetch(positions, epoch):
+                frames_buf.extend((frames, r) for r in (range(len(frames)) if rows is None else rows))
                 video_buf.extend([video.index] * len(want))
                 slot_buf.extend(want)
                 while len(frames_buf) >= self.batch_size:
                     b = self.batch_size
-                    yield {"frames": _stack(frames_buf[:b]), "video": np.asarray(video_buf[:b], np.int64),
+                    yield {"frames": F.stack_frames(frames_buf[:b], self.pin),
+                           "video": np.asarray(video_buf[:b], np.int64),
                            "slot": np.asarray(slot_buf[:b], np.int64)}
                     del frames_buf[:b], video_buf[:b], slot_buf[:b]
             return
@@ -286,9 +280,9 @@ class Feed:
         if buf and self.mode == EVAL_CLIPS:
             yield self._clip_batch(buf)
 
-    @staticmethod
-    def _clip_batch(items) -> dict[str, np.ndarray]:
-        return {"frames": _stack([f for _, f, _ in items]),  # (B, T, C, S, S)
+    def _clip_batch(self, items) -> dict[str, np.ndarray | torch.Tensor]:
+        return {"frames": F.stack_frames([f if rows is None else (f, rows) for _, (f, rows), _ in items],
+                                       self.pin),  # (B, T, C, S, S), pinned when self.pin
                 "video": np.asarray([v.index for v, _, _ in items], np.int64),
                 "label": np.asarray([v.label for v, _, _ in items], np.int64),
                 "frame_idx": np.stack([w for _, _, w in items]).astype(np.int64)}
@@ -302,9 +296,10 @@ class Feed:
         def produce():
             try:
                 for batch in self._batches(epoch):
-                    tensors = {k: torch.from_numpy(v) for k, v in batch.items()}
+                    # frames come stacked into (pinned) memory already; the small index arrays are pinned here
+                    tensors = {k: v if isinstance(v, torch.Tensor) else torch.from_numpy(v) for k, v in batch.items()}
                     if self.pin:
-                        tensors = {k: t.pin_memory() for k, t in tensors.items()}
+                        tensors = {k: t if t.is_pinned() else t.pin_memory() for k, t in tensors.items()}
                     while not stop.is_set():
                         try:
                             out.put(tensors, timeout=0.5)

@@ -317,13 +317,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     weight = weight.to(device) if weight is not None else None
     spec = augment.AugmentSpec.finetune(cfg.data)
 
-    def forward(frames: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        # uint8 (B, T, C, S, S) -> augmented (B, T, 3, size, size) -> logits (B, 2); one graph when compiled
+    def forward(frames: torch.Tensor, video: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        # uint8 (B, T, C, S, S) -> augmented (B, T, 3, size, size) -> logits (B, 2); compiled, one graph
+        # with the draws' keys (one per clip: (seed, epoch, video)) and the augmentation
         with amp.autocast(precision, device):
-            return model(augment.augment_clips(frames, keys, spec), None).float()
+            return model(augment.augment_clips(frames, augment.keys_at(prefix, video), spec), None).float()
 
-    if cfg.scale.compile:
-        forward = torch.compile(forward)
+    forward = worker.compile_step(forward, cfg.scale, device)
     saved_config = C.to_dict(cfg)
     decide_at = check_epoch(cfg.epochs)
 
@@ -332,13 +332,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         t0, clips, n_steps = time.perf_counter(), 0, 0
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         scores, targets = [], []  # (B,) per step, kept on the device for the epoch's training AUC
+        # (seed, epoch)'s part of the draws' keys, as a tensor: a compiled step does not recompile per epoch
+        prefix = torch.tensor([augment.epoch_key(cfg.seed, epoch)], dtype=torch.int64, device=device)
         for batch in train_feed.batches(epoch):
             batch = feed.to_device(batch, device)
             lr = optim.schedule(cfg.schedule, step, total_steps, cfg.lr, warmup_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_scale"]
-            keys = augment.sample_keys(cfg.seed, epoch, batch["video"])  # one draw per clip
-            logits = forward(batch["frames"], keys)  # (B, 2)
+            logits = forward(batch["frames"], batch["video"], prefix)  # (B, 2)
             loss = F.cross_entropy(logits, batch["label"], weight=weight, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

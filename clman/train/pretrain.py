@@ -93,19 +93,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     spec = augment.AugmentSpec.simclr(cfg.data)
 
-    def forward(images: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        # uint8 (2n, C, S, S), both views stacked -> (2n, proj_dim); one graph when compiled
+    def forward(images: torch.Tensor, video: torch.Tensor, slot: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        # uint8 (n, C, S, S) -> both views (2n, 3, size, size) -> (2n, proj_dim). The views' keys are
+        # made here too: compiled, the keys, the augmentation and the forward are one graph.
         with amp.autocast(precision, device):
-            return model(augment.augment(images, keys, spec)).float()
+            return model(augment.simclr_views(images, prefix, video, slot, spec)).float()
 
-    if cfg.scale.compile:
-        forward = torch.compile(forward)
+    forward = worker.compile_step(forward, cfg.scale, device)
     saved_config = C.to_dict(cfg)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0, images, n_steps = time.perf_counter(), 0, 0
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        # (seed, epoch)'s part of the draws' keys, as a tensor: a compiled step does not recompile per epoch
+        prefix = torch.tensor([augment.epoch_key(cfg.seed, epoch)], dtype=torch.int64, device=device)
         for batch in frames.batches(epoch):
             batch = feed.to_device(batch, device)
             lr = warmup_cosine(step, total_steps, cfg.lr, warmup_steps)
@@ -113,9 +115,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 group["lr"] = lr
             n = batch["frames"].shape[0]
             # Two views of every image, independent draws: keys of (seed, epoch, video, view, frame).
-            keys = torch.cat([augment.sample_keys(cfg.seed, epoch, batch["video"], view, batch["slot"])
-                              for view in (1, 2)])
-            z = forward(batch["frames"].repeat(2, 1, 1, 1), keys)  # (2n, proj_dim)
+            z = forward(batch["frames"], batch["video"], batch["slot"], prefix)  # (2n, proj_dim)
             loss = nt_xent(z[:n], z[n:], temperature=cfg.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -97,6 +97,13 @@ def prepare(model: torch.nn.Module, scale) -> tuple[torch.nn.Module, torch.devic
     return model, device, amp.resolve(scale.precision, device)
 
 
+def compile_step(fn, scale, device: torch.device):
+    """``fn`` compiled when ``scale.compile`` (mode from ``scale.compile_mode``, see :func:`amp.compile_mode`)."""
+    if not scale.compile:
+        return fn
+    return torch.compile(fn, mode=amp.compile_mode(scale.compile_mode, device))
+
+
 def feed(source: dict, data, mode: str, **kwargs):
     """This worker's :class:`clman.train.feed.Feed` over a ``runner.frame_source``."""
     from clman.train.feed import Feed
