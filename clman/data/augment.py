@@ -42,7 +42,10 @@ tests (same parameter distributions, output statistics compared).
 Random draws come from a counter-based hash of (seed, epoch, video, view, frame) on
 the device (:func:`sample_keys`, :func:`uniform`): no generator state, no host sync,
 the same numbers whichever worker or process handles a video, and traceable by
-``torch.compile`` (so the augmentation can run inside the compiled step).
+``torch.compile`` (so the augmentation can run inside the compiled step). The part shared by
+a batch, (seed, epoch), is hashed once per epoch in Python (:func:`epoch_key`); the steps pass
+it as a one-element tensor and hash video, view and frame inside the compiled graph
+(:func:`keys_at`, :func:`simclr_views`): no extra kernel launches per step, no recompiles per epoch.
 """
 
 from __future__ import annotations
