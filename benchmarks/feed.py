@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from clman import amp
-from clman.config import DataConfig, ModelConfig
+from clman.config import DataConfig, ModelConfig, ScaleConfig
 from clman.data import augment as A
 from clman.data import frames as FR
 from clman.data.sampling import segment_indices
@@ -194,8 +194,8 @@ def eager_keys(seed: int, epoch: int, video: torch.Tensor, view: int = 0) -> tor
 
 
 def compiled(fn, args):
-    """``fn`` compiled as ``scale.compile: true`` compiles the jobs' steps (mode ``auto`` unless told)."""
-    return torch.compile(fn, mode=amp.compile_mode(args.compile_mode, args.device)) if args.compile else fn
+    """``fn`` compiled as the jobs compile their steps (``scale.compile``, ``scale.compile_mode``)."""
+    return amp.compile_step(fn, ScaleConfig(compile=args.compile, compile_mode=args.compile_mode), args.device)
 
 
 def pretrain_step(args, device, precision, fed: bool, old: bool = False):
@@ -207,7 +207,7 @@ def pretrain_step(args, device, precision, fed: bool, old: bool = False):
     n = args.pretrain_batch
     video, slot = torch.arange(n, device=device), torch.zeros(n, dtype=torch.int64, device=device)
     # a new epoch key every step (fresh draws), made before the timing: the jobs make one per epoch
-    prefixes = torch.tensor([A.epoch_key(0, i) for i in range(args.warmup + args.steps)], device=device).split(1)
+    prefixes = [A.epoch_prefix(0, i, device) for i in range(args.warmup + args.steps)]
 
     def forward(x, video, slot, prefix):
         with amp.autocast(precision, device):
@@ -245,7 +245,7 @@ def finetune_step(args, device, precision, fed: bool, old: bool = False):
     spec = A.AugmentSpec.finetune(DataConfig(size=args.size))
     labels = torch.arange(args.batch, device=device) % 2
     video = torch.arange(args.batch, device=device)
-    prefixes = torch.tensor([A.epoch_key(0, i) for i in range(args.warmup + args.steps)], device=device).split(1)
+    prefixes = [A.epoch_prefix(0, i, device) for i in range(args.warmup + args.steps)]
 
     def forward(x, video, prefix):
         with amp.autocast(precision, device):

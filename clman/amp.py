@@ -46,3 +46,10 @@ def compile_mode(mode: str, device: torch.device | str) -> str:
     if mode != "auto":
         return mode
     return "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+
+
+def compile_step(fn, scale, device: torch.device | str):
+    """``fn`` compiled when ``scale.compile`` (a ``ScaleConfig``), in ``scale.compile_mode`` (:func:`compile_mode`)."""
+    if not scale.compile:
+        return fn
+    return torch.compile(fn, mode=compile_mode(scale.compile_mode, device))

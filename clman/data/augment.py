@@ -115,6 +115,12 @@ def keys_at(prefix: torch.Tensor | int, video: torch.Tensor, view: int = 0,
     return combine(key, slot)
 
 
+def epoch_prefix(seed: int, epoch: int, device: torch.device | str) -> torch.Tensor:
+    """:func:`epoch_key` as a (1,) int64 tensor on ``device``: what a step passes to :func:`keys_at`
+    (a tensor input, so a compiled step does not recompile each epoch)."""
+    return torch.tensor([epoch_key(seed, epoch)], dtype=torch.int64, device=device)
+
+
 def sample_keys(seed: int, epoch: int, video: torch.Tensor, view: int = 0,
                 slot: torch.Tensor | int = 0) -> torch.Tensor:
     """(N,) int64 keys, one per sample, from (seed, epoch, video index, view, slot).
@@ -268,7 +274,7 @@ def resize_normalize(frames: torch.Tensor, size: int) -> torch.Tensor:
 def augment_clips(clips: torch.Tensor, keys: torch.Tensor, spec: AugmentSpec) -> torch.Tensor:
     """uint8 clips (B, T, C, S, S) + one key per clip (B,) -> (B, T, 3, size, size): one draw per clip,
     one sampling grid per clip (its T frames sampled as channels of one ``grid_sample``)."""
-    b, t, c = clips.shape[:3]
+    b, t = clips.shape[:2]
     out = _augment(clips.flatten(1, 2), keys, spec, group=t)  # (B*T, 3, size, size)
     return out.view(b, t, *out.shape[1:])
 

@@ -104,21 +104,23 @@ def stack_frames(items: list, pin: bool = False):
     """
     import torch
 
-    pairs = [item if isinstance(item, tuple) else (item, None) for item in items]
-    shapes = [a.shape[1:] if rows is not None and np.ndim(rows) == 0 else
-              ((len(rows),) + a.shape[1:] if rows is not None else a.shape) for a, rows in pairs]
-    channels = max(s[-3] for s in shapes)
-    out = torch.empty((len(pairs), *shapes[0][:-3], channels, *shapes[0][-2:]), dtype=torch.uint8, pin_memory=pin)
-    for dst, (a, rows), shape in zip(out, pairs, shapes):
-        if shape[:-3] != shapes[0][:-3] or shape[-2:] != shapes[0][-2:]:
-            raise ValueError(f"frames of shape {tuple(shape)} in a batch of {tuple(shapes[0])}")
+    sources = []  # (source tensor, row indices or None): the frames are src, or src[rows]
+    for item in items:
+        a, rows = item if isinstance(item, tuple) else (item, None)
         src = torch.from_numpy(np.ascontiguousarray(a))  # no copy when it already is (decoded, cached)
+        if rows is not None and np.ndim(rows) == 0:
+            src, rows = src[int(rows)], None
+        sources.append((src, None if rows is None else torch.from_numpy(np.ascontiguousarray(rows, np.int64))))
+    shapes = [tuple(src.shape) if rows is None else (len(rows), *src.shape[1:]) for src, rows in sources]
+    first, channels = shapes[0], max(shape[-3] for shape in shapes)
+    out = torch.empty((len(sources), *first[:-3], channels, *first[-2:]), dtype=torch.uint8, pin_memory=pin)
+    for dst, (src, rows), shape in zip(out, sources, shapes):
+        if shape[:-3] != first[:-3] or shape[-2:] != first[-2:]:
+            raise ValueError(f"frames of shape {shape} in a batch of {first}")
         if rows is None:
-            dst.copy_(src)
-        elif np.ndim(rows) == 0:
-            dst.copy_(src[int(rows)])
+            dst.copy_(src)  # broadcasts 1 -> 3 channels
         elif shape[-3] == channels:
-            torch.index_select(src, 0, torch.from_numpy(np.ascontiguousarray(rows, np.int64)), out=dst)
+            torch.index_select(src, 0, rows, out=dst)
         else:
-            dst.copy_(src[torch.from_numpy(np.ascontiguousarray(rows, np.int64))])
+            dst.copy_(src[rows])
     return out

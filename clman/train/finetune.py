@@ -323,7 +323,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with amp.autocast(precision, device):
             return model(augment.augment_clips(frames, augment.keys_at(prefix, video), spec), None).float()
 
-    forward = worker.compile_step(forward, cfg.scale, device)
+    forward = amp.compile_step(forward, cfg.scale, device)
     saved_config = C.to_dict(cfg)
     decide_at = check_epoch(cfg.epochs)
 
@@ -332,8 +332,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         t0, clips, n_steps = time.perf_counter(), 0, 0
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         scores, targets = [], []  # (B,) per step, kept on the device for the epoch's training AUC
-        # (seed, epoch)'s part of the draws' keys, as a tensor: a compiled step does not recompile per epoch
-        prefix = torch.tensor([augment.epoch_key(cfg.seed, epoch)], dtype=torch.int64, device=device)
+        prefix = augment.epoch_prefix(cfg.seed, epoch, device)  # (seed, epoch)'s part of the draws' keys
         for batch in train_feed.batches(epoch):
             batch = feed.to_device(batch, device)
             lr = optim.schedule(cfg.schedule, step, total_steps, cfg.lr, warmup_steps)

@@ -99,15 +99,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with amp.autocast(precision, device):
             return model(augment.simclr_views(images, prefix, video, slot, spec)).float()
 
-    forward = worker.compile_step(forward, cfg.scale, device)
+    forward = amp.compile_step(forward, cfg.scale, device)
     saved_config = C.to_dict(cfg)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         t0, images, n_steps = time.perf_counter(), 0, 0
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        # (seed, epoch)'s part of the draws' keys, as a tensor: a compiled step does not recompile per epoch
-        prefix = torch.tensor([augment.epoch_key(cfg.seed, epoch)], dtype=torch.int64, device=device)
+        prefix = augment.epoch_prefix(cfg.seed, epoch, device)  # (seed, epoch)'s part of the draws' keys
         for batch in frames.batches(epoch):
             batch = feed.to_device(batch, device)
             lr = warmup_cosine(step, total_steps, cfg.lr, warmup_steps)

@@ -89,19 +89,12 @@ def report(metrics: dict, model, optimizer, *, kind: str, config: dict, step: in
 
 def prepare(model: torch.nn.Module, scale) -> tuple[torch.nn.Module, torch.device, str]:
     """(the model to train, its device, the precision to run at): device + DDP through Ray Train.
-    The loops compile their step (augmentation + forward) when ``scale.compile``."""
+    The loops compile their step (augmentation + forward) when ``scale.compile`` (``amp.compile_step``)."""
     import ray.train.torch
 
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     return model, device, amp.resolve(scale.precision, device)
-
-
-def compile_step(fn, scale, device: torch.device):
-    """``fn`` compiled when ``scale.compile`` (mode from ``scale.compile_mode``, see :func:`amp.compile_mode`)."""
-    if not scale.compile:
-        return fn
-    return torch.compile(fn, mode=amp.compile_mode(scale.compile_mode, device))
 
 
 def feed(source: dict, data, mode: str, **kwargs):
