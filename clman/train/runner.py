@@ -100,7 +100,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
         if log_file:  # the workers' lines (one per epoch) go there too; fit() shows a bar per run
             divert_stderr(log_file)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "clman.train.runner.setup_local_worker",
+                 runtime_env={"worker_process_setup_hook": "clman.train.worker_setup.setup_local_worker",
                               "env_vars": env})
     ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -150,51 +150,6 @@ def divert_stderr(path: str) -> None:
     os.dup2(fd, 2)
     os.close(fd)
     log.info("Ray's own output: %s", path)
-
-
-def _actor_alive(actor_id: str, timeout: float | None = None) -> bool:
-    """Whether the actor is not DEAD, asked of the GCS directly (no dashboard needed)."""
-    from ray._private.state import state
-
-    info = state.actor_table(actor_id)
-    return bool(info) and info.get("State") != "DEAD"
-
-
-def setup_local_worker() -> None:
-    """Runs in every worker process of a Ray that :func:`init_ray` started here.
-
-    Ray Train starts, for every run, a detached ``PlacementGroupCleaner`` that
-    polls whether the run's controller is alive through the State API, which
-    lives in the dashboard. Without one the poll fails every second (a
-    warning line each time, in the job's log) and the cleaner never ends: one
-    leaked process per run whose controller died (every trial ASHA stops),
-    and the stopped trial's placement group is never released. Answering the
-    poll from the GCS makes the cleaner work as on a cluster with a dashboard.
-    Any failure here only keeps Ray's own behaviour: the hook must never stop
-    a worker from starting.
-    """
-    try:
-        from ray.train.v2._internal.execution.controller import placement_group_cleaner
-
-        placement_group_cleaner.is_actor_alive = _actor_alive
-    except Exception as e:  # a Ray upgrade moved it: the warnings come back, nothing breaks
-        log.debug("PlacementGroupCleaner not patched: %s: %s", type(e).__name__, e)
-    quiet_warnings()
-
-
-def quiet_warnings() -> None:
-    """Warnings that say nothing a clman user can act on, once per worker process and run.
-
-    - DDP's "Grad strides do not match bucket view strides": the non-local block's 1x1
-      convolutions get channels-last gradients; DDP copies them into its buckets (a copy,
-      not an error). The fix belongs in ``clman.models`` (the weight's memory layout).
-    - Deprecations inside torch, Ray and their dependencies.
-    """
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r"Grad strides do not match bucket view strides")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(torch|ray|torchvision|torchmetrics)\b")
 
 
 def frame_source(rows, data: DataConfig) -> dict:
