@@ -21,7 +21,7 @@ from clman.data.synth import SynthConfig, write_dataset
 from jobs import evaluate, finetune, predict
 
 TINY = [
-    "data.size=32", "data.num_frames=4", "scale.num_workers=2", "scale.cpus_per_worker=0.5",
+    "data.size=32", "data.num_frames=4", "scale.num_workers=1", "scale.cpus_per_worker=0.5",
     "finetune.epochs=1", "finetune.batch_size=4", "finetune.lr=0.01", "evaluate.bootstrap=20",
 ]
 ARCHS = {

@@ -73,6 +73,10 @@ def cache_bytes(videos: Sequence[Video], size: int, channels: int = 1) -> int:
 
 
 CACHE_CHUNK = 16  # at most this many videos per decode task when caching
+# and at least this many: a task's worker process costs ~1.5 s of CPU to start (Ray, numpy, decord,
+# pyarrow), a small sweep's decode ~0.05 s; one video per task started a process per task slot for a
+# split of 12 videos (tests, Tune trials, study folds)
+CACHE_MIN_CHUNK = 8
 
 
 class CacheTooLarge(ValueError):
@@ -116,7 +120,7 @@ def build_cache(videos: Sequence[Video], data) -> tuple[list[Video], list]:
     # Chunks of videos per task, about four per task slot: one task per video spent more time in
     # Ray's per-task overhead than in decoding (the demo's 131 clips took 50 s after a Train run,
     # each task often on a freshly started worker process).
-    chunk = max(1, min(CACHE_CHUNK, math.ceil(len(videos) / (4 * cap))))
+    chunk = min(CACHE_CHUNK, max(CACHE_MIN_CHUNK, math.ceil(len(videos) / (4 * cap))))
     pending: list[tuple[list[Video], list]] = []
     kept, refs, stored, channels = [], [], [0], set()
 
