@@ -356,7 +356,7 @@ def test_asha_sweep_records_every_metric_of_every_trial(tiny_data, tmp_path):
     log_text = log_path.read_text()
     assert "up to 2 trial(s) at once" in log_text
     assert "frames of train and val for every trial ready" in log_text  # decoded once, not per trial
-    # Train's placement-group cleaner works on the local Ray without a dashboard (worker_setup.setup_local_worker):
+    # Train's placement-group cleaner works on the local Ray without a dashboard (ray_compat.setup_local_worker):
     # no failed State API polls, and the stopped trials' placement groups are released by it.
     assert "Failed to query Ray Train Controller actor state" not in log_text
     assert "Cleaning up placement group" in log_text

@@ -100,7 +100,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
         if log_file:  # the workers' lines (one per epoch) go there too; fit() shows a bar per run
             divert_stderr(log_file)
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "clman.train.worker_setup.setup_local_worker",
+                 runtime_env={"worker_process_setup_hook": "clman.train.ray_compat.setup_local_worker",
                               "env_vars": env})
     ray.data.DataContext.get_current().enable_progress_bars = False
 

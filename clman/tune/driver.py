@@ -52,6 +52,7 @@ from clman import storage
 from clman.errors import JobError
 from clman.tune.resources import DRIVER_CPUS, max_concurrent_trials
 from clman.tune.results import TrialRecord, _one_line, epochs_table, trial_statuses, write_results
+from clman.train.ray_compat import reap_orphaned_placement_groups, replay_into_asha
 from clman.tune.space import Param
 from clman.tune.sweep import SCHEDULERS, SCORES, SEARCHES, TIME_ATTR, TRAIN_DIR, SWEEP_FILE, Sweep
 
@@ -154,37 +155,6 @@ def _check_data(sweep: Sweep) -> None:
 
         pretrain.check_data(sweep.manifest, sweep.split)
 
-def reap_orphaned_placement_groups() -> int:
-    """Remove this job's placement groups whose creator actor is dead; returns how many.
-
-    Why: when ASHA stops a trial early, Tune kills the trial's actor; its Ray
-    Train controller dies with it before it can remove the worker group's
-    placement group. Ray keeps a placement group made by a (non-detached)
-    actor until the whole job ends, and Train V2's own cleaner needs the Ray
-    State API (``ray[default]``'s dashboard server, and a single Ray instance
-    per host to find it), so without this the stopped trial's CPUs and GPUs
-    stay reserved and the next trial waits forever. Placement groups made by
-    the driver (Tune's own, one per trial) have no creator actor and are never
-    touched.
-    """
-    import ray
-    from ray._private.state import state
-    from ray.core.generated import gcs_pb2
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    job = ray.get_runtime_context().get_job_id()
-    removed = 0
-    for raw in state._connect_and_get_accessor().get_placement_group_table():
-        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (pg.is_detached or not pg.creator_actor_dead or pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
-                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
-            continue
-        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
-        removed += 1
-    if removed:
-        log.info("released %d placement group(s) of stopped trials' Ray Train runs", removed)
-    return removed
-
 class PlacementGroupReaper(Callback):
     """Tune callback: every few seconds, release what stopped trials' Train runs still reserve."""
 
@@ -242,22 +212,12 @@ class ResumableASHA(ASHAScheduler):
     def replay(self, records: Sequence["TrialRecord"]) -> int:
         """Record stored results in the rungs, in the order they were reported; returns how many."""
         rows = epochs_table(records, ())
-        if rows.empty or not {TIME_ATTR, self._metric} <= set(rows.columns):
+        if rows.empty or not {TIME_ATTR, self.metric} <= set(rows.columns):
             return 0
         if "timestamp" in rows.columns:
             rows = rows.sort_values("timestamp", kind="stable")
-        stubs = {t: _StoredTrial(t) for t in rows["trial_id"].unique()}
-        stopped_before = self._num_stopped
-        for stub in stubs.values():
-            super().on_trial_add(None, stub)
-        n = 0
-        for row in rows.to_dict("records"):
-            if pd.notna(row[self._metric]):
-                super().on_trial_result(None, stubs[row["trial_id"]], row)  # its decisions are moot
-                n += 1
-        for stub in stubs.values():
-            self._trial_info.pop(stub.trial_id, None)
-        self._num_stopped = stopped_before  # replayed decisions stopped nothing
+        n = replay_into_asha(self, rows.to_dict("records"), _StoredTrial)
+        stubs = rows["trial_id"].unique()
         log.info("ASHA: replayed %d stored result(s) of %d trial(s) into its rungs", n, len(stubs))
         return n
 

@@ -1,11 +1,21 @@
-"""What runs first in every worker process of a Ray that ``runner.init_ray`` started here.
+"""Every use of a Ray internal, in one module that imports only the standard library.
 
-Ray runs ``worker_process_setup_hook`` in every worker it starts: the decode tasks, Ray
+Each is tested to fail loudly when a Ray upgrade moves it (tests/test_ray_compat.py, and the
+reaper and ASHA tests in tests/test_tune.py); here, a failure only keeps Ray's own behaviour:
+
+- :func:`setup_local_worker`: the hook every worker of a Ray that ``runner.init_ray`` started
+  runs first; points Train's ``PlacementGroupCleaner`` at the GCS (no dashboard on one machine).
+- :func:`reap_orphaned_placement_groups`: reads the GCS placement-group table (protobufs) for
+  Tune, whose stopped trials' Train runs leave their placement groups behind.
+- :func:`replay_into_asha`: ASHA's private rungs, refilled from stored results on ``--resume``.
+
+Why stdlib-only: Ray runs ``worker_process_setup_hook`` in every worker it starts: the decode tasks, Ray
 Data's actors and Train's small helper actors as well as the Train workers. Whatever the
 hook's module imports, each of them imports: from ``clman.train.runner`` that was torch,
 ray.train and ray.data, ~3.3 s of CPU per process, ~40 s of a tiny finetune's 73 s on a
 2-core machine (13 worker processes). This module imports only the standard library;
-the one Ray internal it patches is patched when, and in the process where, Ray imports it.
+the one Ray internal the hook patches is patched when, and in the process where, Ray imports it;
+the others import what they touch when called.
 """
 
 from __future__ import annotations
@@ -42,7 +52,7 @@ def patch_pg_cleaner(module: ModuleType) -> None:
     """Point the cleaner's liveness poll at the GCS; a loud error when a Ray upgrade moved it."""
     if not callable(getattr(module, "is_actor_alive", None)):
         raise AttributeError(f"{module.__name__}.is_actor_alive is gone: the PlacementGroupCleaner patch "
-                             "(clman.train.worker_setup) needs updating for this Ray")
+                             "(clman.train.ray_compat) needs updating for this Ray")
     module.is_actor_alive = actor_alive
 
 
@@ -112,3 +122,67 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def __getattr__(self, name):  # get_source, get_filename, ...: the real loader's
         return getattr(self.loader, name)
+
+
+def reap_orphaned_placement_groups() -> int:
+    """Remove this job's placement groups whose creator actor is dead; returns how many.
+
+    Why: when ASHA stops a trial early, Tune kills the trial's actor; its Ray
+    Train controller dies with it before it can remove the worker group's
+    placement group. Ray keeps a placement group made by a (non-detached)
+    actor until the whole job ends, and Train V2's own cleaner needs the Ray
+    State API (``ray[default]``'s dashboard server, and a single Ray instance
+    per host to find it), so without this the stopped trial's CPUs and GPUs
+    stay reserved and the next trial waits forever. Placement groups made by
+    the driver (Tune's own, one per trial) have no creator actor and are never
+    touched.
+    """
+    import ray
+    from ray._private.state import state
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    removed = 0
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (pg.is_detached or not pg.creator_actor_dead or pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
+                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
+        removed += 1
+    if removed:
+        log.info("released %d placement group(s) of stopped trials' Ray Train runs", removed)
+    return removed
+
+
+def replay_into_asha(scheduler, rows, stub: Callable) -> int:
+    """Record stored results (``rows``: dicts in the order they were reported, each with a ``trial_id``)
+    in an ASHA scheduler's rungs, as if just reported; returns how many.
+
+    Tune saves no scheduler state with an experiment. Uses ASHA's own ``on_trial_add`` /
+    ``on_trial_result`` on stand-in trials (``stub(trial_id)``), then removes the stand-ins from
+    its private ``_trial_info`` and restores its private ``_num_stopped``: the replayed decisions
+    stopped nothing.
+    """
+    from ray.tune.schedulers import ASHAScheduler
+
+    metric = scheduler._metric
+    for name in ("_metric", "_num_stopped", "_trial_info"):
+        if not hasattr(scheduler, name):
+            raise AttributeError(f"ASHAScheduler.{name} is gone: replay_into_asha (clman.train.ray_compat) "
+                                 "needs updating for this Ray")
+    stubs = {r["trial_id"]: stub(r["trial_id"]) for r in rows}
+    stopped_before = scheduler._num_stopped
+    for s in stubs.values():
+        ASHAScheduler.on_trial_add(scheduler, None, s)
+    n = 0
+    for row in rows:
+        value = row.get(metric)
+        if isinstance(value, (int, float)) and value == value:  # not None, NaN or pandas' NA
+            ASHAScheduler.on_trial_result(scheduler, None, stubs[row["trial_id"]], row)  # its decisions are moot
+            n += 1
+    for trial_id in stubs:
+        scheduler._trial_info.pop(trial_id, None)
+    scheduler._num_stopped = stopped_before
+    return n

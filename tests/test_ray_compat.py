@@ -8,11 +8,11 @@ import types
 
 import pytest
 
-from clman.train import worker_setup
+from clman.train import ray_compat
 
 CODE = """
 import sys
-from clman.train.worker_setup import PG_CLEANER, actor_alive, setup_local_worker
+from clman.train.ray_compat import PG_CLEANER, actor_alive, setup_local_worker
 setup_local_worker()
 heavy = sorted(m for m in ("torch", "ray", "ray.train", "ray.data", "numpy") if m in sys.modules)
 assert not heavy, f"the hook imported {heavy}: every Ray worker process would pay for it"
@@ -30,10 +30,10 @@ def test_hook_imports_nothing_heavy_and_patches_the_cleaner_when_ray_imports_it(
 
 def test_after_import_patches_a_module_already_imported_and_once_only(monkeypatch):
     calls = []
-    worker_setup.after_import("json", calls.append)  # imported long ago: patched now
+    ray_compat.after_import("json", calls.append)  # imported long ago: patched now
     assert [m.__name__ for m in calls] == ["json"]
     before = list(sys.meta_path)
-    worker_setup.after_import("clman_no_such_module_xyz", calls.append)
+    ray_compat.after_import("clman_no_such_module_xyz", calls.append)
     with pytest.raises(ModuleNotFoundError):
         __import__("clman_no_such_module_xyz")
     assert sys.meta_path == before, "the finder stays after the module it waits for was looked up"
@@ -41,4 +41,22 @@ def test_after_import_patches_a_module_already_imported_and_once_only(monkeypatc
 
 def test_moved_cleaner_is_a_loud_error_not_a_silent_no_op():
     with pytest.raises(AttributeError, match="is_actor_alive is gone"):
-        worker_setup.patch_pg_cleaner(types.ModuleType("placement_group_cleaner"))
+        ray_compat.patch_pg_cleaner(types.ModuleType("placement_group_cleaner"))
+
+
+def test_replay_into_asha_fills_the_rungs_and_stops_nothing():
+    """ASHA's private state as this Ray has it: fails when an upgrade renames it."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    class Stub:
+        def __init__(self, trial_id):
+            self.trial_id = trial_id
+
+    sched = ASHAScheduler(time_attr="epochs_done", max_t=4, grace_period=1, reduction_factor=2)
+    sched.set_search_properties("val_auc", "max")
+    rows = [{"trial_id": t, "epochs_done": 1, "val_auc": v} for t, v in (("a", 0.6), ("b", 0.4), ("c", None))]
+    assert ray_compat.replay_into_asha(sched, rows, Stub) == 2
+    assert sched._num_stopped == 0 and not sched._trial_info  # the stand-ins are gone again
+    late = Stub("late")
+    sched.on_trial_add(None, late)
+    assert sched.on_trial_result(None, late, {"epochs_done": 1, "val_auc": 0.45}) == "STOP"  # below the median 0.5
