@@ -78,6 +78,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, z1: torch.Tenso
             },
             f"{out_dir}/rank{rank}.pt",
         )
+        # Both ranks done before either tears down its gloo connections: rank 1 once died of SIGABRT
+        # ("terminate called without an active exception") when rank 0 destroyed the group first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -192,6 +192,9 @@ def _worker(rank, world, init_file, out_dir, scores, labels):
                 m.update(torch.from_numpy(scores[start:stop]), torch.from_numpy(labels[start:stop]))
             results[name] = m.compute()
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        # Both ranks done before either tears down its gloo connections: rank 1 once died of SIGABRT
+        # ("terminate called without an active exception") when rank 0 destroyed the group first.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
