@@ -135,3 +135,22 @@ def write_predictions(uri: str, video_ids: Sequence[str], labels, scores, thresh
         "top_frames": pa.array([list(map(int, f)) for f in top_frames], pa.list_(pa.int32())),
     })
     storage.write_parquet(table, uri)
+
+
+def write_evaluation(out_dir: str, name: str, scored: Mapping[str, Sequence], cfg) -> dict:
+    """Metrics with patient-bootstrap CIs, ``predictions.parquet``, ``roc.png``, ``metrics.json`` and
+    ``report.md`` of one scored split (``clman.train.scoring.score_split``) under ``out_dir``.
+
+    ``cfg``: an ``EvaluateConfig`` (threshold, target sensitivity, bootstrap resamples, seed).
+    """
+    scores = np.asarray(scored["score"], dtype=np.float64)
+    labels = np.asarray(scored["label"], dtype=np.int64)
+    result = evaluate_scores(scores, labels, threshold=cfg.threshold, target_sensitivity=cfg.target_sensitivity,
+                             n_boot=cfg.bootstrap, seed=cfg.seed,
+                             patients=scored.get("patient_id"))  # the bootstrap resamples patients
+    write_predictions(storage.join(out_dir, "predictions.parquet"), scored["video_id"], labels, scores,
+                      cfg.threshold, scored["top_frames"])
+    storage.write_bytes(storage.join(out_dir, "roc.png"), roc_png({name: (scores, labels, result["metrics"]["auc"])}))
+    write_json(storage.join(out_dir, "metrics.json"), result)
+    storage.write_text(storage.join(out_dir, "report.md"), markdown({name: result}))
+    return result

@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> dict:
         manifest = storage.join(data, "manifest.parquet")
 
         stage(4, "SimCLR pretraining, then CLMAN finetuning with and without it")
-        from jobs import evaluate, finetune, pretrain
+        from clman.train import scoring
+        from jobs import finetune, pretrain
 
         # Ray's own output (and the workers' warnings) to a file; stages, epochs, the table here.
         runner.init_ray(log_file=str(workdir / "ray.log"))
@@ -116,9 +117,9 @@ def run(args: argparse.Namespace) -> dict:
         out = storage.join(runs, "demo-report")
         rows, curves = {}, {}
         for name, run_ in (("Without CL guided", without_cl), ("With CL (CLMAN)", with_cl)):
-            scored = evaluate.score_split(run_["model"], manifest, "test", eval_cfg)
+            scored = scoring.score_split(run_["model"], manifest, "test", eval_cfg)
             sub = storage.join(out, "with-cl" if "With" in name else "without-cl")
-            rows[name] = evaluate.write_outputs(sub, name, scored, eval_cfg)
+            rows[name] = report.write_evaluation(sub, name, scored, eval_cfg)
             curves[name] = (scored["score"], scored["label"], rows[name]["metrics"]["auc"])
         storage.write_bytes(storage.join(out, "roc.png"), report.roc_png(curves))
         minutes = (time.time() - t0) / 60

@@ -14,16 +14,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
-
-import numpy as np
 
 from clman import cli, report, storage
 from clman import config as C
-from clman.data.manifest import read_manifest
-from clman.inference import load_classifier
 from clman.train import runner, scoring
-from clman.train.runner import JobError
 
 log = logging.getLogger("jobs.evaluate")
 
@@ -41,53 +35,12 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def score_split(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig) -> dict:
-    """Scores of every video in ``split``: {"video_id", "patient_id", "label", "score", "top_frames"}, manifest order.
-
-    Ray Data batch inference on actors holding the model (GPU actors when the cluster has GPUs).
-    """
-    rows = read_manifest(manifest, split=split)
-    if len(rows) == 0:
-        raise JobError(f"{manifest}: split {split!r} is empty; nothing to evaluate")
-    _, train_cfg = load_classifier(checkpoint)  # fails here, in one line, on a bad checkpoint
-    t0 = time.perf_counter()
-    # Frames are prepared the way the model was trained on them (stored size, size, T).
-    scored = scoring.score_rows(checkpoint, rows, train_cfg.data, whole=cfg.frames == "all")
-    out = {"video_id": [], "patient_id": [], "label": [], "score": [], "top_frames": []}
-    for i in sorted(scored):
-        out["video_id"].append(str(rows["video_id"].iloc[i]))
-        out["patient_id"].append(str(rows["patient_id"].iloc[i]))
-        out["label"].append(int(rows["label"].iloc[i]))
-        out["score"].append(scored[i][0])
-        out["top_frames"].append(scored[i][1])
-    log.info("scored %d/%d videos of split %r in %.1f s", len(out["score"]), len(rows), split,
-             time.perf_counter() - t0)
-    if not out["score"]:
-        raise JobError(f"{manifest}: no video of split {split!r} could be decoded")
-    return out
-
-
-def write_outputs(out_dir: str, name: str, scored: dict, cfg: C.EvaluateConfig) -> dict:
-    scores = np.asarray(scored["score"], dtype=np.float64)
-    labels = np.asarray(scored["label"], dtype=np.int64)
-    result = report.evaluate_scores(scores, labels, threshold=cfg.threshold,
-                                    target_sensitivity=cfg.target_sensitivity, n_boot=cfg.bootstrap, seed=cfg.seed,
-                                    patients=scored.get("patient_id"))  # the bootstrap resamples patients
-    report.write_predictions(storage.join(out_dir, "predictions.parquet"), scored["video_id"], labels, scores,
-                             cfg.threshold, scored["top_frames"])
-    storage.write_bytes(storage.join(out_dir, "roc.png"),
-                        report.roc_png({name: (scores, labels, result["metrics"]["auc"])}))
-    report.write_json(storage.join(out_dir, "metrics.json"), result)
-    storage.write_text(storage.join(out_dir, "report.md"), report.markdown({name: result}))
-    return result
-
-
 def run(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig, out: str | None = None,
         name: str = "CLMAN", address: str | None = None) -> dict:
     runner.init_ray(address)
     out = out or storage.join(checkpoint.rsplit("/", 1)[0], f"eval-{split}")
-    scored = score_split(checkpoint, manifest, split, cfg)
-    result = write_outputs(out, name, scored, cfg)
+    scored = scoring.score_split(checkpoint, manifest, split, cfg)
+    result = report.write_evaluation(out, name, scored, cfg)
     result["out"] = out
     return result
 

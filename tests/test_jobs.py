@@ -26,7 +26,7 @@ from clman import config as C
 from clman import storage
 from clman.data.ingest import ingest, labeled_items
 from clman.data.synth import SynthConfig, write_dataset
-from clman.train import runner
+from clman.train import runner, scoring
 from jobs import evaluate, finetune, predict, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,12 +137,12 @@ def test_empty_split(dataset, bucket, tmp_path):
     no_test = f"{bucket}/data/manifest.parquet"
     write_manifest(rows[rows["split"] != "test"].reset_index(drop=True), no_test)
     with pytest.raises(runner.JobError, match="split 'test' is empty"):
-        evaluate.score_split(f"{bucket}/none.pt", no_test, "test", C.EvaluateConfig())
+        scoring.score_split(f"{bucket}/none.pt", no_test, "test", C.EvaluateConfig())
 
 
 def test_missing_classifier_checkpoint(dataset, bucket):
     with pytest.raises(ckpt.CheckpointError, match="nope.pt"):
-        evaluate.score_split(f"{bucket}/nope.pt", dataset, "test", C.EvaluateConfig())
+        scoring.score_split(f"{bucket}/nope.pt", dataset, "test", C.EvaluateConfig())
 
 
 def test_gpu_asked_where_none(local_ray):

@@ -193,9 +193,9 @@ def hard_manifest(s3):
 
 
 def _scored_auc(model: str, manifest: str) -> tuple[float, int]:
-    from jobs import evaluate
+    from clman.train import scoring
 
-    scored = evaluate.score_split(model, manifest, "test", C.EvaluateConfig(bootstrap=0))
+    scored = scoring.score_split(model, manifest, "test", C.EvaluateConfig(bootstrap=0))
     return compute_metrics(np.asarray(scored["score"]), np.asarray(scored["label"]))["auc"], len(scored["score"])
 
 

@@ -1,5 +1,9 @@
 """Evaluation as Ray Data batch inference: decode tasks feed actors that hold the model.
 
+The one place videos are scored for ``jobs.evaluate``, ``jobs.demo`` and the study's trials
+(:func:`score_split`, :func:`score_rows`); the metrics, report and plots they write are
+:func:`clman.report.write_evaluation`.
+
     manifest rows ─from_items─▶ map_batches(decode, tasks): uint8 frames at the stored size
                  ─▶ map_batches(Scorer, actor pool; a GPU each when the cluster has GPUs)
                  ─▶ {video_index, score, top_frames}
@@ -12,15 +16,19 @@ through the object store, and only three numbers per video come back.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import ray
 import torch
 
+from clman import config as C
 from clman.data import frames as F
+from clman.data.manifest import read_manifest
 from clman.data.sampling import segment_indices
 from clman.data.video import VideoError
 from clman import storage
+from clman.errors import JobError
 
 log = logging.getLogger(__name__)
 TOP_FRAMES = 3
@@ -83,4 +91,32 @@ def score_rows(checkpoint: str, rows, data, whole: bool, decode_cpus: float = 0.
     out = {}
     for row in ds.iter_rows():
         out[int(row["video_index"])] = (float(row["score"]), [int(t) for t in row["top_frames"] if t >= 0])
+    return out
+
+
+def score_split(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig) -> dict:
+    """Scores of every video in ``split``: {"video_id", "patient_id", "label", "score", "top_frames"}, manifest order.
+
+    Ray Data batch inference on actors holding the model (GPU actors when the cluster has GPUs).
+    """
+    from clman.inference import load_classifier
+
+    rows = read_manifest(manifest, split=split)
+    if len(rows) == 0:
+        raise JobError(f"{manifest}: split {split!r} is empty; nothing to evaluate")
+    _, train_cfg = load_classifier(checkpoint)  # fails here, in one line, on a bad checkpoint
+    t0 = time.perf_counter()
+    # Frames are prepared the way the model was trained on them (stored size, size, T).
+    scored = score_rows(checkpoint, rows, train_cfg.data, whole=cfg.frames == "all")
+    out = {"video_id": [], "patient_id": [], "label": [], "score": [], "top_frames": []}
+    for i in sorted(scored):
+        out["video_id"].append(str(rows["video_id"].iloc[i]))
+        out["patient_id"].append(str(rows["patient_id"].iloc[i]))
+        out["label"].append(int(rows["label"].iloc[i]))
+        out["score"].append(scored[i][0])
+        out["top_frames"].append(scored[i][1])
+    log.info("scored %d/%d videos of split %r in %.1f s", len(out["score"]), len(rows), split,
+             time.perf_counter() - t0)
+    if not out["score"]:
+        raise JobError(f"{manifest}: no video of split {split!r} could be decoded")
     return out

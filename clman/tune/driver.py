@@ -43,7 +43,6 @@ import logging
 import time
 from typing import Sequence
 
-import pandas as pd
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
