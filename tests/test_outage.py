@@ -29,8 +29,9 @@ TINY = [
     "scale.num_workers=2", "scale.cpus_per_worker=0.5", "scale.max_failures=0",
     "finetune.batch_size=4", "finetune.lr=0.01",
     # Streamed, one decode task in flight per worker: decode tasks read S3 all through every
-    # epoch, so the outage hits them as well as Ray Train's checkpoint writes.
-    "data.cache=off", "data.decode_tasks=1", "finetune.epochs=3", "finetune.checkpoint_every=1",
+    # epoch, so the outage hits them as well as Ray Train's checkpoint writes. 8 epochs: with one
+    # torch thread per worker an epoch takes ~1 s, and 3 were over before the outage began.
+    "data.cache=off", "data.decode_tasks=1", "finetune.epochs=8", "finetune.checkpoint_every=1",
 ]
 OUTAGE_S = 20.0
 
@@ -170,7 +171,7 @@ def test_finetune_rides_out_a_20_second_s3_outage(tmp_path, monkeypatch, capfd):
         assert outage >= OUTAGE_S - 1.0
 
         summary = json.loads(storage.read_text(f"{runs}/outage/metrics.json"))
-        assert summary["last_metrics"]["epoch"] == 2 and summary["last_metrics"]["start_epoch"] == 0
+        assert summary["last_metrics"]["epoch"] == 7 and summary["last_metrics"]["start_epoch"] == 0
         # No checkpoint lost or half-written: every one the run kept loads, and so does model.pt.
         kept = sorted({u.rsplit("/", 1)[0] for u in storage.list_uris(f"{runs}/outage", "/checkpoint.pt")})
         assert kept
