@@ -13,13 +13,10 @@ score, predicted, top_frames), ``roc.png`` and ``report.md``.
 from __future__ import annotations
 
 import argparse
-import logging
 
 from clman import cli, report, storage
 from clman import config as C
 from clman.train import runner, scoring
-
-log = logging.getLogger("jobs.evaluate")
 
 
 def parse(argv=None) -> argparse.Namespace:

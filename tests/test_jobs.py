@@ -7,6 +7,7 @@ and a restarted driver continues its run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -260,10 +261,8 @@ def _kill_session(sid: int, timeout: float = 30.0) -> None:
             return
         assert time.time() < deadline, f"processes {alive} of session {sid} survive SIGKILL"
         for pid in alive:
-            try:
+            with contextlib.suppress(ProcessLookupError):  # gone since the listing
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         time.sleep(0.1)
 
 
