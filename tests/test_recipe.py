@@ -121,6 +121,7 @@ def test_optimizers_and_lr_groups():
         ("finetune.label_smoothing=0.5", "finetune.label_smoothing: must be in [0.0, 0.49]"),
         ("finetune.grad_clip=-1", "finetune.grad_clip: must be >= 0.0"),
         ("finetune.patience=-1", "finetune.patience: must be >= 0"),
+        ("finetune.select_window=0", "finetune.select_window: must be >= 1"),
     ],
 )
 def test_recipe_config_errors_name_the_key_and_the_valid_values(override, message):
@@ -135,6 +136,17 @@ def test_presets_keep_the_papers_recipe_and_the_demo_recipe_is_valid():
         ("sgd", 1e-4, 0.9, 5e-4, "constant", 0, 0.0, 0.0, "none")
     assert C.load("finetune", None, ["finetune.lr=0"]).lr == 0.0
     C.load("finetune", "jobs/configs/demo-cpu.yaml")
+
+
+def test_val_score_is_the_mean_val_auc_of_the_last_window_epochs():
+    aucs = [0.70, 0.99, 0.75, 0.85, 0.90, 0.92]
+    assert math.isnan(loop.val_score(aucs[:2], 3)), "no score before the window is full"
+    assert loop.val_score(aucs[:3], 3) == pytest.approx(0.8133, abs=1e-4) and loop.val_score(aucs, 3) == pytest.approx(0.89)
+    assert loop.val_score(aucs, 1) == 0.92 and loop.val_score(aucs[:2], 1) == 0.99  # 1 = that epoch's AUC
+    assert math.isnan(loop.val_score([0.8, float("nan"), 0.9], 2)) and loop.val_score([0.8, float("nan"), 0.9], 1) == 0.9
+    # the spike of epoch 2 (0.99) wins by one epoch's AUC and loses to the later, steadier epochs by a mean of 3
+    best = max(range(2, len(aucs)), key=lambda e: loop.val_score(aucs[:e + 1], 3))
+    assert best == 5 and max(range(len(aucs)), key=lambda e: aucs[e]) == 1
 
 
 def test_not_learning_fires_on_a_flat_loss_or_chance_val_auc_only():
@@ -209,7 +221,10 @@ def test_demo_recipe_learns_the_hard_phantom(hard_manifest, bucket, local_ray):
     fin = finetune.run(cfg, hard_manifest, f"{bucket}/runs", "demo-recipe")
     saved = json.loads(storage.read_text(f"{bucket}/runs/demo-recipe/metrics.json"))
     assert saved["validation"]["source"] == "carved" and saved["validation"]["videos"] > 0
-    assert saved["kept"] == "best val_auc" and saved["metrics"]["val_auc"] == saved["metrics"]["best_val_auc"]
+    assert saved["kept"] == "best val_score (mean val AUC of 5 epochs)", saved["kept"]
+    kept, aucs = saved["metrics"], saved["history"]["val_auc"]
+    assert kept["val_score"] == kept["best_val_score"] == pytest.approx(np.mean(aucs[kept["epoch"] - 4:kept["epoch"] + 1]))
+    assert kept["epoch"] >= 4 and kept["best_epoch"] == kept["epoch"]
     assert saved["warnings"] == [] and saved["last_metrics"]["warning"] == "", saved["warnings"]  # it learns
     last, losses = saved["last_metrics"], saved["history"]["train_loss"]
     assert len(losses) == last["epoch"] + 1 and 0.0 <= last["train_auc"] <= 1.0
@@ -230,7 +245,8 @@ def test_lr_zero_warns_once_and_stops_early_with_a_checkpoint(hard_manifest, buc
     # 32 px, T = 4: what is checked does not depend on the size
     cfg = C.load("finetune", "jobs/configs/demo-cpu.yaml", SMALL + ["data.size=32", "data.num_frames=4",
                                                                      "finetune.lr=0", "finetune.epochs=4",
-                                                                     "finetune.patience=1"])
+                                                                     "finetune.patience=1",
+                                                                     "finetune.select_window=1"])
     fin = finetune.run(cfg, hard_manifest, f"{bucket}/runs", "lr0")
     saved = json.loads(storage.read_text(f"{bucket}/runs/lr0/metrics.json"))
     assert saved["stopped_early"] and saved["last_metrics"]["epoch"] == 1 and saved["metrics"]["epoch"] == 0

@@ -251,9 +251,12 @@ def test_hard_classes_overlap_yet_are_learnable():
     table = pd.DataFrame([_true_features(p) for p in draws])
     y = np.array([p.label for p in draws])
     auc = {name: roc_auc_score(y, table[name]) for name in table.columns}
-    for name in ("log_aspect", "irregularity", "shadowing"):  # the signs the issue names
+    for name in ("log_aspect", "irregularity"):  # the signs the issue names
         assert 0.6 < auc[name] < 0.85, f"{name}: AUC {auc[name]:.3f} alone should be only partly telling"
-    assert max(auc.values()) < 0.86, f"a single feature gives the class away: {auc}"
+    # Shadowing as telling as in the issue's generator (0.93): at 0.82 nothing learnt the phantom
+    # at make demo's size (clman.data.synth's docstring).
+    assert 0.88 < auc["shadowing"] < 0.95, f"shadowing: AUC {auc['shadowing']:.3f}"
+    assert max(v for k, v in auc.items() if k != "shadowing") < 0.86, f"a single feature gives the class away: {auc}"
     x = ((table - table.mean()) / table.std()).to_numpy()
     model = LogisticRegression(max_iter=1000).fit(x[:1000], y[:1000])
     joint = roc_auc_score(y[1000:], model.predict_proba(x[1000:])[:, 1])

@@ -97,8 +97,8 @@ margin irregularity   0-0.09, harmonics 3-6             0.02-0.14, harmonics 3-8
 spiculation           15 %: 1-4 spikes, 0.1-0.35 r      45 %: 2-10 spikes, 0.15-0.55 r
                                                         (focal 70 %, in the window)
 edge blur (px @128)   0.6-1.9                           0.7-2.2 (focal 0.6-2.0)
-posterior (log gain)  N(+0.3, 0.6)                      N(-0.3, 0.6) (focal N(+0.2, 0.5) /
-                                                        N(-0.6, 0.5))
+posterior (log gain)  N(+0.4, 0.5)                      N(-0.6, 0.5) (focal N(+0.3, 0.5) /
+                                                        N(-0.8, 0.5))
 heterogeneity         0-0.5                             0.15-0.7 (focal 0-0.5 / 0.3-0.7)
 echo level            0.004-0.08                        0.008-0.08 (focal 0.004-0.08)
 echogenic halo        20 %: 0.1-0.6                     40 %: 0.2-0.8 (focal none / 0.3-0.8)
@@ -109,9 +109,16 @@ microcalcifications   12 %: 1-4                         30 %: 2-8
 Measured on 2000 `sample_case` draws (seed 5), AUC of each true parameter alone,
 signs at their most telling over the sweep (default phantom in brackets):
 aspect 0.72 (0.95), margin irregularity 0.66 (0.84), spicule count 0.75 (0.90),
-posterior shadowing 0.82 (0.99), heterogeneity 0.83 (0.98), halo 0.80 (0.85),
+posterior shadowing 0.94 (0.99), heterogeneity 0.83 (0.98), halo 0.80 (0.85),
 edge blur 0.60 (0.73), echo level 0.55 (0.66); a logistic regression on all of
-them (5-fold) 0.99 (1.00): the class is there, no single sign gives it away.
+them (5-fold) 0.99 (1.00): the class is there, no other sign gives it away.
+Shadowing is as telling as in the generator issue 13 was measured on (0.93 there).
+It was 0.82 at first (posterior N(+0.3, 0.6) / N(-0.3, 0.6), focal N(+0.2, 0.5) /
+N(-0.6, 0.5)), and then nothing learnt this phantom at `make demo`'s size: the
+issue's own probe (frame-level AdamW, 30 epochs; 0.73 on that generator) reached
+AUC 0.54-0.61 on 400 held-out hard sweeps after training on 128 videos of a demo
+data set (two seeds), and the demo recipe 0.48-0.55; now the probe reaches 0.71
+(README "Finetuning recipes").
 Writing 200 hard cases (`jobs.synth --difficulty hard --workers 2`) took 24 s on
 2 shared cores (0.19 s/case rendering, 0.03 s/case encoding, 19 MB); every file
 decodes with decord and PyAV and goes through `clman.data.ingest` without a reject.
@@ -209,19 +216,19 @@ HARD_LESIONS = LesionModel(
     benign=LesionKind(
         aspect=(0.75, 0.3), lobulated=0.3, irregularity=(0.0, 0.09), harmonics=(3, 4, 5, 6),
         spiculated=0.15, spicules=(1, 4), spicule_length=(0.1, 0.35), edge_px=(0.6, 1.9),
-        posterior=(0.3, 0.6), heterogeneity=(0.0, 0.5), halo=0.2, halo_strength=(0.1, 0.6),
+        posterior=(0.4, 0.5), heterogeneity=(0.0, 0.5), halo=0.2, halo_strength=(0.1, 0.6),
         tilt_deg=10.0, level=(0.004, 0.08), calcs=0.12, calc_count=(1, 4)),
     malignant=LesionKind(
         aspect=(1.05, 0.3), lobulated=0.1, irregularity=(0.02, 0.14), harmonics=(3, 4, 5, 6, 7, 8),
         spiculated=0.45, spicules=(2, 10), spicule_length=(0.15, 0.55), edge_px=(0.7, 2.2),
-        posterior=(-0.3, 0.6), heterogeneity=(0.15, 0.7), halo=0.4, halo_strength=(0.2, 0.8),
+        posterior=(-0.6, 0.5), heterogeneity=(0.15, 0.7), halo=0.4, halo_strength=(0.2, 0.8),
         tilt_deg=14.0, level=(0.008, 0.08), calcs=0.3, calc_count=(2, 8)),
     focal=LesionKind(
         aspect=(0.85, 0.3), lobulated=0.3, irregularity=(0.0, 0.09), harmonics=(3, 4, 5, 6),
         spiculated=0.7, spicules=(2, 10), spicule_length=(0.15, 0.55), edge_px=(0.6, 2.0),
-        posterior=(0.2, 0.5), heterogeneity=(0.0, 0.5), halo=0.0, halo_strength=(0.0, 0.0),
+        posterior=(0.3, 0.5), heterogeneity=(0.0, 0.5), halo=0.0, halo_strength=(0.0, 0.0),
         tilt_deg=10.0, level=(0.004, 0.08), calcs=0.3, calc_count=(2, 8)),
-    sign_posterior=(-0.6, 0.5), sign_halo=(0.3, 0.8), sign_heterogeneity=(0.3, 0.7),
+    sign_posterior=(-0.8, 0.5), sign_halo=(0.3, 0.8), sign_heterogeneity=(0.3, 0.7),
 )
 
 

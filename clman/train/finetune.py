@@ -6,8 +6,9 @@ with cross-entropy on T-frame clips: SGD at a constant lr (the paper) or AdamW,
 warmup + cosine, clipping, label smoothing, class weights (``FinetuneConfig``).
 Validation every epoch with the six metrics, their states synced across
 workers, on the manifest's val split or on patients carved from the training
-split (:func:`validation_split`); the best val AUC picks the checkpoint and
-``patience`` stops the run early. The test split is never read here.
+split (:func:`validation_split`); the best val score (:func:`val_score`: the val AUC,
+or its mean over ``select_window`` epochs) picks the checkpoint and ``patience``
+stops the run early. The test split is never read here.
 
 Facts that shaped this module
 - The demo recipe before this one (SGD, constant lr 1e-2, the last epoch) learned the
@@ -43,7 +44,7 @@ from clman.train import feed, runner, worker
 from clman.train.runner import JobError
 
 log = worker.worker_logger("clman.finetune")
-SCORE = "val_auc"  # what ranks checkpoints (and Tune trials) when there is a validation split
+SCORE = "val_score"  # what ranks checkpoints when there is a validation split (:func:`val_score`)
 
 
 # ---------------------------------------------------------------- driver side
@@ -136,6 +137,18 @@ def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val
         split_rows = rows[i] if rows is not None else read_manifest(manifest, split=split)
         loop_config[split] = runner.frame_source(split_rows, cfg.data)
     return runner.TrainJob(train_loop_per_worker, loop_config, {}, SCORE if has_val else None)
+
+
+def val_score(val_aucs: list[float], window: int) -> float:
+    """The mean val AUC of the last ``window`` epochs: what picks the checkpoint (``finetune.select_window``).
+
+    NaN until ``window`` epochs have a val AUC (a run shorter than ``window``: the mean of all so
+    far, at its last epoch only, so that it still keeps one) and when any of them is NaN.
+    """
+    if len(val_aucs) < window:
+        return float("nan")
+    last = val_aucs[-window:]
+    return sum(last) / window
 
 
 def history(checkpoint) -> dict:
@@ -296,7 +309,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     losses: list[float] = list(progress.get("losses", []))  # mean training loss per epoch
     train_aucs: list[float] = list(progress.get("train_aucs", []))
     val_aucs: list[float] = list(progress.get("val_aucs", []))
-    best_auc, best_epoch = progress.get("best_val_auc"), progress.get("best_epoch", -1)
+    best_score, best_epoch = progress.get("best_val_score"), progress.get("best_epoch", -1)
     problems: list[str] = list(progress.get("problems", []))  # what the not-learning check found
     if state:
         log.info("resumed from epoch %d (step %d)", state["epoch"], step)
@@ -374,13 +387,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if val_feed is not None:
             # The unwrapped module: no DDP collectives while shards hold unequal numbers of videos.
             metrics |= validate(raw_model, val_feed.batches(epoch), device, cfg.data.size, precision)
-            val_auc = metrics["val_auc"]  # the same on every rank (synced), so is every decision below
-            val_aucs.append(val_auc)
-            improved = val_auc == val_auc and (best_auc is None or val_auc > best_auc)
+            val_aucs.append(metrics["val_auc"])  # the same on every rank (synced), so is every decision below
+            window = min(cfg.select_window, cfg.epochs)  # a run shorter than the window is scored at its end
+            score = val_score(val_aucs, window)
+            improved = score == score and (best_score is None or score > best_score)
             if improved:
-                best_auc, best_epoch = val_auc, epoch
-            metrics |= {"best_val_auc": best_auc if best_auc is not None else float("nan"), "best_epoch": best_epoch}
-        stop = val_feed is not None and cfg.patience > 0 and epoch - best_epoch >= cfg.patience
+                best_score, best_epoch = score, epoch
+            metrics |= {"val_score": score, "best_val_score": best_score if best_score is not None else float("nan"),
+                        "best_epoch": best_epoch}
+        # patience counts from the first epoch a score exists (the window's end)
+        waited_from = best_epoch if best_epoch >= 0 else min(cfg.select_window, cfg.epochs) - 1
+        stop = val_feed is not None and cfg.patience > 0 and epoch - waited_from >= cfg.patience
         last = stop or epoch + 1 == cfg.epochs
         before = not_learning(problems, cfg.lr)
         if epoch == decide_at or (last and epoch < decide_at):
@@ -398,12 +415,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             metrics["lr"], metrics["clips_per_s"],
         )
         if stop:
-            log.info("stopping early after epoch %d: no better val AUC than %.3f (epoch %d) for %d epochs",
-                     epoch + 1, best_auc if best_auc is not None else float("nan"), best_epoch + 1, cfg.patience)
+            log.info("stopping early after epoch %d: no better val score than %.3f (epoch %d) for %d epochs",
+                     epoch + 1, best_score if best_score is not None else float("nan"), best_epoch + 1, cfg.patience)
         # A new best is always saved (it is the checkpoint the job keeps); the last report always
         # carries one, so the run's final metrics are the last epoch's.
         save = (epoch + 1) % cfg.checkpoint_every == 0 or last or improved
-        progress = {"losses": losses, "train_aucs": train_aucs, "val_aucs": val_aucs, "best_val_auc": best_auc,
+        progress = {"losses": losses, "train_aucs": train_aucs, "val_aucs": val_aucs, "best_val_score": best_score,
                     "best_epoch": best_epoch, "problems": problems}
         worker.report(metrics, model, optimizer, kind="classifier", config=saved_config, step=step,
                       epoch=epoch, save=save, extra={"encoder": encoder_uri or "", "progress": progress})
