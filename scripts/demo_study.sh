@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A study (the paper's Table 2: GN+NL+MMA without / with contrastive pretraining) on the demo data,
 # patient-level 3-fold, as shown in the README. Needs the demo's synthetic sweeps: run `make demo` first.
-#   scripts/demo_study.sh [TABLES] [FOLDS]     default: 2 3 (6 trials + 3 SimCLR runs, ~35 min on 2 cores)
+#   scripts/demo_study.sh [TABLES] [FOLDS]     default: 2 3 (6 trials + 3 SimCLR runs; ~35 min on 2 cores with
+#   demo-cpu.yaml's 10-epoch finetune recipe before: the 40-epoch one trains each trial 4x as long)
 # 1. starts the embedded S3 on .demo/s3;
 # 2. ingests the demo sweeps again with --folds FOLDS (by patient, stratified) -> s3://clman-demo/data-cvFOLDS;
 # 3. runs jobs.study on it -> s3://clman-demo/studies/demo-cvFOLDS (a rerun continues it with --resume);

@@ -170,14 +170,13 @@ HARD_CASES = 200  # 120 train (24 of them carved for validation) / 80 test video
 # The demo recipe's finetune section as it is; only the model is made small (and T = 8 at 64 px, as the demo).
 SMALL = ["model.width=0.125", "model.gn_groups=4", "data.size=64", "scale.num_workers=2",
          "scale.cpus_per_worker=0.5"]
-# What is stable here, measured when the test was written (README "Finetuning recipes"): on this data
-# the demo recipe's training loss fell 16-18 % below its first epoch's (0.73 -> 0.60 and 0.61, two runs),
-# to a last-epoch training AUC of 0.76-0.78; with lr 0 the loss moved 2 %, and so much training AUC
-# (0.60-0.65) does a fixed random model get, so the loss is the criterion. Held-out AUC at this size
-# depends on the draw of cases more than on the recipe (another, 160-case draw gave 0.39-0.45 for the
-# demo recipe and the one before it alike), so it is only asked to be above chance here (0.65-0.72 seen).
+# What is stable here (README "Finetuning recipes"). The 10-epoch recipe before, on the first hard phantom:
+# training loss 16-18 % below its first epoch's (0.73 -> 0.60 and 0.61), test AUC 0.65-0.72 on this draw
+# but 0.39-0.45 on another (that phantom could not be learnt at this size). The 40-epoch recipe with
+# its checkpoint picked by a 5-epoch mean, on the phantom as it is now: loss 0.728 -> 0.394, training
+# AUC 0.95, test AUC 0.756 (80 videos, 58 s). With lr 0 the loss moves 2 %.
 MIN_LOSS_FALL = 0.10
-MIN_TEST_AUC = 0.55
+MIN_TEST_AUC = 0.65
 
 
 @pytest.fixture(scope="module")
