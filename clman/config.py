@@ -227,7 +227,8 @@ class FinetuneConfig:
     patience: int = 0  # stop after this many epochs without a better val score; 0 = run every epoch
     # The val score that picks the checkpoint (and patience waits on): the mean val AUC of the last
     # select_window epochs (1 = that epoch's val AUC). On 24-32 val videos one epoch's AUC spikes: the
-    # 40-epoch demo recipe kept epoch 8 of 40 (held-out AUC 0.93) by it, epoch 28 (0.97) by a mean of 5.
+    # 40-epoch demo recipe on the default phantom kept epoch 8 of 40 (held-out AUC 0.93) by it, epoch 28
+    # (0.97) by a mean of 5 (README "Finetuning recipes").
     select_window: int = 1
     checkpoint_every: int = 1
     seed: int = 0  # also picks the carved validation patients

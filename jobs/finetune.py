@@ -8,9 +8,10 @@ Without ``--encoder`` the encoder starts from scratch (the paper's "without
 CL" row). Validation: the manifest's val split, else ``finetune.val_fraction``
 (0.2) of the training patients, stratified by label (0 = none). Writes
 ``<out>/<run-name>/model.pt`` — the checkpoint with the best validation AUC, averaged
-over ``finetune.select_window`` epochs (the last one without validation) — plus ``config.yaml`` and ``metrics.json`` (what was
-validated on, the kept and last epochs' metrics, per-epoch training loss / AUC and val
-AUC, and the one-line not-learning warning, if any, under ``warnings``).
+over ``finetune.select_window`` epochs (the last one without validation) — plus
+``config.yaml`` and ``metrics.json`` (what was validated on, the kept and last epochs'
+metrics, per-epoch training loss / AUC and val AUC, and the one-line not-learning
+warning, if any, under ``warnings``).
 The same ``--run-name`` resumes. Recipes and what they gave: README "Finetuning recipes".
 """
 
@@ -91,15 +92,15 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
     model_uri = storage.join(run_dir, "model.pt")
     runner.export_checkpoint(checkpoint, model_uri)
     last = result.metrics or {}
-    kept_by = (f"best val_score (mean val AUC of {min(cfg.select_window, cfg.epochs)} epochs)"
-               if min(cfg.select_window, cfg.epochs) > 1 else "best val_auc")
+    window = finetune.selection_window(cfg)
+    kept_by = f"best val_score (mean val AUC of {window} epochs)" if window > 1 else "best val_auc"
     summary = {"model": model_uri, "kept": kept_by if has_val else "last", "metrics": metrics,
                "last_metrics": last, "validation": validation, "stopped_early": bool(last.get("stopped_early")),
                "warnings": [last["warning"]] if last.get("warning") else [],
                "history": finetune.history(result.checkpoint), "seconds": time.time() - t0}
     report.write_json(storage.join(run_dir, "metrics.json"), summary)
     kept = f"epoch {metrics.get('epoch', -1) + 1}" + (f", val AUC {metrics['val_auc']:.3f}" if has_val else "")
-    if has_val and "val_score" in metrics and min(cfg.select_window, cfg.epochs) > 1:
+    if has_val and "val_score" in metrics and window > 1:
         kept += f", val score {metrics['val_score']:.3f}"
     log.info("finetune %s done in %.0f s -> %s (%s: %s)%s%s", run_name, summary["seconds"], model_uri,
              summary["kept"], kept, ", stopped early" if summary["stopped_early"] else "",

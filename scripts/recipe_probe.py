@@ -1,12 +1,13 @@
 """Compare finetune recipes on a held-out set, in one process (README "Finetuning recipes").
 
 A demo's test split (~108 videos) cannot tell two recipes 0.05 AUC apart, and choosing on it
-would tune on the test split. This trains as ``clman.train.finetune`` does — the same model,
-encoder, optimizer groups, schedule, clip draws, augmentation, loss, class weights and carved
-validation split — on one demo data set's training split, in this process (no Ray: a recipe in
-1-4 minutes on 2 cores), and after every epoch scores the val split (T centre frames, what the
-job ranks on), the demo's test split (all frames, as ``jobs.evaluate``) and a held-out set
-(T centre frames). It prints one line per epoch and the checkpoint each selection rule keeps.
+would tune on the test split. This trains as ``clman.train.finetune`` does (the same model,
+encoder, optimizer groups, schedule, segment sampling, augmentation, loss, class weights and
+carved validation split) on one demo data set's training split, in this process: no Ray, one
+process instead of two DDP workers, seeded draws of its own (not the job's clips bit for bit),
+a recipe in 1-4 minutes on 2 cores. After every epoch it scores the val split (T centre frames,
+what the job ranks on), the demo's test split (all frames, as ``jobs.evaluate``) and a held-out
+set (T centre frames); at the end, the checkpoint each selection rule would keep.
 
     # a demo data set (its ingested sweeps and SimCLR encoder) and a held-out set of 400 sweeps:
     python -m jobs.demo --config jobs/configs/demo-cpu.yaml --difficulty hard --workdir .demo-hard
@@ -20,7 +21,8 @@ job ranks on), the demo's test split (all frames, as ``jobs.evaluate``) and a he
     python scripts/recipe_probe.py .demo-hard --held-out .held-out-hard --set finetune.epochs=40
 
 Each workdir's S3 server is started, its videos decoded once at the stored size into
-``--cache-dir`` and the server stopped; later runs read the cache. ``--clips-per-video K``
+``--cache-dir`` and the server stopped; later runs read the cache (delete it after re-running a demo
+in the same workdir). ``--clips-per-video K``
 trains K clips of each video per epoch; ``--frame-train`` trains on single frames (the issue's
 probe: each of a clip's frames a sample, scores averaged over frames); ``--frame-loss W`` adds a
 per-frame cross-entropy beside the clip's; ``--scratch`` leaves the encoder untrained.

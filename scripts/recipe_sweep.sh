@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A finetune-recipe sweep (learning rate x weight decay x label smoothing, ASHA on validation AUC) on a
-# synthetic phantom at make demo's sizes, as the README's "Finetuning recipes" reports it.
+# synthetic phantom at make demo's sizes (the sweeps of 2026-11-27; README "Finetuning recipes" now compares
+# recipes on held-out sets with scripts/recipe_probe.py, whose numbers chose the demo recipe).
 #   scripts/recipe_sweep.sh [default|hard] [SAMPLES]     default: hard, 12 trials
 # Works in .recipe-<difficulty>/ (its own S3 data dir); prints the trials table at the end.
 # 1. starts the embedded S3; 2. makes 268 sweeps of the phantom (as jobs.demo makes them);

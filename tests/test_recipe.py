@@ -147,6 +147,9 @@ def test_val_score_is_the_mean_val_auc_of_the_last_window_epochs():
     # the spike of epoch 2 (0.99) wins by one epoch's AUC and loses to the later, steadier epochs by a mean of 3
     best = max(range(2, len(aucs)), key=lambda e: loop.val_score(aucs[:e + 1], 3))
     assert best == 5 and max(range(len(aucs)), key=lambda e: aucs[e]) == 1
+    # what a resumed run recomputes from the val AUCs in its checkpoint (the first of equal scores wins)
+    assert loop.best_score(aucs, 3) == (pytest.approx(0.89), 5) and loop.best_score(aucs, 1) == (0.99, 1)
+    assert loop.best_score(aucs[:2], 3) == (None, -1) and loop.best_score([0.7, 0.8, 0.8], 1) == (0.8, 1)
 
 
 def test_not_learning_fires_on_a_flat_loss_or_chance_val_auc_only():

@@ -138,6 +138,11 @@ def test_sweep_round_trips_through_json(tmp_path):
     assert again.base_config().epochs == 4 and again.max_epochs() == 4
     cfg = again.trial_config({"finetune.lr": 2e-3, "model.mma_depth": 3})
     assert cfg.lr == 2e-3 and cfg.model.mma_depth == 3 and cfg.model.width == 0.25  # preset kept
+    # trials keep checkpoints by each epoch's val_auc, what the sweep ranks and ASHA compares; said once
+    assert again.base_config().select_window == 5 and cfg.select_window == 1
+    assert again.window_note().startswith("finetune.select_window=5 is not used by the trials")
+    assert tuning.new_sweep("finetune", "tune_spaces/finetune_lr_depth.yaml", 4, "m", str(tmp_path), "s2", DEMO,
+                            ["finetune.select_window=1"]).window_note() == ""
 
 
 def test_sweep_checks_its_options(tmp_path):

@@ -111,14 +111,14 @@ signs at their most telling over the sweep (default phantom in brackets):
 aspect 0.72 (0.95), margin irregularity 0.66 (0.84), spicule count 0.75 (0.90),
 posterior shadowing 0.94 (0.99), heterogeneity 0.83 (0.98), halo 0.80 (0.85),
 edge blur 0.60 (0.73), echo level 0.55 (0.66); a logistic regression on all of
-them (5-fold) 0.99 (1.00): the class is there, no other sign gives it away.
-Shadowing is as telling as in the generator issue 13 was measured on (0.93 there).
-It was 0.82 at first (posterior N(+0.3, 0.6) / N(-0.3, 0.6), focal N(+0.2, 0.5) /
-N(-0.6, 0.5)), and then nothing learnt this phantom at `make demo`'s size: the
-issue's own probe (frame-level AdamW, 30 epochs; 0.73 on that generator) reached
-AUC 0.54-0.61 on 400 held-out hard sweeps after training on 128 videos of a demo
-data set (two seeds), and the demo recipe 0.48-0.55; now the probe reaches 0.71
-(README "Finetuning recipes").
+them (5-fold) 0.99 (1.00): the class is there, and no sign but shadowing comes
+near giving it away. Shadowing is as telling as in the other generator of issue 13
+(0.93 alone there). It was 0.82 at first (posterior N(+0.3, 0.6) / N(-0.3, 0.6),
+focal N(+0.2, 0.5) / N(-0.6, 0.5)), and then nothing learnt this phantom at `make
+demo`'s size: trained on the 128 training videos of a demo data set (seeds 0 and 1),
+the 10-epoch demo recipe reached AUC 0.53 and 0.48 on 400 held-out hard sweeps and
+the issue's own probe (single frames, AdamW, 30 epochs; 0.73 on that generator)
+0.58 and 0.49; now the probe reaches 0.71 (README "Finetuning recipes").
 Writing 200 hard cases (`jobs.synth --difficulty hard --workers 2`) took 24 s on
 2 shared cores (0.19 s/case rendering, 0.03 s/case encoding, 19 MB); every file
 decodes with decord and PyAV and goes through `clman.data.ingest` without a reject.

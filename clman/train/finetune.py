@@ -16,7 +16,8 @@ Facts that shaped this module
   test AUC 0.58, every video called benign — and nothing said so. Hence the training AUC
   beside the loss and the one-line not-learning warning (:func:`loss_stalled` after a third
   of the run, :func:`val_at_chance` at its end).
-- The thresholds of that warning were set on the runs in README "Finetuning recipes": with
+- The thresholds of that warning were set on runs of the 10-epoch demo recipe on the first hard
+  phantom (README "Finetuning recipes" before the 40-epoch recipe, in git history): with
   lr 0 the training loss stays within 1 % of ln 2 (the loss of calling every video 50/50);
   the demo recipe on the hard phantom falls only 0.73 -> 0.67 by its fourth epoch, and in
   some runs 0.727 -> 0.694 (label smoothing and class weights keep it near ln 2), so the bar
@@ -139,16 +140,33 @@ def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val
     return runner.TrainJob(train_loop_per_worker, loop_config, {}, SCORE if has_val else None)
 
 
+def selection_window(cfg: C.FinetuneConfig) -> int:
+    """``select_window``, or the run's length when shorter: such a run is scored at its last epoch."""
+    return min(cfg.select_window, cfg.epochs)
+
+
 def val_score(val_aucs: list[float], window: int) -> float:
     """The mean val AUC of the last ``window`` epochs: what picks the checkpoint (``finetune.select_window``).
 
-    NaN until ``window`` epochs have a val AUC (a run shorter than ``window``: the mean of all so
-    far, at its last epoch only, so that it still keeps one) and when any of them is NaN.
+    NaN until ``window`` epochs have a val AUC, and when any of them is NaN.
     """
     if len(val_aucs) < window:
         return float("nan")
     last = val_aucs[-window:]
     return sum(last) / window
+
+
+def best_score(val_aucs: list[float], window: int) -> tuple[float | None, int]:
+    """(best val score, its 0-based epoch) over ``val_aucs``; (None, -1) while there is none.
+
+    The first of equal scores wins, as in the loop (a later epoch must be better to replace it).
+    """
+    best, epoch = None, -1
+    for e in range(len(val_aucs)):
+        score = val_score(val_aucs[:e + 1], window)
+        if score == score and (best is None or score > best):
+            best, epoch = score, e
+    return best, epoch
 
 
 def history(checkpoint) -> dict:
@@ -309,7 +327,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     losses: list[float] = list(progress.get("losses", []))  # mean training loss per epoch
     train_aucs: list[float] = list(progress.get("train_aucs", []))
     val_aucs: list[float] = list(progress.get("val_aucs", []))
-    best_score, best_epoch = progress.get("best_val_score"), progress.get("best_epoch", -1)
+    window = selection_window(cfg)
+    # From the val AUCs so far, not a stored best: the same on resume whatever the checkpoint's clman
+    # version or select_window was.
+    best, best_epoch = best_score(val_aucs, window)
     problems: list[str] = list(progress.get("problems", []))  # what the not-learning check found
     if state:
         log.info("resumed from epoch %d (step %d)", state["epoch"], step)
@@ -388,15 +409,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # The unwrapped module: no DDP collectives while shards hold unequal numbers of videos.
             metrics |= validate(raw_model, val_feed.batches(epoch), device, cfg.data.size, precision)
             val_aucs.append(metrics["val_auc"])  # the same on every rank (synced), so is every decision below
-            window = min(cfg.select_window, cfg.epochs)  # a run shorter than the window is scored at its end
             score = val_score(val_aucs, window)
-            improved = score == score and (best_score is None or score > best_score)
+            improved = score == score and (best is None or score > best)
             if improved:
-                best_score, best_epoch = score, epoch
-            metrics |= {"val_score": score, "best_val_score": best_score if best_score is not None else float("nan"),
+                best, best_epoch = score, epoch
+            metrics |= {"val_score": score, "best_val_score": best if best is not None else float("nan"),
                         "best_epoch": best_epoch}
-        # patience counts from the first epoch a score exists (the window's end)
-        waited_from = best_epoch if best_epoch >= 0 else min(cfg.select_window, cfg.epochs) - 1
+        # patience counts from the epoch before the first score can exist (the window's end)
+        waited_from = best_epoch if best_epoch >= 0 else window - 2
         stop = val_feed is not None and cfg.patience > 0 and epoch - waited_from >= cfg.patience
         last = stop or epoch + 1 == cfg.epochs
         before = not_learning(problems, cfg.lr)
@@ -416,11 +436,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         )
         if stop:
             log.info("stopping early after epoch %d: no better val score than %.3f (epoch %d) for %d epochs",
-                     epoch + 1, best_score if best_score is not None else float("nan"), best_epoch + 1, cfg.patience)
+                     epoch + 1, best if best is not None else float("nan"), best_epoch + 1, cfg.patience)
         # A new best is always saved (it is the checkpoint the job keeps); the last report always
         # carries one, so the run's final metrics are the last epoch's.
         save = (epoch + 1) % cfg.checkpoint_every == 0 or last or improved
-        progress = {"losses": losses, "train_aucs": train_aucs, "val_aucs": val_aucs, "best_val_score": best_score,
+        progress = {"losses": losses, "train_aucs": train_aucs, "val_aucs": val_aucs, "best_val_score": best,
                     "best_epoch": best_epoch, "problems": problems}
         worker.report(metrics, model, optimizer, kind="classifier", config=saved_config, step=step,
                       epoch=epoch, save=save, extra={"encoder": encoder_uri or "", "progress": progress})

@@ -280,6 +280,8 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
     sweep.check()
     cfg = sweep.base_config()
     _check_data(sweep)
+    if sweep.window_note():
+        log.info("%s", sweep.window_note())
     if sweep.encoder:
         from clman import checkpoint as ckpt
 

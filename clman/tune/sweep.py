@@ -96,8 +96,22 @@ class Sweep:
         return C.job_config(self.tree, self.job)
 
     def trial_config(self, values: Mapping[str, Any]):
-        """The job config of one trial: the base config with the trial's sampled values."""
-        return C.job_config(self.search_space().apply(self.tree, values), self.job)
+        """The job config of one trial: the base config with the trial's sampled values.
+
+        Finetune trials keep their checkpoints by each epoch's val AUC (``select_window`` 1), the
+        metric the sweep ranks and ASHA stops trials on: a window's mean has no value before the
+        window fills, and ASHA compares trials at every rung (see ``window_note``).
+        """
+        cfg = C.job_config(self.search_space().apply(self.tree, values), self.job)
+        return dataclasses.replace(cfg, select_window=1) if self.job == "finetune" else cfg
+
+    def window_note(self) -> str:
+        """One line when the config's ``finetune.select_window`` is not what the trials use, else ""."""
+        window = getattr(self.base_config(), "select_window", 1)
+        if window == 1:
+            return ""
+        return (f"finetune.select_window={window} is not used by the trials: a sweep ranks them, and keeps "
+                "their checkpoints, by each epoch's val_auc (ASHA compares them at every rung)")
 
     def max_epochs(self) -> int:
         """The most epochs any trial runs (ASHA's max_t)."""
