@@ -20,7 +20,7 @@ set (T centre frames); at the end, the checkpoint each selection rule would keep
     # then, per recipe (OMP_NUM_THREADS=1 runs two side by side on 2 cores):
     python scripts/recipe_probe.py .demo-hard --held-out .held-out-hard --set finetune.epochs=40
 
-Each workdir's S3 server is started, its videos decoded once at the stored size into
+Each workdir's S3 server is started (``clman.local_s3.LocalS3``), its videos decoded once at the stored size into
 ``--cache-dir`` and the server stopped; later runs read the cache (delete it after re-running a demo
 in the same workdir). ``--clips-per-video K``
 trains K clips of each video per epoch; ``--frame-train`` trains on single frames (the issue's
@@ -31,26 +31,30 @@ per-frame cross-entropy beside the clip's; ``--scratch`` leaves the encoder untr
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from clman import cli  # noqa: E402
 from clman import config as C  # noqa: E402
 from clman import optim, storage  # noqa: E402
 from clman.data import augment  # noqa: E402
 from clman.data import frames as FR  # noqa: E402
+from clman.data.manifest import read_manifest  # noqa: E402
 from clman.data.sampling import segment_indices  # noqa: E402
 from clman.inference import score_frames  # noqa: E402
+from clman.local_s3 import LocalS3  # noqa: E402
 from clman.metrics import compute_metrics  # noqa: E402
 from clman.models.build import classifier_from  # noqa: E402
 from clman.train import finetune as loop  # noqa: E402
@@ -76,30 +80,30 @@ def parse(argv=None) -> argparse.Namespace:
 def decoded(workdir: str, splits: tuple[str, ...], size: int, cache_dir: str, encoder: bool) -> dict:
     """{split: {"rows", "frames": [uint8 (N, C, S, S)]}, "encoder": bytes}: decoded once, then cached."""
     cache = Path(cache_dir) / f"{Path(workdir).resolve().name}-{size}px.pt"
-    if cache.exists():
-        return torch.load(cache, weights_only=False)  # our own file, written below
-    s3 = Path(workdir) / "s3"
-    subprocess.run([sys.executable, "-m", "clman.local_s3", "start", "--data-dir", str(s3)], check=True, cwd=ROOT)
-    try:
-        for line in (s3 / "s3.env").read_text().splitlines():
-            key, _, value = line.strip().removeprefix("export ").partition("=")
-            if key and not key.startswith("#"):
-                os.environ[key] = value.strip("'\"")
-        from clman.data.manifest import read_manifest
+    if not cache.exists():
+        _decode_to(cache, workdir, splits, size, encoder)
+    out = torch.load(cache, weights_only=True)  # tensors, strings and lists only
+    for split in splits:
+        out[split]["rows"] = pd.read_json(io.StringIO(out[split]["rows"]), orient="records", dtype=False)
+    if encoder:
+        out["encoder"] = out["encoder"].numpy().tobytes()
+    return out
 
+
+def _decode_to(cache: Path, workdir: str, splits: tuple[str, ...], size: int, encoder: bool) -> None:
+    with LocalS3(Path(workdir) / "s3") as server:  # the demo's server, its stored credentials
+        os.environ.update(server.env())
         out: dict = {}
         for split in splits:
             rows = read_manifest(f"{BUCKET}/data/manifest.parquet", split=split)
             frames = [torch.from_numpy(FR.decode_stored(r.uri, FR.whole_video_indices(int(r.num_frames)), size))
                       for r in rows.itertuples(index=False)]
-            out[split] = {"rows": rows, "frames": frames}
+            out[split] = {"rows": rows.to_json(orient="records"), "frames": frames}
         if encoder:
-            out["encoder"] = storage.read_bytes(f"{BUCKET}/runs/pretrain/encoder.pt")
-    finally:
-        subprocess.run(["bash", "infra/local_s3/stop.sh", str(s3)], cwd=ROOT, check=False)
+            out["encoder"] = torch.frombuffer(bytearray(storage.read_bytes(f"{BUCKET}/runs/pretrain/encoder.pt")),
+                                              dtype=torch.uint8)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, cache)
-    return out
 
 
 def centre_clips(videos: list[torch.Tensor], t: int) -> torch.Tensor:
@@ -108,6 +112,9 @@ def centre_clips(videos: list[torch.Tensor], t: int) -> torch.Tensor:
 
 def main(argv=None) -> int:
     a = parse(argv)
+    for workdir in filter(None, (a.workdir, a.held_out)):
+        if not (Path(workdir) / "s3").is_dir():
+            raise C.ConfigError(f"{workdir}: no s3/ folder of a jobs.demo --workdir (or of a held-out set) in it")
     cfg = C.job_config(C.load_tree(a.config, a.overrides), "finetune")
     data, T, B = cfg.data, cfg.data.num_frames, cfg.batch_size
     D = decoded(a.workdir, ("train", "test"), data.stored_size, a.cache_dir, encoder=True)
@@ -218,4 +225,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run_main(main)

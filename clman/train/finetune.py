@@ -328,8 +328,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_aucs: list[float] = list(progress.get("train_aucs", []))
     val_aucs: list[float] = list(progress.get("val_aucs", []))
     window = selection_window(cfg)
-    # From the val AUCs so far, not a stored best: the same on resume whatever the checkpoint's clman
-    # version or select_window was.
+    # Derived from the val AUCs so far, never stored: a resumed run decides as the uninterrupted one,
+    # whatever the checkpoint's clman version or select_window was.
     best, best_epoch = best_score(val_aucs, window)
     problems: list[str] = list(progress.get("problems", []))  # what the not-learning check found
     if state:
@@ -409,12 +409,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
             # The unwrapped module: no DDP collectives while shards hold unequal numbers of videos.
             metrics |= validate(raw_model, val_feed.batches(epoch), device, cfg.data.size, precision)
             val_aucs.append(metrics["val_auc"])  # the same on every rank (synced), so is every decision below
-            score = val_score(val_aucs, window)
-            improved = score == score and (best is None or score > best)
-            if improved:
-                best, best_epoch = score, epoch
-            metrics |= {"val_score": score, "best_val_score": best if best is not None else float("nan"),
-                        "best_epoch": best_epoch}
+            best, best_epoch = best_score(val_aucs, window)
+            improved = best_epoch == epoch
+            metrics |= {"val_score": val_score(val_aucs, window),
+                        "best_val_score": best if best is not None else float("nan"), "best_epoch": best_epoch}
         # patience counts from the epoch before the first score can exist (the window's end)
         waited_from = best_epoch if best_epoch >= 0 else window - 2
         stop = val_feed is not None and cfg.patience > 0 and epoch - waited_from >= cfg.patience
