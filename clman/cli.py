@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from typing import Callable
@@ -19,13 +20,23 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from clman.storage import StorageError
 
     errors = [*_USER_ERRORS, CheckpointError, StorageError, JobError]
-    try:
-        from clman.data.video import VideoError
-
-        errors.append(VideoError)
-    except ImportError:
-        pass
+    # Imported lazily (they pull in numpy / pandas / PyAV); a module that is absent is skipped.
+    for module, name in (
+        ("clman.data.video", "VideoError"),
+        ("clman.data.manifest", "ManifestError"),  # a manifest of another version, a missing column
+        ("clman.data.ingest", "IngestError"),
+        ("clman.data.scan_region", "ScanRegionError"),
+    ):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except Exception:  # absent (ImportError) or broken: the error being reported matters more
+            pass
     return tuple(errors)
+
+
+def one_line(error: BaseException) -> str:
+    """The message of ``error`` on one line (a message with line breaks is joined with spaces)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +51,10 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, help="Ray Train workers (overrides scale.num_workers)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; 0 = CPU workers with gloo")
     p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else start Ray here")
-    p.add_argument("--run-name", help="run folder under --out; the same name resumes an interrupted run")
+    p.add_argument("--run-name", help="run folder under --out; the same name resumes an interrupted run "
+                                      "(one job at a time: a second one is refused while the first holds its lock)")
+    p.add_argument("--force-resume", action="store_true",
+                   help="resume the run even though its config, manifest or encoder differ from its first start's")
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -69,6 +83,6 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
     try:
         code = main(argv)
     except user_errors() as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)

@@ -19,6 +19,7 @@ The defaults are the paper's recipe (Sections 3 and 4.3).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -289,7 +290,7 @@ def _positive(where, key, value):
 
 
 def _at_least(where, key, value, lo):
-    if value < lo:
+    if not value >= lo:  # NaN fails too (``_coerce`` refuses it before; this holds for code-built configs)
         raise ConfigError(f"{where}.{key}: must be >= {lo}, got {value!r}")
 
 
@@ -332,9 +333,21 @@ def _coerce(where: str, key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{name}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str) and not math.isfinite(_float_or(value, 0.0)):
+            # YAML 1.1 reads 1e999 as a string: name the real problem, not the type
+            raise ConfigError(f"{name}: must be a finite number, got {value}")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an int too large for a float (10**400)
+            raise ConfigError(f"{name}: must be a finite number, got an integer of "
+                              f"{len(str(abs(value)))} digits") from None
+        # NaN passes every range check (all comparisons are false) and inf breaks timeouts and
+        # clipping silently: refused here, once, for every float key (YAML .nan/.inf, 1e999, --set).
+        if not math.isfinite(value):
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+        return value
     if tp is str:
         if isinstance(value, bool):  # YAML 1.1 reads a bare off / on as a boolean: `data.cache: off`
             value = "on" if value else "off"
@@ -342,6 +355,13 @@ def _coerce(where: str, key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return value
     raise ConfigError(f"{name}: unsupported field type {tp!r}")
+
+
+def _float_or(text: str, default: float) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return default
 
 
 def build(cls, values: Mapping[str, Any] | None, where: str):

@@ -1,16 +1,20 @@
 """Local paths and s3:// URIs behind one small API.
 
 Every input and output of clman is a URI: a local path (or `file://...`) or
-`s3://bucket/key`. S3 access is configured only by the standard variables
-`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY` and
+`s3://bucket/key`. The endpoint and region come from `AWS_ENDPOINT_URL` and
 `AWS_REGION` (or `AWS_DEFAULT_REGION`), so the same command works against AWS,
-MinIO, Ceph or the embedded SeaweedFS (`clman.local_s3`). Without the key
-variables boto3's default credential chain (profiles, instance roles) applies.
+MinIO, Ceph or the embedded SeaweedFS (`clman.local_s3`). Credentials come
+from the AWS default chain, resolved by each process when it makes a request:
+`AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY` (+ `AWS_SESSION_TOKEN`), a shared
+config/SSO profile (`AWS_PROFILE`), web identity (IRSA), an instance or
+container role. clman never holds a credential itself: none is passed to
+boto3 or pyarrow, so none is pickled (the `arrow_fs` filesystem that Ray
+pickles into `tuner.pkl` and to its workers), stored or printed.
 
 Writes are atomic: a local file is written to a hidden temporary file beside
 it and renamed; an S3 object appears only when its PUT (or multipart upload)
 completes. Failures raise `StorageError` with one line naming the URI and the
-cause; the secret key never appears in a message.
+cause; the secret key and session token never appear in a message.
 
 Retries come in two layers: botocore's "standard" mode retries each API call
 (`S3_MAX_ATTEMPTS`), and `with_retries` retries the whole operation —
@@ -36,10 +40,32 @@ Facts that shaped the retries (SeaweedFS stopped for 20 s during a finetune):
   it only for an endpoint this process has reached, or where `CLMAN_S3_REACHED=1`
   says the job's driver did (`clman.train.runner` sets it for the Ray workers it
   starts: a decode task may be the first S3 call of a fresh worker process).
+
+Facts that shaped the credentials (boto3/botocore 1.44, pyarrow 26, checked against
+SeaweedFS and a recording HTTP endpoint, tests/test_credentials.py):
+- pyarrow's `S3FileSystem` pickles access key, secret key and session token when they
+  were given to it, nothing when it uses the default chain; its chain (AWS C++ SDK)
+  reads `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN` at each
+  request, so an unpickled copy uses the credentials of the process it lands in.
+- boto3 sends `AWS_SESSION_TOKEN` from the default chain; a client is built from its own
+  `boto3.session.Session` (the module-level default session keeps the credentials it
+  first found), cached per digest of the `AWS_*` variables. Chain credentials that
+  expire (SSO, web identity, roles, env with `AWS_CREDENTIAL_EXPIRATION`) are
+  refreshable: botocore renews them before they expire.
+- Not retried by `with_retries`: an expired or invalid session token (a static one
+  never renews itself; refreshable ones are renewed before they expire, so an expired
+  one means its source, e.g. the SSO session, expired) and clock skew
+  (`RequestTimeTooSkewed`, `RequestExpired`: the request's time is off by more than
+  the server allows). botocore makes one attempt at a skewed request; the C++ SDK
+  retries it within `ARROW_RETRIES`, adjusting its clock to the answer's Date. Each
+  gets its own one-line cause, not "access denied"; pyarrow's wording: `s3_problem`.
+- HEAD answers (`head_bucket`, `head_object`) have no body, so no error code: a
+  bodiless 400/403 is followed by a GET on the bucket that names the cause.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -71,11 +97,14 @@ _THROTTLE_CODES = {
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
     "RequestThrottled", "ServiceUnavailable", "InternalError", "RequestTimeout",
 }
-_DENIED_CODES = {
-    "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "403",
-}
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
-_CREDENTIALS_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY"
+_EXPIRED_CODES = {"ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired"}
+_SKEW_CODES = {"RequestTimeTooSkewed", "RequestExpired"}
+_TOKEN_VARIABLES = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")  # botocore reads both
+_EXPIRED = ("the S3 session token has expired — refresh the credentials (aws sso login, or export new "
+            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN)")
+_INVALID_TOKEN = "the S3 session token is invalid — check AWS_SESSION_TOKEN (it must match AWS_ACCESS_KEY_ID)"
 
 
 class StorageError(Exception):
@@ -127,36 +156,37 @@ def join(base: str, *parts: str) -> str:
 _clients: dict[tuple, object] = {}
 
 
-def _s3_settings() -> dict[str, str | None]:
-    return {
-        "endpoint_url": os.environ.get("AWS_ENDPOINT_URL") or None,
-        "aws_access_key_id": os.environ.get("AWS_ACCESS_KEY_ID") or None,
-        "aws_secret_access_key": os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
-        "region_name": os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-    }
+def _aws_env_digest() -> str:
+    """A digest of every AWS_* variable: a changed key, token or profile gets a new client, no secret is kept."""
+    items = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+    return hashlib.sha256(repr(items).encode()).hexdigest()
 
 
 def s3_client(max_attempts: int = S3_MAX_ATTEMPTS):
-    """A boto3 S3 client from the AWS_* variables, with botocore standard retries.
+    """A boto3 S3 client on the AWS default credential chain, with botocore standard retries.
 
-    Cached per process and per settings (boto3 clients are thread-safe but must
-    not cross a fork).
+    No credential is passed: the client's own session resolves (and, where they
+    expire, refreshes) them. Cached per process and per `AWS_*` variables (boto3
+    clients are thread-safe but must not cross a fork).
     """
     import boto3
     from botocore.config import Config
 
-    settings = _s3_settings()
-    cache_key = (os.getpid(), max_attempts, *settings.values())
+    cache_key = (os.getpid(), max_attempts, _aws_env_digest())
     client = _clients.get(cache_key)
     if client is None:
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or None
+        session = boto3.session.Session()
+        # AWS_REGION first (botocore reads only AWS_DEFAULT_REGION and the profile's region).
+        region = os.environ.get("AWS_REGION") or session.region_name or "us-east-1"
         config = Config(
             retries={"max_attempts": max_attempts, "mode": "standard"},
             connect_timeout=5,
             read_timeout=60,
             # Custom endpoints (MinIO, SeaweedFS, an IP address) need path-style URLs.
-            s3={"addressing_style": "path"} if settings["endpoint_url"] else None,
+            s3={"addressing_style": "path"} if endpoint else None,
         )
-        client = boto3.client("s3", config=config, **settings)
+        client = session.client("s3", endpoint_url=endpoint, region_name=region, config=config)
         _clients[cache_key] = client
     return client
 
@@ -166,11 +196,55 @@ def _endpoint_name() -> str:
 
 
 def _scrub(text: str) -> str:
-    """One line, with the secret key (should a server echo it) masked."""
-    secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
-    if secret:
-        text = text.replace(secret, "***")
-    return " ".join(str(text).split())
+    """One line, with the secret key and session token (should a server echo them) masked."""
+    text = str(text)
+    for name in ("AWS_SECRET_ACCESS_KEY", *_TOKEN_VARIABLES):
+        value = os.environ.get(name)
+        if value:
+            text = text.replace(value, "***")
+    return " ".join(text.split())
+
+
+def _session_token_set() -> bool:
+    return any(os.environ.get(name) for name in _TOKEN_VARIABLES)
+
+
+def _credentials_hint() -> str:
+    return "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY" + ("/AWS_SESSION_TOKEN" if _session_token_set() else "")
+
+
+def _skew() -> str:
+    return (f"clock skew between this machine and {_endpoint_name()} — the request time is off by more than "
+            "the server allows: check NTP / the system clock")
+
+
+def _token_or_clock_cause(code: str) -> str | None:
+    """The cause, for an S3 error code that means an expired / invalid session token or clock skew."""
+    if code in _EXPIRED_CODES:
+        return _EXPIRED
+    if code == "InvalidToken":
+        return _INVALID_TOKEN
+    if code in _SKEW_CODES:
+        return _skew()
+    return None
+
+
+def s3_problem(text: str) -> str | None:
+    """The cause named in an S3 error message — a pyarrow ``OSError`` — when it is an
+    expired or invalid session token or clock skew, as a phrase; else None.
+
+    pyarrow words them "AWS Error UNKNOWN (HTTP status 400) during ... ExceptionName:
+    ExpiredToken ...", "AWS Error REQUEST_TIME_TOO_SKEWED ...", "AWS Error REQUEST_EXPIRED ...".
+    """
+    text = str(text)
+    text = text[text.find("AWS Error"):] if "AWS Error" in text else text  # not the key and bucket before it
+    if re.search(r"expired_?token|token_?refresh_?required", text, re.IGNORECASE):
+        return _EXPIRED
+    if re.search(r"invalid_?token", text, re.IGNORECASE):
+        return _INVALID_TOKEN
+    if re.search(r"skew|request_?expired", text, re.IGNORECASE):
+        return _skew()
+    return None
 
 
 def _error_code(exc: BaseException) -> tuple[str, int]:
@@ -242,13 +316,17 @@ def _translate(uri: str, exc: BaseException) -> StorageError:
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import (
         ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError,
+        TokenRetrievalError, UnauthorizedSSOTokenError,
     )
 
     bucket = _split(uri)[0] if is_s3(uri) else ""
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
         return StorageError(f"{uri}: cannot reach endpoint {_endpoint_name()}")
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return StorageError(f"{uri}: no S3 credentials — set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY")
+        return StorageError(f"{uri}: no S3 credentials — set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                            "(+ AWS_SESSION_TOKEN) or AWS_PROFILE")
+    if isinstance(exc, (UnauthorizedSSOTokenError, TokenRetrievalError)):  # the SSO session behind the profile
+        return StorageError(f"{uri}: {_EXPIRED}")
     if isinstance(exc, ClientError):
         code, status = _error_code(exc)
     elif isinstance(exc, S3UploadFailedError):
@@ -258,8 +336,11 @@ def _translate(uri: str, exc: BaseException) -> StorageError:
         return StorageError(f"{uri}: {type(exc).__name__}: {_scrub(str(exc))}")
     if code == "NoSuchBucket":
         return StorageError(f"{uri}: bucket '{bucket}' does not exist")
+    cause = _token_or_clock_cause(code)
+    if cause:
+        return StorageError(f"{uri}: {cause}")
     if code in _DENIED_CODES or status == 403:
-        return StorageError(f"{uri}: access denied — {_CREDENTIALS_HINT}")
+        return StorageError(f"{uri}: access denied — {_credentials_hint()}")
     if code in _MISSING_CODES or status == 404:
         return StorageNotFoundError(f"{uri}: no such object")
     message = exc.response.get("Error", {}).get("Message", "") if isinstance(exc, ClientError) else str(exc)
@@ -279,8 +360,21 @@ def _s3_call(uri: str, fn: Callable[[], T]) -> T:
         from botocore.exceptions import BotoCoreError, ClientError
 
         if isinstance(exc, (BotoCoreError, ClientError, Boto3Error)):
-            raise _translate(uri, exc) from None
+            raise (_bodiless_cause(uri, exc) or _translate(uri, exc)) from None
         raise
+
+
+def _bodiless_cause(uri: str, exc: BaseException) -> StorageError | None:
+    """For a HEAD's bodiless 400/403, the expired token or clock skew a GET on the bucket names; else None."""
+    code, status = _error_code(exc)
+    if code != str(status) or status not in (400, 403) or not is_s3(uri):
+        return None
+    try:
+        s3_client(max_attempts=1).list_objects_v2(Bucket=_split(uri)[0], MaxKeys=0)
+    except Exception as probe:
+        cause = _token_or_clock_cause(_error_code(probe)[0])
+        return StorageError(f"{uri}: {cause}") if cause else None
+    return None
 
 
 def _check_bucket(uri: str) -> None:
@@ -305,6 +399,14 @@ def _local_call(uri: str, fn: Callable[[], T]) -> T:
         raise StorageError(f"{uri}: a parent of this path is a file, not a directory") from None
     except PermissionError:
         raise StorageError(f"{uri}: permission denied") from None
+    except OSError as exc:
+        import errno
+
+        # A full disk or quota: the write's temporary file is already removed (``write_bytes``).
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            reason = "no space left on device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
+            raise StorageError(f"{uri}: {reason}") from None
+        raise
 
 
 # -- bytes and text -----------------------------------------------------------
@@ -442,18 +544,23 @@ def write_parquet(table: pa.Table, uri: str) -> None:
     write_bytes(uri, sink.getvalue().to_pybytes())
 
 
+_CREDENTIAL_ARGS = ("access_key", "secret_key", "session_token")
+
+
 class RetryingS3FileSystem(pafs.S3FileSystem):
     """pyarrow's S3 filesystem with ``ARROW_RETRIES`` retries per call, also after pickling.
 
     Ray Train pickles ``RunConfig(storage_filesystem=...)`` to its controller and workers,
     and pyarrow's pickle of an ``S3FileSystem`` leaves the retry strategy out: every copy
-    fell back to 3 attempts (~1.5 s). This class pickles its arguments and rebuilds itself.
+    fell back to 3 attempts (~1.5 s). This class pickles its arguments and rebuilds itself,
+    without any credential argument: a copy uses the default chain of the process that
+    unpickles it (Ray Tune also writes the pickle into the bucket, as ``tuner.pkl``).
     """
 
     def __init__(self, retries: int = ARROW_RETRIES, **kwargs):
         super().__init__(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=retries), **kwargs)
         self.retries = retries
-        self._kwargs = kwargs
+        self._kwargs = {k: v for k, v in kwargs.items() if k not in _CREDENTIAL_ARGS}
 
     def __reduce__(self):
         return _rebuild_s3fs, (self.retries, self._kwargs)
@@ -466,24 +573,21 @@ def _rebuild_s3fs(retries: int, kwargs: dict) -> RetryingS3FileSystem:
 def arrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """(pyarrow filesystem, path inside it) for `uri`, e.g. Ray's RunConfig(storage_filesystem=...).
 
-    For S3 the filesystem is built from the same AWS_* variables as `s3_client`,
-    and the bucket is checked first so a typo fails here with a clear message
-    rather than deep inside Ray. Ray Train writes every checkpoint and its run
-    state through it, and one failed write ends the run: it retries each call
-    for ~50 s (`RetryingS3FileSystem`, module docstring).
+    For S3 the filesystem has the endpoint and region of `s3_client` and no
+    credentials (the AWS C++ SDK's default chain, in whichever process uses it:
+    nothing secret is pickled), and the bucket is checked first so a typo fails
+    here with a clear message rather than deep inside Ray. Ray Train writes every
+    checkpoint and its run state through it, and one failed write ends the run:
+    it retries each call for ~50 s (`RetryingS3FileSystem`, module docstring).
     """
     uri = str(uri)
     if not is_s3(uri):
         return pafs.LocalFileSystem(), str(_local(uri).resolve())
     bucket, key = _split(uri)
     _check_bucket(uri)
-    settings = _s3_settings()
-    kwargs: dict = {"region": settings["region_name"]}
-    if settings["aws_access_key_id"] and settings["aws_secret_access_key"]:
-        kwargs["access_key"] = settings["aws_access_key_id"]
-        kwargs["secret_key"] = settings["aws_secret_access_key"]
-    if settings["endpoint_url"]:
-        endpoint = urlparse(settings["endpoint_url"])
+    kwargs: dict = {"region": s3_client().meta.region_name}
+    if os.environ.get("AWS_ENDPOINT_URL"):
+        endpoint = urlparse(os.environ["AWS_ENDPOINT_URL"])
         kwargs["endpoint_override"] = endpoint.netloc
         kwargs["scheme"] = endpoint.scheme or "https"
     return RetryingS3FileSystem(**kwargs), f"{bucket}/{key}".rstrip("/")

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
 
         stage(3, f"ingesting -> {data}/manifest.parquet")
         result = ingest(labeled_items(raw, storage.join(raw, "labels.csv")), data, ratios=(0.6, 0.0, 0.4),
-                        seed=args.seed, workers=os.cpu_count() or 1)
+                        seed=args.seed, workers=os.cpu_count() or 1, keep_ids=True)
         log.info("%s", one_line_summary(result))
         manifest = storage.join(data, "manifest.parquet")
 

@@ -7,18 +7,26 @@ the probability of malignancy, the label at ``--threshold`` and the frames
 that weighed most in the multi-meta attention, and writes them as JSON
 (``--json``, default ``predictions.json``). A video that cannot be read is
 reported on its own line; the others are still scored.
+
+Inputs are named by their position on the command line ("video 3") and the first
+16 hex digits of the SHA-256 of their bytes; their paths and URIs are neither
+printed nor written (clinical file names often carry patient names or ids)
+unless ``--show-paths`` asks for them.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import math
 
 import numpy as np
 import torch
 
 from clman import cli, storage
+from clman.config import ConfigError
 from clman.data.sampling import all_frame_indices, segment_indices
 from clman.data.frames import to_stored
 from clman.data.video import VideoError, decode_frames_resized, probe_video
@@ -34,39 +42,60 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, help="model.pt written by jobs.finetune")
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="mp4 / avi / DICOM, paths or s3:// URIs")
     p.add_argument("--threshold", type=float, default=0.5,
-                   help="malignant when P >= threshold; the evaluate report gives the threshold at 95%% sensitivity")
+                   help="malignant when P >= threshold, in [0, 1] (default 0.5); to use another, choose it "
+                        "on validation data, never on the test split the model is judged on")
     p.add_argument("--frames", choices=("all", "clip"), default="all",
                    help="score all frames, or T frames by segments as in finetuning")
-    p.add_argument("--max-frames", type=int, default=512, help="at most this many frames (segment centres) per video")
-    p.add_argument("--top", type=int, default=3, help="how many most-weighted frames to list")
+    p.add_argument("--max-frames", type=int, default=512,
+                   help="at most this many frames (segment centres) per video, >= 1")
+    p.add_argument("--top", type=int, default=3, help="how many most-weighted frames to list, >= 0")
     p.add_argument("--json", default="predictions.json", help="where to write the JSON (path or s3:// URI)")
+    p.add_argument("--show-paths", action="store_true",
+                   help="also print and write each video's path or URI. Off by default because the "
+                        "file names of clinical videos often carry patient names or ids; without it "
+                        "a video is named by its position (\"video 3\") and the SHA-256 of its bytes")
     return p.parse_args(argv)
 
 
-def read_frames(uri: str, indices_for, size: int) -> tuple[np.ndarray, np.ndarray]:
+def check_args(args: argparse.Namespace) -> None:
+    """Bad numbers fail here, in one line, before the checkpoint is read."""
+    if not (math.isfinite(args.threshold) and 0.0 <= args.threshold <= 1.0):
+        raise ConfigError(f"--threshold: must be a number in [0, 1], got {args.threshold!r}")
+    if args.max_frames < 1:
+        raise ConfigError(f"--max-frames: must be >= 1, got {args.max_frames}")
+    if args.top < 0:
+        raise ConfigError(f"--top: must be >= 0, got {args.top}")
+
+
+def read_frames(data: bytes, indices_for, size: int, name: str = "video") -> tuple[np.ndarray, np.ndarray]:
     """(frames (T, C, size, size) uint8 as the training decode stores them, source frame indices (T,))
-    of a video or DICOM file."""
-    data = storage.read_bytes(uri)
+    of a video or DICOM file's bytes; ``name`` stands for the file in error messages."""
     if data[128:132] == b"DICM":
         from clman.data.ingest import dicom_frames
 
         import torch.nn.functional as F
 
-        frames = dicom_frames(data, name=uri)  # (N, H, W, 3) uint8
+        frames = dicom_frames(data, name=name)  # (N, H, W, 3) uint8
         idx = indices_for(len(frames))
         # the decoder's scaler stands in for a bilinear resize here
         x = torch.from_numpy(np.ascontiguousarray(frames[idx])).permute(0, 3, 1, 2).float()
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return to_stored(x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()), idx
-    info = probe_video(data, name=uri)
+    info = probe_video(data, name=name)
     idx = indices_for(info.num_frames)
-    return to_stored(decode_frames_resized(data, idx, size, name=uri)), idx
+    return to_stored(decode_frames_resized(data, idx, size, name=name)), idx
+
+
+def _without(message: str, uri: str, name: str) -> str:
+    """``message`` with ``uri`` replaced by ``name`` (storage errors begin with the URI they failed on)."""
+    if message.startswith(uri):
+        message = name + message[len(uri):]
+    return message.replace(uri, name) if len(uri) >= 6 else message
 
 
 def main(argv=None) -> int:
     args = parse(argv)
-    if not 0.0 <= args.threshold <= 1.0:
-        raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
+    check_args(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, cfg = load_classifier(args.checkpoint, device)
     if args.frames == "all":
@@ -77,20 +106,30 @@ def main(argv=None) -> int:
             return segment_indices(n, cfg.data.num_frames, train=False)
 
     results, failed = [], 0
-    for uri in args.videos:
+    for position, uri in enumerate(args.videos, 1):
+        # {"video": "video 3", "position": 3, "sha256": first 16 hex digits of the file's SHA-256
+        #  (None when it cannot be read)[, "uri": only with --show-paths]}
+        name = f"video {position}"
+        entry: dict = {"video": name, "position": position, "sha256": None}
+        if args.show_paths:
+            entry["uri"] = uri
         try:
-            frames, idx = read_frames(uri, indices_for, cfg.data.stored_size)
+            data = storage.read_bytes(uri)
+            entry["sha256"] = hashlib.sha256(data).hexdigest()[:16]
+            name += f" (sha256 {entry['sha256']})"
+            frames, idx = read_frames(data, indices_for, cfg.data.stored_size, name=uri if args.show_paths else name)
         except (VideoError, storage.StorageError, ValueError) as e:
-            print(f"{uri}: cannot be scored: {e}")
-            results.append({"video": uri, "error": str(e)})
+            why = cli.one_line(e) if args.show_paths else _without(cli.one_line(e), uri, name)
+            print(f"{f'{name} {uri}' if args.show_paths else name}: cannot be scored: {why}")
+            results.append({**entry, "error": why})
             failed += 1
             continue
         pred = score_frames(model, torch.from_numpy(frames), idx, cfg.data.size, device)
         label = LABELS[int(pred.score >= args.threshold)]
         top = pred.top_frames(args.top)
-        print(f"{uri}: P(malignant) = {pred.score:.3f} -> {label} (threshold {args.threshold:g}); "
-              f"frames that weighed most: {top}")
-        results.append({"video": uri, "probability_malignant": pred.score, "label": label,
+        print(f"{f'{name} {uri}' if args.show_paths else name}: P(malignant) = {pred.score:.3f} -> {label} "
+              f"(threshold {args.threshold:g}); frames that weighed most: {top}")
+        results.append({**entry, "probability_malignant": pred.score, "label": label,
                         "threshold": args.threshold, "frames_scored": int(len(idx)), "top_frames": top})
     storage.write_text(args.json, json.dumps({"checkpoint": args.checkpoint, "predictions": results}, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -6,7 +6,7 @@ Writes ``<out>/case_0001.mp4`` ... (H.264, GOP 8; with --difficulty hard also
 .avi and .mkv in other codecs), ``<out>/labels.csv`` (video, label, patient_id;
 1 = malignant) and ``<out>/synth_cases.csv`` (per-case stats: focal, aspect
 ratio, lesion and sign frame counts). The same --seed gives the same bytes.
-Feed it to ``python -m jobs.ingest --videos <out> --labels <out>/labels.csv``.
+Feed it to ``python -m jobs.ingest --keep-ids --videos <out> --labels <out>/labels.csv``.
 What the images contain, which knobs exist and what hard changes: the
 docstring of clman/data/synth.py.
 """

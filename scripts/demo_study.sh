@@ -21,7 +21,7 @@ infra/local_s3/start.sh .demo/s3
 trap 'infra/local_s3/stop.sh .demo/s3' EXIT
 set -a; source .demo/s3/s3.env; set +a
 
-"$py" -m jobs.ingest --out "$bucket/data-cv$folds" --videos "$bucket/raw" --labels "$bucket/raw/labels.csv" \
+"$py" -m jobs.ingest --keep-ids --out "$bucket/data-cv$folds" --videos "$bucket/raw" --labels "$bucket/raw/labels.csv" \
     --folds "$folds" --seed 0
 resume=()
 if "$py" -c "import sys; from clman import storage; sys.exit(0 if storage.list_uris(sys.argv[1]) else 1)" \

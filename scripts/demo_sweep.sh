@@ -20,7 +20,7 @@ infra/local_s3/start.sh .demo/s3
 trap 'infra/local_s3/stop.sh .demo/s3' EXIT
 set -a; source .demo/s3/s3.env; set +a
 
-"$py" -m jobs.ingest --out "$bucket/data-tune" --videos "$bucket/raw" --labels "$bucket/raw/labels.csv" \
+"$py" -m jobs.ingest --keep-ids --out "$bucket/data-tune" --videos "$bucket/raw" --labels "$bucket/raw/labels.csv" \
     --split 0.6,0.2,0.2 --seed 0
 "$py" -m jobs.pretrain --config "$cfg" --manifest "$bucket/data-tune/manifest.parquet" \
     --out "$bucket/runs" --run-name pretrain-tune

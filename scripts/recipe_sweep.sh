@@ -28,7 +28,7 @@ else
     synth=(--difficulty hard)
 fi
 "$py" -m jobs.synth --out "$bucket/raw" --cases 268 --seed 0 "${synth[@]}" --no-progress
-"$py" -m jobs.ingest --out "$bucket/data" --videos "$bucket/raw" --labels "$bucket/raw/labels.csv" \
+"$py" -m jobs.ingest --keep-ids --out "$bucket/data" --videos "$bucket/raw" --labels "$bucket/raw/labels.csv" \
     --split 0.6,0.2,0.2 --seed 0
 "$py" -m jobs.pretrain --config "$cfg" --manifest "$bucket/data/manifest.parquet" \
     --out "$bucket/runs" --run-name pretrain

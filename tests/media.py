@@ -29,6 +29,17 @@ def frames(n: int = 12, h: int = 32, w: int = 32, seed: int = 0, gray: bool = Fa
     return rgb
 
 
+def sweep(n: int = 12, h: int = 32, w: int = 32, seed: int = 0, gray: bool = False) -> np.ndarray:
+    """``frames`` with a drifting ripple over the whole image, so that every pixel changes over the
+    sweep as an ultrasound scan does (the scan-region finder keeps what changes)."""
+    base = frames(n, h, w, seed=seed, gray=gray).astype(np.float32)
+    t, x = np.arange(n)[:, None, None], np.arange(w)[None, None, :]
+    ripple = 12 * np.sin(2 * np.pi * (x + 3 * t + seed) / 12)  # (n, 1, w)
+    if not gray:
+        ripple = ripple[..., None]
+    return np.clip(base + ripple, 0, 255).astype(np.uint8)
+
+
 def pyav_mp4(video: np.ndarray, fps: int = 10, gop: int = 250) -> bytes:
     """Encode (T, H, W, 3) uint8 with PyAV directly (a 'camera' file: long GOP by default)."""
     buf = io.BytesIO()

@@ -37,7 +37,7 @@ def dataset(s3):
     s3.make_bucket(name)
     write_dataset(f"s3://{name}/raw", 16, seed=2, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
     ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
-           ratios=(0.5, 0.25, 0.25), seed=0, workers=2)
+           ratios=(0.5, 0.25, 0.25), seed=0, workers=2, keep_ids=True)
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield f"s3://{name}/data/manifest.parquet"

@@ -107,7 +107,7 @@ def manifest(s3):
     s3.make_bucket("cluster-data")
     write_dataset("s3://cluster-data/raw", 16, seed=2, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
     ingest(labeled_items("s3://cluster-data/raw", "s3://cluster-data/raw/labels.csv"), "s3://cluster-data/data",
-           ratios=(0.5, 0.25, 0.25), seed=0, workers=2)
+           ratios=(0.5, 0.25, 0.25), seed=0, workers=2, keep_ids=True)
     return "s3://cluster-data/data/manifest.parquet"
 
 

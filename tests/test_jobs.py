@@ -54,7 +54,7 @@ def dataset(s3, tmp_path_factory):
     s3.make_bucket(name)
     write_dataset(f"s3://{name}/raw", 24, seed=1, cfg=SynthConfig(size=32, frames=10), workers=1, progress=False)
     ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
-           ratios=(0.5, 0.25, 0.25), seed=0, workers=2)
+           ratios=(0.5, 0.25, 0.25), seed=0, workers=2, keep_ids=True)
     return f"s3://{name}/data/manifest.parquet"
 
 

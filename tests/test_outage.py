@@ -140,7 +140,7 @@ def test_finetune_rides_out_a_20_second_s3_outage(tmp_path, monkeypatch, capfd):
         root = server.make_bucket("outage")
         write_dataset(f"{root}/raw", 24, seed=1, cfg=SynthConfig(size=32, frames=10), workers=1, progress=False)
         ingest(labeled_items(f"{root}/raw", f"{root}/raw/labels.csv"), f"{root}/data",
-               ratios=(0.5, 0.25, 0.25), seed=0, workers=2)
+               ratios=(0.5, 0.25, 0.25), seed=0, workers=2, keep_ids=True)
         manifest, runs = f"{root}/data/manifest.parquet", f"{root}/runs"
         cfg = C.load("finetune", None, TINY)
         done: dict = {}

@@ -202,7 +202,7 @@ def hard_manifest(s3):
     write_dataset(f"s3://{name}/raw", HARD_CASES, seed=0, cfg=SynthConfig(difficulty="hard", size=64),
                   workers=2, progress=False)
     ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
-           ratios=(0.6, 0.0, 0.4), seed=0, workers=2)
+           ratios=(0.6, 0.0, 0.4), seed=0, workers=2, keep_ids=True)
     return f"s3://{name}/data/manifest.parquet"
 
 

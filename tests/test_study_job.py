@@ -47,7 +47,7 @@ def data(s3, tmp_path_factory):
     root = s3.make_bucket(f"study-{uuid.uuid4().hex[:8]}")
     write_dataset(f"{root}/videos", 32, seed=0, cfg=SynthConfig(size=32, frames=8, videos_per_patient=2),
                   workers=1, progress=False)
-    ingest(labeled_items(f"{root}/videos", f"{root}/videos/labels.csv"), f"{root}/data", folds=2, seed=0, workers=2)
+    ingest(labeled_items(f"{root}/videos", f"{root}/videos/labels.csv"), f"{root}/data", folds=2, seed=0, workers=2, keep_ids=True)
     preset = tmp_path_factory.mktemp("study") / "tiny.yaml"
     preset.write_text(PRESET)
     return f"{root}/data/manifest.parquet", root, str(preset)

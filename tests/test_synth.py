@@ -282,7 +282,7 @@ def test_hard_dataset_formats_decode_and_ingest(tmp_path):
     stats = pd.read_csv(tmp_path / "one" / "synth_cases.csv")
     assert {"format", "frames", "height", "width"} <= set(stats.columns)
     result = ingest(labeled_items(one, one + "/labels.csv"), str(tmp_path / "ingested"), ratios=(0.6, 0, 0.4),
-                    seed=0, workers=1)
+                    seed=0, workers=1, keep_ids=True)
     assert result.rejects.empty and len(result.manifest) == 12
 
 

@@ -304,7 +304,7 @@ def tiny_data(s3):
     root = s3.make_bucket(f"tune-{uuid.uuid4().hex[:8]}")
     write_dataset(f"{root}/videos", 24, seed=0, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
     I.ingest(I.labeled_items(f"{root}/videos", f"{root}/videos/labels.csv"), f"{root}/data",
-             ratios=(0.5, 0.5, 0.0), seed=0, workers=2)
+             ratios=(0.5, 0.5, 0.0), seed=0, workers=2, keep_ids=True)
     manifest = f"{root}/data/manifest.parquet"
     rows = storage.read_parquet(manifest).to_pandas()
     assert set(rows["split"]) == {"train", "val"} and rows.groupby("split")["label"].nunique().min() == 2

@@ -4,28 +4,41 @@ Sources (each becomes a list of ``SourceItem``):
 - a folder or S3 prefix of video files listed in a labels.csv
   (``video``, ``label`` in benign|malignant|0|1, optional ``patient_id`` and ``split``);
 - the BUV layout ``rawframes/{benign,malignant}/<video-id>/<frame>.png``;
-- multi-frame ultrasound DICOM listed in a labels.csv. Patient ids are salted
-  hashes of the PatientID; no identifying tag value, file name or UID is
-  written anywhere (video ids are content hashes).
+- multi-frame ultrasound DICOM listed in a labels.csv.
+
+Patient data. File names and patient ids of hospital exports carry names and
+record numbers (``DOE_JANE_MRN0042917.mp4``), so by default every ``video_id``
+and ``patient_id`` is a keyed pseudonym, HMAC-SHA256 under a secret salt
+(``--salt`` / ``CLMAN_PATIENT_SALT``), and nothing stored names a source file:
+clip keys are ``clips/<pseudonym>.mp4``, the manifest's ``source`` column holds
+the kind of input (labels, buv, dicom), rejects and log lines name the
+labels.csv line (or the BUV pseudonym) and never a path. The salt is only held
+in memory. ``--keep-ids`` keeps the labels' own ids for data that is already
+pseudonymous; ``id_map`` writes the pseudonym <-> source mapping to the one
+place the user names. No identifying DICOM attribute is copied anywhere, and
+DICOM pixels are cropped to the scan region by default (burned-in text).
 
 Work is done in two passes so the result is deterministic whatever the
-thread scheduling: pass 1 reads and hashes every item (missing, empty and
-duplicate items are settled here, the earlier item in input order winning);
-pass 2 decodes each remaining item once (validating it and reading its frame
-count, fps and size), transcodes it to short-GOP H.264 and uploads
-``<out>/clips/<video_id>.mp4``. An item whose clip exists and whose manifest
-row has the same sha256 is not decoded or uploaded again.
+thread scheduling: pass 1 reads and hashes every item (missing, empty,
+duplicate and conflicting items are settled here, the earlier item in input
+order winning); pass 2 decodes each remaining item once (validating it, checking
+the size limits and reading its frame count, fps and size), transcodes it to
+short-GOP H.264 and uploads ``<out>/clips/<video_id>.mp4``. An item whose clip
+exists and whose manifest row has the same sha256 is not decoded or uploaded
+again. An ``out`` that already holds a manifest is merged into: earlier rows not
+in this input are kept, and patients already there keep their split and fold.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import io
 import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
@@ -47,8 +60,13 @@ FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Reject reasons beyond the decoding ones in clman.data.video.
 MISSING_FILE, UNKNOWN_LABEL, UNKNOWN_SPLIT, DUPLICATE, DUPLICATE_ID = (
     "missing_file", "unknown_label", "unknown_split", "duplicate", "duplicate_id")
+CONFLICT, OUTSIDE, OVER_LIMIT, NO_SCAN_REGION = (
+    "conflicting_rows", "outside_videos", "over_limit", "no_scan_region")
 
-REJECTS_SCHEMA = pa.schema([("video", pa.string()), ("reason", pa.string()), ("detail", pa.string())])
+# video: the labels.csv line (or BUV pseudonym); video_id: the pseudonym, where one was made.
+REJECTS_SCHEMA = pa.schema([("video", pa.string()), ("video_id", pa.string()), ("reason", pa.string()),
+                            ("detail", pa.string())])
+ID_MAP_COLUMNS = ("video_id", "patient_id", "source_video", "source_patient_id")
 
 # DICOM attributes that identify a patient (or lead back to one). None is
 # copied to any output; their values are also scrubbed from error details.
@@ -69,11 +87,35 @@ class IngestError(ValueError):
 
 
 @dataclass(frozen=True)
+class Limits:
+    """What one source may hold before it is rejected (decompression bombs, runaway exports).
+
+    max_bytes: the file (or all frame images of a BUV video); max_frames: decoded
+    frames; max_side: the longer side of a frame in pixels (checked from the header,
+    before any pixel is decoded).
+    """
+
+    max_bytes: int = 4 * 1024 ** 3
+    max_frames: int = 20_000
+    max_side: int = 4096
+
+    def check(self, *, frames: int | None = None, width: int | None = None,
+              height: int | None = None) -> None:
+        if frames is not None and frames > self.max_frames:
+            raise _Reject(OVER_LIMIT, f"{frames} frames, over the limit of {self.max_frames} (--max-frames)")
+        if width is not None and height is not None and max(width, height) > self.max_side:
+            raise _Reject(OVER_LIMIT, f"{width}x{height} pixels, over the limit of {self.max_side} per side "
+                                      "(--max-side)")
+
+
+@dataclass(frozen=True)
 class SourceItem:
     """One video to ingest.
 
-    name: how reports call it (the labels.csv ``video`` entry, the BUV folder;
-    for DICOM only the labels.csv line, never the file name).
+    name: how rejects and log lines call it — the labels.csv line, or for BUV the
+    folder (``--keep-ids``) or its pseudonym; never a file name or path otherwise.
+    entry: the source's own identifier (the labels.csv ``video`` value, the BUV
+    ``<label>/<folder>``): the video pseudonym is keyed on it; stored only in an id map.
     kind: "video" (a file any FFmpeg demuxer reads), "frames" (an image per
     frame, in order) or "dicom".
     """
@@ -81,11 +123,17 @@ class SourceItem:
     name: str
     kind: str
     uris: tuple[str, ...]  # the file, or the frame images in order
+    entry: str = ""
     label: object = None  # raw label text; parsed in ingest
     patient_id: str | None = None
     split: str | None = None
-    video_id: str | None = None  # None: derived from the content (DICOM)
-    source: str = ""
+    line: int | None = None  # labels.csv line (1-based, header = line 1)
+    outside: bool = False  # the labels row points outside the videos folder
+
+    @property
+    def source(self) -> str:
+        """The manifest's ``source``: the kind of input, never a path."""
+        return {"video": "labels", "frames": "buv"}.get(self.kind, self.kind)
 
 
 @dataclass
@@ -94,7 +142,7 @@ class IngestResult:
     rejects: pd.DataFrame
     new: int = 0  # transcoded and uploaded this run
     reused: int = 0  # already in <out>, skipped
-    split_changes: int = 0  # patients whose split differs from the previous manifest
+    kept: int = 0  # earlier rows of the manifest not in this input, kept as they were
     counts: dict = field(default_factory=dict)
 
     @property
@@ -108,11 +156,51 @@ class _Reject(Exception):
     detail: str
 
 
+# -- pseudonyms -----------------------------------------------------------------
+class Pseudonyms:
+    """video_id / patient_id for an item: HMAC-SHA256 pseudonyms under the salt, or the source's own.
+
+    The salt keys the hash, so an id cannot be checked against a guessed name without
+    it; the same salt gives the same ids on every run (keep it secret and stable).
+    """
+
+    def __init__(self, salt: str | None, keep_ids: bool = False):
+        if not salt and not keep_ids:
+            raise IngestError(f"ingest pseudonymises patient and video ids: pass --salt or set {SALT_ENV} "
+                              "(a secret kept the same across runs), or --keep-ids when the labels "
+                              "already hold pseudonyms")
+        self._key = salt.encode() if salt else None
+        self.keep_ids = keep_ids
+
+    def _hmac(self, kind: str, text: str) -> str:
+        return hmac.new(self._key, f"{kind}\x00{text}".encode(), hashlib.sha256).hexdigest()[:16]
+
+    def video(self, item: "SourceItem") -> str:
+        if not self.keep_ids:
+            return "v" + self._hmac("video", item.entry)
+        # BUV: the folder is the id (its label is the parent folder)
+        return safe_id(item.entry.split("/", 1)[1] if item.kind == "frames" else item.entry)
+
+    def patient(self, patient: str) -> str:
+        return patient if self.keep_ids else "p" + self._hmac("patient", patient)
+
+    def dicom_patient(self, patient: str) -> str | None:
+        """A DICOM PatientID is always hashed (never kept): None without a salt."""
+        return "p" + self._hmac("patient", patient) if self._key else None
+
+
+def resolve_salt(salt: str | None) -> str | None:
+    return salt or os.environ.get(SALT_ENV) or None
+
+
 # -- sources ------------------------------------------------------------------
 def safe_id(text: str) -> str:
-    """A video id usable as an S3 key part: path without extension, odd characters -> '_'."""
+    """A video id usable as an S3 key part: path without extension, other characters -> '_'.
+
+    Letters of any script are kept (``张三.mp4`` -> ``张三``), so two unicode names stay distinct.
+    """
     stem = re.sub(r"\.[A-Za-z0-9]{1,5}$", "", text.strip().strip("/"))
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("._") or "video"
+    return re.sub(r"[^\w.-]+", "_", stem).strip("._") or "video"
 
 
 def _natural_key(text: str) -> list:
@@ -120,11 +208,17 @@ def _natural_key(text: str) -> list:
 
 
 def read_labels(labels_uri: str) -> pd.DataFrame:
-    """labels.csv as strings: ``video``, ``label`` (+ optional ``patient_id``, ``split``)."""
+    """labels.csv as strings: ``video``, ``label`` (+ optional ``patient_id``, ``split``); UTF-8."""
     try:
-        text = storage.read_text(labels_uri)
+        data = storage.read_bytes(labels_uri)
     except storage.StorageError as err:
         raise IngestError(f"labels file: {err}") from None
+    try:
+        text = data.decode("utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is dropped
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise IngestError(f"{labels_uri}: line {line} is not UTF-8 (byte 0x{data[err.start]:02x}); save the "
+                          "file as UTF-8 (e.g. 'CSV UTF-8' in Excel)") from None
     try:
         df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
@@ -139,18 +233,39 @@ def read_labels(labels_uri: str) -> pd.DataFrame:
     return df
 
 
-def labeled_items(videos: str, labels_uri: str) -> list[SourceItem]:
-    """Video files under ``videos`` (folder or s3:// prefix) listed in labels.csv."""
+def _relative(entry: str) -> tuple[str, bool]:
+    """(normalised entry, whether it points outside the folder: absolute, a URI, or '..')."""
+    entry = entry.replace("\\", "/")
+    while entry.startswith("./"):
+        entry = entry[2:]
+    outside = (entry.startswith("/") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", entry) is not None
+               or ".." in entry.split("/"))
+    return entry, outside
+
+
+def _labelled(folder: str, labels_uri: str, kind: str) -> list[SourceItem]:
     df = read_labels(labels_uri)
     items = []
-    for row in df.itertuples(index=False):
-        vid = row.video
+    for i, row in enumerate(df.itertuples(index=False)):
+        entry, outside = _relative(row.video)
+        line = i + 2  # 1-based, after the header line
         items.append(SourceItem(
-            name=vid, kind="video", uris=(storage.join(videos, vid),), label=row.label,
+            name=f"labels.csv line {line}", kind=kind,
+            uris=() if outside else (storage.join(folder, entry),), entry=entry, label=row.label,
             patient_id=getattr(row, "patient_id", "") or None,
             split=getattr(row, "split", None) if "split" in df.columns else None,
-            video_id=safe_id(vid), source=storage.join(videos, vid)))
+            line=line, outside=outside))
     return items
+
+
+def labeled_items(videos: str, labels_uri: str) -> list[SourceItem]:
+    """Video files under ``videos`` (folder or s3:// prefix) listed in labels.csv."""
+    return _labelled(videos, labels_uri, "video")
+
+
+def dicom_items(folder: str, labels_uri: str) -> list[SourceItem]:
+    """Multi-frame DICOM files under ``folder`` listed in labels.csv (``video`` = file path)."""
+    return _labelled(folder, labels_uri, "dicom")
 
 
 def buv_items(root: str) -> list[SourceItem]:
@@ -169,80 +284,127 @@ def buv_items(root: str) -> list[SourceItem]:
     items = []
     for (label, vid), uris in sorted(frames.items()):
         uris.sort(key=lambda u: _natural_key(u.rsplit("/", 1)[-1]))
-        folder = storage.join(base, label, vid)
-        items.append(SourceItem(name=f"{label}/{vid}", kind="frames", uris=tuple(uris),
-                                label=label, video_id=safe_id(vid), source=folder))
+        # name: set by ingest once the pseudonym is known (the folder name may be a patient's).
+        items.append(SourceItem(name="", kind="frames", uris=tuple(uris), entry=f"{label}/{vid}",
+                                label=label))
     return items
-
-
-def dicom_items(folder: str, labels_uri: str) -> list[SourceItem]:
-    """Multi-frame DICOM files under ``folder`` listed in labels.csv (``video`` = file path)."""
-    df = read_labels(labels_uri)
-    items = []
-    for i, row in enumerate(df.itertuples(index=False)):
-        line = i + 2  # 1-based, after the header line
-        items.append(SourceItem(
-            # File names of DICOM exports often carry the patient name: report the line only.
-            name=f"labels.csv line {line}", kind="dicom", uris=(storage.join(folder, row.video),),
-            label=row.label, patient_id=getattr(row, "patient_id", "") or None,
-            split=getattr(row, "split", None) if "split" in df.columns else None,
-            source="dicom"))
-    return items
-
-
-def resolve_salt(salt: str | None) -> str:
-    salt = salt or os.environ.get(SALT_ENV)
-    if not salt:
-        raise IngestError(f"DICOM ingest needs a salt for patient ids: pass --salt or set {SALT_ENV} "
-                          "(keep it secret and the same across runs so patient ids stay stable)")
-    return salt
 
 
 def hash_patient(patient: str, salt: str) -> str:
-    return "p" + hashlib.sha256(f"{salt}\x00{patient}".encode()).hexdigest()[:16]
+    """The patient pseudonym of ``patient`` under ``salt`` (what ingest stores)."""
+    return Pseudonyms(salt).patient(patient)
 
 
 # -- decoding each kind ---------------------------------------------------------
-def _read_all(item: SourceItem) -> list[bytes]:
-    """The item's bytes (one blob per uri); _Reject for missing or unreadable."""
-    blobs = []
-    for uri in item.uris:
+def _read_all(item: SourceItem, limits: Limits) -> list[bytes]:
+    """The item's bytes (one blob per uri); _Reject for missing, unreadable or over --max-bytes."""
+    blobs, total = [], 0
+    for i, uri in enumerate(item.uris):
         try:
             blobs.append(storage.read_bytes(uri))
         except storage.StorageNotFoundError:
-            raise _Reject(MISSING_FILE, _where(item, uri, "no such file")) from None
+            raise _Reject(MISSING_FILE, _where(item, uri, "no such file", i)) from None
         except storage.StorageError as err:
-            raise _Reject(UNREADABLE, _where(item, uri, str(err))) from None
+            raise _Reject(UNREADABLE, _where(item, uri, str(err), i)) from None
+        total += len(blobs[-1])
+        if total > limits.max_bytes:
+            raise _Reject(OVER_LIMIT, f"{total} bytes or more, over the limit of {limits.max_bytes} "
+                                      "(--max-bytes)")
     return blobs
 
 
-def _where(item: SourceItem, uri: str, what: str) -> str:
-    """A reject detail naming the file, except for DICOM (its name may be the patient's)."""
-    if item.kind == "dicom":
-        return what.replace(uri, "<file>")
-    return what if uri in what else f"{uri}: {what}"
+def _where(item: SourceItem, uri: str, what: str, index: int = 0) -> str:
+    """A reject detail that names the file by its place in the item, never by its path."""
+    place = f"frame {index + 1}" if item.kind == "frames" else "<file>"
+    return what.replace(uri, place) if uri in what else f"{place}: {what}"
 
 
-def _frames_clip(item: SourceItem, blobs: list[bytes], fps: float, gop: int,
-                 crf: int) -> tuple[bytes, VideoInfo]:
+def _scan_crop(item: SourceItem, frames: np.ndarray, region) -> np.ndarray:
+    """``frames`` cropped to the scan region (None or mode off: unchanged), the cut logged."""
+    if region is None or region.mode == "off":
+        return frames
+    from clman.data.scan_region import ScanRegionError, apply_scan_region
+
+    try:
+        cropped, _, note = apply_scan_region(frames, region)
+    except ScanRegionError as err:
+        raise _Reject(NO_SCAN_REGION, f"{err}; pass --scan-region crop=x,y,w,h or off") from None
+    logger.info("%s: %s", item.name, note)
+    return cropped
+
+
+def _encode(item: SourceItem, frames: Iterable[np.ndarray] | np.ndarray, fps: float, gop: int, crf: int,
+            region) -> tuple[bytes, VideoInfo]:
+    """Frames -> short-GOP clip, cropped to the scan region first when one is asked for."""
+    if region is not None and region.mode != "off":
+        frames = _scan_crop(item, np.stack(list(frames)), region)  # the region needs every frame
+    writer = Mp4Writer(fps=fps, gop=gop, crf=crf, name=item.name)
+    for frame in frames:
+        writer.write(frame)
+    return writer.finish(), writer.info()
+
+
+def _video_header(blob: bytes) -> tuple[int, int, int]:
+    """(declared frames, width, height) from the container header, 0 where unknown; nothing decoded."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(blob), mode="r") as container:
+            if not container.streams.video:
+                return 0, 0, 0
+            stream = container.streams.video[0]
+            return int(stream.frames or 0), int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+    except Exception:  # not a video: transcoding names the reason
+        return 0, 0, 0
+
+
+def _video_clip(item: SourceItem, blob: bytes, gop: int, crf: int, limits: Limits,
+                region) -> tuple[bytes, VideoInfo]:
+    declared, width, height = _video_header(blob)
+    limits.check(frames=declared or None, width=width or None, height=height or None)
+    try:
+        if region is None or region.mode == "off":
+            clip, info = transcode_with_info(blob, gop=gop, crf=crf, name=item.name)
+        else:
+            from clman.data.video import iter_frames_pyav
+
+            fps, frames = iter_frames_pyav(blob, item.name)
+            clip, info = _encode(item, frames, fps if fps > 0 else 30.0, gop, crf, region)
+    except VideoError as err:
+        raise _Reject(err.reason, str(err)) from None
+    limits.check(frames=info.num_frames)
+    return clip, info
+
+
+def _frames_clip(item: SourceItem, blobs: list[bytes], fps: float, gop: int, crf: int,
+                 limits: Limits, region) -> tuple[bytes, VideoInfo]:
     from PIL import Image, UnidentifiedImageError
 
-    writer = Mp4Writer(fps=fps, gop=gop, crf=crf, name=item.name)
-    for uri, blob in zip(item.uris, blobs):
+    limits.check(frames=len(blobs))
+    arrays = []
+    for i, blob in enumerate(blobs):
         if not blob:
-            raise _Reject(EMPTY, f"{uri}: frame image is empty (0 bytes)")
+            raise _Reject(EMPTY, f"frame {i + 1}: frame image is empty (0 bytes)")
         try:
             with Image.open(io.BytesIO(blob)) as im:
+                # The header's size, before a pixel is decoded: a decompression bomb stops here.
+                try:
+                    limits.check(width=im.size[0], height=im.size[1])
+                except _Reject as rej:
+                    raise _Reject(rej.reason, f"frame {i + 1}: {rej.detail}") from None
                 gray = im.mode in ("1", "L", "I", "I;16", "F", "LA")
-                arr = np.asarray(im.convert("L" if gray else "RGB"))  # (H, W) or (H, W, 3)
+                arrays.append(np.asarray(im.convert("L" if gray else "RGB")))  # (H, W) or (H, W, 3)
+        except Image.DecompressionBombError as err:  # PIL's own check, at open, beyond 2 x MAX_IMAGE_PIXELS
+            pixels = re.search(r"\((\d+) pixels\)", str(err))
+            raise _Reject(OVER_LIMIT, f"frame {i + 1}: {pixels.group(1) if pixels else 'too many'} pixels, a "
+                                      f"decompression bomb (over PIL's limit of {2 * Image.MAX_IMAGE_PIXELS})") from None
         except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise _Reject(UNREADABLE, f"{uri}: not a readable image ({err})") from None
-        try:
-            writer.write(arr)
-        except VideoError as err:
-            raise _Reject(err.reason, str(err)) from None
+            raise _Reject(UNREADABLE, f"frame {i + 1}: not a readable image ({type(err).__name__})") from None
+    if len({a.shape for a in arrays}) > 1:
+        raise _Reject(UNREADABLE, f"frames differ in size: {sorted({a.shape for a in arrays})}")
     try:
-        return writer.finish(), writer.info()
+        return _encode(item, np.stack(arrays) if region is not None and region.mode != "off" else arrays,
+                       fps, gop, crf, region)
     except VideoError as err:
         raise _Reject(err.reason, str(err)) from None
 
@@ -283,11 +445,12 @@ def _scrub(text: str, ds) -> str:
     return text
 
 
-def read_dicom(data: bytes, name: str = "dicom"):
+def read_dicom(data: bytes, name: str = "dicom", limits: Limits | None = None):
     """(dataset, frames (T, H, W) or (T, H, W, 3) uint8) of a multi-frame DICOM.
 
     Raises VideoError with a reject reason; messages never quote an
-    identifying attribute value.
+    identifying attribute value. ``limits``: frames and size are checked from the
+    header before the pixel data is decoded (_Reject over_limit).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -302,6 +465,14 @@ def read_dicom(data: bytes, name: str = "dicom"):
                          NOT_A_VIDEO) from None
     if "PixelData" not in ds:
         raise VideoError(f"{name}: DICOM has no pixel data", NO_FRAMES)
+    if limits is not None:
+        def number(tag):
+            try:
+                return int(getattr(ds, tag, 0) or 0) or None
+            except (TypeError, ValueError):
+                return None
+
+        limits.check(frames=number("NumberOfFrames"), width=number("Columns"), height=number("Rows"))
     try:
         arr = ds.pixel_array  # pydicom 3 converts YBR to RGB
         if str(getattr(ds, "PhotometricInterpretation", "")) == "PALETTE COLOR":
@@ -328,22 +499,19 @@ def dicom_frames(data: bytes, name: str = "dicom") -> np.ndarray:
     return np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 3 else arr
 
 
-def _dicom_clip(item: SourceItem, blob: bytes, default_fps: float, gop: int,
-                crf: int) -> tuple[bytes, VideoInfo, str | None]:
-    """(clip, info, PatientID or None) from a multi-frame DICOM."""
+def _dicom_clip(item: SourceItem, blob: bytes, default_fps: float, gop: int, crf: int,
+                limits: Limits, region) -> tuple[bytes, VideoInfo, str | None]:
+    """(clip, info, PatientID or None) from a multi-frame DICOM, cropped to ``region``."""
     try:
-        ds, arr = read_dicom(blob, item.name)
-        writer = Mp4Writer(fps=dicom_fps(ds, default_fps), gop=gop, crf=crf, name=item.name)
-        for frame in arr:
-            writer.write(frame)
-        clip = writer.finish()
+        ds, arr = read_dicom(blob, item.name, limits)
+        clip, info = _encode(item, arr, dicom_fps(ds, default_fps), gop, crf, region)
     except VideoError as err:
         raise _Reject(err.reason, str(err)) from None
-    if str(getattr(ds, "BurnedInAnnotation", "")).upper() == "YES":
-        logger.warning("%s: BurnedInAnnotation is YES: the pixels may show identifying text; "
-                       "mask it before sharing the clips", item.name)
+    if (region is None or region.mode == "off") and str(getattr(ds, "BurnedInAnnotation", "")).upper() == "YES":
+        logger.warning("%s: BurnedInAnnotation is YES and --scan-region is off: the pixels may show "
+                       "identifying text", item.name)
     patient = str(getattr(ds, "PatientID", "") or "").strip() or None
-    return clip, writer.info(), patient
+    return clip, info, patient
 
 
 # -- the two passes ---------------------------------------------------------------
@@ -356,15 +524,15 @@ class _Fingerprint:
     reject: _Reject | None = None
 
 
-def _fingerprint(index: int, item: SourceItem) -> _Fingerprint:
-    fp = _Fingerprint(index, item)
+def _fingerprint(index: int, item: SourceItem, video_id: str, limits: Limits) -> _Fingerprint:
+    fp = _Fingerprint(index, item, video_id=video_id)
     try:
-        blobs = _read_all(item)
+        blobs = _read_all(item, limits)
     except _Reject as rej:
         fp.reject = rej
         return fp
     if item.kind != "frames" and not blobs[0]:
-        fp.reject = _Reject(EMPTY, _where(item, item.uris[0], "empty (0 bytes)"))
+        fp.reject = _Reject(EMPTY, "<file>: empty (0 bytes)")
         return fp
     h = hashlib.sha256()
     for blob in blobs:
@@ -372,7 +540,6 @@ def _fingerprint(index: int, item: SourceItem) -> _Fingerprint:
             h.update(len(blob).to_bytes(8, "little"))
         h.update(blob)
     fp.sha256 = h.hexdigest()
-    fp.video_id = item.video_id or f"dcm-{fp.sha256[:16]}"
     return fp
 
 
@@ -392,22 +559,95 @@ def _parallel(fn: Callable, args: Sequence[tuple], workers: int, desc: str) -> l
         return list(_progress(pool.map(lambda a: fn(*a), args), len(args), desc))
 
 
+def _row_key(item: SourceItem) -> tuple:
+    return (_parse_label(item.label), item.patient_id or "", item.split or "")
+
+
+def _settle_rows(items: Sequence[SourceItem], reject: Callable) -> list[SourceItem]:
+    """Items that may be read: labels, splits, paths and repeated labels.csv rows settled.
+
+    Two rows naming one file agree (the later is a duplicate) or conflict (both rejected,
+    each naming the other's line).
+    """
+    by_entry: dict[str, list[SourceItem]] = {}
+    for item in items:
+        if item.line is not None:
+            by_entry.setdefault(item.entry, []).append(item)
+    out = []
+    for item in items:
+        rows = by_entry.get(item.entry, [item]) if item.line is not None else [item]
+        others = [r for r in rows if r is not item]
+        if item.outside:
+            reject(item, OUTSIDE, "the file is outside the videos folder (an absolute path, a URI or '..'); "
+                                  "list files relative to --videos / --dicom")
+        elif others and any(_row_key(r) != _row_key(item) for r in others):
+            reject(item, CONFLICT, "the same file as " + ", ".join(f"line {r.line}" for r in others)
+                   + " with another label, patient_id or split")
+        elif others and rows[0] is not item:
+            reject(item, DUPLICATE, f"the same row as line {rows[0].line}")
+        elif _parse_label(item.label) is None:
+            reject(item, UNKNOWN_LABEL, f"label {item.label!r} is not one of benign, malignant, 0, 1")
+        elif item.split is not None and item.split not in M.SPLITS:
+            reject(item, UNKNOWN_SPLIT, f"split {item.split!r} is not one of {list(M.SPLITS)}")
+        else:
+            out.append(item)
+    return out
+
+
+def _assign(manifest: pd.DataFrame, previous: pd.DataFrame, given_split: bool,
+            ratios: Sequence[float] | None, folds: int, seed: int) -> pd.DataFrame:
+    """Splits and folds: as given in labels.csv; else patients already in ``previous`` keep
+    theirs and new patients are split (stratified, seeded) among themselves."""
+    if given_split:
+        return manifest
+    if len(previous):
+        prev_folds = int(previous["fold"].max()) + 1 if (previous["fold"] >= 0).any() else 0
+        if prev_folds != folds:
+            had = f"--folds {prev_folds}" if prev_folds else "a train/val/test split"
+            raise IngestError(f"the manifest in --out was made with {had}; ingest into it the same way, or "
+                              "into another --out")
+    known = previous.groupby("patient_id")[["split", "fold"]].first()
+    new = manifest[~manifest["patient_id"].isin(known.index)]
+    if len(new):
+        placed = M.assign_splits(new, ratios=ratios or M.DEFAULT_RATIOS, folds=folds, seed=seed,
+                                 strict=previous.empty)
+        known = pd.concat([known, placed.groupby("patient_id")[["split", "fold"]].first()])
+    manifest = manifest.copy()
+    manifest["split"] = manifest["patient_id"].map(known["split"])
+    manifest["fold"] = manifest["patient_id"].map(known["fold"]).astype("int8")
+    return manifest
+
+
 def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | None = None,
-           folds: int = 0, seed: int = 0, salt: str | None = None, workers: int = 4,
+           folds: int = 0, seed: int = 0, salt: str | None = None, keep_ids: bool = False,
+           id_map: str | None = None, scan_region=None, limits: Limits = Limits(), workers: int = 4,
            gop: int = 8, crf: int = 18, fps: float = 30.0) -> IngestResult:
     """Ingest ``items`` into ``out``; writes manifest.parquet and rejects.parquet there.
 
-    ratios / folds / seed: patient-level split (see manifest.assign_splits);
-    when the items carry a ``split`` (labels.csv column) it is used as given
-    and ratios / folds must be None / 0. fps: frame rate for frame folders
-    (and DICOM without timing). Raises IngestError / ManifestError for input
-    that cannot be ingested at all; bad items go to rejects.
+    ratios / folds / seed: patient-level split of the patients new to ``out`` (see
+    manifest.assign_splits); when the items carry a ``split`` (labels.csv column) it is
+    used as given and ratios / folds must be None / 0. salt (default $CLMAN_PATIENT_SALT)
+    keys the pseudonyms; keep_ids keeps the labels' ids instead. id_map: where to write
+    the pseudonym <-> source mapping (nowhere by default). scan_region: a
+    ``clman.data.scan_region.ScanRegion``; None = ``auto`` for DICOM, off otherwise.
+    fps: frame rate for frame folders (and DICOM without timing). Raises IngestError /
+    ManifestError for input that cannot be ingested at all; bad items go to rejects.
     """
     given_split = any(it.split is not None for it in items)
     if given_split and (ratios is not None or folds):
         raise IngestError("labels.csv has a split column: drop --split/--folds, or drop the column")
-    if any(it.kind == "dicom" for it in items):
-        salt = resolve_salt(salt)
+    names = Pseudonyms(resolve_salt(salt), keep_ids)
+    if keep_ids and names.dicom_patient("x") is None and any(it.kind == "dicom" for it in items):
+        logger.warning("--keep-ids without a salt: DICOM PatientIDs are not used (never copied); each "
+                       "file is its own patient unless labels.csv has patient_id")
+    if scan_region is None and any(it.kind == "dicom" for it in items):
+        from clman.data.scan_region import parse_scan_region
+
+        dicom_region = parse_scan_region("auto")  # burned-in text: on by default for DICOM
+    else:
+        dicom_region = scan_region
+    items = [replace(it, name=f"BUV {it.label} video {names.video(it)}") if not it.name else it
+             for it in items]
     manifest_uri = storage.join(out, "manifest.parquet")
     rejects_uri = storage.join(out, "rejects.parquet")
     previous = (M.read_manifest(manifest_uri) if storage.exists(manifest_uri)
@@ -416,64 +656,59 @@ def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | N
 
     rejects: list[dict] = []
 
-    def reject(item: SourceItem, reason: str, detail: str) -> None:
+    def reject(item: SourceItem, reason: str, detail: str, video_id: str = "") -> None:
         logger.warning("reject %s: %s: %s", item.name, reason, detail)
-        rejects.append({"video": item.name, "reason": reason, "detail": detail})
+        rejects.append({"video": item.name, "video_id": video_id, "reason": reason, "detail": detail})
 
-    # Pass 1: labels, existence, hashes, duplicates (in input order).
-    todo: list[tuple[int, SourceItem]] = []
-    for i, item in enumerate(items):
-        if _parse_label(item.label) is None:
-            reject(item, UNKNOWN_LABEL, f"label {item.label!r} is not one of benign, malignant, 0, 1")
-        elif item.split is not None and item.split not in M.SPLITS:
-            reject(item, UNKNOWN_SPLIT, f"split {item.split!r} is not one of {list(M.SPLITS)}")
-        else:
-            todo.append((i, item))
+    # Pass 1: rows, existence, hashes, duplicates (in input order).
+    todo = [(i, item, names.video(item), limits) for i, item in enumerate(_settle_rows(items, reject))]
     prints = _parallel(_fingerprint, todo, workers, "hashing")
     seen_sha: dict[str, str] = {}
     seen_id: dict[str, str] = {}
     keep: list[_Fingerprint] = []
     for fp in prints:
         if fp.reject is not None:
-            reject(fp.item, fp.reject.reason, fp.reject.detail)
+            reject(fp.item, fp.reject.reason, fp.reject.detail, fp.video_id)
         elif fp.sha256 in seen_sha:
             reject(fp.item, DUPLICATE, f"same content (sha256 {fp.sha256[:12]}...) as "
-                                       f"{seen_sha[fp.sha256]}")
+                                       f"{seen_sha[fp.sha256]}", fp.video_id)
         elif fp.video_id in seen_id:
             reject(fp.item, DUPLICATE_ID, f"video id {fp.video_id!r} already used by "
-                                          f"{seen_id[fp.video_id]}")
+                                          f"{seen_id[fp.video_id]}", fp.video_id)
         else:
             seen_sha[fp.sha256] = fp.item.name
             seen_id[fp.video_id] = fp.item.name
             keep.append(fp)
 
     # Pass 2: decode, transcode, upload (skipping what is already in out).
+    def patient_of(item: SourceItem, video_id: str, dicom_patient: str | None = None) -> str:
+        if item.patient_id:
+            return names.patient(item.patient_id)
+        if dicom_patient:
+            return names.dicom_patient(dicom_patient) or video_id
+        return video_id
+
     def process(fp: _Fingerprint) -> dict | _Reject:
         item, clip_uri = fp.item, storage.join(out, "clips", f"{fp.video_id}.mp4")
         prev = prev_rows.get(fp.video_id)
         row = {"video_id": fp.video_id, "label": _parse_label(item.label), "sha256": fp.sha256,
                "uri": clip_uri, "source": item.source, "split": item.split or "train", "fold": -1}
-        patient = item.patient_id
         if prev is not None and prev["sha256"] == fp.sha256 and storage.exists(clip_uri):
             row.update({k: prev[k] for k in ("num_frames", "fps", "height", "width")})
-            if item.kind == "dicom":  # the DICOM PatientID was hashed into prev on first ingest
-                row["patient_id"] = hash_patient(patient, salt) if patient else prev["patient_id"]
-            else:
-                row["patient_id"] = patient or fp.video_id
+            # A DICOM's PatientID was hashed into prev on its first ingest.
+            row["patient_id"] = (patient_of(item, fp.video_id) if item.patient_id or item.kind != "dicom"
+                                 else prev["patient_id"])
             row["_reused"] = True
             return row
+        dicom_patient = None
         try:
-            blobs = _read_all(item)
+            blobs = _read_all(item, limits)
             if item.kind == "video":
-                try:
-                    clip, info = transcode_with_info(blobs[0], gop=gop, crf=crf, name=item.name)
-                except VideoError as err:
-                    raise _Reject(err.reason, str(err)) from None
+                clip, info = _video_clip(item, blobs[0], gop, crf, limits, scan_region)
             elif item.kind == "frames":
-                clip, info = _frames_clip(item, blobs, fps, gop, crf)
+                clip, info = _frames_clip(item, blobs, fps, gop, crf, limits, scan_region)
             elif item.kind == "dicom":
-                clip, info, dicom_patient = _dicom_clip(item, blobs[0], fps, gop, crf)
-                patient = patient or dicom_patient
+                clip, info, dicom_patient = _dicom_clip(item, blobs[0], fps, gop, crf, limits, dicom_region)
             else:
                 raise ValueError(f"{item.name}: unknown item kind {item.kind!r}; valid: video, "
                                  "frames, dicom")
@@ -488,56 +723,66 @@ def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | N
             storage.write_bytes(clip_uri, clip)
         except _Reject as rej:
             return rej
-        if item.kind == "dicom":
-            if patient is None:
-                logger.warning("%s: no PatientID and no patient_id in labels.csv; counted as its "
-                               "own patient", item.name)
-            patient = hash_patient(patient, salt) if patient else fp.video_id
-        row.update({"patient_id": patient or fp.video_id, "num_frames": info.num_frames,
-                    "fps": info.fps, "height": info.height, "width": info.width})
+        if item.kind == "dicom" and dicom_patient is None and not item.patient_id:
+            logger.warning("%s: no PatientID and no patient_id in labels.csv; counted as its "
+                           "own patient", item.name)
+        row.update({"patient_id": patient_of(item, fp.video_id, dicom_patient), "num_frames": info.num_frames,
+                    "fps": info.fps, "height": info.height, "width": info.width,
+                    "_source_patient": dicom_patient if not item.patient_id else item.patient_id})
         return row
 
     results = _parallel(process, [(fp,) for fp in keep], workers, "transcoding")
-    rows = []
+    rows, mapping = [], []
     for fp, res in zip(keep, results):
         if isinstance(res, _Reject):
-            reject(fp.item, res.reason, res.detail)
-        else:
-            rows.append(res)
+            reject(fp.item, res.reason, res.detail, fp.video_id)
+            continue
+        mapping.append({"video_id": res["video_id"], "patient_id": res["patient_id"],
+                        "source_video": fp.item.entry,
+                        "source_patient_id": res.pop("_source_patient", None) or fp.item.patient_id or ""})
+        rows.append(res)
+    updated = sum(1 for r in rows if r["video_id"] in prev_rows and not r.get("_reused"))
     reused = sum(1 for r in rows if r.pop("_reused", False))
+    kept_rows = previous[~previous["video_id"].isin({r["video_id"] for r in rows})]
 
-    manifest = (pd.DataFrame(rows, columns=list(M.COLUMNS)) if rows else M.empty_manifest())
-    manifest = manifest.sort_values("video_id", kind="stable").reset_index(drop=True)
-    split_changes = 0
+    fresh = pd.DataFrame(rows, columns=list(M.COLUMNS)) if rows else M.empty_manifest()
+    if len(fresh):
+        fresh = _assign(fresh, previous, given_split, ratios, folds, seed)
+    parts = [df for df in (kept_rows, fresh) if len(df)]
+    manifest = pd.concat(parts, ignore_index=True) if parts else M.empty_manifest()
+    manifest = manifest[list(M.COLUMNS)].sort_values("video_id", kind="stable").reset_index(drop=True)
     if len(manifest):
-        if not given_split:
-            manifest = M.assign_splits(manifest, ratios=ratios or M.DEFAULT_RATIOS, folds=folds,
-                                       seed=seed)
-        M.check_patient_splits(manifest, "labels.csv")
-        split_changes = _count_split_changes(previous, manifest)
+        M.check_patient_splits(manifest, "labels.csv and the manifest in --out")
         _write_if_changed(M.to_table(manifest, manifest_uri), manifest_uri)
     rejects_df = pd.DataFrame(rejects, columns=REJECTS_SCHEMA.names)
     _write_if_changed(pa.Table.from_pandas(rejects_df, schema=REJECTS_SCHEMA, preserve_index=False),
                       rejects_uri)
-    counts = {"ingested": len(manifest) - reused, "already ingested": reused}
+    if id_map:
+        write_id_map(id_map, pd.DataFrame(mapping, columns=list(ID_MAP_COLUMNS)))
+    new = len(rows) - reused
+    counts = {"ingested": new, "already ingested": reused}
+    if len(previous):
+        counts["kept from the manifest"] = len(kept_rows)
     for reason, n in rejects_df["reason"].value_counts().sort_index().items():
         counts[f"rejected: {reason}"] = int(n)
-    return IngestResult(manifest, rejects_df, new=len(manifest) - reused, reused=reused,
-                        split_changes=split_changes, counts=counts)
+    if len(previous):
+        logger.info("merged into %s: %d earlier row(s) kept, %d added, %d updated, %d already ingested, "
+                    "%d rejected", manifest_uri, len(kept_rows), new - updated, updated, reused, len(rejects_df))
+    return IngestResult(manifest, rejects_df, new=new, reused=reused, kept=len(kept_rows), counts=counts)
 
 
-def _count_split_changes(previous: pd.DataFrame, manifest: pd.DataFrame) -> int:
-    if previous.empty:
-        return 0
-    old = previous.groupby("patient_id")[["split", "fold"]].first()
-    new = manifest.groupby("patient_id")[["split", "fold"]].first()
-    both = old.index.intersection(new.index)
-    changed = int(((old.loc[both] != new.loc[both]).any(axis=1)).sum())
-    if changed:
-        logger.warning("%d patient(s) changed split or fold versus the existing manifest (the "
-                       "stratified assignment covers all videos, and the video set changed); "
-                       "models trained on the old manifest saw them elsewhere", changed)
-    return changed
+def write_id_map(uri: str, mapping: pd.DataFrame) -> None:
+    """The pseudonym <-> source mapping as CSV at ``uri``, merged with the map already there.
+
+    It names patients: keep it where the source data is kept, never beside the outputs.
+    """
+    if storage.exists(uri):
+        try:
+            old = pd.read_csv(io.StringIO(storage.read_text(uri)), dtype=str, keep_default_na=False)
+        except (pd.errors.ParserError, UnicodeDecodeError) as err:
+            raise IngestError(f"--id-map {uri}: exists and is not an id map ({type(err).__name__})") from None
+        mapping = pd.concat([old[~old["video_id"].isin(mapping["video_id"])], mapping], ignore_index=True)
+    storage.write_text(uri, mapping.sort_values("video_id").to_csv(index=False))
 
 
 def _write_if_changed(table: pa.Table, uri: str) -> None:

@@ -28,6 +28,11 @@ MANIFEST_SCHEMA = pa.schema([
     ("source", pa.string()),
 ])
 COLUMNS = tuple(MANIFEST_SCHEMA.names)
+# The manifest's schema version, kept in the Parquet schema metadata under VERSION_KEY. A file
+# without it (written before the version was recorded) holds this same schema and reads as current;
+# a file of any other version is refused by name rather than misread.
+MANIFEST_VERSION = "2"
+VERSION_KEY = b"clman.manifest_version"
 SPLITS = ("train", "val", "test")
 DEFAULT_RATIOS = (0.6, 0.0, 0.4)
 
@@ -43,7 +48,8 @@ def empty_manifest() -> pd.DataFrame:
 def validate_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise ManifestError(f"{where}: missing columns {missing}; expected {list(COLUMNS)}")
+        raise ManifestError(f"{where}: missing columns {missing}; manifest version {MANIFEST_VERSION} "
+                            f"has {list(COLUMNS)}")
     extra = [c for c in df.columns if c not in COLUMNS]
     if extra:
         raise ManifestError(f"{where}: unexpected columns {extra}; expected {list(COLUMNS)}")
@@ -86,9 +92,19 @@ def to_table(df: pd.DataFrame, where: str = "manifest") -> pa.Table:
     """DataFrame -> Arrow table with exactly MANIFEST_SCHEMA (columns in order, types cast)."""
     validate_manifest(df, where)
     try:
-        return pa.Table.from_pandas(df[list(COLUMNS)], schema=MANIFEST_SCHEMA, preserve_index=False)
+        table = pa.Table.from_pandas(df[list(COLUMNS)], schema=MANIFEST_SCHEMA, preserve_index=False)
     except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as err:
         raise ManifestError(f"{where}: does not fit the manifest schema: {err}") from None
+    # The version travels in the schema metadata, so every writer of this table (write_manifest,
+    # ingest's storage.write_parquet) records it.
+    return table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                          VERSION_KEY: MANIFEST_VERSION.encode()})
+
+
+def manifest_version(table: pa.Table) -> str | None:
+    """The version recorded in a manifest table's schema metadata; None when it has none."""
+    value = (table.schema.metadata or {}).get(VERSION_KEY)
+    return None if value is None else value.decode("utf-8", errors="replace")
 
 
 def write_manifest(df: pd.DataFrame, uri: str) -> None:
@@ -99,9 +115,15 @@ def write_manifest(df: pd.DataFrame, uri: str) -> None:
 def read_manifest(uri: str, split: str | Sequence[str] | None = None) -> pd.DataFrame:
     """The manifest at ``uri`` (rows of ``split`` only when given), validated."""
     table = storage.read_parquet(uri)
+    version = manifest_version(table)
+    if version is not None and version != MANIFEST_VERSION:
+        raise ManifestError(f"{uri}: manifest version {version!r}, this clman reads version "
+                            f"{MANIFEST_VERSION!r}; write it again with this clman's jobs.ingest, or use "
+                            "the clman that wrote it")
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
-        raise ManifestError(f"{uri}: missing columns {missing}; expected {list(COLUMNS)}")
+        raise ManifestError(f"{uri}: missing columns {missing}; manifest version {MANIFEST_VERSION} "
+                            f"has {list(COLUMNS)}")
     df = table.select(list(COLUMNS)).cast(MANIFEST_SCHEMA).to_pandas()
     validate_manifest(df, uri)
     if split is not None:
@@ -178,8 +200,10 @@ def patient_labels(df: pd.DataFrame) -> pd.Series:
 
 
 def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, folds: int = 0,
-                  seed: int = 0) -> pd.DataFrame:
+                  seed: int = 0, strict: bool = True) -> pd.DataFrame:
     """A copy of ``df`` with ``split`` and ``fold`` set per patient, stratified by label.
+
+    strict=False (patients added to an existing manifest): a split or fold may stay empty.
 
     ratios: (train, val, test) fractions of patients in each label stratum.
     folds > 1: K-fold cross-validation instead; every patient gets a fold
@@ -195,7 +219,7 @@ def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, fo
     if folds:
         if folds < 2:
             raise ManifestError(f"folds must be 0 (no folds) or >= 2, got {folds}")
-        if folds > len(labels):
+        if strict and folds > len(labels):
             raise ManifestError(f"{folds} folds need at least {folds} patients, have {len(labels)}")
         offset = 0
         for label in sorted(labels.unique()):
@@ -218,7 +242,7 @@ def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, fo
                     split_of[pid] = name
                     fold_of[pid] = -1
         for name, ratio in zip(SPLITS, ratios):
-            if ratio > 0 and name not in split_of.values():
+            if strict and ratio > 0 and name not in split_of.values():
                 raise ManifestError(
                     f"split {name!r} would be empty: ratio {ratio:g} of {len(labels)} patients "
                     f"({ {int(k): int(v) for k, v in labels.value_counts().sort_index().items()} } "
@@ -229,7 +253,7 @@ def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, fo
     out["fold"] = out["patient_id"].map(fold_of).astype("int8")
     if folds:
         used = set(fold_of.values())
-        if len(used) < folds:
+        if strict and len(used) < folds:
             raise ManifestError(f"{folds} folds: only {len(used)} would hold patients")
     return out
 
