@@ -60,3 +60,24 @@ def test_replay_into_asha_fills_the_rungs_and_stops_nothing():
     late = Stub("late")
     sched.on_trial_add(None, late)
     assert sched.on_trial_result(None, late, {"epochs_done": 1, "val_auc": 0.45}) == "STOP"  # below the median 0.5
+
+
+def test_tune_no_longer_copies_credentials_into_trial_runtime_envs(monkeypatch):
+    from ray.tune.execution import class_cache
+
+    monkeypatch.setattr(class_cache, "ENV_VARS_TO_PROPAGATE", set(class_cache.ENV_VARS_TO_PROPAGATE))
+    # Ray's own list holds them: when a Ray upgrade drops them, this patch can go.
+    assert set(ray_compat.CREDENTIAL_VARS) <= class_cache.ENV_VARS_TO_PROPAGATE
+    ray_compat.keep_credentials_out_of_tune()
+    assert not set(ray_compat.CREDENTIAL_VARS) & class_cache.ENV_VARS_TO_PROPAGATE
+    assert "RAY_TRAIN_V2_ENABLED" in class_cache.ENV_VARS_TO_PROPAGATE  # Train's own still travel
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-in-any-runtime-env")
+
+    class Trainable:
+        pass
+
+    remote = class_cache._ActorClassCache().get(Trainable)
+    assert "not-in-any-runtime-env" not in repr(remote._default_options)
+    monkeypatch.delattr(class_cache, "ENV_VARS_TO_PROPAGATE")
+    with pytest.raises(AttributeError, match="credentials patch"):
+        ray_compat.keep_credentials_out_of_tune()

@@ -16,6 +16,9 @@ from typing import Iterator, Sequence
 import decord
 import numpy as np
 
+from clman.data.scan_region import (NO_SCAN_REGION, ScanRegion, ScanRegionError, TemporalStd, describe,
+                                    region_box)
+
 logger = logging.getLogger(__name__)
 
 # decord's C++ logger prints the failing input (possibly the whole file) on open
@@ -263,16 +266,60 @@ def transcode(data: bytes, gop: int = 8, crf: int = 18, name: str = "video") -> 
 
 
 def transcode_with_info(data: bytes, gop: int = 8, crf: int = 18, name: str = "video",
-                        default_fps: float = 30.0) -> tuple[bytes, VideoInfo]:
+                        default_fps: float = 30.0,
+                        scan_region: ScanRegion | None = None) -> tuple[bytes, VideoInfo]:
     """``transcode`` that also returns the new clip's VideoInfo.
 
     Frames stream through one at a time, so memory does not grow with video
     length. Raises VideoError with the reject reason for empty, not-a-video,
     truncated or frameless input; ``default_fps`` stands in when the source
-    declares no frame rate.
+    declares no frame rate. ``scan_region`` (auto or crop): frames are cropped to
+    it, the cut logged at INFO (``transcode_cropped`` returns it instead).
     """
+    if scan_region is not None and scan_region.mode != "off":
+        clip, info, note = transcode_cropped(data, scan_region, gop=gop, crf=crf, name=name,
+                                             default_fps=default_fps)
+        logger.info("%s: %s", name, note)
+        return clip, info
     fps, frames = iter_frames_pyav(data, name)
     writer = Mp4Writer(fps=fps if fps > 0 else default_fps, gop=gop, crf=crf, name=name)
     for frame in frames:
         writer.write(frame)
     return writer.finish(), writer.info()
+
+
+def transcode_cropped(data: bytes, scan_region: ScanRegion, gop: int = 8, crf: int = 18,
+                      name: str = "video", default_fps: float = 30.0) -> tuple[bytes, VideoInfo, str]:
+    """(clip, its VideoInfo, one-line note of the cut): ``transcode_with_info`` cropping every frame
+    to ``scan_region`` (see clman.data.scan_region; ``off`` keeps frames whole).
+
+    ``auto`` decodes the video twice, once for the per-pixel temporal std and once to
+    encode, so memory stays at 16 bytes per pixel and channel instead of holding every
+    frame. A region that cannot be found or does not fit the frame raises
+    VideoError(NO_SCAN_REGION): keeping the whole frame would keep its burned-in text.
+    """
+    std = None
+    if scan_region.mode == "auto":
+        std = TemporalStd()
+        for i, frame in enumerate(iter_frames_pyav(data, name)[1]):
+            first = frame.shape if i == 0 else first
+            if frame.shape != first:
+                raise VideoError(f"{name}: frame {i} has size {frame.shape[:2]}, earlier frames "
+                                 f"{first[:2]}", UNREADABLE)
+            std.add(frame)
+    fps, frames = iter_frames_pyav(data, name)
+    writer = Mp4Writer(fps=fps if fps > 0 else default_fps, gop=gop, crf=crf, name=name)
+    box = note = None
+    for frame in frames:
+        if note is None:
+            height, width = frame.shape[:2]
+            try:
+                box = region_box(scan_region, height, width, std)
+            except ScanRegionError as err:
+                raise VideoError(f"{name}: {err}", NO_SCAN_REGION) from None
+            note = describe(box, height, width)
+        if box is not None:
+            x, y, w, h = box
+            frame = frame[y:y + h, x:x + w]
+        writer.write(frame)
+    return writer.finish(), writer.info(), note

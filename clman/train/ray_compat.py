@@ -8,6 +8,7 @@ reaper and ASHA tests in tests/test_tune.py); here, a failure only keeps Ray's o
 - :func:`reap_orphaned_placement_groups`: reads the GCS placement-group table (protobufs) for
   Tune, whose stopped trials' Train runs leave their placement groups behind.
 - :func:`replay_into_asha`: ASHA's private rungs, refilled from stored results on ``--resume``.
+- :func:`keep_credentials_out_of_tune`: Tune copies the driver's AWS keys into each trial's runtime_env.
 
 Why stdlib-only: Ray runs ``worker_process_setup_hook`` in every worker it starts: the decode tasks, Ray
 Data's actors and Train's small helper actors as well as the Train workers. Whatever the
@@ -31,6 +32,8 @@ from types import ModuleType
 log = logging.getLogger(__name__)
 
 PG_CLEANER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+TUNE_CLASS_CACHE = "ray.tune.execution.class_cache"
+CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SECURITY_TOKEN", "AWS_SESSION_TOKEN")
 
 
 def setup_local_worker() -> None:
@@ -186,3 +189,22 @@ def replay_into_asha(scheduler, rows, stub: Callable) -> int:
         scheduler._trial_info.pop(trial_id, None)
     scheduler._num_stopped = stopped_before
     return n
+
+
+def keep_credentials_out_of_tune() -> None:
+    """Stop Tune copying this process's AWS keys into every trial actor's ``runtime_env``.
+
+    Ray Tune (``class_cache.ENV_VARS_TO_PROPAGATE``) puts AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY
+    and the session token into the trial actor's runtime_env; the GCS stores it, and Ray's runtime-env
+    agent logs the whole env at INFO (measured: the secret key in ``runtime_env_agent.log`` of a
+    one-trial sweep). A trial resolves credentials as every other process does, from its own
+    environment or the AWS default chain (a local Ray's workers inherit the driver's variables).
+    """
+    import importlib
+
+    module = importlib.import_module(TUNE_CLASS_CACHE)
+    names = getattr(module, "ENV_VARS_TO_PROPAGATE", None)
+    if not isinstance(names, set):
+        raise AttributeError(f"{TUNE_CLASS_CACHE}.ENV_VARS_TO_PROPAGATE is gone: the credentials patch "
+                             "(clman.train.ray_compat) needs updating for this Ray")
+    names.difference_update(CREDENTIAL_VARS)

@@ -47,6 +47,7 @@ from clman import storage, study
 from clman.data.manifest import ManifestError, read_manifest, write_manifest
 from clman.study import FoldPlan, Row, StudyError, StudySets, Trial
 from clman.train import finetune, pretrain, runner, scoring
+from clman.train.ray_compat import keep_credentials_out_of_tune
 from clman.train.runner import JobError
 from clman.tune.driver import PlacementGroupReaper
 from clman.tune.resources import DRIVER_CPUS, max_concurrent_trials
@@ -264,6 +265,7 @@ def _run_grid(run: StudyRun, name: str, ids: list[str], configs: list) -> dict[s
     log.info("study %s, %s: %d trial(s), up to %d at once", run.run_name, name, len(ids), concurrent)
     fs, path = storage.arrow_fs(storage.join(run.run_dir, "tune"))
     trainable = tune.with_resources(tune.with_parameters(trial_driver, run=run), {"CPU": DRIVER_CPUS})
+    keep_credentials_out_of_tune()
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(ids)},

@@ -51,7 +51,7 @@ from clman import storage
 from clman.errors import JobError
 from clman.tune.resources import DRIVER_CPUS, max_concurrent_trials
 from clman.tune.results import TrialRecord, _one_line, epochs_table, trial_statuses, write_results
-from clman.train.ray_compat import reap_orphaned_placement_groups, replay_into_asha
+from clman.train.ray_compat import keep_credentials_out_of_tune, reap_orphaned_placement_groups, replay_into_asha
 from clman.tune.space import Param
 from clman.tune.sweep import SCHEDULERS, SCORES, SEARCHES, TIME_ATTR, TRAIN_DIR, SWEEP_FILE, Sweep
 
@@ -249,6 +249,7 @@ def _tuner(sweep: Sweep, trainable, concurrent: int):
     else:
         raise C.ConfigError(f"--search {sweep.search!r}: not one of {list(SEARCHES)}")
     fs, path = storage.arrow_fs(sweep.out)
+    keep_credentials_out_of_tune()
     return tune.Tuner(
         trainable,
         param_space=sweep.search_space().to_tune(),
