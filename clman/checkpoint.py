@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -112,27 +111,12 @@ def save_checkpoint(
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "extra": extra,
     }
-    uri = str(path_or_uri)
-    if _is_s3(uri):
-        from clman import storage
+    from clman import storage
 
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        storage.write_bytes(uri, buf.getvalue())
-        return
-    path = _local_path(uri)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    # One write path for files and S3: atomic, and a full disk is one line (storage.StorageError).
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    storage.write_bytes(str(path_or_uri), buf.getvalue())
 
 
 def _why(e: Exception) -> str:
