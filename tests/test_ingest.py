@@ -461,3 +461,31 @@ def test_ingest_into_an_existing_manifest_merges(s3, bucket, tmp_path, capsys, m
     assert after.loc[before.index, "split"].equals(before["split"])  # earlier patients keep their split
     counts = dict(line.rsplit(None, 1) for line in printed.splitlines()[1:4])
     assert counts == {"ingested": "4", "already ingested": "1", "kept from the manifest": "3"}
+
+
+def test_dicom_banner_text_is_cut_by_default_and_videos_on_request(s3, bucket, tmp_path, caplog, monkeypatch):
+    from tests.test_scan_region import best_match, sweep as banner_sweep, text_patch
+
+    monkeypatch.setenv(I.SALT_ENV, "banner-salt")
+    video, text = banner_sweep(top=16, bottom=12, clock=True)
+    src = tmp_path / "dicom"
+    src.mkdir()
+    (src / "DOE_JANE.dcm").write_bytes(dicom_cine(video, NAME, MRN))
+    (src / "DOE_JANE.mp4").write_bytes(pyav_mp4(np.stack([video] * 3, axis=-1)))
+    pd.DataFrame({"video": ["DOE_JANE.dcm"], "label": ["benign"]}).to_csv(src / "d.csv", index=False)
+    pd.DataFrame({"video": ["DOE_JANE.mp4"], "label": ["benign"]}).to_csv(src / "v.csv", index=False)
+    caplog.set_level(logging.INFO)
+    patch = text_patch(video, text)
+    runs = {"dicom": ["--dicom", str(src), "--labels", str(src / "d.csv")],
+            "dicom-off": ["--dicom", str(src), "--labels", str(src / "d.csv"), "--scan-region", "off"],
+            "video-auto": ["--videos", str(src), "--labels", str(src / "v.csv"), "--scan-region", "auto"],
+            "video": ["--videos", str(src), "--labels", str(src / "v.csv")]}
+    cut = {}
+    for name, args in runs.items():
+        assert job.main(["--out", f"{bucket}/{name}", "--split", "1,0,0", *args]) == 0
+        row = M.read_manifest(f"{bucket}/{name}/manifest.parquet").iloc[0]
+        clip = decode_frames(storage.read_bytes(row["uri"]))[..., 1]
+        cut[name] = (row["height"], row["width"]) == (video.shape[1] - 28, video.shape[2])
+        assert (best_match(clip, patch) < 0.5) == cut[name], name  # the name line is gone where cut
+    assert cut == {"dicom": True, "dicom-off": False, "video-auto": True, "video": False}
+    assert "labels.csv line 2: scan region x=0 y=16" in caplog.text and "cut 16 rows above, 12 below" in caplog.text

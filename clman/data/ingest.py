@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 from clman import storage
 from clman.data import manifest as M
 from clman.data.video import (EMPTY, NO_FRAMES, NOT_A_VIDEO, UNREADABLE, Mp4Writer, VideoError,
-                              VideoInfo, probe_video, transcode_with_info)
+                              VideoInfo, probe_video, transcode_cropped, transcode_with_info)
 
 logger = logging.getLogger(__name__)
 
@@ -365,11 +365,9 @@ def _video_clip(item: SourceItem, blob: bytes, gop: int, crf: int, limits: Limit
     try:
         if region is None or region.mode == "off":
             clip, info = transcode_with_info(blob, gop=gop, crf=crf, name=item.name)
-        else:
-            from clman.data.video import iter_frames_pyav
-
-            fps, frames = iter_frames_pyav(blob, item.name)
-            clip, info = _encode(item, frames, fps if fps > 0 else 30.0, gop, crf, region)
+        else:  # two decoding passes (the region, then the clip): memory does not grow with length
+            clip, info, note = transcode_cropped(blob, region, gop=gop, crf=crf, name=item.name)
+            logger.info("%s: %s", item.name, note)
     except VideoError as err:
         raise _Reject(err.reason, str(err)) from None
     limits.check(frames=info.num_frames)
