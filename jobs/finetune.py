@@ -12,7 +12,9 @@ over ``finetune.select_window`` epochs (the last one without validation) — plu
 ``config.yaml`` and ``metrics.json`` (what was validated on, the kept and last epochs'
 metrics, per-epoch training loss / AUC and val AUC, and the one-line not-learning
 warning, if any, under ``warnings``).
-The same ``--run-name`` resumes. Recipes and what they gave: README "Finetuning recipes".
+The same ``--run-name`` resumes, with the first start's config, manifest and encoder (``run.json``;
+``--force-resume`` otherwise); while a job runs, a second one with its name is refused (``.lock``,
+``clman/run_lock.py``). Recipes and what they gave: README "Finetuning recipes".
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import logging
 import time
 
 from clman import checkpoint as ckpt
-from clman import cli, report, storage
+from clman import cli, report, run_lock, storage
 from clman import config as C
 from clman.models.build import ENCODER_FIELDS, is_clman
 from clman.train import finetune, runner
@@ -63,8 +65,13 @@ def check_encoder(uri: str, cfg: C.FinetuneConfig) -> None:
 
 
 def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: str | None = None,
-        address: str | None = None) -> dict:
-    """Finetune; returns {"model": URI, "metrics": metrics of the kept checkpoint}."""
+        address: str | None = None, force_resume: bool = False) -> dict:
+    """Finetune; returns {"model": URI, "metrics": metrics of the kept checkpoint}.
+
+    The run's lock is held from before Ray starts to the end; a resume must have the first start's
+    config, manifest and encoder unless ``force_resume`` (``clman.run_lock``).
+    """
+    run_lock.check_run_name(run_name)
     train_rows, val_rows = finetune.check_data(manifest)
     train_rows, val_rows, validation = finetune.validation_split(train_rows, val_rows, cfg.val_fraction,
                                                                  cfg.seed, manifest)
@@ -77,6 +84,12 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
                        "weights of this arch)")
     if encoder:
         check_encoder(encoder, cfg)
+    record = run_lock.fingerprint("finetune", cfg, manifest, encoder)
+    with runner.claim(out, run_name, record, force_resume):
+        return _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation)
+
+
+def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation) -> dict:
     runner.init_ray(address)
     runner.check_resources(cfg.scale, cfg.data)
     run_dir = storage.join(out, run_name)
@@ -111,7 +124,7 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
 def main(argv=None) -> int:
     args = parse(argv)
     cfg = C.load("finetune", args.config, cli.overrides(args))
-    run(cfg, args.manifest, args.out, args.run_name or "finetune", args.encoder, args.address)
+    run(cfg, args.manifest, args.out, args.run_name or "finetune", args.encoder, args.address, args.force_resume)
     return 0
 
 

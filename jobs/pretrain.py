@@ -5,7 +5,9 @@
 
 Writes ``<out>/<run-name>/``: Ray checkpoints, ``encoder.pt`` (the last
 checkpoint, the input of ``jobs.finetune --encoder``), ``config.yaml`` and
-``metrics.json``. Rerunning with the same ``--run-name`` continues the run.
+``metrics.json``. Rerunning with the same ``--run-name`` continues the run, with the first start's
+config, manifest and split (``run.json``; ``--force-resume`` otherwise); while a job runs, a second
+one with its name is refused (``.lock``, ``clman/run_lock.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 import logging
 import time
 
-from clman import cli, report, storage
+from clman import cli, report, run_lock, storage
 from clman import config as C
 from clman.train import pretrain, runner
 
@@ -33,9 +35,20 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def run(cfg: C.PretrainConfig, manifest: str, out: str, run_name: str, split: str = "train",
-        address: str | None = None) -> dict:
-    """Pretrain; returns {"encoder": URI, "metrics": last epoch's metrics}."""
+        address: str | None = None, force_resume: bool = False) -> dict:
+    """Pretrain; returns {"encoder": URI, "metrics": last epoch's metrics}.
+
+    The run's lock is held from before Ray starts to the end; a resume must have the first start's
+    config, manifest and split unless ``force_resume`` (``clman.run_lock``).
+    """
+    run_lock.check_run_name(run_name)
     rows = pretrain.check_data(manifest, split)
+    record = run_lock.fingerprint("pretrain", cfg, manifest, split=split)
+    with runner.claim(out, run_name, record, force_resume):
+        return _run(cfg, manifest, out, run_name, split, address, rows)
+
+
+def _run(cfg, manifest, out, run_name, split, address, rows) -> dict:
     runner.init_ray(address)
     runner.check_resources(cfg.scale, cfg.data)
     run_dir = storage.join(out, run_name)
@@ -59,7 +72,7 @@ def run(cfg: C.PretrainConfig, manifest: str, out: str, run_name: str, split: st
 def main(argv=None) -> int:
     args = parse(argv)
     cfg = C.load("pretrain", args.config, cli.overrides(args))
-    run(cfg, args.manifest, args.out, args.run_name or "pretrain", args.split, args.address)
+    run(cfg, args.manifest, args.out, args.run_name or "pretrain", args.split, args.address, args.force_resume)
     return 0
 
 

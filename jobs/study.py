@@ -25,7 +25,7 @@ import logging
 import shlex
 import sys
 
-from clman import cli
+from clman import cli, run_lock
 from clman.train import study as S
 
 log = logging.getLogger("jobs.study")
@@ -66,13 +66,15 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    run_lock.check_run_name(args.run_name)
     command = "python -m jobs.study " + shlex.join(sys.argv[1:] if argv is None else argv)
     run = S.plan_study(args.manifest, args.out, args.run_name, tables=args.tables, rows=args.rows,
                        folds=args.folds, holdout=args.holdout, seeds=args.seeds, config=args.config,
                        sets=args.overrides, command=command)
     log.info("study %s: %d row(s) x %d fold(s) x %d seed(s) = %d trial(s); %s", run.run_name, len(run.rows),
              len(run.plan.folds), run.seeds, len(run.grid), run.plan.describe())
-    uris = S.run_study(run, args.address, resume=args.resume)
+    with run_lock.RunLock(args.out, run.run_name, "study"):  # a second study of this name is refused
+        uris = S.run_study(run, args.address, resume=args.resume)
     print(f"study: {uris['study.md']} (also study.parquet, predictions.parquet, roc.png)")
     return 0
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from clman import cli
+from clman import cli, run_lock
 from clman.tune import driver
 from clman.tune import sweep as sweeps
 
@@ -78,13 +78,13 @@ def main(argv=None) -> int:
     args = parse(argv)
     if args.resume:
         sweep = sweeps.load_sweep(args.out, args.resume)
-        uris = driver.run_sweep(sweep, args.address, resume=True, restart_errored=args.restart_errored)
     else:
         sweep = sweeps.new_sweep(
             args.job, args.space, args.samples, args.manifest, args.out, args.run_name, args.config,
             args.overrides, scheduler=args.scheduler, search=args.search, grace_period=args.grace_period,
             reduction_factor=args.reduction_factor, seed=args.seed, encoder=args.encoder, split=args.split)
-        uris = driver.run_sweep(sweep, args.address)
+    with run_lock.RunLock(args.out, sweep.run_name, "tune"):  # a second sweep of this name is refused
+        uris = driver.run_sweep(sweep, args.address, resume=bool(args.resume), restart_errored=args.restart_errored)
     log.info("sweep %s done: %s", sweep.run_name, uris["summary.md"])
     return 0
 

@@ -34,7 +34,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from clman import storage
+from clman import run_lock, storage
 from clman.config import DataConfig, ScaleConfig
 from clman.errors import JobError  # re-exported: clman.train.runner.JobError is the same class
 from clman.tune.resources import decode_cpus  # a run's resource maths, in one place with Tune's
@@ -301,6 +301,7 @@ class TrainJob:
 def run_config(out: str, run_name: str, scale: ScaleConfig, score: str | None,
                callbacks: Sequence[Any] = ()) -> RunConfig:
     """Checkpoints under ``<out>/<run_name>/`` on local disk or S3 (same name = resume)."""
+    run_lock.check_run_name(run_name)
     fs, path = storage.arrow_fs(out)
     return RunConfig(
         name=run_name,
@@ -366,7 +367,11 @@ def failure_line(run_name: str, error: BaseException) -> str:
     if not isinstance(cause, JobError) and not re.match(r"[\w.]+: ", line):
         line = f"{type(cause).__name__}: {line}"
     text = f"run {run_name!r} failed: {line[:400]}"
-    if "AWS Error" in str(cause) or isinstance(cause, (OSError, storage.StorageError)) and "s3" in str(cause).lower():
+    # pyarrow's words for an expired session token or clock skew, which waiting does not cure.
+    problem = storage.s3_problem(str(cause)) if "AWS Error" in str(cause) else None
+    if problem:
+        text += f" — {problem}; then the same --run-name resumes from the last checkpoint"
+    elif "AWS Error" in str(cause) or isinstance(cause, (OSError, storage.StorageError)) and "s3" in str(cause).lower():
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the default AWS S3 endpoint"
         text += f" (S3 at {endpoint} after retries); once S3 answers, the same --run-name resumes from the last checkpoint"
     return text
@@ -413,6 +418,17 @@ class ProgressBar:
         self.thread.join(timeout=5)
         self.bar.close()
         ray.kill(self.queue.actor)
+
+
+def claim(out: str, run_name: str, record: dict, force_resume: bool = False):
+    """``with runner.claim(...)``: the run's lock held and its fingerprint checked (``clman.run_lock``).
+
+    Taken before Ray starts: a second job with this run name is refused before any work. A run with
+    no checkpoint file yet has nothing to resume, so other inputs are recorded rather than refused.
+    """
+    run_dir = storage.join(out, run_name)
+    return run_lock.claim(out, run_name, record, force=force_resume,
+                          has_checkpoint=lambda: bool(storage.list_uris(run_dir, "/" + CHECKPOINT_FILE)))
 
 
 def fit(job: TrainJob, scale: ScaleConfig, out: str, run_name: str):

@@ -16,6 +16,7 @@ from clman import config as C
 from clman import storage
 from clman.errors import JobError
 from clman.metrics import METRIC_NAMES
+from clman.run_lock import check_run_name
 from clman.tune.space import SearchSpace, SpaceError, space_from_dict
 
 JOBS = ("finetune", "pretrain")
@@ -76,8 +77,7 @@ class Sweep:
             raise C.ConfigError(f"--grace-period must be >= 1 epoch, got {self.grace_period}")
         if self.reduction_factor < 2:
             raise C.ConfigError(f"--reduction-factor must be >= 2, got {self.reduction_factor}")
-        if not self.run_name or "/" in self.run_name:
-            raise C.ConfigError(f"--run-name {self.run_name!r}: a folder name without '/'")
+        check_run_name(self.run_name)
         if self.encoder and self.job != "finetune":
             raise C.ConfigError("--encoder applies to finetune sweeps only")
         space = self.search_space()
@@ -154,7 +154,7 @@ def new_sweep(job: str, space_file: str, samples: int, manifest: str, out: str, 
 
 def load_sweep(out: str, run_name: str) -> Sweep:
     """The ``Sweep`` saved under ``<out>/<run_name>/sweep.json``."""
-    uri = storage.join(out, run_name, SWEEP_FILE)
+    uri = storage.join(out, check_run_name(run_name, "--resume"), SWEEP_FILE)
     try:
         d = json.loads(storage.read_text(uri))
     except storage.StorageNotFoundError:
