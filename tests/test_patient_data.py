@@ -4,7 +4,7 @@ A labels.csv of names and record numbers (as hospital exports are named) goes th
 ingest, finetune (1 epoch), evaluate, predict and a one-trial jobs.tune sweep, each a
 subprocess with its own local Ray, against the real SeaweedFS. Then every object of the
 bucket (keys and bytes; Parquet also as text, zip members unpacked), every local output,
-every job's log and every Ray session log is searched for any source name, patient id,
+every job's log and every file of the jobs' Ray sessions (RAY_TMPDIR) is searched for any source name, patient id,
 source path, the salt and the S3 secret key. The id map, asked for, holds the names and
 is the one place that does.
 """
@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -57,16 +58,11 @@ def _phi_source(tmp: Path) -> tuple[Path, list[str]]:
     return raw, sorted(set(secrets))
 
 
-def _run(args: list[str], log: Path, env: dict, ray_logs: list[Path]) -> None:
+def _run(args: list[str], log: Path, env: dict) -> None:
     with open(log, "w") as f:
         proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=f,
                               stderr=subprocess.STDOUT, timeout=900)
     assert proc.returncode == 0, log.read_text()[-4000:]
-    session = Path("/tmp/ray/session_latest/logs")
-    if session.is_dir() and args[0] != "jobs.ingest":
-        keep = log.parent / f"ray-{log.stem}"
-        shutil.copytree(session.resolve(), keep, dirs_exist_ok=True)
-        ray_logs.append(keep)
 
 
 def _texts(key: str, blob: bytes):
@@ -92,30 +88,32 @@ def test_no_patient_identifier_or_secret_anywhere(s3, tmp_path):
     private, outputs = tmp_path / "private", tmp_path / "outputs"
     private.mkdir()
     outputs.mkdir()
+    # Each job's Ray writes its session (logs, runtime-env records) here, to be searched too; short,
+    # for Ray's unix socket paths.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="phi-ray-", dir="/tmp"))
     env = {**os.environ, "CLMAN_PATIENT_SALT": SALT, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp)}
     secret_key = os.environ["AWS_SECRET_ACCESS_KEY"]
-    ray_logs: list[Path] = []
     data, runs = f"{bucket}/data", f"{bucket}/runs"
     id_map = private / "id-map.csv"
 
     _run(["jobs.ingest", "--out", data, "--videos", str(raw), "--labels", str(raw / "labels.csv"),
-          "--split", "0.5,0.25,0.25", "--id-map", str(id_map)], outputs / "ingest.log", env, ray_logs)
+          "--split", "0.5,0.25,0.25", "--id-map", str(id_map)], outputs / "ingest.log", env)
     manifest = f"{data}/manifest.parquet"
     _run(["jobs.finetune", "--manifest", manifest, "--out", runs, "--run-name", "fin", "--config", DEMO,
-          *_sets(TINY)], outputs / "finetune.log", env, ray_logs)
+          *_sets(TINY)], outputs / "finetune.log", env)
     _run(["jobs.evaluate", "--checkpoint", f"{runs}/fin/model.pt", "--manifest", manifest, "--config", DEMO,
-          *_sets(TINY)], outputs / "evaluate.log", env, ray_logs)
+          *_sets(TINY)], outputs / "evaluate.log", env)
     videos = sorted(str(p) for p in raw.glob("*.mp4"))[:2]
     _run(["jobs.predict", "--checkpoint", f"{runs}/fin/model.pt", *videos, "--json", f"{bucket}/predict/p.json"],
-         outputs / "predict.log", env, ray_logs)
+         outputs / "predict.log", env)
     _run(["jobs.predict", "--checkpoint", f"{runs}/fin/model.pt", *videos, "--json",
-          str(outputs / "predictions.json")], outputs / "predict-local.log", env, ray_logs)
+          str(outputs / "predictions.json")], outputs / "predict-local.log", env)
     space = outputs / "space.yaml"
     space.write_text("finetune.lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
     _run(["jobs.tune", "--job", "finetune", "--space", str(space), "--samples", "1", "--manifest", manifest,
           "--out", f"{bucket}/sweeps", "--run-name", "one", "--config", DEMO, *_sets(TINY)],
-         outputs / "tune.log", env, ray_logs)
+         outputs / "tune.log", env)
 
     needles = [s.encode() for s in secrets] + [SALT.encode(), secret_key.encode()]
     leaks: list[str] = []
@@ -129,11 +127,12 @@ def test_no_patient_identifier_or_secret_anywhere(s3, tmp_path):
         leaks += _leaks(f"key {key}", key.encode(), needles)
         for text in _texts(key, client.get_object(Bucket=name, Key=key)["Body"].read()):
             leaks += _leaks(f"s3://{name}/{key}", text, needles)
-    local = [p for p in outputs.rglob("*") if p.is_file()]
-    assert len(local) > 10 and any("ray-" in str(p) for p in local)
-    for path in local:
+    ray_files = [p for p in ray_tmp.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert sum("/logs/" in str(p) for p in ray_files) > 20  # five sessions' logs
+    for path in [p for p in outputs.rglob("*") if p.is_file()] + ray_files:
         for text in _texts(path.name, path.read_bytes()):
-            leaks += _leaks(str(path.relative_to(tmp_path)), text, needles)
+            leaks += _leaks(str(path), text, needles)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert not leaks, "\n".join(sorted(set(leaks))[:40])
 
     # The id map, asked for, is the one place that names the sources, and it maps every video.
