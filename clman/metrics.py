@@ -1,5 +1,6 @@
 """The paper's six metrics (Section 4.2), operating points, bootstrap CIs (by video or by patient),
-the paired DeLong test of two AUCs and t-intervals of means over runs.
+paired tests of two AUCs (a patient-level paired bootstrap; DeLong, which takes cases as independent),
+t-intervals of means over runs and the corrected resampled t of cross-validation.
 
 Malignant (label 1) is the positive class; a score is P(malignant) in [0, 1]
 and a case is called malignant when score >= threshold (the same rule as the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -322,7 +324,7 @@ def bootstrap_ci(
     return (cis, skipped) if return_skipped else cis
 
 
-# ---------------------------------------------------------------- paired AUC test, means over runs
+# ---------------------------------------------------------------- paired AUC tests, means over runs
 
 
 def delong_covariance(scores, labels) -> tuple[np.ndarray, np.ndarray]:
@@ -376,8 +378,10 @@ def delong_test(scores_a, scores_b, labels) -> float:
 def mean_ci(values, alpha: float = 0.05) -> tuple[float, float, float]:
     """(mean, lo, hi): the mean of ``values`` and its (1 - alpha) Student-t interval.
 
-    For the mean of a metric over (fold, seed) runs: mean +- t(1 - alpha/2, n - 1) * sd / sqrt(n),
-    sd with n - 1. One value gives (value, NaN, NaN); none gives NaNs. Not clipped.
+    mean +- t(1 - alpha/2, n - 1) * sd / sqrt(n), sd with n - 1: right for independent values, such as
+    the seeds of one fixed split. Not for (fold, seed) runs of cross-validation, whose values share
+    test folds and training data: there, the seeds of a fold are averaged and the fold means go to
+    :func:`corrected_t_ci`. One value gives (value, NaN, NaN); none gives NaNs. Not clipped.
     """
     from scipy.stats import t
 
@@ -394,3 +398,110 @@ def mean_ci(values, alpha: float = 0.05) -> tuple[float, float, float]:
         return mean, nan, nan
     half = float(t.ppf(1 - alpha / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
     return mean, mean - half, mean + half
+
+
+def corrected_t_ci(fold_means, test_train_ratio: float | None = None,
+                   alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean, lo, hi) over K cross-validation folds: the corrected resampled t of Nadeau & Bengio (2003).
+
+    m +- t(1 - alpha/2, K - 1) * sqrt((1/K + n_test/n_train) * s^2), with m and s^2 (ddof 1) the
+    mean and sample variance of the K fold means m_k. The folds' training sets overlap, so their
+    estimates are positively correlated and s^2 / K underestimates the variance of m; Nadeau and
+    Bengio stand in n_test/n_train for that correlation term (exact when the correlation is
+    n_test / (n_test + n_train), i.e. 1/K for K-fold). ``test_train_ratio`` None: 1/(K - 1), the
+    ratio of a K-fold split. Fewer than 2 fold means give (mean, NaN, NaN); none gives NaNs.
+    Nadeau & Bengio, "Inference for the generalization error", Machine Learning 52:239 (2003).
+    """
+    from scipy.stats import t
+
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    v = np.asarray(fold_means, dtype=np.float64).ravel()
+    if v.size and not np.isfinite(v).all():
+        raise ValueError(f"corrected_t_ci: fold means must be finite, got {v.tolist()}")
+    if test_train_ratio is not None and not (np.isfinite(test_train_ratio) and test_train_ratio >= 0):
+        raise ValueError(f"test_train_ratio must be finite and >= 0, got {test_train_ratio}")
+    nan = float("nan")
+    if v.size == 0:
+        return nan, nan, nan
+    mean = float(v.mean())
+    if v.size == 1:
+        return mean, nan, nan
+    k = v.size
+    ratio = 1.0 / (k - 1) if test_train_ratio is None else float(test_train_ratio)
+    half = float(t.ppf(1 - alpha / 2, k - 1) * np.sqrt((1.0 / k + ratio) * v.var(ddof=1)))
+    return mean, mean - half, mean + half
+
+
+def _auc_midrank(s: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(K,) AUCs of the K score rows of ``s`` (K, N) on labels ``y`` (N,): Mann-Whitney, ties count one half."""
+    from scipy.stats import rankdata
+
+    pos = y == 1
+    m = int(pos.sum())
+    n = y.size - m
+    ranks = rankdata(s, axis=1)  # (K, N) midranks over all cases
+    return (ranks[:, pos].sum(axis=1) - m * (m + 1) / 2) / (m * n)
+
+
+@dataclass(frozen=True)
+class PairedAUCBootstrap:
+    """The paired bootstrap of AUC(a) - AUC(b) (:func:`paired_bootstrap_auc`)."""
+
+    diff: float  # AUC(a) - AUC(b) on all the cases
+    lo: float  # (1 - alpha) percentile CI of the difference
+    hi: float
+    p: float  # two-sided: 2 min(P*(d <= 0), P*(d >= 0)), each (1 + count) / (resamples + 1), at most 1
+    resamples: int  # resamples with both classes (the others are skipped)
+    skipped: int
+
+
+def paired_bootstrap_auc(scores_a, scores_b, labels, *, groups=None, n_boot: int = 1000, alpha: float = 0.05,
+                         seed: int = 0) -> PairedAUCBootstrap:
+    """Paired percentile bootstrap of AUC(a) - AUC(b) on the same cases, resampling ``groups`` (patients).
+
+    Each resample draws the patients with replacement (:func:`bootstrap_indices`, the draws of
+    ``default_rng(seed)``: deterministic), a patient's cases together, and computes both AUCs on
+    the same cases, so the correlation of a and b and of a patient's videos is kept. A resample
+    holding one class only is skipped and counted. The p-value inverts the percentile interval:
+    p = 2 min((1 + #{d* <= 0}) / (B + 1), (1 + #{d* >= 0}) / (B + 1)), capped at 1, with B the
+    resamples used (the choice over a bootstrap shifted to the null: it agrees with the percentile
+    CI). The +1 keeps it above 0 (its floor is 2 / (B + 1)); p < alpha goes with 0 outside the
+    (1 - alpha) percentile CI, up to that correction and the percentile's interpolation. Without
+    ``groups`` the cases themselves are resampled. Needs both classes among the cases.
+    """
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    a, y = _check_inputs(scores_a, labels)
+    b, _ = _check_inputs(scores_b, labels)
+    if a.shape != b.shape:
+        raise ValueError(f"scores_a and scores_b differ in length: {a.shape[0]} vs {b.shape[0]}")
+    s = np.stack([a.cpu().double().numpy(), b.cpu().double().numpy()])  # (2, N)
+    y = y.cpu().numpy()
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        raise ValueError(f"paired bootstrap: needs both classes, got {n_pos} malignant of {y.size} cases")
+    aucs = _auc_midrank(s, y)
+    diffs, skipped = [], 0
+    for idx in bootstrap_indices(y.size, n_boot, seed, groups):
+        yb = y[idx]
+        m = int(yb.sum())
+        if m == 0 or m == yb.size:
+            skipped += 1
+            continue
+        ab = _auc_midrank(s[:, idx], yb)
+        diffs.append(ab[0] - ab[1])
+    if skipped:
+        msg = f"paired bootstrap: skipped {skipped} of {n_boot} resamples holding one class only"
+        log.info(msg)
+        warnings.warn(msg, UndefinedMetricWarning, stacklevel=2)
+    d = np.asarray(diffs)
+    nan = float("nan")
+    if d.size == 0:
+        return PairedAUCBootstrap(float(aucs[0] - aucs[1]), nan, nan, nan, 0, skipped)
+    lo, hi = np.percentile(d, [100 * alpha / 2, 100 * (1 - alpha / 2)])
+    below, above = (1 + int((d <= 0).sum())) / (d.size + 1), (1 + int((d >= 0).sum())) / (d.size + 1)
+    return PairedAUCBootstrap(float(aucs[0] - aucs[1]), float(lo), float(hi), float(min(1.0, 2 * min(below, above))),
+                              int(d.size), skipped)

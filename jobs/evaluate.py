@@ -16,7 +16,7 @@ import argparse
 
 from clman import cli, report, storage
 from clman import config as C
-from clman.data.manifest import read_manifest
+from clman.data.manifest import check_labeled_split, read_manifest
 from clman.train import runner, scoring
 
 
@@ -35,7 +35,9 @@ def parse(argv=None) -> argparse.Namespace:
 
 def run(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig, out: str | None = None,
         name: str = "CLMAN", address: str | None = None) -> dict:
-    # A manifest of another version, a missing column or an unknown split fails here, before Ray starts.
+    # A manifest of another version, a missing column, an unknown split or the unlabelled one (no
+    # labels to score against) fails here, before Ray starts.
+    check_labeled_split(split, manifest)
     read_manifest(manifest, split=split)
     runner.init_ray(address)
     out = out or storage.join(checkpoint.rsplit("/", 1)[0], f"eval-{split}")

@@ -4,10 +4,18 @@
     python -m jobs.ingest --out s3://bucket/data --videos ./videos --labels labels.csv
     python -m jobs.ingest --out s3://bucket/data --layout buv --videos ./BUV
     python -m jobs.ingest --out s3://bucket/data --dicom ./dicom --labels labels.csv
+    python -m jobs.ingest --out s3://bucket/data --videos ./sweeps --labels sweeps.csv --unlabeled
 
 labels.csv (UTF-8): columns ``video`` (path relative to --videos / --dicom),
-``label`` (benign | malignant | 0 | 1), optional ``patient_id`` (default: each
-video its own patient) and ``split`` (train | val | test, used as given).
+``label`` (benign | malignant | 0 | 1, or empty: unlabelled), optional ``patient_id``
+(default: each video its own patient) and ``split`` (train | val | test, used as given).
+
+Unlabelled videos feed contrastive pretraining only (``jobs.pretrain --splits``, the study's
+SimCLR): an empty label, --unlabeled (labels.csv then needs only ``video``), or a BUV
+``rawframes/unlabeled/`` folder. They go to split ``unlabeled`` (label -1, no fold) and never
+to finetuning, validation or testing; the labelled patients' split is the same with or without
+them. A patient's videos are all labelled or all unlabelled: an unlabelled video of a patient
+with labelled ones is rejected (``mixed_patient``), so no test patient's sweep is pretrained on.
 
 Patient and video ids are HMAC-SHA256 pseudonyms under the salt; no file name,
 path or source id is stored anywhere (--id-map writes the mapping to one place,
@@ -47,7 +55,10 @@ def parse(argv=None) -> argparse.Namespace:
     src.add_argument("--dicom", help="folder or s3:// prefix of multi-frame DICOM files (with --labels)")
     p.add_argument("--labels", help="labels.csv (path or s3:// URI)")
     p.add_argument("--layout", choices=("labels", "buv"), default="labels",
-                   help="buv: --videos holds rawframes/{benign,malignant}/<video-id>/<frame>.png")
+                   help="buv: --videos holds rawframes/{benign,malignant,unlabeled}/<video-id>/<frame>.png")
+    p.add_argument("--unlabeled", action="store_true",
+                   help="every video in --labels is unlabelled (split 'unlabeled', for pretraining); the file "
+                        "may then have no label column. Mixed files need no flag: leave those labels empty")
     how = p.add_mutually_exclusive_group()
     how.add_argument("--split", help="train,val,test patient fractions (default 0.6,0.0,0.4, the "
                                      "paper's 6:4); stratified by label")
@@ -80,19 +91,23 @@ def parse(argv=None) -> argparse.Namespace:
 
 
 def collect(args: argparse.Namespace) -> list[I.SourceItem]:
+    unlabeled = getattr(args, "unlabeled", False)
     if args.dicom:
         if not args.labels:
             raise I.IngestError("--dicom needs --labels (columns video,label[,patient_id][,split])")
         if args.layout != "labels":
             raise I.IngestError("--layout buv does not apply to --dicom")
-        return I.dicom_items(args.dicom, args.labels)
+        return I.dicom_items(args.dicom, args.labels, unlabeled)
     if args.layout == "buv":
         if args.labels:
             raise I.IngestError("--layout buv takes labels from the folder names; drop --labels")
+        if unlabeled:
+            raise I.IngestError("--layout buv takes labels from the folder names: put unlabelled videos in "
+                                "rawframes/unlabeled/ and drop --unlabeled")
         return I.buv_items(args.videos)
     if not args.labels:
         raise I.IngestError("--videos needs --labels (or --layout buv)")
-    return I.labeled_items(args.videos, args.labels)
+    return I.labeled_items(args.videos, args.labels, unlabeled)
 
 
 def main(argv=None) -> int:

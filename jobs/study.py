@@ -11,10 +11,11 @@ Table 4 r3d_18, timesformer, mc3_18, p3d, r2plus1d_18, tin_34, tin_50, tin_18, t
 scratch), clman. CLMAN is always trained: every row's AUC is tested against it.
 
 SimCLR runs once per (fold, seed), on that fold's training videos only, and the pretrained rows
-share it. Writes ``<out>/<run-name>/``: study.md (each table in the paper's layout: mean over
-folds x seeds with 95% CIs, pooled out-of-fold metrics with patient-level bootstrap CIs, the
-paper's numbers, DeLong p vs CLMAN, the operating point chosen on validation videos),
-study.parquet, predictions.parquet, roc.png, and every trial's files (trials/, train/, pretrain/).
+share it. Writes ``<out>/<run-name>/``: study.md (each table in the paper's layout: the mean of
+the fold means (seeds averaged within a fold) with the corrected resampled t interval of Nadeau &
+Bengio, pooled out-of-fold metrics with patient-level bootstrap CIs, the paper's numbers, the
+paired patient-bootstrap p of the AUC difference to CLMAN, the operating point chosen on validation
+videos), summary.json, study.parquet, predictions.parquet, roc.png, and every trial's files.
 Layout and resume: clman/train/study.py; the cost of a study: README "Studies".
 """
 
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
              len(run.plan.folds), run.seeds, len(run.grid), run.plan.describe())
     with run_lock.RunLock(args.out, run.run_name, "study"):  # a second study of this name is refused
         uris = S.run_study(run, args.address, resume=args.resume)
-    print(f"study: {uris['study.md']} (also study.parquet, predictions.parquet, roc.png)")
+    print(f"study: {uris['study.md']} (also summary.json, study.parquet, predictions.parquet, roc.png)")
     return 0
 
 

@@ -24,6 +24,7 @@ from clman.metrics import (
     delong_covariance,
     delong_test,
     mean_ci,
+    paired_bootstrap_auc,
 )
 from clman.report import evaluate_scores
 from clman import study
@@ -68,8 +69,8 @@ def test_study_imports_no_ray_transitively():
 
 def test_tables_have_the_papers_rows():
     sizes = {t: len(study.table_rows(t)) for t in study.TABLES}
-    assert sizes == {1: 4, 2: 2, 3: 7, 4: 10}
-    assert len(study.ROWS) == 20  # 23 table lines, three rows shared: one trial each
+    assert sizes == {1: 4, 2: 2, 3: 8, 4: 10}  # Table 3: the paper's 7 + the mma_unbounded ablation
+    assert len(study.ROWS) == 21  # 23 table lines, three rows shared: one trial each; + 1 ablation row
     by = {r.name: r for r in study.ROWS}
     assert by["gn_nl"].tables == (1, 2) and by["clman"].tables == (2, 3, 4)
     assert [r.title(4) for r in study.table_rows(4)] == [
@@ -93,6 +94,7 @@ def test_row_overrides_build_the_intended_models():
         "external_attention": ("group", (3, 4), "external_attention"), "emsa": ("group", (3, 4), "emsa"),
         "self_attention": ("group", (3, 4), "self_attention"), "lstm": ("group", (3, 4), "lstm"),
         "mean": ("group", (3, 4), "mean"), "max": ("group", (3, 4), "max"),
+        "mma_unbounded": ("group", (3, 4), "mma"),  # with model.mma_bound=none (tests/test_ablations.py)
     }
     for r in study.ROWS:
         m = C.load("finetune", None, list(r.sets)).model
@@ -118,7 +120,7 @@ def test_select_rows_by_table_and_name():
     ("x", None, "unknown table 'x'"),
     ("", None, "no table given"),
     ("1", "gn,lstm", r"^--rows: unknown row 'lstm' for tables 1; valid: vanilla, gn, nl, gn_nl$"),
-    ("3,4", "tsm", "valid: external_attention, self_attention, emsa, lstm, mean, max, r3d_18, .*tsm_18, clman$"),
+    ("3,4", "tsm", "valid: external_attention, self_attention, emsa, lstm, mean, max, mma_unbounded, r3d_18, .*tsm_18, clman$"),
 ])
 def test_bad_tables_and_rows_fail_in_one_line(tables, names, match):
     with pytest.raises(StudyError, match=match) as e:
@@ -411,21 +413,26 @@ def test_study_md_cells_from_hand_made_results(tmp_path):
     # gn is a Table 1 row; CLMAN, the reference, is in no shown table: "Other rows"
     assert "## Table 1 — encoder ablation (multi-meta attention, no contrastive pretraining)" in lines
     assert not any(line.startswith("## Table 2") for line in lines)
-    i = lines.index("| ResNet18 + GN | 60.00 (60.00–60.00) | 60.00 (35.16–84.84) | 100.00 (100.00–100.00) | "
-                    "50.00 (0.00–100.00) | 80.00 (67.58–92.42) | 80.00 (55.16–100.00) | 0.752 |")
-    # pooled, by hand: calls 0.3 0.8 0.7 0.2 0.75 >= 0.5 on labels 1 1 1 0 0; AP = (1 + 2/3 + 3/4) / 3
-    assert lines[i + 1] == "| ↳ pooled | 60.00 | 80.56 | 66.67 | 50.00 | 66.67 | 66.67 | |"
+    # 3 folds x 1 seed: the corrected resampled t, m +- t(0.975, 2) sqrt((1/3 + 1/2) s^2), n_test/n_train = 1/(K-1);
+    # AP 0.5 0.6 0.7: s = 0.1, half 4.3027 * 0.91287 * 0.1 = 0.39278. n_boot=0: no bootstrap, so p is n/a
+    i = lines.index("| ResNet18 + GN | 60.00 (60.00–60.00) | 60.00 (20.72–99.28) | 100.00 (100.00–100.00) | "
+                    "50.00 (0.00–100.00) | 80.00 (60.36–99.64) | 80.00 (40.72–100.00) | n/a |")
+    # pooled, by hand: calls 0.3 0.8 0.7 0.2 0.75 >= 0.5 on labels 1 1 1 0 0; AP = (1 + 2/3 + 3/4) / 3;
+    # ΔAUC: 2/3 - 5/6 (the DeLong known case's AUCs)
+    assert lines[i + 1] == "| ↳ pooled | 60.00 | 80.56 | 66.67 | 50.00 | 66.67 | 66.67 | ΔAUC -16.67 |"
     assert lines[i + 2] == "| ↳ paper | 74.77 | 77.01 | 74.29 | 75.00 | 80.00 | 74.93 | |"
     assert "## Other rows" in lines
     cells = ("| 90.00 (90.00–90.00) | 90.00 (90.00–90.00) | 90.00 (90.00–90.00) | 90.00 (90.00–90.00) | "
-             "85.00 (21.47–100.00) † | 90.00 (90.00–90.00) | ref. |")  # F1 undefined in one run: the mean of two
+             "85.00 (0.00–100.00) † | 90.00 (90.00–90.00) | ref. |")  # F1 undefined in one fold: the mean of two
     j = lines.index("| CLMAN (ours) " + cells)
     assert lines[j + 1] == "| ↳ pooled | 60.00 | 91.67 | 66.67 | 50.00 | 66.67 | 83.33 | |"
     assert lines[j + 2] == "| ↳ paper | 88.79 | 92.78 | 94.44 | 85.92 | 91.04 | 92.64 | |"
-    assert "† undefined in some runs: the mean of the runs where it is defined." in lines
+    assert "† undefined in some runs: the mean of the runs where it is defined (seeds within a fold first)." in lines
     assert "- run time: 2 min 05 s (125 s)" in lines and "python -m jobs.study ..." in lines
     assert "  width: 0.25" in lines and "3 folds" in lines
-    assert summary["gn"].p_auc == pytest.approx(math.erfc(1 / math.sqrt(20)))
+    assert "Interval of the means (these tables and the operating point): the corrected resampled t" in md
+    assert math.isnan(summary["gn"].p_auc) and summary["gn"].auc_diff == pytest.approx(-1 / 6)
+    assert summary["gn"].p_auc_delong_per_video == pytest.approx(math.erfc(1 / math.sqrt(20)))  # the extra
     # study.parquet: one line per trial, every metric and the extra columns, paper order (gn before clman)
     table = pd.read_parquet(f"{out}/study.parquet")
     assert table["row"].tolist() == ["gn"] * 3 + ["clman"] * 3
@@ -469,7 +476,12 @@ def test_pooled_ci_by_patient_and_reproducible(tmp_path):
     ref = preds[preds["row"] == "clman"].groupby("video_id")["score"].mean()
     other = preds[preds["row"] == "r3d_18"].groupby("video_id")["score"].mean()
     labels = preds.groupby("video_id")["label"].first()
-    assert a["r3d_18"].p_auc == pytest.approx(delong_test(other.to_numpy(), ref.to_numpy(), labels.to_numpy()))
+    assert a["r3d_18"].p_auc_delong_per_video == pytest.approx(
+        delong_test(other.to_numpy(), ref.to_numpy(), labels.to_numpy()))
+    patients = preds.groupby("video_id")["patient_id"].first().to_numpy()
+    boot = paired_bootstrap_auc(other.to_numpy(), ref.to_numpy(), labels.to_numpy(), groups=patients, n_boot=200,
+                                seed=3)
+    assert a["r3d_18"].p_auc == boot.p and a["r3d_18"].auc_diff_ci == (boot.lo, boot.hi)
     assert "## Table 4 — other video classifiers (from scratch) and CLMAN" in md
     assert "| R3D | 50.00 (50.00–50.00) |" in md
     assert "| CLMAN (ours) | 0.400 (0.400–0.400) | 50.00 (50.00–50.00) | 90.00 (90.00–90.00) |" in md  # op point

@@ -121,11 +121,15 @@ def tiny_study(data, tmp_path_factory):
     return {"argv": argv, "dir": f"{out}/{name}", "log": log_path.read_text(), "manifest": manifest}
 
 
-def _t_interval(values):
-    v = np.asarray([x for x in values if math.isfinite(x)], np.float64)
+def _corrected_t(runs: pd.DataFrame, key: str):
+    """Nadeau & Bengio's corrected resampled t over the fold means (seeds averaged within a fold),
+    n_test / n_train from the trials' sizes, written out here independently of clman.study.stats."""
+    runs = runs[np.isfinite(runs[key].astype(float))]
+    v = runs.groupby("fold")[key].mean().to_numpy(np.float64)
     if v.size < 2:
-        return v.mean(), math.nan, math.nan
-    half = sps.t.ppf(0.975, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)
+        return (v.mean() if v.size else math.nan), math.nan, math.nan
+    ratio = runs["n_test"].sum() / runs["n_train"].sum()
+    half = sps.t.ppf(0.975, v.size - 1) * math.sqrt((1 / v.size + ratio) * v.var(ddof=1))
     return v.mean(), v.mean() - half, v.mean() + half
 
 
@@ -177,6 +181,7 @@ def test_tiny_study_fills_every_cell_of_its_tables(tiny_study):
     results = storage.read_parquet(f"{d}/study.parquet").to_pandas()
     preds = storage.read_parquet(f"{d}/predictions.parquet").to_pandas()
     md = storage.read_text(f"{d}/study.md")
+    summary = {r["row"]: r for r in json.loads(storage.read_text(f"{d}/summary.json"))["rows"]}
     assert storage.read_bytes(f"{d}/roc.png")[:4] == b"\x89PNG"
     assert "stage1: 4 trial(s), up to 2 at once" in tiny_study["log"]
 
@@ -202,8 +207,8 @@ def test_tiny_study_fills_every_cell_of_its_tables(tiny_study):
     assert trial["encoder"].endswith("pretrain/f0-s0/encoder.pt")
     assert json.loads(storage.read_text(f"{d}/trials/tsm_18-f0-s0.json"))["encoder"] is None
 
-    # Every cell of Tables 2 and 4: mean (t-interval) over the runs, pooled with its patient-level
-    # bootstrap CI, the paper's numbers, and the DeLong p against CLMAN from an independent computation.
+    # Every cell of Tables 2 and 4: the mean of the fold means with the corrected resampled t interval,
+    # pooled with its patient-level bootstrap CI, the paper's numbers, and the paired test against CLMAN.
     for table in TABLES:
         cells = _table(md, table)
         rows = [r for r in table_rows(table) if r.name in ROWS]
@@ -213,7 +218,7 @@ def test_tiny_study_fills_every_cell_of_its_tables(tiny_study):
             assert mean_line[0] == row.title(table) and pooled_line[0] == "↳ pooled" and paper_line[0] == "↳ paper"
             runs = results[results["row"] == row.name]
             for j, (key, _) in enumerate(PAPER_COLUMNS, start=1):
-                assert mean_line[j].rstrip(" †") == _cell(*_t_interval(runs[key])), (row.name, key)
+                assert mean_line[j].rstrip(" †") == _cell(*_corrected_t(runs, key)), (row.name, key)
                 assert paper_line[j] == _pct(row.paper_metrics[key])
             pooled = preds[preds["row"] == row.name].sort_values("video_id")
             scores, labels = pooled["score"].to_numpy(), pooled["label"].to_numpy()
@@ -227,9 +232,17 @@ def test_tiny_study_fills_every_cell_of_its_tables(tiny_study):
             if row.name == REFERENCE:
                 assert p_cell == "ref."
             else:
+                # The p shown is the paired patient bootstrap (checked against a plain loop in
+                # test_study_stats); the per-video DeLong is only an extra of summary.json, checked
+                # here against an independent computation.
                 ref = preds[preds["row"] == REFERENCE].sort_values("video_id")
+                vs = summary[row.name]["vs_reference"]
+                assert p_cell == ("<0.001" if vs["p_auc"] < 0.001 else f"{vs['p_auc']:.3f}"), (row.name, p_cell)
+                assert vs["auc_diff"] == pytest.approx(
+                    _auc_mann_whitney(scores, labels) - _auc_mann_whitney(ref["score"].to_numpy(), labels))
+                assert vs["auc_diff_ci95"][0] <= vs["auc_diff"] <= vs["auc_diff_ci95"][1]
                 p = _delong_reference(scores, ref["score"].to_numpy(), labels)
-                assert p_cell == ("<0.001" if p < 0.001 else f"{p:.3f}"), (row.name, p_cell, p)
+                assert vs["p_auc_delong_per_video"] == pytest.approx(p, rel=1e-6), row.name
     # The patients of a fold are resampled together: 16 patients of 2 videos each.
     assert manifest.groupby("patient_id").size().eq(2).all()
     assert {"op_threshold", "op_sensitivity", "op_specificity"} <= set(results.columns)

@@ -2,9 +2,26 @@
 
 Sources (each becomes a list of ``SourceItem``):
 - a folder or S3 prefix of video files listed in a labels.csv
-  (``video``, ``label`` in benign|malignant|0|1, optional ``patient_id`` and ``split``);
-- the BUV layout ``rawframes/{benign,malignant}/<video-id>/<frame>.png``;
+  (``video``, ``label`` in benign|malignant|0|1 or empty, optional ``patient_id`` and ``split``);
+- the BUV layout ``rawframes/{benign,malignant,unlabeled}/<video-id>/<frame>.png``;
 - multi-frame ultrasound DICOM listed in a labels.csv.
+
+Unlabelled videos (contrastive pretraining only: a hospital has far more sweeps than
+diagnoses) come from a labels.csv row with an empty ``label`` (or ``unlabeled``), from
+``unlabeled=True`` (``--unlabeled``: every listed video, and labels.csv needs no ``label``
+column), or from a BUV ``rawframes/unlabeled/`` folder. They go to split ``unlabeled`` with
+label -1 and fold -1 (``clman.data.manifest``); a split column may leave them empty or say
+``unlabeled``, any other split rejects the row (``unlabeled_split``). Any other label text
+(``maybe``) is still ``unknown_label``. The splits and folds of the labelled patients are drawn
+among the labelled patients alone, so adding unlabelled videos never moves a labelled one.
+A patient's videos are all labelled or all unlabelled (``mixed_patient``): an unlabelled video
+of a patient who has labelled ones is rejected, because in the unlabelled pool it would be
+pretrained on whichever split (test included) its patient's labelled videos are in; a patient
+already in the manifest in ``out`` keeps its kind, so a labelled video of a patient the
+manifest holds as unlabelled is rejected too, until the patient's unlabelled videos are listed
+again with their labels (the new rows replace the old). The patient is known before any
+decoding (labels.csv ``patient_id``, the DICOM header's PatientID, or the video itself), so a
+rejected video is never transcoded or uploaded.
 
 Patient data. File names and patient ids of hospital exports carry names and
 record numbers (``DOE_JANE_MRN0042917.mp4``), so by default every ``video_id``
@@ -55,6 +72,8 @@ logger = logging.getLogger(__name__)
 
 SALT_ENV = "CLMAN_PATIENT_SALT"
 LABELS = {"benign": 0, "malignant": 1, "0": 0, "1": 1}
+# No label: an unlabelled video (pretraining only). The BUV folder is "unlabeled".
+UNLABELED_TEXTS = ("", "unlabeled", "unlabelled")
 FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # Reject reasons beyond the decoding ones in clman.data.video.
@@ -62,6 +81,7 @@ MISSING_FILE, UNKNOWN_LABEL, UNKNOWN_SPLIT, DUPLICATE, DUPLICATE_ID = (
     "missing_file", "unknown_label", "unknown_split", "duplicate", "duplicate_id")
 CONFLICT, OUTSIDE, OVER_LIMIT, NO_SCAN_REGION = (
     "conflicting_rows", "outside_videos", "over_limit", "no_scan_region")
+UNLABELED_SPLIT, MIXED_PATIENT = "unlabeled_split", "mixed_patient"
 
 # video: the labels.csv line (or BUV pseudonym); video_id: the pseudonym, where one was made.
 REJECTS_SCHEMA = pa.schema([("video", pa.string()), ("video_id", pa.string()), ("reason", pa.string()),
@@ -124,7 +144,7 @@ class SourceItem:
     kind: str
     uris: tuple[str, ...]  # the file, or the frame images in order
     entry: str = ""
-    label: object = None  # raw label text; parsed in ingest
+    label: object = None  # raw label text; parsed in ingest ("" = unlabelled)
     patient_id: str | None = None
     split: str | None = None
     line: int | None = None  # labels.csv line (1-based, header = line 1)
@@ -207,8 +227,12 @@ def _natural_key(text: str) -> list:
     return [int(t) if t.isdigit() else t.lower() for t in re.split(r"(\d+)", text)]
 
 
-def read_labels(labels_uri: str) -> pd.DataFrame:
-    """labels.csv as strings: ``video``, ``label`` (+ optional ``patient_id``, ``split``); UTF-8."""
+def read_labels(labels_uri: str, unlabeled: bool = False) -> pd.DataFrame:
+    """labels.csv as strings: ``video``, ``label`` (+ optional ``patient_id``, ``split``); UTF-8.
+
+    unlabeled: every listed video is unlabelled; the ``label`` column may be left out (it reads
+    as empty), and a label in it is an IngestError (say which you mean: labelled or not).
+    """
     try:
         data = storage.read_bytes(labels_uri)
     except storage.StorageError as err:
@@ -224,12 +248,20 @@ def read_labels(labels_uri: str) -> pd.DataFrame:
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
         raise IngestError(f"{labels_uri}: not a readable CSV: {' '.join(str(err).split())}") from None
     df.columns = [c.strip() for c in df.columns]
+    if unlabeled and "label" not in df.columns:
+        df["label"] = ""
     missing = [c for c in ("video", "label") if c not in df.columns]
     if missing:
         raise IngestError(f"{labels_uri}: missing column(s) {missing}; expected video,label"
-                          "[,patient_id][,split]")
+                          "[,patient_id][,split] (or video[,patient_id] with --unlabeled)")
     for col in df.columns:
         df[col] = df[col].str.strip()
+    if unlabeled:
+        labelled = [i for i, v in enumerate(df["label"]) if v.lower() not in UNLABELED_TEXTS]
+        if labelled:
+            raise IngestError(f"{labels_uri}: line {labelled[0] + 2} has label {df['label'].iloc[labelled[0]]!r} "
+                              "but --unlabeled says every video is unlabelled; drop --unlabeled (an empty label "
+                              "marks an unlabelled row) or empty the label column")
     return df
 
 
@@ -243,8 +275,8 @@ def _relative(entry: str) -> tuple[str, bool]:
     return entry, outside
 
 
-def _labelled(folder: str, labels_uri: str, kind: str) -> list[SourceItem]:
-    df = read_labels(labels_uri)
+def _labelled(folder: str, labels_uri: str, kind: str, unlabeled: bool = False) -> list[SourceItem]:
+    df = read_labels(labels_uri, unlabeled)
     items = []
     for i, row in enumerate(df.itertuples(index=False)):
         entry, outside = _relative(row.video)
@@ -258,18 +290,22 @@ def _labelled(folder: str, labels_uri: str, kind: str) -> list[SourceItem]:
     return items
 
 
-def labeled_items(videos: str, labels_uri: str) -> list[SourceItem]:
-    """Video files under ``videos`` (folder or s3:// prefix) listed in labels.csv."""
-    return _labelled(videos, labels_uri, "video")
+def labeled_items(videos: str, labels_uri: str, unlabeled: bool = False) -> list[SourceItem]:
+    """Video files under ``videos`` (folder or s3:// prefix) listed in labels.csv.
+
+    unlabeled: every listed video is unlabelled (see :func:`read_labels`)."""
+    return _labelled(videos, labels_uri, "video", unlabeled)
 
 
-def dicom_items(folder: str, labels_uri: str) -> list[SourceItem]:
+def dicom_items(folder: str, labels_uri: str, unlabeled: bool = False) -> list[SourceItem]:
     """Multi-frame DICOM files under ``folder`` listed in labels.csv (``video`` = file path)."""
-    return _labelled(folder, labels_uri, "dicom")
+    return _labelled(folder, labels_uri, "dicom", unlabeled)
 
 
 def buv_items(root: str) -> list[SourceItem]:
-    """BUV layout: ``<root>/rawframes/{benign,malignant}/<video-id>/<frame>.png`` (natural order)."""
+    """BUV layout: ``<root>/rawframes/{benign,malignant,unlabeled}/<video-id>/<frame>.png`` (natural order).
+
+    The folder ``unlabeled`` holds videos without a label (split ``unlabeled``)."""
     base = storage.join(root, "rawframes")
     frames: dict[tuple[str, str], list[str]] = {}
     for uri in storage.list_uris(base):
@@ -279,7 +315,7 @@ def buv_items(root: str) -> list[SourceItem]:
             continue
         frames.setdefault((parts[0], parts[1]), []).append(uri)
     if not frames:
-        raise IngestError(f"{base}: no frames found; expected rawframes/{{benign,malignant}}/"
+        raise IngestError(f"{base}: no frames found; expected rawframes/{{benign,malignant,unlabeled}}/"
                           "<video-id>/<frame>.png")
     items = []
     for (label, vid), uris in sorted(frames.items()):
@@ -520,6 +556,8 @@ class _Fingerprint:
     sha256: str | None = None
     video_id: str | None = None
     reject: _Reject | None = None
+    dicom_patient: str | None = None  # the header's PatientID (memory only; stored only hashed)
+    patient: str | None = None  # the manifest's patient_id, set by ingest after pass 1
 
 
 def _fingerprint(index: int, item: SourceItem, video_id: str, limits: Limits) -> _Fingerprint:
@@ -538,11 +576,29 @@ def _fingerprint(index: int, item: SourceItem, video_id: str, limits: Limits) ->
             h.update(len(blob).to_bytes(8, "little"))
         h.update(blob)
     fp.sha256 = h.hexdigest()
+    if item.kind == "dicom" and not item.patient_id:
+        fp.dicom_patient = _dicom_patient_id(blobs[0])
     return fp
 
 
+def _dicom_patient_id(blob: bytes) -> str | None:
+    """The PatientID of a DICOM header (no pixel decoded); None when absent or unreadable
+    (an unreadable file is rejected in pass 2, naming why)."""
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(blob), stop_before_pixels=True, specific_tags=["PatientID"])
+    except Exception:  # any parse failure: pass 2 decodes it and gives the reason
+        return None
+    return str(getattr(ds, "PatientID", "") or "").strip() or None
+
+
 def _parse_label(raw) -> int | None:
-    return LABELS.get(str(raw).strip().lower()) if raw is not None else None
+    """0 / 1, ``M.UNLABELED_LABEL`` for an empty (or ``unlabeled``) label, None for anything else."""
+    if raw is None:
+        return None
+    text = str(raw).strip().lower()
+    return M.UNLABELED_LABEL if text in UNLABELED_TEXTS else LABELS.get(text)
 
 
 def _progress(it: Iterable, total: int, desc: str) -> Iterable:
@@ -583,36 +639,84 @@ def _settle_rows(items: Sequence[SourceItem], reject: Callable) -> list[SourceIt
                    + " with another label, patient_id or split")
         elif others and rows[0] is not item:
             reject(item, DUPLICATE, f"the same row as line {rows[0].line}")
-        elif _parse_label(item.label) is None:
-            reject(item, UNKNOWN_LABEL, f"label {item.label!r} is not one of benign, malignant, 0, 1")
-        elif item.split is not None and item.split not in M.SPLITS:
-            reject(item, UNKNOWN_SPLIT, f"split {item.split!r} is not one of {list(M.SPLITS)}")
+        elif (label := _parse_label(item.label)) is None:
+            reject(item, UNKNOWN_LABEL, f"label {item.label!r} is not one of benign, malignant, 0, 1, or empty "
+                                        "(unlabelled)")
+        elif label == M.UNLABELED_LABEL:
+            if item.split in (None, "", M.UNLABELED):
+                out.append(item)
+            else:
+                reject(item, UNLABELED_SPLIT, f"no label but split {item.split!r}; unlabelled videos go to split "
+                                              f"{M.UNLABELED!r} (leave the split empty), or give the label")
+        elif item.split == M.UNLABELED:
+            reject(item, UNLABELED_SPLIT, f"label {item.label!r} but split {M.UNLABELED!r}, which is for videos "
+                                          "without a label")
+        elif item.split is not None and item.split not in M.LABELED_SPLITS:
+            reject(item, UNKNOWN_SPLIT, f"split {item.split!r} is not one of {list(M.LABELED_SPLITS)}")
         else:
             out.append(item)
     return out
 
 
+def _mixed_patients(prints: Sequence[_Fingerprint], previous: pd.DataFrame) -> dict[int, str]:
+    """{position in ``prints``: detail} of the videos to reject because their patient is of the other kind.
+
+    A patient's videos are all labelled or all unlabelled. A patient with rows in ``previous``
+    that this input does not replace keeps its kind (as it keeps its split); otherwise the
+    patient is labelled when any of its videos here is, and its unlabelled ones are rejected.
+    """
+    replaced = {fp.video_id for fp in prints}
+    kept = previous[~previous["video_id"].isin(replaced)]
+    kept_kind = kept.groupby("patient_id")["split"].agg(lambda s: (s == M.UNLABELED).all())
+    kept_count = kept.groupby("patient_id").size()
+    labelled: dict[str, list[str]] = {}
+    for fp in prints:
+        if _parse_label(fp.item.label) != M.UNLABELED_LABEL:
+            labelled.setdefault(fp.patient, []).append(fp.item.name)
+    out = {}
+    for i, fp in enumerate(prints):
+        unlabeled = _parse_label(fp.item.label) == M.UNLABELED_LABEL
+        if fp.patient in kept_kind.index:
+            if bool(kept_kind[fp.patient]) != unlabeled:
+                n, kind = int(kept_count[fp.patient]), "unlabelled" if kept_kind[fp.patient] else "labelled"
+                out[i] = (f"its patient has {n} {kind} video(s) in the manifest in --out; a patient's videos are all "
+                          "labelled or all unlabelled" + (
+                              " (list those again with their labels to label the patient)" if not unlabeled else
+                              ": an unlabelled one would be pretrained on beside its patient's labelled videos"))
+        elif unlabeled and fp.patient in labelled:
+            out[i] = (f"its patient also has labelled videos ({', '.join(labelled[fp.patient][:3])}); a patient's "
+                      "videos are all labelled or all unlabelled: give it the label, or leave it out")
+    return out
+
+
 def _assign(manifest: pd.DataFrame, previous: pd.DataFrame, given_split: bool,
             ratios: Sequence[float] | None, folds: int, seed: int) -> pd.DataFrame:
-    """Splits and folds: as given in labels.csv; else patients already in ``previous`` keep
-    theirs and new patients are split (stratified, seeded) among themselves."""
+    """Splits and folds: as given in labels.csv; else labelled patients already in ``previous``
+    keep theirs and new labelled patients are split (stratified, seeded) among themselves.
+    Unlabelled videos: split ``unlabeled``, fold -1, whatever the rest."""
+    manifest = manifest.copy()
+    unlabeled = manifest["label"] == M.UNLABELED_LABEL
+    manifest.loc[unlabeled, "split"], manifest.loc[unlabeled, "fold"] = M.UNLABELED, -1
     if given_split:
         return manifest
-    if len(previous):
+    previous = M.labeled(previous)
+    known = previous.groupby("patient_id")[["split", "fold"]].first()
+    if len(previous) and (~unlabeled).any():  # unlabelled videos alone need no --folds / --split
         prev_folds = int(previous["fold"].max()) + 1 if (previous["fold"] >= 0).any() else 0
         if prev_folds != folds:
             had = f"--folds {prev_folds}" if prev_folds else "a train/val/test split"
             raise IngestError(f"the manifest in --out was made with {had}; ingest into it the same way, or "
                               "into another --out")
-    known = previous.groupby("patient_id")[["split", "fold"]].first()
-    new = manifest[~manifest["patient_id"].isin(known.index)]
+    new = manifest[~unlabeled & ~manifest["patient_id"].isin(known.index)]
     if len(new):
         placed = M.assign_splits(new, ratios=ratios or M.DEFAULT_RATIOS, folds=folds, seed=seed,
                                  strict=previous.empty)
         known = pd.concat([known, placed.groupby("patient_id")[["split", "fold"]].first()])
-    manifest = manifest.copy()
-    manifest["split"] = manifest["patient_id"].map(known["split"])
-    manifest["fold"] = manifest["patient_id"].map(known["fold"]).astype("int8")
+    if (~unlabeled).any():
+        patients = manifest.loc[~unlabeled, "patient_id"]
+        manifest.loc[~unlabeled, "split"] = patients.map(known["split"])
+        manifest.loc[~unlabeled, "fold"] = patients.map(known["fold"]).astype("int8")
+    manifest["fold"] = manifest["fold"].astype("int8")
     return manifest
 
 
@@ -678,7 +782,6 @@ def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | N
             seen_id[fp.video_id] = fp.item.name
             keep.append(fp)
 
-    # Pass 2: decode, transcode, upload (skipping what is already in out).
     def patient_of(item: SourceItem, video_id: str, dicom_patient: str | None = None) -> str:
         if item.patient_id:
             return names.patient(item.patient_id)
@@ -686,11 +789,21 @@ def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | N
             return names.dicom_patient(dicom_patient) or video_id
         return video_id
 
+    # Labelled and unlabelled videos of one patient: settled before anything is transcoded.
+    for fp in keep:
+        fp.patient = patient_of(fp.item, fp.video_id, fp.dicom_patient)
+    mixed = _mixed_patients(keep, previous)
+    for i, detail in mixed.items():
+        reject(keep[i].item, MIXED_PATIENT, detail, keep[i].video_id)
+    keep = [fp for i, fp in enumerate(keep) if i not in mixed]
+
+    # Pass 2: decode, transcode, upload (skipping what is already in out).
     def process(fp: _Fingerprint) -> dict | _Reject:
         item, clip_uri = fp.item, storage.join(out, "clips", f"{fp.video_id}.mp4")
         prev = prev_rows.get(fp.video_id)
-        row = {"video_id": fp.video_id, "label": _parse_label(item.label), "sha256": fp.sha256,
-               "uri": clip_uri, "source": item.source, "split": item.split or "train", "fold": -1}
+        label = _parse_label(item.label)
+        row = {"video_id": fp.video_id, "label": label, "sha256": fp.sha256, "uri": clip_uri, "source": item.source,
+               "split": M.UNLABELED if label == M.UNLABELED_LABEL else item.split or "train", "fold": -1}
         if prev is not None and prev["sha256"] == fp.sha256 and storage.exists(clip_uri):
             row.update({k: prev[k] for k in ("num_frames", "fps", "height", "width")})
             # A DICOM's PatientID was hashed into prev on its first ingest.

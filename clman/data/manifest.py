@@ -1,4 +1,11 @@
-"""The manifest: one Parquet row per ingested video (schema in DESIGN.md), and patient-level splits."""
+"""The manifest: one Parquet row per ingested video (schema in DESIGN.md), and patient-level splits.
+
+Unlabelled videos (for contrastive pretraining only) are rows of split ``unlabeled`` with label
+``UNLABELED_LABEL`` (-1) and fold -1: the label column stays int8 and every labelled split keeps
+0 / 1, so a reader that selects train / val / test never meets a -1. The two go together (a -1
+outside ``unlabeled`` or a 0 / 1 inside it is refused), and since no patient is in two splits, an
+unlabelled patient has no labelled video. ``assign_splits`` stratifies the labelled patients only.
+"""
 
 from __future__ import annotations
 
@@ -16,8 +23,8 @@ logger = logging.getLogger(__name__)
 MANIFEST_SCHEMA = pa.schema([
     ("video_id", pa.string()),
     ("patient_id", pa.string()),
-    ("label", pa.int8()),  # 0 benign, 1 malignant
-    ("split", pa.string()),  # train | val | test
+    ("label", pa.int8()),  # 0 benign, 1 malignant, -1 unlabelled (split unlabeled only)
+    ("split", pa.string()),  # train | val | test | unlabeled
     ("fold", pa.int8()),  # -1 when unused
     ("uri", pa.string()),
     ("num_frames", pa.int32()),
@@ -33,7 +40,10 @@ COLUMNS = tuple(MANIFEST_SCHEMA.names)
 # a file of any other version is refused by name rather than misread.
 MANIFEST_VERSION = "2"
 VERSION_KEY = b"clman.manifest_version"
-SPLITS = ("train", "val", "test")
+LABELED_SPLITS = ("train", "val", "test")
+UNLABELED = "unlabeled"  # the split of videos without a label: pretraining only
+UNLABELED_LABEL = -1  # their label
+SPLITS = (*LABELED_SPLITS, UNLABELED)
 DEFAULT_RATIOS = (0.6, 0.0, 0.4)
 
 
@@ -62,18 +72,35 @@ def validate_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
     dup = df["video_id"].duplicated()
     if dup.any():
         raise ManifestError(f"{where}: video_id {df['video_id'][dup].iloc[0]!r} appears twice")
-    bad = ~df["label"].isin([0, 1])
-    if bad.any():
-        raise ManifestError(f"{where}: row {int(np.flatnonzero(bad)[0])} label "
-                            f"{df['label'][bad].iloc[0]!r} is not 0 (benign) or 1 (malignant)")
     bad = ~df["split"].isin(SPLITS)
     if bad.any():
         raise ManifestError(f"{where}: row {int(np.flatnonzero(bad)[0])} split "
                             f"{df['split'][bad].iloc[0]!r} is not one of {list(SPLITS)}")
+    unlabeled = df["split"] == UNLABELED
+    bad = (~unlabeled & ~df["label"].isin([0, 1])) | (unlabeled & (df["label"] != UNLABELED_LABEL))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        label = _scalar(df["label"].iloc[row])
+        if unlabeled.iloc[row]:
+            raise ManifestError(f"{where}: row {row} is in split {UNLABELED!r} with label {label!r}; unlabelled "
+                                f"videos have label {UNLABELED_LABEL}")
+        hint = f" (-1 marks an unlabelled video: split {UNLABELED!r} only)" if label == UNLABELED_LABEL else ""
+        raise ManifestError(f"{where}: row {row} label {label!r} is not 0 (benign) or 1 (malignant){hint}")
+    bad = unlabeled & (df["fold"] != -1)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        fold = _scalar(df["fold"].iloc[row])
+        raise ManifestError(f"{where}: row {row} is in split {UNLABELED!r} with fold {fold!r}; unlabelled videos "
+                            "are in no fold (-1)")
     bad = df["num_frames"] < 1
     if bad.any():
         raise ManifestError(f"{where}: video {df['video_id'][bad].iloc[0]!r} has num_frames < 1")
     check_patient_splits(df, where)
+
+
+def _scalar(value):
+    """A numpy scalar as the Python one (``-1``, not ``np.int8(-1)``, in messages)."""
+    return value.item() if hasattr(value, "item") else value
 
 
 def check_patient_splits(df: pd.DataFrame, where: str = "manifest") -> None:
@@ -113,7 +140,11 @@ def write_manifest(df: pd.DataFrame, uri: str) -> None:
 
 
 def read_manifest(uri: str, split: str | Sequence[str] | None = None) -> pd.DataFrame:
-    """The manifest at ``uri`` (rows of ``split`` only when given), validated."""
+    """The manifest at ``uri`` (rows of ``split`` only when given), validated.
+
+    Without ``split`` every row comes back, the ``unlabeled`` ones (label -1) too: a reader that
+    needs labels selects labelled splits (``labeled``) or names its splits.
+    """
     table = storage.read_parquet(uri)
     version = manifest_version(table)
     if version is not None and version != MANIFEST_VERSION:
@@ -133,6 +164,18 @@ def read_manifest(uri: str, split: str | Sequence[str] | None = None) -> pd.Data
                 raise ManifestError(f"{uri}: unknown split {s!r}; valid: {list(SPLITS)}")
         df = df[df["split"].isin(wanted)].reset_index(drop=True)
     return df
+
+
+def labeled(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of ``df`` that carry a label (every split but ``unlabeled``)."""
+    return df[df["split"] != UNLABELED].reset_index(drop=True)
+
+
+def check_labeled_split(split: str, where: str) -> None:
+    """A one-line ManifestError when ``split`` has no labels (``unlabeled``): nothing to score or finetune."""
+    if split == UNLABELED:
+        raise ManifestError(f"{where}: split {UNLABELED!r} holds videos without a label (pretraining only); "
+                            f"choose one of {list(LABELED_SPLITS)}")
 
 
 def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
@@ -204,6 +247,8 @@ def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, fo
     """A copy of ``df`` with ``split`` and ``fold`` set per patient, stratified by label.
 
     strict=False (patients added to an existing manifest): a split or fold may stay empty.
+    Only labelled rows are stratified (the draw is the same with or without unlabelled rows
+    beside them); rows with label -1 get split ``unlabeled`` and fold -1.
 
     ratios: (train, val, test) fractions of patients in each label stratum.
     folds > 1: K-fold cross-validation instead; every patient gets a fold
@@ -212,6 +257,19 @@ def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, fo
     """
     if df.empty:
         raise ManifestError("cannot assign splits: no videos")
+    unlabeled = df["label"] == UNLABELED_LABEL
+    if unlabeled.any():
+        mixed = set(df.loc[unlabeled, "patient_id"]) & set(df.loc[~unlabeled, "patient_id"])
+        if mixed:
+            raise ManifestError(f"patient {sorted(mixed)[0]!r} has labelled and unlabelled videos; a patient's "
+                                "videos are all labelled or all unlabelled")
+        out = df.copy()
+        out.loc[unlabeled, "split"], out.loc[unlabeled, "fold"] = UNLABELED, -1
+        if (~unlabeled).any():
+            placed = assign_splits(df[~unlabeled], ratios, folds, seed, strict)
+            out.loc[placed.index, "split"], out.loc[placed.index, "fold"] = placed["split"], placed["fold"]
+        out["fold"] = out["fold"].astype("int8")
+        return out
     labels = patient_labels(df)  # index sorted by patient_id: order of input rows does not matter
     rng = np.random.default_rng(seed)
     split_of: dict[str, str] = {}
@@ -237,11 +295,11 @@ def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, fo
         table = _stratified_counts([len(p) for p in strata], ratios, rng)
         for patients, counts in zip(strata, table):
             bounds = np.cumsum([0, *counts])
-            for name, lo, hi in zip(SPLITS, bounds[:-1], bounds[1:]):
+            for name, lo, hi in zip(LABELED_SPLITS, bounds[:-1], bounds[1:]):
                 for pid in patients[lo:hi]:
                     split_of[pid] = name
                     fold_of[pid] = -1
-        for name, ratio in zip(SPLITS, ratios):
+        for name, ratio in zip(LABELED_SPLITS, ratios):
             if strict and ratio > 0 and name not in split_of.values():
                 raise ManifestError(
                     f"split {name!r} would be empty: ratio {ratio:g} of {len(labels)} patients "
@@ -259,7 +317,10 @@ def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, fo
 
 
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """Videos and patients per split (and fold) and label, for the ingest summary."""
+    """Videos and patients per split (and fold) and label, for the ingest summary.
+
+    The ``unlabeled`` split shows 0 benign and 0 malignant: its videos are all unlabelled.
+    """
     keys = ["split"] + (["fold"] if (df["fold"] >= 0).any() else [])
     g = df.groupby(keys)
     return pd.DataFrame({

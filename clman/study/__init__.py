@@ -15,7 +15,7 @@ The driver (Tune grid, Ray Train runs) calls, in order::
 
     for fold, seed in study.pretrain_cells(grid):                # one SimCLR run per (fold, seed)
         split = plan.split(fold, seed, val_fraction)             # val_fraction: finetune.val_fraction
-        # pretrain on split.training_folds with study.pretrain_sets(seed, sets, rows)
+        # pretrain on split.pretraining_pool (train + val + unlabelled) with study.pretrain_sets(seed, sets, rows)
     for t in grid:                                               # one Tune trial each
         split = plan.split(t.fold, t.seed, val_fraction)         # Split: .train .val .test DataFrames, .note
         # write split.manifest() (split column train/val/test) and finetune it with
@@ -28,7 +28,7 @@ The driver (Tune grid, Ray Train runs) calls, in order::
     study.write_study(out_dir, results, predictions, tables_shown=study.parse_tables("1,2,3,4"),
                       protocol=plan.describe(), command=..., config=tree, run_time_s=...,
                       n_boot=evaluate.bootstrap, seed=evaluate.seed)
-    # -> study.md, study.parquet, predictions.parquet, roc.png under out_dir
+    # -> study.md, summary.json, study.parquet, predictions.parquet, roc.png under out_dir
 
 ``results`` and ``predictions`` are plain tables (pandas DataFrames, lists of dicts or Arrow
 tables), so a resumed study rebuilds them from its finished trials and rewrites everything.

@@ -11,15 +11,23 @@ manifest's val split in holdout when it has one, else a share of the training pa
 carved per label by ``assign_splits`` from the trial's seed — the same carve
 ``clman.train.finetune.validation_split`` makes, so a (fold, seed) gives the same validation
 patients to every row, and the rows are compared on the same footing.
+
+Unlabelled videos (split ``unlabeled``, label -1, fold -1: ``jobs.ingest`` with empty labels or
+``--unlabeled``) are in no fold and on no side: the folds, the holdout checks and the carve see
+the labelled rows only. Every (fold, seed) adds all of them to its SimCLR pool
+(``Split.pretraining_pool`` = its train + val + the unlabelled videos, never its test videos);
+their patients have no labelled video (``clman.data.manifest``), so none is a held-out patient.
+A manifest without any simply gives a pool of train + val: there is no study option that asks
+for them, so nothing fails when there are none.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
-from clman.data.manifest import ManifestError, assign_splits, check_patient_splits
+from clman.data.manifest import UNLABELED, ManifestError, assign_splits, check_patient_splits, labeled
 from clman.study.rows import StudyError
 
 HOLDOUT = -1  # the fold number of the manifest's fixed train/test split
@@ -35,16 +43,26 @@ class Split:
     val: pd.DataFrame  # empty when finetune.val_fraction = 0 and the manifest has no val split
     test: pd.DataFrame
     note: str  # one line: where the validation videos come from
+    unlabeled: pd.DataFrame = field(default_factory=pd.DataFrame)  # the manifest's unlabelled videos, all
 
     def manifest(self) -> pd.DataFrame:
-        """One manifest (DataFrame) with split train / val / test, for ``write_manifest`` and finetune."""
+        """One manifest (DataFrame) with split train / val / test (and the unlabelled videos as split
+        ``unlabeled``), for ``write_manifest``, finetune (train / val) and SimCLR (its pool)."""
         parts = [self.train.assign(split="train"), self.val.assign(split="val"), self.test.assign(split="test")]
+        if len(self.unlabeled):
+            parts.append(self.unlabeled.assign(split=UNLABELED))
         return pd.concat(parts, ignore_index=True)
 
     @property
     def training_folds(self) -> pd.DataFrame:
-        """Train + val: every video SimCLR pretraining of this (fold, seed) may see (never a test video)."""
+        """Train + val: the labelled videos SimCLR pretraining of this (fold, seed) may see (never a test video)."""
         return pd.concat([self.train, self.val], ignore_index=True)
+
+    @property
+    def pretraining_pool(self) -> pd.DataFrame:
+        """What SimCLR of this (fold, seed) reads: train + val + every unlabelled video, never a test video."""
+        return pd.concat([self.training_folds, self.unlabeled], ignore_index=True) if len(self.unlabeled) \
+            else self.training_folds
 
 
 def _classes(rows: pd.DataFrame) -> str:
@@ -56,9 +74,10 @@ def _classes(rows: pd.DataFrame) -> str:
 class FoldPlan:
     """The checked manifest and the folds of a study; ``split(fold, seed)`` gives a trial's videos."""
 
-    manifest: pd.DataFrame
+    manifest: pd.DataFrame  # the labelled rows
     folds: tuple[int, ...]  # (HOLDOUT,) for --holdout
     where: str = "manifest"
+    unlabeled: pd.DataFrame = field(default_factory=pd.DataFrame)  # split ``unlabeled``: SimCLR pool only
 
     @property
     def holdout(self) -> bool:
@@ -68,6 +87,9 @@ class FoldPlan:
         df = self.manifest
         head = (f"{len(df)} videos of {df['patient_id'].nunique()} patients "
                 f"({int((df['label'] == 1).sum())} malignant)")
+        if len(self.unlabeled):
+            head += (f" and {len(self.unlabeled)} unlabelled videos of {self.unlabeled['patient_id'].nunique()} "
+                     "other patients (in every SimCLR run, never finetuned or tested on)")
         if self.holdout:
             test = df[df["split"] == "test"]
             return f"{head}; the manifest's fixed train/test split ({len(test)} test videos)"
@@ -84,15 +106,17 @@ class FoldPlan:
             test = df[df["fold"] == fold].reset_index(drop=True)
             train = df[df["fold"] != fold].reset_index(drop=True)
             val = train.iloc[:0]
+        pool = self.unlabeled
         if len(val):
-            return Split(fold, seed, train, val, test, f"validation: the manifest's val split ({_classes(val)})")
+            return Split(fold, seed, train, val, test, f"validation: the manifest's val split ({_classes(val)})",
+                         pool)
         if val_fraction == 0:
             return Split(fold, seed, train, val, test,
-                         "no validation (finetune.val_fraction=0): the last checkpoint is kept")
+                         "no validation (finetune.val_fraction=0): the last checkpoint is kept", pool)
         train, val = carve_validation(train, val_fraction, seed, f"{self.where} fold {fold}")
         return Split(fold, seed, train, val, test,
                      f"validation: {_classes(val)} carved from the training folds "
-                     f"(finetune.val_fraction={val_fraction:g}, seed {seed})")
+                     f"(finetune.val_fraction={val_fraction:g}, seed {seed})", pool)
 
 
 def carve_validation(train: pd.DataFrame, fraction: float, seed: int, where: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -116,19 +140,22 @@ def plan_folds(manifest: pd.DataFrame, folds: int | None = None, holdout: bool =
                where: str = "manifest") -> FoldPlan:
     """Check ``manifest`` for ``folds`` = K (k-fold) or ``holdout``; every problem is one StudyError line.
 
-    k-fold: the manifest's folds must be exactly 0..K-1 (``jobs.ingest --folds K``), every video
-    in one, each holding both classes (a one-class fold has no AUC). holdout: train and test
-    splits, each with both classes.
+    k-fold: the manifest's folds must be exactly 0..K-1 (``jobs.ingest --folds K``), every labelled
+    video in one, each holding both classes (a one-class fold has no AUC). holdout: train and test
+    splits, each with both classes. Unlabelled rows (split ``unlabeled``) are set apart as
+    ``FoldPlan.unlabeled``: in no fold, on no side, in every SimCLR pool.
     """
     if holdout == (folds is not None):
         raise StudyError("give either --folds K or --holdout")
-    df = manifest.reset_index(drop=True)
-    if df.empty:
-        raise StudyError(f"{where}: no videos")
+    whole = manifest.reset_index(drop=True)
     try:
-        check_patient_splits(df, where)
+        check_patient_splits(whole, where)
     except ManifestError as e:
         raise StudyError(str(e)) from None
+    df, pool = labeled(whole), whole[whole["split"] == UNLABELED].reset_index(drop=True)
+    if df.empty:
+        raise StudyError(f"{where}: no labelled videos (only {len(pool)} unlabelled ones)" if len(pool)
+                         else f"{where}: no videos")
     if holdout:
         for name in ("train", "test"):
             part = df[df["split"] == name]
@@ -138,7 +165,7 @@ def plan_folds(manifest: pd.DataFrame, folds: int | None = None, holdout: bool =
             if part["label"].nunique() < 2:
                 raise StudyError(f"{where}: split {name!r} holds one class only ({_classes(part)}); "
                                  "re-ingest with another --seed or --split")
-        return FoldPlan(df, (HOLDOUT,), where)
+        return FoldPlan(df, (HOLDOUT,), where, pool)
     if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
         raise StudyError(f"--folds must be an integer >= 2, got {folds!r}")
     present = sorted(int(f) for f in df["fold"].unique())
@@ -159,4 +186,4 @@ def plan_folds(manifest: pd.DataFrame, folds: int | None = None, holdout: bool =
             only = "benign" if int(part["label"].iloc[0]) == 0 else "malignant"
             raise StudyError(f"{where}: fold {f} holds only {only} videos ({_classes(part)}), so its AUC is "
                              "undefined; re-ingest with fewer --folds or another --seed")
-    return FoldPlan(df, tuple(present), where)
+    return FoldPlan(df, tuple(present), where, pool)

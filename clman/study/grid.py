@@ -170,7 +170,7 @@ def trial_sets(trial: Trial, sets: StudySets, tree: Mapping | None = None) -> li
 def pretrain_sets(seed: int, sets: StudySets, rows: Sequence[Row]) -> list[str]:
     """The ``--set`` list of the SimCLR run of a (fold, seed), shared by the pretrained rows of ``rows``.
 
-    Its data: ``Split.training_folds`` of that (fold, seed), never a test video.
+    Its data: ``Split.pretraining_pool`` of that (fold, seed) (train + val + unlabelled), never a test video.
     """
     encoders = {tuple(s for s in r.sets if s.split("=", 1)[0] in ("model.arch", *ENCODER_KEYS))
                 for r in rows if r.pretrained}

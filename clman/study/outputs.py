@@ -1,11 +1,17 @@
-"""Write a study's outputs from its trials' results: study.md, study.parquet, predictions.parquet, roc.png.
+"""Write a study's outputs from its trials' results: study.md, summary.json, study.parquet, predictions.parquet,
+roc.png.
 
 Every file goes through ``clman.storage`` (local path or s3://), one atomic write each, so a
-crashed writer never leaves a half file that looks complete.
+crashed writer never leaves a half file that looks complete. summary.json holds every row's
+numbers behind study.md (``summary_dict``), with what each interval and test is, and the extra
+per-video DeLong p (``p_auc_delong_per_video``) that study.md leaves out; NaN is written as null.
+(``study.json`` beside it is the driver's record of what was asked, not numbers.)
 """
 
 from __future__ import annotations
 
+import json
+import math
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -17,7 +23,8 @@ from clman.study import stats, tables
 from clman.study.rows import REFERENCE, ROWS, table_rows
 from clman.study.stats import RowSummary
 
-OUTPUTS = ("study.md", "study.parquet", "predictions.parquet", "roc.png")
+OUTPUTS = ("study.md", "summary.json", "study.parquet", "predictions.parquet", "roc.png")
+SUMMARY_VERSION = 1
 
 
 def results_table(results) -> pa.Table:
@@ -57,11 +64,56 @@ def roc_curves(summary: Mapping[str, RowSummary], predictions) -> dict[str, tupl
     return curves
 
 
+def _num(x):
+    """A JSON number: NaN / inf as None (null); numpy scalars as Python ones."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def summary_dict(summary: Mapping[str, RowSummary], *, n_boot: int, seed: int, threshold: float) -> dict:
+    """summary.json: each row's means over runs, pooled metrics and paired test, each labelled with its method."""
+    rows = []
+    for s in summary.values():
+        ref = s.row.name == REFERENCE
+        rows.append({
+            "row": s.row.name, "runs": s.runs, "folds": s.folds, "seeds": s.seeds,
+            "means": {
+                "interval": s.interval,  # cv_corrected_t | seeds_t_one_split | none
+                "interval_note": stats.interval_note(s),
+                "test_train_ratio": _num(s.test_train_ratio), "ratio_source": s.ratio_source or None,
+                "cells": {k: {"mean": _num(m), "lo": _num(lo), "hi": _num(hi), "runs_defined": n}
+                          for k, (m, lo, hi, n) in s.cells.items()},
+            },
+            "pooled": {
+                "videos": s.videos, "patients": s.patients,
+                "metrics": {k: _num(v) for k, v in s.pooled.items()},
+                "ci95_patient_bootstrap": {k: [_num(lo), _num(hi)] for k, (lo, hi) in s.pooled_ci.items()},
+            },
+            "vs_reference": None if ref else {
+                "reference": REFERENCE,
+                "test": "paired patient bootstrap of the pooled AUC difference",
+                "auc_diff": _num(s.auc_diff), "auc_diff_ci95": [_num(s.auc_diff_ci[0]), _num(s.auc_diff_ci[1])],
+                "p_auc": _num(s.p_auc), "resamples": s.paired_resamples,
+                "p_auc_delong_per_video": _num(s.p_auc_delong_per_video),  # extra: videos taken as independent
+                "paired_videos": s.paired_videos, "paired_patients": s.paired_patients,
+            },
+        })
+    return {"version": SUMMARY_VERSION, "reference": REFERENCE, "n_boot": n_boot, "seed": seed,
+            "threshold": threshold,
+            "p_auc": "two-sided p of the paired patient bootstrap of AUC(row) - AUC(reference): "
+                     "2 min((1 + #{d* <= 0}) / (B + 1), (1 + #{d* >= 0}) / (B + 1)), at most 1",
+            "p_auc_delong_per_video": "paired DeLong test on the same videos, taking the videos as independent "
+                                      "(a patient's videos are not): an extra, not the table's p",
+            "rows": rows}
+
+
 def write_study(out_dir: str, results, predictions, *, tables_shown: Iterable[int] | None = None,
                 title: str = "CLMAN study", protocol: str = "", command: str = "", config: Mapping | None = None,
                 run_time_s: float | None = None, n_boot: int = 1000, seed: int = 0, threshold: float = 0.5,
                 notes: Sequence[str] = ()) -> dict[str, RowSummary]:
-    """Summarize the trials and write the four outputs under ``out_dir``; returns the summaries.
+    """Summarize the trials and write the five outputs (``OUTPUTS``) under ``out_dir``; returns the summaries.
 
     results / predictions: see ``clman.study.stats``. tables_shown: the tables of study.md (None:
     those with a row of the study besides CLMAN). protocol: one line saying what was split how
@@ -73,6 +125,9 @@ def write_study(out_dir: str, results, predictions, *, tables_shown: Iterable[in
     storage.write_bytes(storage.join(out_dir, "roc.png"),
                         report.roc_png(roc_curves(summary, predictions), title="ROC curves, pooled out of fold",
                                        size=5.0))
+    storage.write_text(storage.join(out_dir, "summary.json"),
+                       json.dumps(summary_dict(summary, n_boot=n_boot, seed=seed, threshold=threshold), indent=1,
+                                  allow_nan=False) + "\n")
     text = tables.markdown(summary, tables=tables_shown, title=title, protocol=protocol, command=command,
                            config=config, run_time_s=run_time_s, n_boot=n_boot, threshold=threshold, notes=notes)
     storage.write_text(storage.join(out_dir, "study.md"), text)  # last: its presence marks a complete write

@@ -1,9 +1,12 @@
 """study.md: the paper's Tables 1-4 filled in from a study's summaries (``clman.study.stats``).
 
 Each table keeps the paper's layout (method; Acc, AP, Sens, Spec, F1, AUC in %) with three
-lines per method: the mean over the (fold, seed) runs with a 95 % t-interval, the pooled
-out-of-fold value with its patient-level bootstrap CI, and the paper's number. The last
-column is the DeLong p-value of the row's pooled AUC against CLMAN's on the same videos.
+lines per method: the mean over the runs (seeds averaged within each fold, then the mean of the
+fold means) with a 95 % interval, the pooled out-of-fold value with its patient-level bootstrap
+CI, and the paper's number. One sentence under the tables says which interval the means carry
+(``stats.interval_note``: the corrected resampled t over folds, or over seeds only on one fixed
+split). The last column is the p-value of the paired patient bootstrap of the row's pooled AUC
+against CLMAN's on the same videos; the pooled line holds that AUC difference with its CI.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import yaml
 
 from clman.report import PAPER_COLUMNS
 from clman.study.rows import REFERENCE, TABLE_TITLES, TABLES, table_rows
-from clman.study.stats import OP_COLUMNS, RowSummary
+from clman.study.stats import INTERVAL_SEEDS, OP_COLUMNS, RowSummary, interval_note
 
 DASH = "–"
 
@@ -51,20 +54,34 @@ def fmt_p(p) -> str:
     return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def fmt_diff(diff, ci) -> str:
+    """``ΔAUC +x.xx (lo, hi)`` in AUC points (signed, not clipped; a comma, as both ends may be negative);
+    '' when untested."""
+    if not _finite(diff):
+        return ""
+    text = f"ΔAUC {100 * diff:+.2f}"
+    lo, hi = ci
+    return text + (f" ({100 * lo:+.2f}, {100 * hi:+.2f})" if _finite(lo) and _finite(hi) else "")
+
+
 def _head(columns: Sequence[str]) -> list[str]:
     return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
 
 
 def table_lines(title_of, summaries: Sequence[RowSummary]) -> list[str]:
     """The Markdown table of ``summaries``; ``title_of(row)`` names a row as the paper's table does."""
-    lines = _head(["Method", *(h for _, h in PAPER_COLUMNS), "p (AUC vs CLMAN)"])
+    # One fixed split: the interval of the means is the seeds' alone; say so where the numbers are.
+    method = "Method (interval: seeds only, see below)" if any(s.interval == INTERVAL_SEEDS for s in summaries) \
+        else "Method"
+    lines = _head([method, *(h for _, h in PAPER_COLUMNS), "p (AUC vs CLMAN)"])
     for s in summaries:
         mean = [fmt_cell(s.cells[k], s.runs) for k, _ in PAPER_COLUMNS]
         p = None if s.row.name == REFERENCE else s.p_auc
         lines.append(f"| {title_of(s.row)} | " + " | ".join(mean) + f" | {fmt_p(p)} |")
         if s.pooled:
             pooled = [fmt_pct(s.pooled[k]) + fmt_ci(*s.pooled_ci.get(k, (None, None))) for k, _ in PAPER_COLUMNS]
-            lines.append("| ↳ pooled | " + " | ".join(pooled) + " | |")
+            diff = "" if s.row.name == REFERENCE else fmt_diff(s.auc_diff, s.auc_diff_ci)
+            lines.append("| ↳ pooled | " + " | ".join(pooled) + (f" | {diff} |" if diff else " | |"))
         paper = s.row.paper_metrics
         lines.append("| ↳ paper | " + " | ".join(fmt_pct(paper[k]) for k, _ in PAPER_COLUMNS) + " | |")
     return lines
@@ -86,6 +103,17 @@ def op_lines(summaries: Sequence[RowSummary]) -> list[str]:
     return lines
 
 
+def interval_lines(summaries: Iterable[RowSummary]) -> list[str]:
+    """The sentence under the tables that says which interval the means carry (one per kind, naming
+    the rows, when rows differ)."""
+    by_note: dict[str, list[str]] = {}
+    for s in summaries:
+        by_note.setdefault(interval_note(s), []).append(s.row.name)
+    if len(by_note) == 1:
+        return [f"Interval of the means (these tables and the operating point): {next(iter(by_note))}."]
+    return [f"Interval of the means of {', '.join(rows)}: {note}." for note, rows in by_note.items()]
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
@@ -104,18 +132,22 @@ def markdown(summary: Mapping[str, RowSummary], *, tables: Iterable[int] | None 
              n_boot: int = 1000, threshold: float = 0.5, notes: Sequence[str] = ()) -> str:
     """study.md from :func:`clman.study.stats.summarize`'s output and what the run was."""
     tables = default_tables(summary) if tables is None else tuple(tables)
-    runs = max((s.runs for s in summary.values()), default=0)
     lines = [f"# {title}", ""]
     if protocol:
         lines += [protocol, ""]
     lines += [
-        f"Each cell: the mean over the {runs} (fold, seed) runs of a row with its 95 % t-interval "
-        "(clipped to [0, 100]), in %. "
+        "Each cell: the mean of a row's metric over its runs in %, the seeds of a fold averaged first (they "
+        "share its test videos), then the mean of the fold means, with the 95 % interval stated under the "
+        "tables (clipped to [0, 100]). "
         f"↳ pooled: the metric of the pooled out-of-fold predictions (one score per video, its mean over "
         f"seeds) with a 95 % CI from {n_boot} bootstrap resamples of patients (a patient's videos together). "
         "↳ paper: Huang et al. 2022, one random 60/40 split of 268 videos. "
-        "p: paired DeLong test of the pooled AUC against CLMAN's on the same videos. "
-        f"Malignant is the positive class; threshold {threshold:g}.",
+        f"p: two-sided p-value of the paired bootstrap of the pooled AUC against CLMAN's on the same videos "
+        f"({n_boot} resamples of patients, both rows scored on each; p = 2 · min(P(Δ ≤ 0), P(Δ ≥ 0)) with "
+        "the +1 correction); ΔAUC on the ↳ pooled line: the row's AUC minus CLMAN's, in points, with its 95 % "
+        "percentile CI. "
+        f"Malignant is the positive class; threshold {threshold:g}."
+        + ("" if n_boot else " No bootstrap was asked (0 resamples): no pooled CIs, and p is n/a."),
         "",
     ]
     shown: set[str] = set()
@@ -128,8 +160,10 @@ def markdown(summary: Mapping[str, RowSummary], *, tables: Iterable[int] | None 
     rest = [s for s in summary.values() if s.row.name not in shown]
     if rest:
         lines += ["## Other rows", "", *table_lines(lambda r: r.title(r.tables[-1]), rest), ""]
+    lines += [*interval_lines(summary.values()), ""]
     if any(s.cells[k][3] < s.runs for s in summary.values() for k in s.cells):
-        lines += ["† undefined in some runs: the mean of the runs where it is defined.", ""]
+        lines += ["† undefined in some runs: the mean of the runs where it is defined (seeds within a fold "
+                  "first).", ""]
     op = op_lines(list(summary.values()))
     if op:
         lines += ["## Operating point chosen on the validation videos", "",

@@ -136,6 +136,8 @@ def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val
             loop_config[split] = sources[split]
             continue
         split_rows = rows[i] if rows is not None else read_manifest(manifest, split=split)
+        # Unlabelled videos (split unlabeled, label -1) are for SimCLR only: never a finetune target.
+        assert split_rows["label"].isin([0, 1]).all(), f"finetune {split} rows hold a label other than 0 / 1"
         loop_config[split] = runner.frame_source(split_rows, cfg.data)
     return runner.TrainJob(train_loop_per_worker, loop_config, {}, SCORE if has_val else None)
 

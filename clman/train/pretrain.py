@@ -4,6 +4,14 @@ Each step takes this worker's share of the global batch of frames, two
 augmented views of each, and minimises NT-Xent with the negatives of every
 worker (``clman.losses.nt_xent`` gathers them). LARS with warmup + cosine
 annealing, the learning rate a pure function of the global step.
+
+A batch holds ``data.frames_per_clip`` (M) frames of each of its videos (the feed
+draws M frames per video, in a row); the batch's ``video`` ids go to the loss, which
+treats an anchor's other same-video frames as ``pretrain.same_video`` says.
+
+Each epoch reports ``loss`` beside ``loss_chance``, the loss of uninformative
+projections (ln(2N - 1) for N frames per global batch, 4.84 at N = 64), and
+``loss_ratio`` = loss / loss_chance: near 1 the encoder has learnt next to nothing.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import torch
 from clman import amp
 from clman import config as C
 from clman import distributed
-from clman.losses import nt_xent
+from clman.losses import nt_xent, nt_xent_chance
 from clman.models.build import simclr_from
 from clman.optim import LARS, lars_param_groups, warmup_cosine
 from clman.data import augment
@@ -28,14 +36,54 @@ log = worker.worker_logger("clman.pretrain")
 # ---------------------------------------------------------------- driver side
 
 
-def check_data(manifest: str, split: str):
-    """The rows of ``split``; a :class:`JobError` before any worker when it is empty."""
-    from clman.data.manifest import read_manifest
+DEFAULT_LEFT_OUT = ("test",)  # never pretrained on unless named: the held-out videos
 
-    rows = read_manifest(manifest, split=split)
-    if len(rows) == 0:
-        raise JobError(f"{manifest}: split {split!r} is empty; nothing to pretrain on")
-    return rows
+
+def parse_splits(splits) -> tuple[str, ...] | None:
+    """``"train,unlabeled"`` or a sequence of names -> a tuple; None (the default) stays None."""
+    if splits is None:
+        return None
+    names = [s.strip() for s in splits.split(",")] if isinstance(splits, str) else [str(s) for s in splits]
+    return tuple(dict.fromkeys(n for n in names if n)) or None
+
+
+def check_data(manifest: str, splits=None):
+    """The rows SimCLR reads (manifest order); a :class:`JobError` before any worker when there are none.
+
+    SimCLR needs no label, so by default (``splits`` None) it reads every split of the manifest
+    but ``test``: train, val and the ``unlabeled`` pool where present — the setting contrastive
+    pretraining is for, many more sweeps than diagnoses. ``splits``: a comma list or a sequence
+    of splits instead, each of which must hold videos (``unlabeled`` named before any was
+    ingested is a mistake worth a line, not a silent run without them). ``splits_of(rows)``
+    gives the splits read.
+    """
+    from clman.data.manifest import SPLITS, read_manifest
+
+    wanted = parse_splits(splits)
+    if wanted is not None:
+        unknown = [s for s in wanted if s not in SPLITS]
+        if unknown:
+            raise JobError(f"{manifest}: unknown split(s) {unknown} to pretrain on; valid: {list(SPLITS)}")
+    df = read_manifest(manifest)
+    if wanted is None:
+        rows = df[~df["split"].isin(DEFAULT_LEFT_OUT)].reset_index(drop=True)
+        if len(rows) == 0:
+            raise JobError(f"{manifest}: no video outside the test split; nothing to pretrain on")
+        return rows
+    empty = [s for s in wanted if not (df["split"] == s).any()]
+    if empty:
+        raise JobError(f"{manifest}: split(s) {empty} hold no videos; nothing to pretrain on there "
+                       f"(the manifest has {sorted(set(df['split']))})")
+    if any(s in DEFAULT_LEFT_OUT for s in wanted):
+        log.warning("pretraining on the test split: its videos are no longer unseen by the encoder")
+    return df[df["split"].isin(wanted)].reset_index(drop=True)
+
+
+def splits_of(rows) -> tuple[str, ...]:
+    """The splits present in ``rows``, in the manifest's order (train, val, test, unlabeled)."""
+    from clman.data.manifest import SPLITS
+
+    return tuple(s for s in SPLITS if (rows["split"] == s).any())
 
 
 def steps_per_epoch(cfg: C.PretrainConfig, clips: int) -> int:
@@ -45,11 +93,11 @@ def steps_per_epoch(cfg: C.PretrainConfig, clips: int) -> int:
     return (clips // world) * cfg.data.frames_per_clip // max(2, cfg.batch_size // world)
 
 
-def train_job(cfg: C.PretrainConfig, manifest: str, split: str, clips: int | None = None,
+def train_job(cfg: C.PretrainConfig, manifest: str, split, clips: int | None = None,
               source: dict | None = None) -> runner.TrainJob:
-    """The pretrain run of ``cfg`` on the clips of ``split`` (Ray must be up: the frames are cached here
-    when they fit). ``clips`` is unused (kept for callers that count first). ``source``: the split's
-    ``runner.frame_source`` made already (a sweep decodes once for all its trials)."""
+    """The pretrain run of ``cfg`` on the clips of ``split``, a split or a sequence of them (Ray must be up:
+    the frames are cached here when they fit). ``clips`` is unused (kept for callers that count first).
+    ``source``: the splits' ``runner.frame_source`` made already (a sweep decodes once for all its trials)."""
     from clman.data.manifest import read_manifest
 
     if source is None:
@@ -58,6 +106,13 @@ def train_job(cfg: C.PretrainConfig, manifest: str, split: str, clips: int | Non
 
 
 # ---------------------------------------------------------------- worker side
+
+
+def chance_metrics(loss: float, chance: float) -> dict[str, float]:
+    """``loss_chance`` (the loss of uninformative projections, ln(2N - 1) unless same_video=mask) and
+    ``loss_ratio`` = loss / loss_chance: 1.0 learnt nothing, the lower the better (the demo's 80 LARS
+    steps at lr 1.0 end near 4.47 / 4.84 = 0.92)."""
+    return {"loss_chance": chance, "loss_ratio": loss / chance}
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -83,6 +138,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model, device, precision = worker.prepare(model, cfg.scale)  # the module itself stays plain
 
     per_worker = max(2, cfg.batch_size // world)
+    n_global = per_worker * world  # frames per global batch: 2 n_global - 1 keys per anchor
+    # ln(2 n_global - 1) every step, but with same_video=mask it depends on the batch's videos
+    fixed_chance = None if cfg.same_video == "mask" else float(nt_xent_chance(n_global, cfg.same_video))
     frames = worker.feed(loop_config["train"], cfg.data, feed.SIMCLR, seed=cfg.seed, batch_size=per_worker,
                          rank=rank, world=world, pin=device.type == "cuda")
     steps_per_epoch = frames.steps()
@@ -106,6 +164,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.train()
         t0, images, n_steps = time.perf_counter(), 0, 0
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+        chance_sum = torch.zeros((), device=device)
         prefix = augment.epoch_prefix(cfg.seed, epoch, device)  # (seed, epoch)'s part of the draws' keys
         for batch in frames.batches(epoch):
             batch = feed.to_device(batch, device)
@@ -115,7 +174,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             n = batch["frames"].shape[0]
             # Two views of every image, independent draws: keys of (seed, epoch, video, view, frame).
             z = forward(batch["frames"], batch["video"], batch["slot"], prefix)  # (2n, proj_dim)
-            loss = nt_xent(z[:n], z[n:], temperature=cfg.temperature)
+            loss = nt_xent(z[:n], z[n:], temperature=cfg.temperature, groups=batch["video"],
+                           same_video=cfg.same_video)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -123,22 +183,28 @@ def train_loop_per_worker(loop_config: dict) -> None:
             n_steps += 1
             images += 2 * n
             loss_sum += loss.detach()
+            if fixed_chance is None:
+                chance_sum += nt_xent_chance(n_global, cfg.same_video, batch["video"])  # on the device
             if n_steps % worker.CHECK_EVERY == 0:
                 worker.check_finite(loss_sum, epoch, step)
         worker.check_finite(loss_sum, epoch, step)
         seconds = time.perf_counter() - t0
+        loss_mean = float(loss_sum) / max(n_steps, 1)
+        chance = fixed_chance if fixed_chance is not None else float(chance_sum) / max(n_steps, 1)
         metrics = {
             "epoch": epoch,
             "step": step,
             "start_epoch": start_epoch,  # > 0 when this run resumed from a checkpoint
-            "loss": float(loss_sum) / max(n_steps, 1),
+            "loss": loss_mean,
+            **chance_metrics(loss_mean, chance),
             "lr": warmup_cosine(step, total_steps, cfg.lr, warmup_steps),
             # images/s over all workers: every worker ran the same number of steps
             "images_per_s": images * world / max(seconds, 1e-9),
         }
         log.info(
-            "pretrain epoch %d/%d  loss %.4f  lr %.2e  %.1f images/s",
-            epoch + 1, cfg.epochs, metrics["loss"], metrics["lr"], metrics["images_per_s"],
+            "pretrain epoch %d/%d  loss %.4f (chance %.4f, ratio %.3f)  lr %.2e  %.1f images/s",
+            epoch + 1, cfg.epochs, metrics["loss"], metrics["loss_chance"], metrics["loss_ratio"], metrics["lr"],
+            metrics["images_per_s"],
         )
         save = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
         worker.report(metrics, model, optimizer, kind="simclr", config=saved_config, step=step,

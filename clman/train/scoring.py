@@ -24,7 +24,7 @@ import torch
 
 from clman import config as C
 from clman.data import frames as F
-from clman.data.manifest import read_manifest
+from clman.data.manifest import check_labeled_split, read_manifest
 from clman.data.sampling import segment_indices
 from clman.data.video import VideoError
 from clman import storage
@@ -98,9 +98,11 @@ def score_split(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfi
     """Scores of every video in ``split``: {"video_id", "patient_id", "label", "score", "top_frames"}, manifest order.
 
     Ray Data batch inference on actors holding the model (GPU actors when the cluster has GPUs).
+    The ``unlabeled`` split is refused (a ManifestError): its videos have no label to score against.
     """
     from clman.inference import load_classifier
 
+    check_labeled_split(split, manifest)
     rows = read_manifest(manifest, split=split)
     if len(rows) == 0:
         raise JobError(f"{manifest}: split {split!r} is empty; nothing to evaluate")

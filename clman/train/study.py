@@ -1,21 +1,23 @@
 """The study driver behind ``jobs.study``: the paper's Tables 1-4 as Ray Tune trials, each driving Ray Train.
 
     plan_study (clman.study, no Ray): rows x folds x seeds; every input checked, every config built
-      │  cells/<f0-s0>/manifest.parquet: the (fold, seed)'s train / val / test videos (split column)
+      │  cells/<f0-s0>/manifest.parquet: the (fold, seed)'s train / val / test videos (split column),
+      │                                   and the manifest's unlabelled videos (split unlabeled)
       ▼
     stage 1 (Tune grid): a SimCLR run per (fold, seed) that a pretrained row needs, on that
-      │                  cell's train + val videos only, and every from-scratch trial beside them
+      │                  cell's train + val videos and the unlabelled ones (never its test videos),
+      │                  and every from-scratch trial beside them
     stage 2 (Tune grid): the pretrained rows' trials, each loading its (fold, seed)'s encoder
       │  a trial: Ray Train finetune -> model.pt -> score val + test videos -> trials/<id>.json
       ▼
-    clman.study.write_study: study.md, study.parquet, predictions.parquet, roc.png
+    clman.study.write_study: study.md, summary.json, study.parquet, predictions.parquet, roc.png
 
 Storage under ``<out>/<run-name>/``: ``study.json`` (what was asked, so ``--resume`` can refuse
 a different study), ``cells/``, ``pretrain/<cell>/`` (the SimCLR Train run, ``encoder.pt``,
 ``metrics.json``), ``train/<trial id>/`` (the finetune Train run, ``model.pt``), ``trials/<trial
 id>.json`` (the trial's results line, its test videos' scores and its validation scores),
 ``tune/`` (Tune's state and every trial's every epoch, passed on by ``TuneReportCallback``),
-and the four outputs.
+and the five outputs.
 
 Resume: a trial whose ``trials/<id>.json`` exists is left out of the grid, a cell whose
 ``encoder.pt`` exists is not pretrained again; an interrupted Train run continues from its
@@ -56,7 +58,9 @@ log = logging.getLogger(__name__)
 
 SPEC_FILE = "study.json"
 PRETRAIN_PREFIX = "pretrain-"  # a SimCLR run's id in the grid: pretrain-f0-s0
-TRAINING_SPLITS = ("train", "val")  # what SimCLR of a cell sees: never its test videos
+# What SimCLR of a cell sees: its train + val videos and every unlabelled one, never its test videos.
+# The unlabelled pool is used whenever the manifest has one (no option asks for it, so none fails).
+TRAINING_SPLITS = ("train", "val", "unlabeled")
 
 
 def cell_name(fold: int, seed: int) -> str:
@@ -174,17 +178,27 @@ def _fit(job: runner.TrainJob, scale: C.ScaleConfig, out: str, name: str):
     return result
 
 
+def pretrain_pool(cell_manifest: str) -> pd.DataFrame:
+    """The rows SimCLR of a cell reads from its manifest (``StudyRun.cell_manifest``): TRAINING_SPLITS,
+    i.e. ``Split.pretraining_pool``; a JobError when there are none."""
+    rows = read_manifest(cell_manifest, split=list(TRAINING_SPLITS))
+    if rows.empty:
+        raise JobError(f"{cell_manifest}: no train, val or unlabelled video; nothing to pretrain on")
+    return rows
+
+
 def run_pretrain(run: StudyRun, fold: int, seed: int) -> dict:
-    """SimCLR on the (fold, seed)'s training videos (train + val); writes ``encoder.pt``."""
+    """SimCLR on the (fold, seed)'s training videos (train + val) and the unlabelled ones; writes ``encoder.pt``."""
     cfg = run.pretrain_config(seed)
     manifest, name = run.cell_manifest(fold, seed), cell_name(fold, seed)
-    videos = len(pretrain.check_data(manifest, list(TRAINING_SPLITS)))
+    pool = pretrain_pool(manifest)
+    videos, unlabeled = len(pool), int((pool["split"] == "unlabeled").sum())
     t0 = time.time()
     result = _fit(pretrain.train_job(cfg, manifest, list(TRAINING_SPLITS)), cfg.scale,
                   storage.join(run.run_dir, "pretrain"), name)
     checkpoint, metrics = runner.pick_checkpoint(result, None)
-    summary = {"encoder": run.encoder(fold, seed), "videos": videos, "loss": metrics.get("loss"),
-               "seconds": time.time() - t0}
+    summary = {"encoder": run.encoder(fold, seed), "videos": videos, "unlabeled_videos": unlabeled,
+               "loss": metrics.get("loss"), "seconds": time.time() - t0}
     storage.write_text(storage.join(run.run_dir, "pretrain", name, "metrics.json"),
                        json.dumps(summary, indent=2, default=float) + "\n")
     runner.export_checkpoint(checkpoint, summary["encoder"])  # last: its presence marks a finished run
@@ -225,7 +239,9 @@ def run_trial(run: StudyRun, t: Trial) -> dict:
                                   target_sensitivity=ev.target_sensitivity)
     line = {"row": t.row.name, "fold": t.fold, "seed": t.seed, **metrics,
             "val_auc": float(kept.get("val_auc", math.nan)), "kept_epoch": int(kept.get("epoch", -1)),
-            "train_seconds": train_s, "seconds": time.time() - t0}
+            "train_seconds": train_s, "seconds": time.time() - t0,
+            # the corrected resampled t of the fold means uses n_test / n_train (clman.study.stats)
+            "n_train": len(train) + len(val), "n_test": int((rows["split"] == "test").sum())}
     record = {"trial": t.id, "result": line, "model": model, "encoder": encoder,
               "predictions": [{"row": t.row.name, "fold": t.fold, "seed": t.seed,
                                **{k: v[k] for k in ("video_id", "patient_id", "label", "score")}} for v in test],
@@ -349,8 +365,9 @@ def write_outputs(run: StudyRun, run_time_s: float | None = None, resumed: int =
     notes.append(f"finetune per trial: {results['seconds'].mean():.0f} s on average ({results['seconds'].min():.0f}"
                  f"–{results['seconds'].max():.0f} s: Ray Train run + scoring val and test videos)")
     if pretrain_s:
+        pool = (f" and the {len(run.plan.unlabeled)} unlabelled videos" if len(run.plan.unlabeled) else "")
         notes.append(f"SimCLR per (fold, seed): {sum(pretrain_s) / len(pretrain_s):.0f} s on average, "
-                     f"{len(pretrain_s)} run(s) on the training videos of their cell only")
+                     f"{len(pretrain_s)} run(s) on the training videos of their cell{pool} only")
     if resumed:
         notes.append(f"resumed: {resumed} trial(s) finished in an earlier run; the run time is this run's")
     study.write_study(run.run_dir, results, predictions, tables_shown=run.tables, protocol=run.plan.describe(),
