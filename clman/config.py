@@ -34,6 +34,7 @@ class ConfigError(ValueError):
 
 NORMS = ("batch", "group")
 AGGREGATORS = ("mma", "mean", "max", "lstm", "self_attention", "external_attention", "emsa")
+MMA_BOUNDS = ("tanh", "none")  # model.mma_bound: the activation of multi-meta attention's last layer
 EVAL_FRAMES = ("all", "clip")
 # model.arch: CLMAN, or a comparison method of the paper's Table 4 (+ s3d, swin3d_t, mvit_v2_s); README "Baselines"
 ARCHS = (
@@ -52,6 +53,9 @@ class ModelConfig:
     gn_groups: int = 32
     aggregator: str = "mma"
     mma_depth: int = 1  # L cascaded Linear+Tanh layers in multi-meta attention
+    # tanh (the paper's Eq. 4): attention logits in [-1, 1], so two frames' weights differ by at most e^2
+    # (one salient frame of 100 gets <= 7 %); none: the last layer is linear, the softmax unbounded (mma only)
+    mma_bound: str = "tanh"
     proj_dim: int = 128  # SimCLR projection output
     proj_layers: int = 2
     # TimeSformer only: ViT-B/16 by default; embeddings learned for tf_size px frames and tf_frames frames
@@ -78,6 +82,7 @@ class ModelConfig:
         _positive(where, "width", self.width)
         _at_least(where, "gn_groups", self.gn_groups, 1)
         _at_least(where, "mma_depth", self.mma_depth, 1)
+        _one_of(where, "mma_bound", self.mma_bound, MMA_BOUNDS)
         _at_least(where, "proj_dim", self.proj_dim, 1)
         _at_least(where, "proj_layers", self.proj_layers, 1)
         for key in ("tf_dim", "tf_depth", "tf_heads", "tf_patch", "tf_frames"):
@@ -135,6 +140,9 @@ class DataConfig:
         return self.store_size or -(-self.size * 8 // 7)
 
 
+# pretrain.same_video: what the other frames of an anchor's video are in NT-Xent (clman/losses.py)
+SAME_VIDEO = ("negative", "mask", "positive")
+
 PRECISIONS = ("auto", "bf16", "fp32")
 COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -178,6 +186,10 @@ class PretrainConfig:
     momentum: float = 0.9
     trust_coefficient: float = 0.001
     temperature: float = 0.5
+    # The other frames of an anchor's video (M = data.frames_per_clip per video in a batch): negative (the
+    # paper's SimCLR reading: 2(M-1) same-lesion keys among the negatives), mask (left out of the
+    # denominator) or positive (extra positives, SupCon averaging). clman/losses.py has the formulas.
+    same_video: str = "negative"
     warmup_epochs: int = 0
     checkpoint_every: int = 1  # epochs
     seed: int = 0
@@ -190,6 +202,7 @@ class PretrainConfig:
         _in_range(where, "momentum", self.momentum, 0.0, 1.0)
         _positive(where, "trust_coefficient", self.trust_coefficient)
         _positive(where, "temperature", self.temperature)
+        _one_of(where, "same_video", self.same_video, SAME_VIDEO)
         _at_least(where, "warmup_epochs", self.warmup_epochs, 0)
         _at_least(where, "checkpoint_every", self.checkpoint_every, 1)
 

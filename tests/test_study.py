@@ -69,8 +69,9 @@ def test_study_imports_no_ray_transitively():
 
 def test_tables_have_the_papers_rows():
     sizes = {t: len(study.table_rows(t)) for t in study.TABLES}
-    assert sizes == {1: 4, 2: 2, 3: 8, 4: 10}  # Table 3: the paper's 7 + the mma_unbounded ablation
-    assert len(study.ROWS) == 21  # 23 table lines, three rows shared: one trial each; + 1 ablation row
+    # Table 2: the paper's 2 + the linear_probe ablation; Table 3: the paper's 7 + the mma_unbounded ablation
+    assert sizes == {1: 4, 2: 3, 3: 8, 4: 10}
+    assert len(study.ROWS) == 22  # 23 table lines, three rows shared: one trial each; + 2 ablation rows
     by = {r.name: r for r in study.ROWS}
     assert by["gn_nl"].tables == (1, 2) and by["clman"].tables == (2, 3, 4)
     assert [r.title(4) for r in study.table_rows(4)] == [
@@ -95,6 +96,7 @@ def test_row_overrides_build_the_intended_models():
         "self_attention": ("group", (3, 4), "self_attention"), "lstm": ("group", (3, 4), "lstm"),
         "mean": ("group", (3, 4), "mean"), "max": ("group", (3, 4), "max"),
         "mma_unbounded": ("group", (3, 4), "mma"),  # with model.mma_bound=none (tests/test_ablations.py)
+        "linear_probe": ("group", (3, 4), "mma"),  # with finetune.encoder_lr_scale=0 (tests/test_label_fraction.py)
     }
     for r in study.ROWS:
         m = C.load("finetune", None, list(r.sets)).model

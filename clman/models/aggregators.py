@@ -61,26 +61,40 @@ def _out(pooled: torch.Tensor, weights: torch.Tensor | None, return_weights: boo
     return (pooled, weights) if return_weights else pooled
 
 
+MMA_BOUNDS = ("tanh", "none")
+
+
 class MultiMetaAttention(nn.Module):
     """Multi-meta attention: a softmax over frames for every feature dimension.
 
     E_l = tanh(W_l E_{l-1} + b_l), E_0 = F (Eq. 4); A = softmax over t of E_L,
     separately per dimension (Eq. 5); output sum_t A^t * F^t (Eq. 6).
+
+    bound: ``tanh`` is Eq. 4 for every layer, the paper's: the logits E_L lie in
+    [-1, 1], so two frames' weights differ by at most a factor e^2 = 7.4 (one
+    salient frame among 100 gets at most e^2 / (e^2 + 99) = 7 %). ``none`` drops
+    the tanh of the last layer only, E_L = W_L E_{L-1} + b_L: the softmax of Eq. 5
+    is then unbounded and can pick one frame. Same parameters (same state-dict
+    keys) either way.
     """
 
-    def __init__(self, dim: int, depth: int = 1):
+    def __init__(self, dim: int, depth: int = 1, bound: str = "tanh"):
         super().__init__()
         if depth < 1:
             raise ValueError(f"mma depth must be >= 1, got {depth}")
-        self.dim = dim
+        if bound not in MMA_BOUNDS:
+            raise ValueError(f"mma bound must be one of {list(MMA_BOUNDS)}, got {bound!r}")
+        self.dim, self.bound = dim, bound
         layers: list[nn.Module] = []
         for _ in range(depth):
-            layers += [nn.Linear(dim, dim), nn.Tanh()]
+            layers += [nn.Linear(dim, dim), nn.Tanh()]  # Eq. 4
+        if bound == "none":
+            layers.pop()  # E_L = W_L E_{L-1} + b_L: Eq. 4 without sigma on the last layer
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_weights: bool = False):
         x, mask = check_frames(x, mask, self.dim)  # (B, T, D)
-        scores = self.layers(x)  # (B, T, D), Eq. 4
+        scores = self.layers(x)  # (B, T, D), Eq. 4 (the last layer linear with bound none)
         scores = scores.masked_fill(~mask.unsqueeze(-1), float("-inf"))  # padded frames get weight exactly 0
         weights = torch.softmax(scores, dim=1)  # (B, T, D): over frames, per dimension, Eq. 5
         pooled = (weights * x).sum(dim=1)  # (B, D), Eq. 6
@@ -217,10 +231,11 @@ def _masked_instance_norm(a: torch.Tensor, valid: torch.Tensor, eps: float = 1e-
     return (a - mean) / torch.sqrt(var + eps)
 
 
-def build_aggregator(name: str, dim: int, depth: int = 1) -> nn.Module:
-    """Aggregator by name; depth is the number of cascaded layers of mma (others ignore it)."""
+def build_aggregator(name: str, dim: int, depth: int = 1, mma_bound: str = "tanh") -> nn.Module:
+    """Aggregator by name; depth (cascaded layers) and mma_bound (the last layer's tanh or none)
+    are multi-meta attention's (others ignore them)."""
     if name == "mma":
-        return MultiMetaAttention(dim, depth)
+        return MultiMetaAttention(dim, depth, mma_bound)
     elif name == "mean":
         return MeanPool()
     elif name == "max":

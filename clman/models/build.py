@@ -21,7 +21,8 @@ from clman.models.tsm import tsm
 from clman.models.video import SimCLRModel, VideoClassifier
 
 # Fields only CLMAN reads, and only TimeSformer reads: a baseline leaves them unused (ignored_fields).
-CLMAN_FIELDS = ("norm", "nonlocal_stages", "width", "gn_groups", "aggregator", "mma_depth", "proj_dim", "proj_layers")
+CLMAN_FIELDS = ("norm", "nonlocal_stages", "width", "gn_groups", "aggregator", "mma_depth", "mma_bound", "proj_dim",
+                "proj_layers")
 TIMESFORMER_FIELDS = ("tf_dim", "tf_depth", "tf_heads", "tf_patch", "tf_size", "tf_frames")
 
 
@@ -60,7 +61,7 @@ def classifier_from(cfg: ModelConfig) -> nn.Module:
         warnings.warn(f"model.arch={arch} leaves these settings unused: {', '.join(unused)}", stacklevel=2)
     if arch == "clman":
         encoder = encoder_from(cfg)
-        aggregator = build_aggregator(cfg.aggregator, encoder.out_dim, depth=cfg.mma_depth)
+        aggregator = build_aggregator(cfg.aggregator, encoder.out_dim, depth=cfg.mma_depth, mma_bound=cfg.mma_bound)
         return VideoClassifier(encoder, aggregator, LinearHead(encoder.out_dim, num_classes=2))
     elif arch in TORCHVISION_3D:
         return torchvision_video(arch)

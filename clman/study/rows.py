@@ -15,10 +15,19 @@ Facts that shaped this module
   "Baselines"). Its "TimesFormer" is ``timesformer``.
 - Paper numbers are copied from the text of Tables 1-4 (``../shared/paper/clman-paper.txt``),
   in %, as printed.
+- Ablation rows (``Row.ablation``) are not the paper's: their paper numbers are NaN (study.md
+  prints n/a) and a study trains them only when ``--rows`` names them, so the default study is
+  the paper's 20 rows. ``mma_unbounded`` is CLMAN with the tanh of multi-meta attention's last
+  layer dropped (``model.mma_bound=none``): Eq. 4's tanh keeps two frames' weights within a
+  factor e^2, so one salient frame of 100 gets at most 7 % of the weight. ``linear_probe`` is
+  CLMAN with its SimCLR encoder frozen (``finetune.encoder_lr_scale=0``: no gradient, eval
+  mode), so only multi-meta attention and the classifier learn: how much the pretrained
+  features alone carry, the third line of the label-efficiency curve (``clman.study.curve``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -40,7 +49,8 @@ class Row:
     titles: tuple[tuple[int, str], ...]  # (table, the paper's method name there), in table order
     sets: tuple[str, ...]  # --set overrides on the finetune config
     pretrained: bool  # the encoder starts from the (fold, seed) SimCLR checkpoint
-    paper: tuple[float, ...]  # Acc, AP, Sens, Spec, F1, AUC in %, as printed in the paper
+    paper: tuple[float, ...]  # Acc, AP, Sens, Spec, F1, AUC in %, as printed in the paper (NaN: not in it)
+    ablation: bool = False  # not a row of the paper: trained only when --rows names it
 
     @property
     def tables(self) -> tuple[int, ...]:
@@ -74,6 +84,7 @@ def _baseline(arch: str) -> tuple[str, ...]:
 
 
 GN_NL = _clman("group", "[3, 4]")
+NOT_IN_PAPER = (math.nan,) * 6
 # In the paper's order of Tables 1, 2, 3, 4; CLMAN closes Tables 2-4.
 ROWS: tuple[Row, ...] = (
     # Table 1: encoder ablation, multi-meta attention, no contrastive pretraining
@@ -85,6 +96,10 @@ ROWS: tuple[Row, ...] = (
         (80.37, 84.08, 78.05, 81.82, 83.72, 83.01)),
     Row("gn_nl", ((1, "ResNet18 + GN + NL (ours)"), (2, "Without CL Guided")), GN_NL, False,
         (82.24, 81.16, 82.05, 82.35, 85.50, 84.85)),
+    # Not the paper's: the SimCLR encoder frozen, only attention + classifier trained (ablation, opt-in;
+    # the third line of jobs.study --label-fractions)
+    Row("linear_probe", ((2, "Linear probe (CL encoder frozen)"),), GN_NL + ("finetune.encoder_lr_scale=0",), True,
+        NOT_IN_PAPER, ablation=True),
     # Table 3: the aggregators on the pretrained GN + NL encoder
     Row("external_attention", ((3, "With External Attention"),), _clman("group", "[3, 4]", "external_attention"),
         True, (79.44, 81.39, 76.19, 81.54, 82.81, 79.98)),
@@ -98,6 +113,9 @@ ROWS: tuple[Row, ...] = (
         (86.92, 85.26, 96.88, 82.67, 89.86, 87.48)),
     Row("max", ((3, "With Max-pooling"),), _clman("group", "[3, 4]", "max"), True,
         (85.05, 88.12, 80.43, 88.52, 87.10, 87.52)),
+    # Not the paper's: MMA whose last layer has no tanh (an unbounded softmax over frames; ablation, opt-in)
+    Row("mma_unbounded", ((3, "CLMAN (MMA, unbounded)"),), GN_NL + ("model.mma_bound=none",), True, NOT_IN_PAPER,
+        ablation=True),
     # Table 4: other video classifiers, from scratch
     Row("r3d_18", ((4, "R3D"),), _baseline("r3d_18"), False, (75.70, 80.03, 82.14, 73.42, 81.69, 77.56)),
     Row("timesformer", ((4, "TimeSformer"),), _baseline("timesformer"), False,
@@ -155,14 +173,15 @@ def select_rows(tables: str | Iterable[int] | None = None, names: str | Sequence
     """The rows to train, each once, in ``ROWS`` order.
 
     tables: the tables whose rows to train (None: all four). names: only these rows of those
-    tables (None: all of them). reference: add CLMAN when it is not selected, since every
-    row's AUC is tested against CLMAN's on the same videos. A name that is not a row of the
-    selected tables fails in one line listing the valid ones.
+    tables (None: all of them but the ablation rows, which train only when named). reference:
+    add CLMAN when it is not selected, since every row's AUC is tested against CLMAN's on the
+    same videos. A name that is not a row of the selected tables fails in one line listing the
+    valid ones.
     """
     chosen = parse_tables(tables)
     valid = [r.name for r in ROWS if set(r.tables) & set(chosen)]
     if names is None:
-        wanted = set(valid)
+        wanted = {n for n in valid if not BY_NAME[n].ablation}
     else:
         items = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
         for n in items:
