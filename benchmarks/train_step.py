@@ -14,6 +14,15 @@ Both models run at the jobs' ``scale.precision`` (``--precision``, default
 on a GPU. The ratio printed is CLMAN / baseline (1.0 = as fast as plain
 resnet18). On a GPU, ``--compare-fp32`` adds CLMAN in bf16 against CLMAN in
 fp32 (what ``precision: auto`` buys) and each row's peak GPU memory.
+
+GroupNorm (issue 26): on a GPU the encoder's norms are ``ChannelsLastGroupNorm``
+(``clman/models/groupnorm.py``), whose CUDA path ``--gn`` picks (default: ``triton``
+where installed). ``--gn-compare`` adds the finetune and pretrain steps with each
+path -- ``triton``, ``channels_last`` (plain ops that ``torch.compile`` fuses) and
+``reference`` (``F.group_norm``: fp32 and contiguous under autocast, as before) --
+against the same resnet18 steps; with ``--compile`` every model is compiled. On a
+GPU: the second command above plus ``--compile --gn-compare``.
+On CPU every path is the exact ``nn.GroupNorm``, so ``--gn-compare`` only says it needs CUDA.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ from clman import amp
 from clman.config import ModelConfig
 from clman.losses import nt_xent
 from clman.models.build import classifier_from, simclr_from
+from clman.models.groupnorm import CUDA_IMPLS, ChannelsLastGroupNorm, effective_cuda_impl, set_cuda_impl
 from clman.models.heads import ProjectionHead
 from clman.optim import LARS, lars_param_groups
 
@@ -133,9 +143,16 @@ def main(argv=None) -> None:
                    help="also time the finetune step of each encoder variant (norm x non-local x memory format), "
                         "to find what costs time")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (CLMAN and baseline)")
+    p.add_argument("--gn", choices=CUDA_IMPLS,
+                   help="CUDA GroupNorm path of CLMAN's rows (default: triton where installed, else channels_last; "
+                        "reference = F.group_norm, the encoder before issue 26)")
+    p.add_argument("--gn-compare", action="store_true",
+                   help="also time finetune and pretrain with each CUDA GroupNorm path against resnet18 (GPU)")
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
+    if args.gn:
+        set_cuda_impl(args.gn)
     torch.manual_seed(0)
     dev = args.device
     mcfg = ModelConfig(width=args.width)
@@ -149,6 +166,7 @@ def main(argv=None) -> None:
     print(f"device {dev} ({torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}), {args.size}x{args.size}, "
           f"T={args.frames}, finetune batch {args.batch}, pretrain batch {args.pretrain_batch} (x2 views), "
           f"CLMAN width {args.width}, precision {prec}, "
+          f"GN {effective_cuda_impl() if dev == 'cuda' else 'nn.GroupNorm (CPU)'}, "
           f"{'compiled, ' if args.compile else ''}torch {torch.__version__}, threads {torch.get_num_threads()}")
     n_clips, n_images = args.batch, images.shape[0]
 
@@ -168,6 +186,26 @@ def main(argv=None) -> None:
                      "CLMAN fp32"))
         rows.append((f"pretrain {prec} vs fp32", n_images, pt_ours, pt(lambda: simclr_from(mcfg), "fp32"),
                      "CLMAN fp32"))
+    if args.gn_compare and dev != "cuda":
+        print("--gn-compare: needs CUDA (on CPU every GroupNorm path is the exact nn.GroupNorm); no GN rows")
+    elif args.gn_compare:
+        default = ChannelsLastGroupNorm.cuda_impl
+        for impl in CUDA_IMPLS:
+            try:
+                set_cuda_impl(impl)
+            except ValueError as e:  # triton not installed
+                print(f"--gn-compare: no {impl} rows: {e}")
+                continue
+            if args.compile:  # each model compiles anew; stay clear of dynamo's recompile limit
+                torch._dynamo.reset()
+            try:  # the forward reads the path when (re)compiled: keep it set while the rows run
+                label = effective_cuda_impl()  # triton that fails to load runs channels_last
+                rows.append((f"finetune GN {label}", n_clips, ft(lambda: classifier_from(mcfg), prec), ft_base,
+                             "resnet18"))
+                rows.append((f"pretrain GN {label}", n_images, pt(lambda: simclr_from(mcfg), prec), pt_base,
+                             "resnet18"))
+            finally:
+                set_cuda_impl(default)
     if args.ablate:
         import dataclasses
 

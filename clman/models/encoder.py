@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clman.models.groupnorm import ChannelsLastGroupNorm
+
 NORMS = ("batch", "group")
 NONLOCAL_STAGES = (3, 4)
 STAGE_BLOCKS = (2, 2, 2, 2)  # ResNet-18
@@ -35,7 +37,8 @@ def make_norm_layer(norm: str, gn_groups: int = 32) -> Callable[[int], nn.Module
     elif norm == "group":
         if gn_groups < 1:
             raise ValueError(f"gn_groups must be >= 1, got {gn_groups}")
-        return lambda channels: nn.GroupNorm(gn_group_count(channels, gn_groups), channels)
+        # an nn.GroupNorm (same state dict); on CUDA it stays channels_last and bf16 (models/groupnorm.py)
+        return lambda channels: ChannelsLastGroupNorm(gn_group_count(channels, gn_groups), channels)
     else:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
 
