@@ -35,7 +35,7 @@ class ConfigError(ValueError):
 NORMS = ("batch", "group")
 AGGREGATORS = ("mma", "mean", "max", "lstm", "self_attention", "external_attention", "emsa")
 MMA_BOUNDS = ("tanh", "none")  # model.mma_bound: the activation of multi-meta attention's last layer
-EVAL_FRAMES = ("all", "clip")
+EVAL_FRAMES = ("clips", "all")  # evaluate.frames: how validation and test score a video (clman/data/sampling.py)
 # model.arch: CLMAN, or a comparison method of the paper's Table 4 (+ s3d, swin3d_t, mvit_v2_s); README "Baselines"
 ARCHS = (
     "clman", "r3d_18", "mc3_18", "r2plus1d_18", "p3d", "timesformer", "tin_18", "tin_34", "tin_50",
@@ -238,14 +238,22 @@ class FinetuneConfig:
     label_smoothing: float = 0.0  # cross-entropy target smoothing, 0-0.49 (0.1 keeps logits from running away)
     class_weights: str = "none"  # none | balanced: weights n / (2 n_class) from the training split's videos
     val_fraction: float = 0.2  # no val split in the manifest: this share of training patients validates; 0 = off
+    # Train on this share of the labelled training patients (after the validation carve), per class, nested by
+    # seed: the 0.1 subset is inside the 0.25 one (clman/train/finetune.py label_subset); 1 = all of them
+    label_fraction: float = 1.0
     patience: int = 0  # stop after this many epochs without a better val score; 0 = run every epoch
     # The val score that picks the checkpoint (and patience waits on): the mean val AUC of the last
     # select_window epochs (1 = that epoch's val AUC). On 24-32 val videos one epoch's AUC spikes: the
     # 40-epoch demo recipe on the default phantom kept epoch 8 of 40 (held-out AUC 0.93) by it, epoch 28
     # (0.97) by a mean of 5 (README "Finetuning recipes").
     select_window: int = 1
+    # How validation scores a video: evaluate.frames / evaluate.clips, copied here by job_config, so that
+    # validation and test score the same clips of a video (clman/data/sampling.py scoring_clips). Set the
+    # evaluate keys; a finetune value that differs from them fails.
+    val_frames: str = "clips"
+    val_clips: int = 4
     checkpoint_every: int = 1
-    seed: int = 0  # also picks the carved validation patients
+    seed: int = 0  # also picks the carved validation patients and the label_fraction subset
 
     def check(self, where: str = "finetune") -> None:
         _at_least(where, "epochs", self.epochs, 1)
@@ -263,23 +271,42 @@ class FinetuneConfig:
         _in_range(where, "label_smoothing", self.label_smoothing, 0.0, 0.49)
         _one_of(where, "class_weights", self.class_weights, CLASS_WEIGHTS)
         _in_range(where, "val_fraction", self.val_fraction, 0.0, 0.9)
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise ConfigError(f"{where}.label_fraction: must be in (0, 1] (1 = every labelled training patient), "
+                              f"got {self.label_fraction!r}")
         _at_least(where, "patience", self.patience, 0)
         _at_least(where, "select_window", self.select_window, 1)
+        _one_of(where, "val_frames", self.val_frames, EVAL_FRAMES)
+        _at_least(where, "val_clips", self.val_clips, 1)
+        check_scoring(self.val_frames, self.model.arch, self.data.num_frames)
         _at_least(where, "checkpoint_every", self.checkpoint_every, 1)
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    """Frame size and T come from the checkpoint's own config: a model is scored as it was trained."""
+    """Frame size and T come from the checkpoint's own config: a model is scored as it was trained.
 
-    frames: str = "all"  # all frames of each video, or "clip" = T centre-of-segment frames
+    ``frames`` / ``clips`` also decide how the finetune job validates (``FinetuneConfig.val_frames``):
+    one scoring protocol for validation and test (clman/data/sampling.py).
+    """
+
+    # clips: a video's score is the mean P(malignant) of `clips` clips of T frames at fixed offsets in the
+    # training segments (1 = the segment centres); all: one clip of every frame up to 512 (CLMAN only: a
+    # Table 4 baseline would be tested at stride 1 after training at stride ~N/T)
+    frames: str = "clips"
+    # K clips per video: 4 covers each segment at 4 phases; K x the compute of one clip per video
+    clips: int = 4
     threshold: float = 0.5
     target_sensitivity: float = 0.95
     bootstrap: int = 1000
     seed: int = 0
 
     def check(self, where: str = "evaluate") -> None:
+        if self.frames == "clip":  # the name before "clips": T segment centres = clips with K = 1
+            raise ConfigError(f"{where}.frames: 'clip' is now 'clips' with {where}.clips=1 (the T segment centres); "
+                              f"allowed: {list(EVAL_FRAMES)}")
         _one_of(where, "frames", self.frames, EVAL_FRAMES)
+        _at_least(where, "clips", self.clips, 1)
         _in_range(where, "threshold", self.threshold, 0.0, 1.0)
         _in_range(where, "target_sensitivity", self.target_sensitivity, 0.0, 1.0)
         _at_least(where, "bootstrap", self.bootstrap, 0)
@@ -290,6 +317,15 @@ SUB_CONFIGS = {"model": ModelConfig, "data": DataConfig, "scale": ScaleConfig}
 
 
 # ---------------------------------------------------------------- checks
+
+
+def check_scoring(frames: str, arch: str, num_frames: int) -> None:
+    """evaluate.frames=all only for CLMAN, whose aggregator takes any number of frames: a Table 4 baseline
+    trained on T frames about N / T apart is scored on clips like those (evaluate.frames=clips)."""
+    if frames == "all" and arch != "clman":
+        raise ConfigError(f"evaluate.frames=all: model.arch={arch} is trained on clips of data.num_frames={num_frames} "
+                          "frames spread over the video and is scored on such clips; use evaluate.frames=clips "
+                          "('all', every frame at stride 1, is for CLMAN only)")
 
 
 def _one_of(where, key, value, allowed):
@@ -478,7 +514,22 @@ def job_config(tree: Mapping[str, Any], job: str):
     for sub in SUB_CONFIGS:
         if sub in names and sub in tree:
             values[sub] = {**dict(tree[sub] or {}), **dict(values.get(sub) or {})}
+    if job == "finetune":
+        values = _scoring_of(tree, values)
     return build(cls, values, job)
+
+
+def _scoring_of(tree: Mapping[str, Any], values: dict) -> dict:
+    """finetune's ``values`` with val_frames / val_clips = the tree's evaluate.frames / evaluate.clips: validation
+    scores videos as the test does. A finetune value that differs fails, naming both keys."""
+    ev = build(EvaluateConfig, tree.get("evaluate"), "evaluate")  # a bad evaluate key fails under its own name
+    for mine, theirs in (("val_frames", "frames"), ("val_clips", "clips")):
+        value = getattr(ev, theirs)
+        if mine in values and values[mine] != value:
+            raise ConfigError(f"finetune.{mine}={values[mine]!r} differs from evaluate.{theirs}={value!r}: validation "
+                              f"scores videos as evaluation does; set evaluate.{theirs} alone")
+        values[mine] = value
+    return values
 
 
 def load(job: str, path: str | None = None, overrides=()):

@@ -1,11 +1,15 @@
 """A trained CLMAN classifier applied to videos: scores and the frames that weighed most.
 
 Shared by ``jobs.evaluate`` (over a manifest split) and ``jobs.predict`` (over
-files given on the command line, no cluster needed).
+files given on the command line, no cluster needed). A video is scored as one clip
+(:func:`score_frames`) or as the mean P(malignant) of K clips (:func:`score_clips`,
+the ``evaluate.frames=clips`` protocol of ``clman.data.sampling``); the finetune loop's
+validation averages its clips with the same :func:`mean_log_probs`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +32,9 @@ class Prediction:
         return [int(self.frame_index[i]) for i in order]
 
 
-def load_classifier(uri: str, device: torch.device | str = "cpu"):
-    """(model in eval mode, its FinetuneConfig) from a classifier checkpoint."""
-    state = ckpt.load_checkpoint(uri)
+def load_classifier(uri: str, device: torch.device | str = "cpu", state: dict | None = None):
+    """(model in eval mode, its FinetuneConfig) from a classifier checkpoint (``state``: its contents, read already)."""
+    state = ckpt.load_checkpoint(uri) if state is None else state
     if state.get("kind") != "classifier":
         raise ckpt.CheckpointError(
             f"{uri}: a {state.get('kind')!r} checkpoint; evaluate/predict need a finetuned classifier "
@@ -49,6 +53,36 @@ def score_frames(model, frames: torch.Tensor, frame_idx: np.ndarray, size: int,
     clip = resize_clips(frames.to(device)[None], size)  # (1, T, 3, size, size)
     mask = torch.ones(clip.shape[:2], dtype=torch.bool, device=device)
     return predict_clips(model, clip, mask, torch.as_tensor(frame_idx)[None])[0]
+
+
+def mean_log_probs(logits: torch.Tensor, clips: int) -> torch.Tensor:
+    """logits (B * K, 2) of K consecutive clips per video -> (B, 2) log of each video's mean class probabilities.
+
+    exp(...)[:, 1] is the mean P(malignant) of a video's K clips; with K = 1 this is log_softmax.
+    """
+    logp = torch.log_softmax(logits.float(), dim=1)  # (B * K, 2)
+    return torch.logsumexp(logp.reshape(-1, clips, 2), dim=1) - math.log(clips)  # (B, 2)
+
+
+@torch.no_grad()
+def score_clips(model, frames: torch.Tensor, frame_idx: np.ndarray, size: int,
+                device: torch.device | str = "cpu") -> Prediction:
+    """One video as K clips: uint8 frames (K, T, C, S, S), frame_idx (K, T) -> its Prediction.
+
+    score: the mean P(malignant) of the K clips (:func:`mean_log_probs`); frame_weight: each
+    clip's weights / K, summed over the clips a source frame is in (so they sum to 1 for mma);
+    frame_index: the distinct source frames, ascending. K = 1 scores like :func:`score_frames`.
+    """
+    k, t = frames.shape[:2]
+    clips = resize_clips(frames.to(device), size)  # (K, T, 3, size, size)
+    logits, weights = model(clips, None, return_weights=True)  # (K, 2), (K, T, D) or None
+    score = float(mean_log_probs(logits, k)[0, 1].exp())
+    if weights is not None:
+        w = weights.float().mean(dim=-1).cpu().numpy() / k  # (K, T) mean over feature dimensions
+    else:
+        w = np.full((k, t), 1.0 / (k * t))
+    index, where = np.unique(np.asarray(frame_idx).ravel(), return_inverse=True)
+    return Prediction(score, np.bincount(where, weights=w.ravel(), minlength=len(index)), index)
 
 
 @torch.no_grad()

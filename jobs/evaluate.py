@@ -3,11 +3,15 @@
     python -m jobs.evaluate --checkpoint s3://bucket/runs/clman-v1/model.pt \\
         --manifest s3://bucket/data/manifest.parquet --split test [--out s3://bucket/runs/clman-v1/eval-test]
 
-Scores every video of the split (all frames by default; ``--set evaluate.frames=clip``
-for T centre-of-segment frames) and writes to ``--out`` (default: beside the
-checkpoint, ``eval-<split>/``): ``metrics.json`` (the six metrics with 95% CIs,
-specificity at 95% sensitivity), ``predictions.parquet`` (video_id, label,
-score, predicted, top_frames), ``roc.png`` and ``report.md``.
+Scores every video of the split as the finetune job validated it: by default the mean
+P(malignant) of ``evaluate.clips`` (4) clips of T frames at the spacing the model was
+trained at (``--set evaluate.clips=1``: the T segment centres); ``--set evaluate.frames=all``
+scores every frame (up to 512), for CLMAN only: a Table 4 baseline is refused. Use the
+``--config`` the model was finetuned with, so that validation and test score the same clips.
+Writes to ``--out`` (default: beside the checkpoint, ``eval-<split>/``): ``metrics.json`` (the
+six metrics with 95% CIs, specificity at 95% sensitivity, ``scoring``: how videos were
+scored), ``predictions.parquet`` (video_id, label, score, predicted, top_frames),
+``roc.png`` and ``report.md``.
 """
 
 from __future__ import annotations
@@ -39,10 +43,13 @@ def run(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig, out: 
     # labels to score against) fails here, before Ray starts.
     check_labeled_split(split, manifest)
     read_manifest(manifest, split=split)
+    scoring.check_checkpoint(checkpoint, cfg)  # a bad checkpoint, or frames=all for a baseline: before Ray
     runner.init_ray(address)
     out = out or storage.join(checkpoint.rsplit("/", 1)[0], f"eval-{split}")
     scored = scoring.score_split(checkpoint, manifest, split, cfg)
     result = report.write_evaluation(out, name, scored, cfg)
+    result["scoring"] = scored["scoring"]
+    report.write_json(storage.join(out, "metrics.json"), result)  # again, saying how the videos were scored
     result["out"] = out
     return result
 
@@ -54,6 +61,7 @@ def main(argv=None) -> int:
     print(report.table_rows({args.name: result}))
     print(f"\nspecificity at {100 * cfg.target_sensitivity:.0f}% sensitivity: "
           f"{report.fmt_pct(result['specificity_at_sensitivity']['specificity'])}%")
+    print(result["scoring"])
     print(f"outputs: {result['out']}/ (report.md, roc.png, metrics.json, predictions.parquet)")
     return 0
 

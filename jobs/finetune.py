@@ -6,7 +6,8 @@
 
 Without ``--encoder`` the encoder starts from scratch (the paper's "without
 CL" row). Validation: the manifest's val split, else ``finetune.val_fraction``
-(0.2) of the training patients, stratified by label (0 = none). Writes
+(0.2) of the training patients, stratified by label (0 = none); ``finetune.label_fraction``
+trains on that share of the other training patients per class (nested by finetune.seed). Writes
 ``<out>/<run-name>/model.pt`` — the checkpoint with the best validation AUC, averaged
 over ``finetune.select_window`` epochs (the last one without validation) — plus
 ``config.yaml`` and ``metrics.json`` (what was validated on, the kept and last epochs'
@@ -76,6 +77,11 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
     train_rows, val_rows, validation = finetune.validation_split(train_rows, val_rows, cfg.val_fraction,
                                                                  cfg.seed, manifest)
     log.info("%s", validation["note"])
+    # After the carve: the validation patients are the same at every label fraction
+    train_rows, labels = finetune.label_subset(train_rows, cfg.label_fraction, cfg.seed, manifest,
+                                               finetune.min_training_videos(cfg))
+    if cfg.label_fraction < 1:
+        log.info("%s", labels["note"])
     if cfg.patience and not len(val_rows):
         log.info("finetune.patience=%d unused: no validation to stop on", cfg.patience)
     if encoder and not is_clman(cfg.model):
@@ -86,10 +92,10 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
         check_encoder(encoder, cfg)
     record = run_lock.fingerprint("finetune", cfg, manifest, encoder)
     with runner.claim(out, run_name, record, force_resume):
-        return _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation)
+        return _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation, labels)
 
 
-def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation) -> dict:
+def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation, labels=None) -> dict:
     runner.init_ray(address)
     runner.check_resources(cfg.scale, cfg.data)
     run_dir = storage.join(out, run_name)
@@ -108,7 +114,8 @@ def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, v
     window = finetune.selection_window(cfg)
     kept_by = f"best val_score (mean val AUC of {window} epochs)" if window > 1 else "best val_auc"
     summary = {"model": model_uri, "kept": kept_by if has_val else "last", "metrics": metrics,
-               "last_metrics": last, "validation": validation, "stopped_early": bool(last.get("stopped_early")),
+               "last_metrics": last, "validation": validation, "labels": labels,
+               "stopped_early": bool(last.get("stopped_early")),
                "warnings": [last["warning"]] if last.get("warning") else [],
                "history": finetune.history(result.checkpoint), "seconds": time.time() - t0}
     report.write_json(storage.join(run_dir, "metrics.json"), summary)

@@ -4,6 +4,7 @@
         --run-name cv5 --folds 5 --seeds 3 --config jobs/configs/paper.yaml
     python -m jobs.study ... --tables 2,4 --rows gn_nl,clman,tsm_18     # a few rows
     python -m jobs.study ... --resume                                   # after an interruption
+    python -m jobs.study ... --label-fractions 0.1,0.25,0.5,1           # label efficiency: AUC vs labels
 
 Rows (--rows takes these names): Table 1 vanilla, gn, nl, gn_nl (no pretraining); Table 2 gn_nl,
 clman; Table 3 external_attention, self_attention, emsa, lstm, mean, max, clman (pretrained);
@@ -16,6 +17,7 @@ the fold means (seeds averaged within a fold) with the corrected resampled t int
 Bengio, pooled out-of-fold metrics with patient-level bootstrap CIs, the paper's numbers, the
 paired patient-bootstrap p of the AUC difference to CLMAN, the operating point chosen on validation
 videos), summary.json, study.parquet, predictions.parquet, roc.png, and every trial's files.
+With --label-fractions also the label-efficiency curve (study.md, label_efficiency.png).
 Layout and resume: clman/train/study.py; the cost of a study: README "Studies".
 """
 
@@ -52,6 +54,11 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=1,
                    help="training seeds per fold (default: 1); 3 separates a row's seed noise from its "
                         "fold noise, at 3x the cost")
+    p.add_argument("--label-fractions", metavar="F,F,...",
+                   help="label efficiency: train CLMAN (with CL), gn_nl (without CL) and linear_probe (CL encoder "
+                        "frozen) on each share of the training patients, per class, nested (0.1 inside 0.25 ...), "
+                        "e.g. 0.1,0.25,0.5,1 (must include 1); SimCLR still runs once per (fold, seed). --rows "
+                        "picks among those three; at 10%% of a small fold a class has 1-2 patients: expect wide CIs")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted study (same arguments): finished trials and encoders are "
                         "kept, an interrupted Train run continues from its last checkpoint")
@@ -71,12 +78,13 @@ def main(argv=None) -> int:
     command = "python -m jobs.study " + shlex.join(sys.argv[1:] if argv is None else argv)
     run = S.plan_study(args.manifest, args.out, args.run_name, tables=args.tables, rows=args.rows,
                        folds=args.folds, holdout=args.holdout, seeds=args.seeds, config=args.config,
-                       sets=args.overrides, command=command)
-    log.info("study %s: %d row(s) x %d fold(s) x %d seed(s) = %d trial(s); %s", run.run_name, len(run.rows),
-             len(run.plan.folds), run.seeds, len(run.grid), run.plan.describe())
+                       sets=args.overrides, command=command, label_fractions=args.label_fractions)
+    log.info("study %s: %d row(s) x %d fold(s) x %d seed(s) x %d label fraction(s) = %d trial(s); %s", run.run_name,
+             len(run.rows), len(run.plan.folds), run.seeds, len(run.label_fractions), len(run.grid),
+             run.plan.describe())
     with run_lock.RunLock(args.out, run.run_name, "study"):  # a second study of this name is refused
         uris = S.run_study(run, args.address, resume=args.resume)
-    print(f"study: {uris['study.md']} (also summary.json, study.parquet, predictions.parquet, roc.png)")
+    print(f"study: {uris['study.md']} (also {', '.join(n for n in uris if n != 'study.md')})")
     return 0
 
 

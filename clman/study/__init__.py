@@ -36,8 +36,14 @@ Every input problem is a :class:`StudyError` (a ``clman.config.ConfigError``, so
 prints it as one line); select_rows, parse_sets and plan_folds make every check a study needs
 before its first trial starts.
 The fold of ``--holdout`` trials is ``HOLDOUT`` (-1). Nothing here imports Ray.
+
+A label-efficiency study (``jobs.study --label-fractions``): ``curve.curve_rows`` and
+``curve.parse_fractions`` instead of select_rows, ``trials(rows, folds, seeds, fractions)`` (a
+trial's ``fraction`` is its ``finetune.label_fraction``, set by ``trial_sets``), a ``fraction``
+field in every results and predictions line, and ``write_study(..., label_fractions=...)``.
 """
 
+from clman.study import curve
 from clman.study.folds import HOLDOUT, FoldPlan, Split, carve_validation, plan_folds
 from clman.study.grid import StudySets, Trial, parse_sets, pretrain_cells, pretrain_sets, trial_sets, trials
 from clman.study.outputs import OUTPUTS, predictions_table, results_table, roc_curves, write_study
@@ -47,7 +53,7 @@ from clman.study.stats import OP_COLUMNS, PREDICTION_COLUMNS, RowSummary, summar
 __all__ = [
     "HOLDOUT", "OP_COLUMNS", "OUTPUTS", "PREDICTION_COLUMNS", "REFERENCE", "ROWS", "TABLES",
     "FoldPlan", "Row", "RowSummary", "Split", "StudyError", "StudySets", "Trial",
-    "carve_validation", "parse_sets", "parse_tables", "plan_folds", "predictions_table", "pretrain_cells",
+    "carve_validation", "curve", "parse_sets", "parse_tables", "plan_folds", "predictions_table", "pretrain_cells",
     "pretrain_sets", "results_table", "roc_curves", "select_rows", "summarize", "table_rows", "trial_metrics",
     "trial_sets", "trials", "write_study",
 ]

@@ -1,11 +1,13 @@
-"""The study's trials (row x fold x seed), the ``--set`` overrides of each, and the shared pretraining runs.
+"""The study's trials (row x fold x seed [x label fraction]), the ``--set`` overrides of each, and the shared
+pretraining runs.
 
 The user's ``--set`` items apply to every row (``model.width=0.25``) or, prefixed with a row
 name, to one row (``timesformer:model.tf_depth=4``). They are checked before any trial
 starts, each problem one line:
 - a key the study sets itself (``model.arch``, ``model.norm``, ``model.nonlocal_stages``,
   ``model.aggregator``: they define the rows; ``finetune.seed``, ``pretrain.seed``: from
-  ``--seeds``) is refused: choose rows with ``--tables`` / ``--rows`` instead;
+  ``--seeds``; ``finetune.label_fraction``: from ``--label-fractions``) is refused: choose rows
+  with ``--tables`` / ``--rows`` instead;
 - a model key a selected row does not read (a baseline given CLMAN's ``model.width``, any
   row but TimeSformer given ``model.tf_*``; ``clman.models.build.ignored_fields``) is refused,
   with the scoped form to use instead;
@@ -24,6 +26,7 @@ from clman.study.folds import HOLDOUT
 from clman.study.rows import Row, StudyError
 
 SEED_KEYS = ("finetune.seed", "pretrain.seed")
+FRACTION_KEY = "finetune.label_fraction"  # set per trial from --label-fractions (Trial.fraction)
 # Fields that shape the encoder's weights (clman.models.build.ENCODER_FIELDS): a pretrained row
 # must agree with the SimCLR run whose weights it loads.
 ENCODER_KEYS = ("model.norm", "model.nonlocal_stages", "model.width", "model.gn_groups")
@@ -34,12 +37,14 @@ class Trial:
     row: Row
     fold: int  # HOLDOUT (-1): the manifest's fixed train/test split
     seed: int
+    fraction: float = 1.0  # finetune.label_fraction: the share of the training patients whose labels it sees
 
     @property
     def id(self) -> str:
-        """A name for the trial's outputs: ``clman-f2-s0``, ``gn-holdout-s1``."""
+        """A name for the trial's outputs: ``clman-f2-s0``, ``gn-holdout-s1``; ``clman-f2-s0-lf0.25`` below
+        all labels (1 has no suffix: the ids, and so the resume, of a study without fractions are as before)."""
         fold = "holdout" if self.fold == HOLDOUT else f"f{self.fold}"
-        return f"{self.row.name}-{fold}-s{self.seed}"
+        return f"{self.row.name}-{fold}-s{self.seed}" + ("" if self.fraction == 1 else f"-lf{self.fraction:g}")
 
 
 @dataclass(frozen=True)
@@ -53,12 +58,14 @@ class StudySets:
         return tuple(item for row, item in self.scoped if row == name)
 
 
-def trials(rows: Sequence[Row], folds: Iterable[int], seeds: int | Iterable[int]) -> list[Trial]:
-    """The grid, fold-major (all rows of a (fold, seed) together, so its pretraining is used at once)."""
+def trials(rows: Sequence[Row], folds: Iterable[int], seeds: int | Iterable[int],
+           fractions: Sequence[float] = (1.0,)) -> list[Trial]:
+    """The grid, fold-major (all rows and fractions of a (fold, seed) together, so its pretraining is used
+    at once)."""
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seed_list:
         raise StudyError("--seeds must be >= 1")
-    return [Trial(r, f, s) for f in folds for s in seed_list for r in rows]
+    return [Trial(r, f, s, p) for f in folds for s in seed_list for p in fractions for r in rows]
 
 
 def pretrain_cells(grid: Iterable[Trial]) -> list[tuple[int, int]]:
@@ -116,8 +123,9 @@ def parse_sets(items: Sequence[str], rows: Sequence[Row], model: Mapping | None 
             name = None
         key = _key(item)
         owners = [r.name for r in rows if key in r.keys]
-        if owners or key in SEED_KEYS:
-            why = "from --seeds" if key in SEED_KEYS else f"it defines rows {', '.join(owners)}"
+        if owners or key in (*SEED_KEYS, FRACTION_KEY):
+            why = ("from --seeds" if key in SEED_KEYS else "from --label-fractions" if key == FRACTION_KEY
+                   else f"it defines rows {', '.join(owners)}")
             raise StudyError(f"--set {item}: the study sets {key} itself ({why}); choose rows with --tables / --rows")
         shared = key.startswith("pretrain.") or (key in ENCODER_KEYS and name is not None
                                                   and dict(zip(names, rows))[name].pretrained)
@@ -157,14 +165,16 @@ def _derived(row: Row, chosen: Sequence[str], tree: Mapping | None) -> list[str]
 
 
 def trial_sets(trial: Trial, sets: StudySets, tree: Mapping | None = None) -> list[str]:
-    """The ``--set`` list of one trial's finetune: the user's, then the row's, then the seed.
+    """The ``--set`` list of one trial's finetune: the user's, then the row's, then the seed (and the label
+    fraction, below 1).
 
     tree: the preset (``clman.config.load_tree``) the list is applied on; TimeSformer's
     ``tf_size`` / ``tf_frames`` follow its ``data.size`` / ``data.num_frames`` unless set.
     """
     chosen = [*sets.common, *sets.for_row(trial.row.name), *trial.row.sets]
+    fraction = [] if trial.fraction == 1 else [f"{FRACTION_KEY}={trial.fraction!r}"]
     return [*sets.common, *trial.row.sets, *sets.for_row(trial.row.name), *_derived(trial.row, chosen, tree),
-            f"finetune.seed={trial.seed}"]
+            f"finetune.seed={trial.seed}", *fraction]
 
 
 def pretrain_sets(seed: int, sets: StudySets, rows: Sequence[Row]) -> list[str]:

@@ -1,11 +1,13 @@
 """Write a study's outputs from its trials' results: study.md, summary.json, study.parquet, predictions.parquet,
-roc.png.
+roc.png (and label_efficiency.png for a ``--label-fractions`` study).
 
 Every file goes through ``clman.storage`` (local path or s3://), one atomic write each, so a
 crashed writer never leaves a half file that looks complete. summary.json holds every row's
 numbers behind study.md (``summary_dict``), with what each interval and test is, and the extra
 per-video DeLong p (``p_auc_delong_per_video``) that study.md leaves out; NaN is written as null.
 (``study.json`` beside it is the driver's record of what was asked, not numbers.)
+A ``--label-fractions`` study's tables carry a ``fraction`` column (a trial per (row, fold, seed, fraction));
+the paper's tables and roc.png are made from its fraction-1 trials, the curve (``clman.study.curve``) from all.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import pandas as pd
 import pyarrow as pa
 
 from clman import report, storage
-from clman.study import stats, tables
+from clman.study import curve, stats, tables
 from clman.study.rows import REFERENCE, ROWS, table_rows
 from clman.study.stats import RowSummary
 
@@ -27,18 +29,33 @@ OUTPUTS = ("study.md", "summary.json", "study.parquet", "predictions.parquet", "
 SUMMARY_VERSION = 1
 
 
+def _per_fraction(table, check) -> pd.DataFrame:
+    """``check`` (stats.check_results / check_predictions) on each fraction's lines, when there is a ``fraction``
+    column: a trial is one per (row, fold, seed) at each fraction, not over them."""
+    df = curve.frame(table)
+    if curve.FRACTION not in df.columns:
+        return check(df)
+    df = df.assign(**{curve.FRACTION: curve.fractions_of(df)})
+    return pd.concat([check(part) for _, part in df.groupby(curve.FRACTION, sort=True)], ignore_index=True)
+
+
 def results_table(results) -> pa.Table:
-    """study.parquet: one line per trial (row, fold, seed, every metric), in the paper's row order."""
-    df = stats.check_results(results)
+    """study.parquet: one line per trial (row, fold, seed[, fraction], every metric), in the paper's row order."""
+    df = _per_fraction(results, stats.check_results)
+    if curve.FRACTION in df.columns:
+        order = {r.name: i for i, r in enumerate(ROWS)}
+        df = (df.assign(_o=df["row"].map(order)).sort_values(["_o", curve.FRACTION, "fold", "seed"], kind="stable")
+              .drop(columns="_o").reset_index(drop=True))
     df = df.astype({"row": str, "fold": np.int32, "seed": np.int32})
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
 def predictions_table(predictions) -> pa.Table:
-    """predictions.parquet: every video's out-of-fold score per row and seed."""
-    df = stats.check_predictions(predictions)
+    """predictions.parquet: every video's out-of-fold score per row and seed (and fraction)."""
+    df = _per_fraction(predictions, stats.check_predictions)
     order = {r.name: i for i, r in enumerate(ROWS)}
-    df = (df.assign(_o=df["row"].map(order)).sort_values(["_o", "seed", "fold", "video_id"], kind="stable")
+    keys = ["_o", *([curve.FRACTION] if curve.FRACTION in df.columns else []), "seed", "fold", "video_id"]
+    df = (df.assign(_o=df["row"].map(order)).sort_values(keys, kind="stable")
           .drop(columns="_o").reset_index(drop=True))
     df = df.astype({"row": str, "fold": np.int32, "seed": np.int32, "video_id": str, "patient_id": str,
                     "label": np.int8, "score": np.float64})
@@ -112,24 +129,36 @@ def summary_dict(summary: Mapping[str, RowSummary], *, n_boot: int, seed: int, t
 def write_study(out_dir: str, results, predictions, *, tables_shown: Iterable[int] | None = None,
                 title: str = "CLMAN study", protocol: str = "", command: str = "", config: Mapping | None = None,
                 run_time_s: float | None = None, n_boot: int = 1000, seed: int = 0, threshold: float = 0.5,
-                notes: Sequence[str] = ()) -> dict[str, RowSummary]:
+                notes: Sequence[str] = (), label_fractions: Sequence[float] | None = None) -> dict[str, RowSummary]:
     """Summarize the trials and write the five outputs (``OUTPUTS``) under ``out_dir``; returns the summaries.
 
     results / predictions: see ``clman.study.stats``. tables_shown: the tables of study.md (None:
     those with a row of the study besides CLMAN). protocol: one line saying what was split how
     (``FoldPlan.describe()``); command, config, run_time_s: what ran, for the Run section.
+    label_fractions: a ``--label-fractions`` study's fractions (with 1): the curve section of study.md and
+    summary.json, and ``label_efficiency.png``; the tables, roc.png and the returned summaries are the
+    fraction-1 trials'.
     """
-    summary = stats.summarize(results, predictions, n_boot=n_boot, seed=seed, threshold=threshold)
+    full_results, full_predictions = curve.at_fraction(results, 1.0), curve.at_fraction(predictions, 1.0)
+    summary = stats.summarize(full_results, full_predictions, n_boot=n_boot, seed=seed, threshold=threshold)
+    points = None
+    if label_fractions is not None:
+        points = curve.summarize_curve(results, predictions, fractions=label_fractions, n_boot=n_boot, seed=seed,
+                                       threshold=threshold)
     storage.write_parquet(results_table(results), storage.join(out_dir, "study.parquet"))
     storage.write_parquet(predictions_table(predictions), storage.join(out_dir, "predictions.parquet"))
     storage.write_bytes(storage.join(out_dir, "roc.png"),
-                        report.roc_png(roc_curves(summary, predictions), title="ROC curves, pooled out of fold",
+                        report.roc_png(roc_curves(summary, full_predictions), title="ROC curves, pooled out of fold",
                                        size=5.0))
-    storage.write_text(storage.join(out_dir, "summary.json"),
-                       json.dumps(summary_dict(summary, n_boot=n_boot, seed=seed, threshold=threshold), indent=1,
-                                  allow_nan=False) + "\n")
+    if points is not None:
+        storage.write_bytes(storage.join(out_dir, curve.PNG), curve.curve_png(points))
+    record = summary_dict(summary, n_boot=n_boot, seed=seed, threshold=threshold)
+    if points is not None:
+        record["label_efficiency"] = curve.curve_dict(points, results)
+    storage.write_text(storage.join(out_dir, "summary.json"), json.dumps(record, indent=1, allow_nan=False) + "\n")
     text = tables.markdown(summary, tables=tables_shown, title=title, protocol=protocol, command=command,
-                           config=config, run_time_s=run_time_s, n_boot=n_boot, threshold=threshold, notes=notes)
+                           config=config, run_time_s=run_time_s, n_boot=n_boot, threshold=threshold, notes=notes,
+                           curve=points, results=results)
     storage.write_text(storage.join(out_dir, "study.md"), text)  # last: its presence marks a complete write
     return summary
 

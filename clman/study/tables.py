@@ -7,6 +7,9 @@ CI, and the paper's number. One sentence under the tables says which interval th
 (``stats.interval_note``: the corrected resampled t over folds, or over seeds only on one fixed
 split). The last column is the p-value of the paired patient bootstrap of the row's pooled AUC
 against CLMAN's on the same videos; the pooled line holds that AUC difference with its CI.
+A ``--label-fractions`` study adds the label-efficiency section first (:func:`curve_lines`, from
+``clman.study.curve``): per labelled fraction, each curve row's pooled AUC with its CI and the paired
+difference CLMAN − row with its CI and p; the paper's tables below it are the fraction-1 trials.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Iterable, Mapping, Sequence
 import yaml
 
 from clman.report import PAPER_COLUMNS
+from clman.study import curve as curve_mod
 from clman.study.rows import REFERENCE, TABLE_TITLES, TABLES, table_rows
 from clman.study.stats import INTERVAL_SEEDS, OP_COLUMNS, RowSummary, interval_note
 
@@ -114,6 +118,45 @@ def interval_lines(summaries: Iterable[RowSummary]) -> list[str]:
     return [f"Interval of the means of {', '.join(rows)}: {note}." for note, rows in by_note.items()]
 
 
+def curve_lines(curve: Mapping[float, Mapping[str, RowSummary]], *, n_boot: int = 1000, results=None) -> list[str]:
+    """The label-efficiency section: one line per fraction; per row its pooled AUC (95 % CI), then CLMAN − each
+    other row: ΔAUC in points (95 % CI) and the paired bootstrap's p. results: for the labelled videos per run."""
+    names = curve_mod.rows_of(curve)
+    others = [n for n in names if n != REFERENCE]
+    labelled = results is not None and "n_labelled" in curve_mod.frame(results).columns
+    heads = ["Labelled share", *(["Labelled videos per run"] if labelled else []),
+             *(f"{curve_mod.label(n)}: AUC" for n in names)]
+    for n in others:
+        heads += [f"CLMAN − {curve_mod.label(n)}", "p"]
+    lines = _head(heads)
+    for f, summary in curve.items():
+        cells = [f"{f:g}"]
+        if labelled:
+            cells.append(f"{curve_mod.mean_labelled(results, f):.1f}")
+        for n in names:
+            s = summary.get(n)
+            cells.append("n/a" if s is None or not s.pooled else
+                         fmt_pct(s.pooled.get("auc")) + fmt_ci(*s.pooled_ci.get("auc", (None, None))))
+        for n in others:
+            s = summary.get(n)
+            if s is None:
+                cells += ["n/a", "n/a"]
+                continue
+            diff, ci, p = curve_mod.versus_reference(s)
+            cells += [fmt_diff(diff, ci) or "n/a", fmt_p(p)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [
+        "## Label efficiency — AUC against the labelled share of the training patients", "",
+        "Each trial finetunes on that share of its (fold, seed)'s training patients, per class, rounded up "
+        "(finetune.label_fraction): nested (a smaller share's patients are among a larger one's), the same "
+        "patients for every row of a (fold, seed); the validation patients, the test fold and SimCLR (one run per "
+        "(fold, seed) on all its training and unlabelled videos) are the same at every share. "
+        f"AUC: pooled out of fold (one score per video, its mean over seeds) in %, with a 95 % CI from {n_boot} "
+        "bootstrap resamples of patients. CLMAN − row: the paired patient bootstrap of the AUC difference on the "
+        "same videos, in AUC points, with its 95 % percentile CI and two-sided p. The tables below are the trials "
+        "at share 1.", "", *lines, "", f"![AUC against the labelled share]({curve_mod.PNG})", ""]
+
+
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "n/a"
@@ -129,8 +172,13 @@ def default_tables(summary: Mapping[str, RowSummary]) -> tuple[int, ...]:
 
 def markdown(summary: Mapping[str, RowSummary], *, tables: Iterable[int] | None = None, title: str = "CLMAN study",
              protocol: str = "", command: str = "", config: Mapping | None = None, run_time_s: float | None = None,
-             n_boot: int = 1000, threshold: float = 0.5, notes: Sequence[str] = ()) -> str:
-    """study.md from :func:`clman.study.stats.summarize`'s output and what the run was."""
+             n_boot: int = 1000, threshold: float = 0.5, notes: Sequence[str] = (),
+             curve: Mapping[float, Mapping[str, RowSummary]] | None = None, results=None) -> str:
+    """study.md from :func:`clman.study.stats.summarize`'s output and what the run was.
+
+    curve: :func:`clman.study.curve.summarize_curve`'s output, for the label-efficiency section (results: the
+    trials, for its labelled videos per run).
+    """
     tables = default_tables(summary) if tables is None else tuple(tables)
     lines = [f"# {title}", ""]
     if protocol:
@@ -150,6 +198,8 @@ def markdown(summary: Mapping[str, RowSummary], *, tables: Iterable[int] | None 
         + ("" if n_boot else " No bootstrap was asked (0 resamples): no pooled CIs, and p is n/a."),
         "",
     ]
+    if curve is not None:
+        lines += curve_lines(curve, n_boot=n_boot, results=results)
     shown: set[str] = set()
     for t in tables:
         members = [summary[r.name] for r in table_rows(t) if r.name in summary]

@@ -8,7 +8,10 @@ Validation every epoch with the six metrics, their states synced across
 workers, on the manifest's val split or on patients carved from the training
 split (:func:`validation_split`); the best val score (:func:`val_score`: the val AUC,
 or its mean over ``select_window`` epochs) picks the checkpoint and ``patience``
-stops the run early. The test split is never read here.
+stops the run early. The test split is never read here. Validation scores a video as
+the test does (:class:`ValidationFeed`): ``finetune.val_frames`` / ``val_clips`` are
+``evaluate.frames`` / ``evaluate.clips`` of the same config tree (``clman.config.job_config``),
+and the frames come from the function test scoring calls (``clman.train.scoring.scored_indices``).
 
 Facts that shaped this module
 - The demo recipe before this one (SGD, constant lr 1e-2, the last epoch) learned the
@@ -41,7 +44,8 @@ from clman import distributed
 from clman.metrics import BinaryMetrics
 from clman.models.build import classifier_from, load_weights
 from clman.data import augment
-from clman.train import feed, runner, worker
+from clman.inference import mean_log_probs
+from clman.train import feed, runner, scoring, worker
 from clman.train.runner import JobError
 
 log = worker.worker_logger("clman.finetune")
@@ -121,15 +125,75 @@ def validation_split(train, val, fraction: float, seed: int, manifest: str = "ma
     return carved_train, carved_val, info
 
 
+# The label_fraction draw's stream beside the seed: not the validation carve's (assign_splits draws from the
+# seed alone), so the subset's order does not echo the carve's.
+LABEL_SUBSET_STREAM = 0x1ABE1
+
+
+def label_subset(train, fraction: float, seed: int, where: str = "manifest", min_videos: int = 1) -> tuple:
+    """(the training rows of ``fraction`` of ``train``'s patients, what was taken as a dict with a one-line ``note``).
+
+    Per patient label (a patient is malignant when any of their videos is), the patients in an
+    order drawn from (``seed``, ``LABEL_SUBSET_STREAM``), the first ceil(fraction * n) of each:
+    for one seed and pool the 0.1 subset is inside the 0.25 one, inside the 0.5 one (nested by
+    construction), every class keeps a patient, and each class's share is ``fraction`` rounded up.
+    ``train`` is the training side after the validation carve (:func:`validation_split`): the
+    validation patients stay the same at every fraction, only the training labels shrink.
+    A :class:`JobError` naming the counts when a class has no patient, or when fewer than
+    ``min_videos`` videos (:func:`min_training_videos`: one batch) are left.
+    """
+    import numpy as np
+
+    from clman.data.manifest import patient_labels
+
+    pb, pm = _per_label(train, "patient_id")
+    if fraction >= 1.0:
+        info = {"fraction": 1.0, "seed": seed, "videos": len(train), "patients_per_label": [pb, pm],
+                "note": f"labels: every training patient ({pb} benign + {pm} malignant, {len(train)} videos)"}
+        return train, info
+    labels = patient_labels(train)  # sorted by patient_id: the order of the input rows does not matter
+    rng = np.random.default_rng([seed, LABEL_SUBSET_STREAM])
+    kept = []
+    for label in (0, 1):
+        patients = rng.permutation(labels.index[labels == label].to_numpy())
+        kept += patients[:math.ceil(fraction * len(patients))].tolist()
+    rows = train[train["patient_id"].isin(set(kept))].reset_index(drop=True)
+    b, m = _per_label(rows, "patient_id")
+    counts = f"{b} benign + {m} malignant of {pb} + {pm} training patients, {len(rows)} of {len(train)} videos"
+    if min(b, m) == 0:
+        raise JobError(f"{where}: finetune.label_fraction={fraction:g} leaves a class out of training ({counts}); "
+                       "finetuning needs benign and malignant patients")
+    if len(rows) < min_videos:
+        raise JobError(f"{where}: finetune.label_fraction={fraction:g} leaves {counts}: fewer than one batch "
+                       f"({min_videos} videos); raise finetune.label_fraction or lower finetune.batch_size")
+    info = {"fraction": fraction, "seed": seed, "videos": len(rows), "patients_per_label": [b, m],
+            "training_videos": len(train), "training_patients_per_label": [pb, pm],
+            "note": f"labels: finetune.label_fraction={fraction:g} of the training patients per class, {counts} "
+                    f"(nested by seed {seed}: a smaller fraction's patients are among these)"}
+    return rows, info
+
+
+def min_training_videos(cfg: C.FinetuneConfig) -> int:
+    """The fewest training videos that fill one batch on every worker (``feed.Feed.steps`` >= 1)."""
+    world = cfg.scale.num_workers
+    return world * max(1, cfg.batch_size // world)
+
+
 def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val: bool,
               rows: tuple | None = None, sources: dict | None = None) -> runner.TrainJob:
     """The finetune run of ``cfg`` on ``manifest`` (Ray must be up: the frames are cached here when they fit).
 
-    ``rows``: (train, val) DataFrames to use instead of the manifest's splits (:func:`validation_split`).
+    ``rows``: (train, val) DataFrames to use instead of the manifest's splits (:func:`validation_split`,
+    then :func:`label_subset` for ``finetune.label_fraction``: the callers subsample, not this function).
     ``sources``: {split: ``runner.frame_source``} made already (a sweep decodes once for all its trials).
     """
     from clman.data.manifest import read_manifest
 
+    if cfg.label_fraction < 1 and rows is None:  # the subset is the caller's (label_subset): never ignored
+        raise JobError(f"finetune.label_fraction={cfg.label_fraction:g}: " + (
+            "a sweep decodes its splits once for all trials and does not subsample them; run label fractions "
+            "with jobs.study --label-fractions" if sources is not None else
+            "pass the training rows of finetune.label_subset (rows=...)"))
     loop_config = {"config": C.to_dict(cfg), "encoder": encoder, "has_val": has_val}
     for i, split in enumerate(("train", "val") if has_val else ("train",)):
         if sources is not None:
@@ -216,6 +280,18 @@ def make_optimizer(model, cfg: C.FinetuneConfig) -> torch.optim.Optimizer:
     return opt
 
 
+def hold_frozen_encoder(model, cfg: C.FinetuneConfig) -> None:
+    """After ``model.train()``: a frozen encoder (``encoder_lr_scale`` 0: the linear probe) back in eval mode.
+
+    Frozen means its outputs too: BatchNorm's running statistics (``model.norm=batch``) would
+    otherwise drift with the finetuning batches, and dropout would stay on. GroupNorm (the
+    paper's) has neither, so for CLMAN's encoder this changes nothing.
+    """
+    encoder = getattr(model, "encoder", None)  # the Table 4 baselines have none
+    if cfg.encoder_lr_scale == 0 and encoder is not None:
+        encoder.eval()
+
+
 def class_weights(labels, mode: str) -> torch.Tensor | None:
     """Cross-entropy weights (benign, malignant) from the training videos' labels, or None.
 
@@ -285,21 +361,48 @@ def not_learning(problems: list[str], lr: float) -> str:
             "or a larger data.size / model.width")
 
 
+class ValidationFeed(feed.Feed):
+    """The val split's batches, scored as the test is: every video once, in order, its frames those of
+    ``clman.train.scoring.scored_indices`` (the function test scoring calls) with ``finetune.val_frames`` /
+    ``val_clips`` (= ``evaluate.frames`` / ``evaluate.clips``), the K clips of T flattened clip-major:
+    ``frames`` (B, K * T, C, S, S). With ``val_frames=all`` a clip is the whole video (K = 1), one video per
+    batch since lengths differ. No randomness: the same frames in every epoch. (From the object store
+    cache, a video longer than 512 frames gives the nearest of its 512 cached frames: ``clman.data.frames.pick``.)
+    """
+
+    def __init__(self, source: dict, data, frames: str, clips: int, *, batch_size: int, **kwargs):
+        self.frames, self.clips = frames, (clips if frames == "clips" else 1)
+        super().__init__(source["videos"], data, feed.EVAL_CLIPS, cache=source["cache"],
+                         batch_size=batch_size if frames == "clips" else 1, **kwargs)
+
+    def indices(self, video: feed.Video, epoch: int):
+        return scoring.scored_indices(video.num_frames, self.data.num_frames, self.frames, self.clips).ravel()
+
+
 @torch.no_grad()
-def validate(model, batches, device, size: int, precision: str = "fp32") -> dict:
-    """Loss and the six metrics over this worker's share of the validation videos, synced over all workers."""
+def validate(model, batches, device, size: int, precision: str = "fp32", clips: int = 1) -> dict:
+    """Loss and the six metrics over this worker's share of the validation videos, synced over all workers.
+
+    A video's score is the mean P(malignant) of its ``clips`` clips (:class:`ValidationFeed`), as
+    in test scoring (``clman.inference.score_clips``); the loss is the cross-entropy of that mean
+    (with one clip, of the clip's logits).
+    """
     model.eval()
     metric = BinaryMetrics().to(device)
     loss_sum = torch.zeros(2, device=device)  # (sum of losses, count)
     for batch in batches:
         batch = feed.to_device(batch, device)
-        clips = augment.resize_clips(batch["frames"], size)  # (B, T, 3, size, size)
+        frames = batch["frames"]  # (B, K * T, C, S, S) uint8, clip-major
+        b, kt = frames.shape[:2]
+        frames = frames.reshape(b * clips, kt // clips, *frames.shape[2:])  # (B * K, T, C, S, S)
+        x = augment.resize_clips(frames, size)  # (B * K, T, 3, size, size)
         with amp.autocast(precision, device):
-            logits = model(clips, None).float()
+            logits = model(x, None).float()  # (B * K, 2)
+        log_probs = mean_log_probs(logits, clips)  # (B, 2): log of each video's mean probabilities
         labels = batch["label"]
-        loss_sum += torch.stack([F.cross_entropy(logits, labels, reduction="sum"),
+        loss_sum += torch.stack([F.nll_loss(log_probs, labels, reduction="sum"),
                                  torch.tensor(float(len(labels)), device=device)])
-        metric.update(torch.softmax(logits, dim=1)[:, 1], labels)
+        metric.update(log_probs[:, 1].exp(), labels)
     loss_sum = distributed.all_reduce_sum(loss_sum)
     out = {f"val_{k}": float(v) for k, v in metric.compute().items()}
     out["val_loss"] = float(loss_sum[0] / loss_sum[1].clamp(min=1))
@@ -342,8 +445,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     pin = device.type == "cuda"
     train_feed = worker.feed(loop_config["train"], cfg.data, feed.CLIPS, seed=cfg.seed, batch_size=per_worker,
                              rank=rank, world=world, pin=pin)
-    val_feed = (worker.feed(loop_config["val"], cfg.data, feed.EVAL_CLIPS, seed=cfg.seed, batch_size=per_worker,
-                            rank=rank, world=world, pin=pin) if has_val else None)
+    # batches of per_worker videos, each K clips: B * K clips through the model at once
+    val_feed = (ValidationFeed(loop_config["val"], cfg.data, cfg.val_frames, cfg.val_clips, seed=cfg.seed,
+                               batch_size=per_worker, rank=rank, world=world, pin=pin) if has_val else None)
     steps_per_epoch = train_feed.steps()
     if steps_per_epoch < 1:
         raise JobError(f"finetune: {len(train_feed.order(0))} training clips per worker do not fill one batch of "
@@ -365,6 +469,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
+        hold_frozen_encoder(raw_model, cfg)
         t0, clips, n_steps = time.perf_counter(), 0, 0
         loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
         scores, targets = [], []  # (B,) per step, kept on the device for the epoch's training AUC
@@ -409,7 +514,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         improved = False
         if val_feed is not None:
             # The unwrapped module: no DDP collectives while shards hold unequal numbers of videos.
-            metrics |= validate(raw_model, val_feed.batches(epoch), device, cfg.data.size, precision)
+            metrics |= validate(raw_model, val_feed.batches(epoch), device, cfg.data.size, precision, val_feed.clips)
+            metrics["val_scoring"] = (f"clips: mean of {cfg.val_clips} clip(s) of T={cfg.data.num_frames}"
+                                      if cfg.val_frames == "clips" else "all: every frame (<= 512) as one clip")
             val_aucs.append(metrics["val_auc"])  # the same on every rank (synced), so is every decision below
             best, best_epoch = best_score(val_aucs, window)
             improved = best_epoch == epoch

@@ -11,6 +11,12 @@
       │  a trial: Ray Train finetune -> model.pt -> score val + test videos -> trials/<id>.json
       ▼
     clman.study.write_study: study.md, summary.json, study.parquet, predictions.parquet, roc.png
+      (and label_efficiency.png with --label-fractions)
+
+``--label-fractions 0.1,0.25,0.5,1``: the rows with CL (clman), without CL (gn_nl) and the linear
+probe (linear_probe) at each fraction (``clman.study.curve``); a trial per (row, fold, seed, fraction),
+its id suffixed ``-lf0.25`` below 1. A cell's manifest, validation carve and SimCLR run are the same
+at every fraction; a trial subsamples its cell's training patients (``finetune.label_subset``).
 
 Storage under ``<out>/<run-name>/``: ``study.json`` (what was asked, so ``--resume`` can refuse
 a different study), ``cells/``, ``pretrain/<cell>/`` (the SimCLR Train run, ``encoder.pt``,
@@ -84,6 +90,11 @@ class StudyRun:
     sets: StudySets
     config: str | None = None  # the preset's path, for the record
     command: str = ""
+    fractions: tuple[float, ...] | None = None  # --label-fractions (with 1), None without: every label
+
+    @property
+    def label_fractions(self) -> tuple[float, ...]:
+        return self.fractions or (1.0,)
 
     @property
     def run_dir(self) -> str:
@@ -91,7 +102,7 @@ class StudyRun:
 
     @property
     def grid(self) -> list[Trial]:
-        return study.trials(self.rows, self.plan.folds, self.seeds)
+        return study.trials(self.rows, self.plan.folds, self.seeds, self.label_fractions)
 
     @property
     def cells(self) -> list[tuple[int, int]]:
@@ -110,6 +121,12 @@ class StudyRun:
     def split(self, fold: int, seed: int) -> study.Split:
         return self.plan.split(fold, seed, C.job_config(self.tree, "finetune").val_fraction)
 
+    def labelled(self, t: Trial, train: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+        """The training rows trial ``t`` sees: ``t.fraction`` of its cell's training patients (after the carve)."""
+        cfg = self.finetune_config(t)
+        return finetune.label_subset(train, cfg.label_fraction, cfg.seed, f"{self.manifest}, trial {t.id}",
+                                     finetune.min_training_videos(cfg))
+
     def cell_manifest(self, fold: int, seed: int) -> str:
         return storage.join(self.run_dir, "cells", cell_name(fold, seed), "manifest.parquet")
 
@@ -123,22 +140,32 @@ class StudyRun:
         """What makes two studies the same study (``--resume`` checks it against ``study.json``)."""
         return {"manifest": self.manifest, "tables": list(self.tables), "rows": [r.name for r in self.rows],
                 "folds": list(self.plan.folds), "seeds": self.seeds, "preset": self.preset,
-                "sets": list(self.sets.common) + [f"{r}:{i}" for r, i in self.sets.scoped]}
+                "sets": list(self.sets.common) + [f"{r}:{i}" for r, i in self.sets.scoped]} | (
+                    {} if self.fractions is None else {"label_fractions": list(self.fractions)})  # as before without
 
 
 def plan_study(manifest: str, out: str, run_name: str, *, tables: str | None = None, rows: str | None = None,
                folds: int | None = None, holdout: bool = False, seeds: int = 1, config: str | None = None,
-               sets: Sequence[str] = (), command: str = "") -> StudyRun:
+               sets: Sequence[str] = (), command: str = "", label_fractions: str | Sequence[float] | None = None,
+               ) -> StudyRun:
     """Check everything a study needs and build every trial's config; a one-line error on bad input.
 
+    label_fractions: ``--label-fractions`` (``clman.study.curve``): the curve's rows at each fraction.
     No Ray, no training: this is the part that must fail before the first trial starts.
     """
     if not run_name or "/" in run_name:
         raise StudyError(f"--run-name {run_name!r}: a folder name without '/'")
     if not isinstance(seeds, int) or seeds < 1:
         raise StudyError(f"--seeds must be >= 1, got {seeds!r}")
-    chosen = study.select_rows(tables, rows)
+    fractions = None if label_fractions is None else study.curve.parse_fractions(label_fractions)
+    if fractions is None:
+        chosen = study.select_rows(tables, rows)
+    else:
+        chosen, tables = study.curve.curve_rows(tables, rows), str(study.curve.CURVE_TABLE)
     preset = C.load_tree(config)
+    if "label_fraction" in dict(preset.get("finetune") or {}):
+        raise StudyError(f"{config}: finetune.label_fraction: the study sets it for every trial (1, or "
+                         "--label-fractions); remove it from the preset")
     checked = study.parse_sets(list(sets), chosen, model=preset.get("model"))
     tree = C.load_tree(config, checked.common)
     try:
@@ -147,7 +174,7 @@ def plan_study(manifest: str, out: str, run_name: str, *, tables: str | None = N
         raise StudyError(str(e)) from None
     plan = study.plan_folds(df, folds=folds, holdout=holdout, where=manifest)
     run = StudyRun(manifest, out, run_name, study.parse_tables(tables), chosen, plan, seeds, preset, tree,
-                   checked, config, command)
+                   checked, config, command, fractions)
     for t in run.grid:  # a bad value scoped to one row fails here, naming the row
         try:
             run.finetune_config(t)
@@ -156,7 +183,13 @@ def plan_study(manifest: str, out: str, run_name: str, *, tables: str | None = N
     for fold, seed in study.pretrain_cells(run.grid):
         run.pretrain_config(seed)
     for fold, seed in run.cells:
-        run.split(fold, seed)  # a carve that leaves a class out fails here
+        split = run.split(fold, seed)  # a carve that leaves a class out fails here
+        for t in run.grid:  # a label fraction too small for a class or a batch fails here
+            if (t.fold, t.seed) == (fold, seed) and t.fraction < 1:
+                try:
+                    run.labelled(t, split.train)
+                except JobError as e:
+                    raise StudyError(str(e)) from None
     run.evaluate_config()
     return run
 
@@ -211,6 +244,7 @@ def run_trial(run: StudyRun, t: Trial) -> dict:
     cfg, ev = run.finetune_config(t), run.evaluate_config()
     manifest = run.cell_manifest(t.fold, t.seed)
     train, val = read_manifest(manifest, split="train"), read_manifest(manifest, split="val")
+    train, labels = run.labelled(t, train)  # t.fraction of the training patients; the val patients stay
     encoder = run.encoder(t.fold, t.seed) if t.row.pretrained else None
     t0 = time.time()
     job = finetune.train_job(cfg, manifest, encoder, has_val=len(val) > 0, rows=(train, val))
@@ -221,7 +255,9 @@ def run_trial(run: StudyRun, t: Trial) -> dict:
     train_s = time.time() - t0
 
     rows = read_manifest(manifest, split=["val", "test"])
-    scored = scoring.score_rows(model, rows, cfg.data, whole=ev.frames == "all")
+    # The protocol the trial's validation used (its tree's evaluate.frames / evaluate.clips): every row, CLMAN
+    # and the Table 4 baselines, scored on K clips of its own T at its training spacing unless frames=all.
+    scored = scoring.score_rows(model, rows, cfg.data, cfg.val_frames, cfg.val_clips)
     if len(scored) < len(rows):
         log.warning("trial %s: %d of %d val/test videos did not decode; scored without them",
                     t.id, len(rows) - len(scored), len(rows))
@@ -237,13 +273,14 @@ def run_trial(run: StudyRun, t: Trial) -> dict:
                                   val_scores=[v["score"] for v in val_scored] if has_op else None,
                                   val_labels=[v["label"] for v in val_scored] if has_op else None,
                                   target_sensitivity=ev.target_sensitivity)
-    line = {"row": t.row.name, "fold": t.fold, "seed": t.seed, **metrics,
+    line = {"row": t.row.name, "fold": t.fold, "seed": t.seed, "fraction": t.fraction, **metrics,
             "val_auc": float(kept.get("val_auc", math.nan)), "kept_epoch": int(kept.get("epoch", -1)),
             "train_seconds": train_s, "seconds": time.time() - t0,
             # the corrected resampled t of the fold means uses n_test / n_train (clman.study.stats)
-            "n_train": len(train) + len(val), "n_test": int((rows["split"] == "test").sum())}
-    record = {"trial": t.id, "result": line, "model": model, "encoder": encoder,
-              "predictions": [{"row": t.row.name, "fold": t.fold, "seed": t.seed,
+            "n_train": len(train) + len(val), "n_test": int((rows["split"] == "test").sum()),
+            "n_labelled": len(train)}  # the training videos whose labels it saw (label fraction)
+    record = {"trial": t.id, "result": line, "model": model, "encoder": encoder, "labels": labels["note"],
+              "predictions": [{"row": t.row.name, "fold": t.fold, "seed": t.seed, "fraction": t.fraction,
                                **{k: v[k] for k in ("video_id", "patient_id", "label", "score")}} for v in test],
               "val_scores": [{k: v[k] for k in ("video_id", "patient_id", "label", "score")} for v in val_scored]}
     storage.write_text(run.trial_file(t.id), json.dumps(record, indent=1) + "\n")  # atomic: the trial is done
@@ -354,26 +391,33 @@ def run_study(run: StudyRun, address: str | None = None, resume: bool = False) -
 def write_outputs(run: StudyRun, run_time_s: float | None = None, resumed: int = 0) -> dict:
     """study.md, study.parquet, predictions.parquet and roc.png from the trial files."""
     records = [json.loads(storage.read_text(run.trial_file(t.id))) for t in run.grid]
-    results = pd.DataFrame([r["result"] for r in records])
-    predictions = pd.DataFrame([p for r in records for p in r["predictions"]])
+    # Trial files of a study begun before label fractions have no "fraction": every label (1)
+    results = pd.DataFrame([{"fraction": 1.0, **r["result"]} for r in records])
+    predictions = pd.DataFrame([{"fraction": 1.0, **p} for r in records for p in r["predictions"]])
     ev = run.evaluate_config()
     pretrain_s = []
     for fold, seed in study.pretrain_cells(run.grid):
         m = json.loads(storage.read_text(storage.join(run.run_dir, "pretrain", cell_name(fold, seed), "metrics.json")))
         pretrain_s.append(m["seconds"])
     notes = [f"{run.split(f, s).note} (fold {f}, seed {s})" for f, s in run.cells]
+    notes.append(scoring.describe(ev, C.job_config(run.tree, "finetune").data.num_frames)
+                 + "; T is each row's data.num_frames")
     notes.append(f"finetune per trial: {results['seconds'].mean():.0f} s on average ({results['seconds'].min():.0f}"
                  f"–{results['seconds'].max():.0f} s: Ray Train run + scoring val and test videos)")
     if pretrain_s:
         pool = (f" and the {len(run.plan.unlabeled)} unlabelled videos" if len(run.plan.unlabeled) else "")
         notes.append(f"SimCLR per (fold, seed): {sum(pretrain_s) / len(pretrain_s):.0f} s on average, "
                      f"{len(pretrain_s)} run(s) on the training videos of their cell{pool} only")
+    if run.fractions is not None:
+        notes.append(f"label fractions {', '.join(f'{f:g}' for f in run.fractions)}: {len(records)} trial(s) in "
+                     f"all; the tables and roc.png are the {int((results['fraction'] == 1).sum())} at fraction 1")
     if resumed:
         notes.append(f"resumed: {resumed} trial(s) finished in an earlier run; the run time is this run's")
     study.write_study(run.run_dir, results, predictions, tables_shown=run.tables, protocol=run.plan.describe(),
                       command=run.command, config=run.tree, run_time_s=run_time_s, n_boot=ev.bootstrap,
-                      seed=ev.seed, threshold=ev.threshold, notes=notes)
-    uris = {name: storage.join(run.run_dir, name) for name in study.OUTPUTS}
+                      seed=ev.seed, threshold=ev.threshold, notes=notes, label_fractions=run.fractions)
+    names = [*study.OUTPUTS, *([study.curve.PNG] if run.fractions is not None else [])]
+    uris = {name: storage.join(run.run_dir, name) for name in names}
     log.info("study %s: %d trial(s) -> %s", run.run_name, len(records), uris["study.md"])
     return uris
 
