@@ -230,7 +230,7 @@ def test_killed_worker_resumes_bit_for_bit_and_the_seed_decides(dataset, bucket,
     # one, bit for bit, whichever worker or decode task handled which video.
     keys = [k for k in base if k.startswith(("val_", "train_"))]
     assert keys and {k: last[k] for k in keys} == {k: base[k] for k in keys}, (last, base)
-    assert all(math.isfinite(last[k]) for k in keys), last
+    assert all(math.isfinite(last[k]) for k in keys if not isinstance(last[k], str)), last  # val_scoring: text
     assert final["history"]["train_loss"] == baseline["history"]["train_loss"]
 
     other = finetune.run(C.load("finetune", None, TINY + ["finetune.epochs=1", "data.cache=off", "finetune.seed=1"]),
