@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import sys
@@ -27,10 +28,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ("clman.data.ingest", "IngestError"),
         ("clman.data.scan_region", "ScanRegionError"),
     ):
-        try:
+        with contextlib.suppress(ImportError):  # a slim install without the module: nothing of it to catch
             errors.append(getattr(importlib.import_module(module), name))
-        except Exception:  # absent (ImportError) or broken: the error being reported matters more
-            pass
     return tuple(errors)
 
 
