@@ -85,3 +85,50 @@ def run_main(main: Callable[[list[str] | None], int | None], argv: list[str] | N
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     sys.exit(code or 0)
+
+
+# -- the `clman` console script -----------------------------------------------------------------
+# `clman <job> args...` is `python -m jobs.<job> args...`: the same main, arguments and exit status.
+JOBS = ("demo", "synth", "ingest", "pretrain", "finetune", "evaluate", "predict", "tune", "study", "export")
+
+
+def _job_summary(job: str) -> str:
+    """The first line of ``jobs/<job>.py``'s docstring, read without importing the job (torch, Ray)."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec(f"jobs.{job}")
+    if spec is None or spec.origin is None:
+        return "(not in this install)"
+    with open(spec.origin, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+def _usage() -> str:
+    width = max(map(len, JOBS))
+    lines = ["usage: clman <job> [args...]    (the same as: python -m jobs.<job> [args...])", "", "jobs:"]
+    lines += [f"  {job:<{width}}  {_job_summary(job)}" for job in JOBS]
+    lines += ["", "clman <job> --help lists a job's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``clman`` console script (pyproject.toml's [project.scripts])."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
+        sys.exit(0 if argv else 2)
+    job, rest = argv[0], argv[1:]
+    if job not in JOBS:
+        print(f"error: unknown job {job!r}; valid: {', '.join(JOBS)}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        module = importlib.import_module(f"jobs.{job}")
+    except ModuleNotFoundError as err:
+        if err.name is None or err.name.split(".")[0] in ("clman", "jobs"):
+            raise  # our own code is broken: the traceback says where
+        print(f"error: clman {job} needs the package of module {err.name!r}, which is not installed "
+              "(pip install -e '.[dev]' installs every extra)", file=sys.stderr)
+        sys.exit(2)
+    run_main(module.main, rest)

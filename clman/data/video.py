@@ -1,8 +1,20 @@
-"""Video bytes in, frames out: decord for random-access reading, PyAV for writing.
+"""Video bytes in, frames out: decord (PyAV where decord has no wheel) for random-access reading, PyAV for writing.
 
 Clips are stored as short-GOP H.264 (a keyframe every ``gop`` frames, no
 B-frames) so that reading T frames spread over a clip decodes only the GOPs
 that hold them, not the whole video.
+
+Facts that shaped the reading side:
+- decord ships a wheel for x86_64 Linux only. Where it cannot be imported (macOS, Graviton,
+  GH200) :class:`PyAVReader` reads instead, the way decord does: an index of the stream's
+  packets (frame count, keyframes), a seek to the keyframe before each wanted frame, and
+  FFmpeg's bilinear scaler to RGB at the stored size (decord's ``scale=W:H`` filter runs
+  swscale with the filter's default flags, ``bilinear``, in its bundled FFmpeg 4.1).
+- Measured on the test clips (x86_64, decord 0.6.0 with FFmpeg 4.1 against PyAV 18.1 with
+  FFmpeg 8): the two readers give pixel-identical frames, source size and resized (36, 74,
+  128 px; grey, colour, odd sizes, short and long GOPs); swscale's bicubic default would
+  differ by up to 32 grey levels. tests/test_decode_fallback.py checks the equality.
+- decord stays the reader where it is installed: it decodes and scales in its C++ thread.
 """
 
 from __future__ import annotations
@@ -13,7 +25,6 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Iterator, Sequence
 
-import decord
 import numpy as np
 
 from clman.data.scan_region import (NO_SCAN_REGION, ScanRegion, ScanRegionError, TemporalStd, describe,
@@ -21,9 +32,14 @@ from clman.data.scan_region import (NO_SCAN_REGION, ScanRegion, ScanRegionError,
 
 logger = logging.getLogger(__name__)
 
-# decord's C++ logger prints the failing input (possibly the whole file) on open
-# errors; our VideoError already names the item.
-decord.logging.set_level(decord.logging.QUIET)
+try:
+    import decord
+except ImportError:  # no decord wheel for this platform: PyAVReader reads instead
+    decord = None
+else:
+    # decord's C++ logger prints the failing input (possibly the whole file) on open
+    # errors; our VideoError already names the item.
+    decord.logging.set_level(decord.logging.QUIET)
 
 # Reject reasons shared with the ingest job (rejects.parquet `reason` column).
 EMPTY, NOT_A_VIDEO, TRUNCATED, NO_FRAMES, UNREADABLE = (
@@ -62,7 +78,107 @@ def looks_like_container(data: bytes) -> bool:
     return any(data[off:off + len(magic)] == magic for off, magic in _CONTAINER_MAGIC)
 
 
-def _reader(data: bytes, name: str, size: int | None = None) -> decord.VideoReader:
+class DecordReader:
+    """Random access with decord; frames resized by FFmpeg's scaler inside decord's C++ thread."""
+
+    def __init__(self, data: bytes, size: int | None = None):
+        # One reader per call and one decoding thread: readers shared across
+        # forked worker processes deadlock, and Ray actors parallelise clips.
+        side = size or -1
+        self._vr = decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, width=side, height=side)
+        self.num_frames = len(self._vr)
+        self.fps = float(self._vr.get_avg_fps())
+
+    def get_batch(self, indices: list[int]) -> np.ndarray:
+        return self._vr.get_batch(indices).asnumpy()  # (T, H, W, 3)
+
+    def frame(self, i: int) -> np.ndarray:
+        # Not get_batch([i]): at source size, decord 0.6.0 pads some widths' rows (48 px: a
+        # (32, 48, 4) frame) and get_batch then fails its size check; one frame reads fine.
+        return self._vr[i].asnumpy()  # (H, W, 3 or more)
+
+    def close(self) -> None:
+        del self._vr
+
+
+class PyAVReader:
+    """Random access with PyAV, where decord has no wheel: the same frames as :class:`DecordReader`.
+
+    Like decord: the frames are the stream's packets in presentation (pts) order; a wanted frame
+    is decoded from the keyframe before it, or onwards from the last decoded frame when that is
+    nearer; resized to ``size`` x ``size`` RGB by swscale's bilinear filter.
+    """
+
+    def __init__(self, data: bytes, size: int | None = None):
+        import av  # imported here: where decord reads, a decode task does not load PyAV's FFmpeg too
+
+        self._container = av.open(io.BytesIO(data), mode="r")
+        try:
+            self._index(size)
+        except BaseException:
+            self._container.close()
+            raise
+
+    def _index(self, size: int | None) -> None:
+        if not self._container.streams.video:
+            raise VideoError("container has no video stream", NOT_A_VIDEO)
+        self._stream = self._container.streams.video[0]
+        self._stream.codec_context.thread_count = 1  # as decord's num_threads=1: Ray runs clips in parallel
+        self._size = size
+        pts, key_pts = [], []
+        for packet in self._container.demux(self._stream):
+            if packet.pts is None:  # the empty packet that ends the stream
+                continue
+            pts.append(packet.pts)
+            if packet.is_keyframe:
+                key_pts.append(packet.pts)
+        self._pts = sorted(pts)  # frame i is the i-th packet in presentation order
+        self._frame_of = {p: i for i, p in enumerate(self._pts)}
+        self._keys = np.array(sorted(self._frame_of[p] for p in key_pts), dtype=np.int64)  # frame numbers
+        self.num_frames = len(self._pts)
+        rate = self._stream.average_rate or self._stream.base_rate
+        self.fps = float(rate) if rate else 0.0
+
+    def _keyframe_before(self, i: int) -> int:
+        k = int(np.searchsorted(self._keys, i, side="right")) - 1
+        return int(self._keys[k]) if k >= 0 else 0
+
+    def _rgb(self, frame) -> np.ndarray:
+        width, height = (self._size, self._size) if self._size else (frame.width, frame.height)
+        return frame.reformat(width=width, height=height, format="rgb24",
+                              interpolation="BILINEAR").to_ndarray()  # (H, W, 3)
+
+    def get_batch(self, indices: list[int]) -> np.ndarray:
+        wanted = set(indices)
+        got: dict[int, np.ndarray] = {}
+        frames, last = None, -1  # the decoder's frame iterator; the number of the frame it gave last
+        for i in sorted(wanted):
+            key = self._keyframe_before(i)
+            if frames is None or last < key - 1:  # a seek skips the frames between last and key
+                self._container.seek(self._pts[key], stream=self._stream, backward=True, any_frame=False)
+                frames = self._container.decode(self._stream)
+            for frame in frames:
+                last = self._frame_of.get(frame.pts, -1)
+                if last in wanted and last not in got:
+                    got[last] = self._rgb(frame)
+                if last >= i:
+                    break
+            if i not in got:
+                raise VideoError(f"frame {i} of {self.num_frames} did not decode (truncated?)", TRUNCATED)
+        return np.stack([got[i] for i in indices])  # (T, H, W, 3)
+
+    def frame(self, i: int) -> np.ndarray:
+        return self.get_batch([i])[0]  # (H, W, 3)
+
+    def close(self) -> None:
+        self._container.close()
+
+
+# decord where it is installed (faster: decoding and scaling in C++), PyAV elsewhere.
+Reader = DecordReader if decord is not None else PyAVReader
+
+
+def _reader(data: bytes, name: str, size: int | None = None) -> DecordReader | PyAVReader:
     if len(data) == 0:
         raise VideoError(f"{name}: empty (0 bytes)", EMPTY)
     if b"\x00" not in data[:4096] and not looks_like_container(data):
@@ -71,11 +187,10 @@ def _reader(data: bytes, name: str, size: int | None = None) -> decord.VideoRead
         raise VideoError(f"{name}: not a video (no binary container header, "
                          f"{len(data)} bytes)", NOT_A_VIDEO)
     try:
-        # One reader per call and one decoding thread: readers shared across
-        # forked worker processes deadlock, and Ray actors parallelise clips.
-        side = size or -1
-        return decord.VideoReader(io.BytesIO(data), ctx=decord.cpu(0), num_threads=1, width=side, height=side)
-    except Exception as err:  # decord raises DECORDError or RuntimeError
+        return Reader(data, size)
+    except VideoError as err:
+        raise VideoError(f"{name}: {err}", err.reason) from None
+    except Exception as err:  # decord raises DECORDError or RuntimeError, PyAV av.error.FFmpegError
         reason = TRUNCATED if looks_like_container(data) else NOT_A_VIDEO
         raise VideoError(f"{name}: cannot open as a video ({reason}, {len(data)} bytes): "
                          f"{_first_line(err)}", reason) from None
@@ -93,15 +208,18 @@ def probe_video(data: bytes, name: str = "video") -> VideoInfo:
     data was cut short; with a short GOP this costs at most ``gop`` frames.
     """
     vr = _reader(data, name)
-    n = len(vr)
-    if n == 0:
-        raise VideoError(f"{name}: no frames", NO_FRAMES)
     try:
-        last = vr[n - 1].asnumpy()  # (H, W, 3)
-    except Exception as err:
-        raise VideoError(f"{name}: frame {n - 1} of {n} does not decode (truncated?): "
-                         f"{_first_line(err)}", TRUNCATED) from None
-    fps = float(vr.get_avg_fps())
+        n = vr.num_frames
+        if n == 0:
+            raise VideoError(f"{name}: no frames", NO_FRAMES)
+        try:
+            last = vr.frame(n - 1)  # (H, W, C)
+        except Exception as err:
+            raise VideoError(f"{name}: frame {n - 1} of {n} does not decode (truncated?): "
+                             f"{_first_line(err)}", TRUNCATED) from None
+        fps = vr.fps
+    finally:
+        vr.close()
     return VideoInfo(num_frames=n, fps=fps if np.isfinite(fps) and fps > 0 else 0.0,
                      height=int(last.shape[0]), width=int(last.shape[1]))
 
@@ -115,23 +233,27 @@ def decode_frames(data: bytes, indices: Sequence[int] | None = None,
 def decode_frames_resized(data: bytes, indices: Sequence[int] | None, size: int | None,
                           name: str = "video") -> np.ndarray:
     """Frames at ``indices`` (all when None) -> (T, size, size, 3) uint8, resized by the decoder
-    (FFmpeg's scaler, in decord's C++ thread: no Python per pixel); source size when ``size`` is None."""
+    (FFmpeg's bilinear scaler, in decord's C++ thread or PyAV's; no Python per pixel); source size when
+    ``size`` is None."""
     vr = _reader(data, name, size)
-    n = len(vr)
-    if n == 0:
-        raise VideoError(f"{name}: no frames", NO_FRAMES)
-    idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
-    if idx.ndim != 1 or idx.size == 0:
-        raise VideoError(f"{name}: indices must be a non-empty 1-D sequence, got shape "
-                         f"{idx.shape}", UNREADABLE)
-    if idx.min() < 0 or idx.max() >= n:
-        raise VideoError(f"{name}: frame index {int(idx.max() if idx.max() >= n else idx.min())} "
-                         f"out of range for {n} frames", UNREADABLE)
     try:
-        return vr.get_batch(idx.tolist()).asnumpy()  # (T, H, W, 3)
-    except Exception as err:
-        raise VideoError(f"{name}: decoding {idx.size} frames failed (truncated?): "
-                         f"{_first_line(err)}", TRUNCATED) from None
+        n = vr.num_frames
+        if n == 0:
+            raise VideoError(f"{name}: no frames", NO_FRAMES)
+        idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
+        if idx.ndim != 1 or idx.size == 0:
+            raise VideoError(f"{name}: indices must be a non-empty 1-D sequence, got shape "
+                             f"{idx.shape}", UNREADABLE)
+        if idx.min() < 0 or idx.max() >= n:
+            raise VideoError(f"{name}: frame index {int(idx.max() if idx.max() >= n else idx.min())} "
+                             f"out of range for {n} frames", UNREADABLE)
+        try:
+            return vr.get_batch(idx.tolist())  # (T, H, W, 3)
+        except Exception as err:
+            raise VideoError(f"{name}: decoding {idx.size} frames failed (truncated?): "
+                             f"{_first_line(err)}", TRUNCATED) from None
+    finally:
+        vr.close()
 
 
 def iter_frames_pyav(data: bytes, name: str = "video") -> tuple[float, Iterator[np.ndarray]]:
@@ -140,7 +262,7 @@ def iter_frames_pyav(data: bytes, name: str = "video") -> tuple[float, Iterator[
     The iterator raises VideoError(TRUNCATED) when decoding stops early,
     either with an error or with fewer frames than the container declares.
     """
-    import av  # PyAV only where clips are written or transcoded: decoding for training needs decord alone
+    import av  # PyAV only where clips are written or transcoded (or where decord has no wheel)
 
     if len(data) == 0:
         raise VideoError(f"{name}: empty (0 bytes)", EMPTY)
