@@ -252,6 +252,9 @@ class FinetuneConfig:
     # evaluate keys; a finetune value that differs from them fails.
     val_frames: str = "clips"
     val_clips: int = 4
+    # evaluate.target_sensitivity, copied here likewise: model.pt stores the threshold that reaches it on the
+    # kept epoch's validation videos (the operating point jobs.predict applies; never chosen on the test split)
+    val_target_sensitivity: float = 0.95
     checkpoint_every: int = 1
     seed: int = 0  # also picks the carved validation patients and the label_fraction subset
 
@@ -278,6 +281,7 @@ class FinetuneConfig:
         _at_least(where, "select_window", self.select_window, 1)
         _one_of(where, "val_frames", self.val_frames, EVAL_FRAMES)
         _at_least(where, "val_clips", self.val_clips, 1)
+        _in_range(where, "val_target_sensitivity", self.val_target_sensitivity, 0.0, 1.0)
         check_scoring(self.val_frames, self.model.arch, self.data.num_frames)
         _at_least(where, "checkpoint_every", self.checkpoint_every, 1)
 
@@ -520,12 +524,16 @@ def job_config(tree: Mapping[str, Any], job: str):
 
 
 def _scoring_of(tree: Mapping[str, Any], values: dict) -> dict:
-    """finetune's ``values`` with val_frames / val_clips = the tree's evaluate.frames / evaluate.clips: validation
-    scores videos as the test does. A finetune value that differs fails, naming both keys."""
+    """finetune's ``values`` with val_frames / val_clips / val_target_sensitivity = the tree's evaluate.frames /
+    clips / target_sensitivity: validation scores videos as the test does, and picks the deployed threshold at the
+    sensitivity evaluate reports. A finetune value that differs fails, naming both keys."""
     ev = build(EvaluateConfig, tree.get("evaluate"), "evaluate")  # a bad evaluate key fails under its own name
-    for mine, theirs in (("val_frames", "frames"), ("val_clips", "clips")):
+    hints = typing.get_type_hints(FinetuneConfig)
+    for mine, theirs in (("val_frames", "frames"), ("val_clips", "clips"),
+                         ("val_target_sensitivity", "target_sensitivity")):
         value = getattr(ev, theirs)
-        if mine in values and values[mine] != value:
+        # a bad value is named as such (e.g. nan) before it is compared
+        if mine in values and _coerce("finetune", mine, values[mine], hints[mine]) != value:
             raise ConfigError(f"finetune.{mine}={values[mine]!r} differs from evaluate.{theirs}={value!r}: validation "
                               f"scores videos as evaluation does; set evaluate.{theirs} alone")
         values[mine] = value

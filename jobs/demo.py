@@ -22,7 +22,7 @@ import shutil
 import time
 from pathlib import Path
 
-from clman import cli, report, storage
+from clman import cli, report, storage, tracking
 from clman import config as C
 from clman.data import manifest as M
 from clman.data.ingest import ingest, labeled_items
@@ -47,6 +47,7 @@ def parse(argv=None) -> argparse.Namespace:
                    help="synthetic frame size in pixels (default 64; hard: 96 high, 1.1-1.35x as wide)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bucket", default="clman-demo")
+    tracking.add_args(p)  # the three runs in MLflow experiment (TensorBoard folder) "demo"
     return p.parse_args(argv)
 
 
@@ -73,6 +74,7 @@ def stage(n: int, text: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
+    track = tracking.parse_targets(args.track)
     tree = C.load_tree(args.config, args.overrides)
     pre_cfg, fin_cfg, eval_cfg = (C.job_config(tree, job) for job in ("pretrain", "finetune", "evaluate"))
     workdir = Path(args.workdir).resolve()
@@ -109,9 +111,11 @@ def run(args: argparse.Namespace) -> dict:
 
         # Ray's own output (and the workers' warnings) to a file; stages, epochs, the table here.
         runner.init_ray(log_file=str(workdir / "ray.log"))
-        pre = pretrain.run(pre_cfg, manifest, runs, "pretrain")
-        with_cl = finetune.run(fin_cfg, manifest, runs, "clman-cl", encoder=pre["encoder"])
-        without_cl = finetune.run(fin_cfg, manifest, runs, "clman-scratch", encoder=None)
+        pre = pretrain.run(pre_cfg, manifest, runs, "pretrain", track=track, experiment="demo")
+        with_cl = finetune.run(fin_cfg, manifest, runs, "clman-cl", encoder=pre["encoder"], track=track,
+                               experiment="demo")
+        without_cl = finetune.run(fin_cfg, manifest, runs, "clman-scratch", encoder=None, track=track,
+                                  experiment="demo")
 
         stage(5, "evaluating both on the test split")
         out = storage.join(runs, "demo-report")
@@ -168,7 +172,10 @@ def paired_difference(scored: dict, eval_cfg) -> str:
 
 
 def main(argv=None) -> int:
-    run(parse(argv))
+    try:
+        run(parse(argv))
+    finally:  # the terminal back from Ray's log file: an error's line is printed there
+        runner.restore_stderr()
     return 0
 
 

@@ -9,16 +9,20 @@ trained at (``--set evaluate.clips=1``: the T segment centres); ``--set evaluate
 scores every frame (up to 512), for CLMAN only: a Table 4 baseline is refused. Use the
 ``--config`` the model was finetuned with, so that validation and test score the same clips.
 Writes to ``--out`` (default: beside the checkpoint, ``eval-<split>/``): ``metrics.json`` (the
-six metrics with 95% CIs, specificity at 95% sensitivity, ``scoring``: how videos were
-scored), ``predictions.parquet`` (video_id, label, score, predicted, top_frames),
-``roc.png`` and ``report.md``.
+six metrics with 95% CIs at ``evaluate.threshold``, specificity at 95% sensitivity read off this
+split (descriptive), ``operating_point``: the metrics at the threshold model.pt stores, chosen on
+the validation videos (what jobs.predict applies), ``calibration``: Brier score and ECE with CIs,
+``scoring``: how videos were scored), ``predictions.parquet`` (video_id, label, score, predicted at
+``evaluate.threshold``, top_frames), ``roc.png`` (with a patient-bootstrap 95% band and the
+operating point), ``reliability.png`` and ``report.md``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from clman import cli, report, storage
+from clman import checkpoint as ckpt
+from clman import cli, inference, report, storage
 from clman import config as C
 from clman.data.manifest import check_labeled_split, read_manifest
 from clman.train import runner, scoring
@@ -47,7 +51,9 @@ def run(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig, out: 
     runner.init_ray(address)
     out = out or storage.join(checkpoint.rsplit("/", 1)[0], f"eval-{split}")
     scored = scoring.score_split(checkpoint, manifest, split, cfg)
-    result = report.write_evaluation(out, name, scored, cfg)
+    deployed = inference.stored_threshold(ckpt.load_checkpoint(checkpoint))  # chosen on validation, never here
+    result = report.write_evaluation(out, name, scored, cfg, deployed,
+                                     notes=[f"Deployed threshold: {inference.describe_threshold(deployed)}."])
     result["scoring"] = scored["scoring"]
     report.write_json(storage.join(out, "metrics.json"), result)  # again, saying how the videos were scored
     result["out"] = out
@@ -62,7 +68,14 @@ def main(argv=None) -> int:
     print(f"\nspecificity at {100 * cfg.target_sensitivity:.0f}% sensitivity: "
           f"{report.fmt_pct(result['specificity_at_sensitivity']['specificity'])}%")
     print(result["scoring"])
-    print(f"outputs: {result['out']}/ (report.md, roc.png, metrics.json, predictions.parquet)")
+    op = result["operating_point"]
+    print(inference.describe_threshold(op["validation"] if op else None))
+    if op:
+        print(f"at it on split {args.split}: sensitivity {report.fmt_pct(op['sensitivity'])}%, "
+              f"specificity {report.fmt_pct(op['specificity'])}%")
+    cal = result["calibration"]
+    print(f"calibration: Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f} ({cal['ece_bins']} bins)")
+    print(f"outputs: {result['out']}/ (report.md, roc.png, reliability.png, metrics.json, predictions.parquet)")
     return 0
 
 

@@ -25,7 +25,7 @@ import logging
 import time
 
 from clman import checkpoint as ckpt
-from clman import cli, report, run_lock, storage
+from clman import cli, report, run_lock, storage, tracking
 from clman import config as C
 from clman.models.build import ENCODER_FIELDS, is_clman
 from clman.train import finetune, runner
@@ -42,6 +42,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--encoder", help="encoder.pt from jobs.pretrain; omit to train from scratch")
     cli.add_config_args(p)
     cli.add_scale_args(p)
+    tracking.add_args(p)
     return p.parse_args(argv)
 
 
@@ -66,11 +67,13 @@ def check_encoder(uri: str, cfg: C.FinetuneConfig) -> None:
 
 
 def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: str | None = None,
-        address: str | None = None, force_resume: bool = False) -> dict:
+        address: str | None = None, force_resume: bool = False, track=(), experiment: str = "finetune") -> dict:
     """Finetune; returns {"model": URI, "metrics": metrics of the kept checkpoint}.
 
     The run's lock is held from before Ray starts to the end; a resume must have the first start's
-    config, manifest and encoder unless ``force_resume`` (``clman.run_lock``).
+    config, manifest and encoder unless ``force_resume`` (``clman.run_lock``). ``track``:
+    ``clman.tracking.Target``s that get the config and every epoch's metrics, in MLflow experiment
+    / TensorBoard folder ``experiment``.
     """
     run_lock.check_run_name(run_name)
     train_rows, val_rows = finetune.check_data(manifest)
@@ -92,10 +95,12 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
         check_encoder(encoder, cfg)
     record = run_lock.fingerprint("finetune", cfg, manifest, encoder)
     with runner.claim(out, run_name, record, force_resume):
-        return _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation, labels)
+        return _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation, labels,
+                    track, experiment)
 
 
-def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation, labels=None) -> dict:
+def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation, labels=None,
+         track=(), experiment="finetune") -> dict:
     runner.init_ray(address)
     runner.check_resources(cfg.scale, cfg.data)
     run_dir = storage.join(out, run_name)
@@ -105,8 +110,10 @@ def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, v
              run_name, len(train_rows), len(val_rows), cfg.data.num_frames, cfg.batch_size, cfg.epochs,
              cfg.optimizer, cfg.lr, cfg.schedule, encoder or "from scratch")
     job = finetune.train_job(cfg, manifest, encoder, has_val, rows=(train_rows, val_rows))
+    tracked = tracking.start_run(track, experiment, run_name, cfg, job="finetune", manifest=manifest,
+                                 encoder=encoder or "")
     t0 = time.time()
-    result = runner.fit(job, cfg.scale, out, run_name)
+    result = runner.fit(job, cfg.scale, out, run_name, tracked)
     checkpoint, metrics = runner.pick_checkpoint(result, job.score)
     model_uri = storage.join(run_dir, "model.pt")
     runner.export_checkpoint(checkpoint, model_uri)
@@ -131,7 +138,10 @@ def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, v
 def main(argv=None) -> int:
     args = parse(argv)
     cfg = C.load("finetune", args.config, cli.overrides(args))
-    run(cfg, args.manifest, args.out, args.run_name or "finetune", args.encoder, args.address, args.force_resume)
+    track = tracking.parse_targets(args.track)
+    with runner.quiet_terminal():  # on a terminal: a bar per run, Ray's lines in a file
+        run(cfg, args.manifest, args.out, args.run_name or "finetune", args.encoder, args.address,
+            args.force_resume, track)
     return 0
 
 

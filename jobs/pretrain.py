@@ -21,7 +21,7 @@ import argparse
 import logging
 import time
 
-from clman import cli, report, run_lock, storage
+from clman import cli, report, run_lock, storage, tracking
 from clman import config as C
 from clman.train import pretrain, runner
 
@@ -38,26 +38,28 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--split", dest="legacy_split", help=argparse.SUPPRESS)  # deprecated: one split, --splits
     cli.add_config_args(p)
     cli.add_scale_args(p)
+    tracking.add_args(p)
     return p.parse_args(argv)
 
 
 def run(cfg: C.PretrainConfig, manifest: str, out: str, run_name: str, splits=None,
-        address: str | None = None, force_resume: bool = False) -> dict:
+        address: str | None = None, force_resume: bool = False, track=(), experiment: str = "pretrain") -> dict:
     """Pretrain; returns {"encoder": URI, "metrics": last epoch's metrics, "splits": the splits read}.
 
     ``splits``: a comma list or sequence of manifest splits; None = every split but test. The run's
     lock is held from before Ray starts to the end; a resume must have the first start's config,
-    manifest and splits unless ``force_resume`` (``clman.run_lock``).
+    manifest and splits unless ``force_resume`` (``clman.run_lock``). ``track``: ``clman.tracking.Target``s
+    that get the config and every epoch's metrics, in MLflow experiment / TensorBoard folder ``experiment``.
     """
     run_lock.check_run_name(run_name)
     rows = pretrain.check_data(manifest, splits)
     splits = pretrain.splits_of(rows)  # the default resolved: what this manifest holds
     record = run_lock.fingerprint("pretrain", cfg, manifest, splits=",".join(splits))
     with runner.claim(out, run_name, record, force_resume):
-        return _run(cfg, manifest, out, run_name, splits, address, rows)
+        return _run(cfg, manifest, out, run_name, splits, address, rows, track, experiment)
 
 
-def _run(cfg, manifest, out, run_name, splits, address, rows) -> dict:
+def _run(cfg, manifest, out, run_name, splits, address, rows, track=(), experiment="pretrain") -> dict:
     runner.init_ray(address)
     runner.check_resources(cfg.scale, cfg.data)
     run_dir = storage.join(out, run_name)
@@ -67,8 +69,10 @@ def _run(cfg, manifest, out, run_name, splits, address, rows) -> dict:
     log.info("pretrain %s: %d clips (%s) x %d frames, global batch %d, %d steps/epoch, %d epochs, %d worker(s)",
              run_name, len(rows), per_split, cfg.data.frames_per_clip, cfg.batch_size,
              pretrain.steps_per_epoch(cfg, len(rows)), cfg.epochs, cfg.scale.num_workers)
+    tracked = tracking.start_run(track, experiment, run_name, cfg, job="pretrain", manifest=manifest,
+                                 splits=",".join(splits))
     t0 = time.time()
-    result = runner.fit(job, cfg.scale, out, run_name)
+    result = runner.fit(job, cfg.scale, out, run_name, tracked)
     checkpoint, metrics = runner.pick_checkpoint(result, None)
     encoder_uri = storage.join(run_dir, "encoder.pt")
     runner.export_checkpoint(checkpoint, encoder_uri)
@@ -88,7 +92,10 @@ def main(argv=None) -> int:
             raise C.ConfigError("give --splits only (--split is its old, one-split name)")
         log.warning("--split is deprecated: use --splits %s", args.legacy_split)
         splits = args.legacy_split
-    run(cfg, args.manifest, args.out, args.run_name or "pretrain", splits, args.address, args.force_resume)
+    track = tracking.parse_targets(args.track)
+    with runner.quiet_terminal():  # on a terminal: a bar per run, Ray's lines in a file
+        run(cfg, args.manifest, args.out, args.run_name or "pretrain", splits, args.address, args.force_resume,
+            track)
     return 0
 
 

@@ -28,7 +28,7 @@ import logging
 import shlex
 import sys
 
-from clman import cli, run_lock
+from clman import cli, run_lock, tracking
 from clman.train import study as S
 
 log = logging.getLogger("jobs.study")
@@ -69,12 +69,14 @@ def parse(argv=None) -> argparse.Namespace:
                         "(--set timesformer:model.tf_depth=4); keys that define the rows (model.arch, "
                         "norm, nonlocal_stages, aggregator) and the seeds are refused; CLMAN-only model "
                         "keys (model.width) belong in the preset, as baselines do not read them")
+    tracking.add_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
     run_lock.check_run_name(args.run_name)
+    track = tracking.parse_targets(args.track)
     command = "python -m jobs.study " + shlex.join(sys.argv[1:] if argv is None else argv)
     run = S.plan_study(args.manifest, args.out, args.run_name, tables=args.tables, rows=args.rows,
                        folds=args.folds, holdout=args.holdout, seeds=args.seeds, config=args.config,
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
              len(run.rows), len(run.plan.folds), run.seeds, len(run.label_fractions), len(run.grid),
              run.plan.describe())
     with run_lock.RunLock(args.out, run.run_name, "study"):  # a second study of this name is refused
-        uris = S.run_study(run, args.address, resume=args.resume)
+        uris = S.run_study(run, args.address, resume=args.resume, track=track)
     print(f"study: {uris['study.md']} (also {', '.join(n for n in uris if n != 'study.md')})")
     return 0
 

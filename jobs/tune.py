@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from clman import cli, run_lock
+from clman import cli, run_lock, tracking
 from clman.tune import driver
 from clman.tune import sweep as sweeps
 
@@ -59,10 +59,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else start Ray here")
     p.add_argument("--run-name", help="sweep folder under --out (default: tune-<job>-<date>-<time>)")
     cli.add_config_args(p)
+    tracking.add_args(p)
     args = p.parse_args(argv)
     if args.resume:
         given = [f for f in ("job", "space", "samples", "manifest", "encoder", "config", "run_name")
-                 if getattr(args, f) is not None] + (["set"] if args.overrides else [])
+                 if getattr(args, f) is not None] + (["set"] if args.overrides else []) \
+            + (["track"] if args.track else [])
         if given:
             p.error(f"--resume takes the sweep's saved arguments; drop --{given[0].replace('_', '-')}")
     else:
@@ -76,6 +78,7 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse(argv)
+    track = tracking.parse_targets(args.track)  # a resumed sweep tracks as its first start did
     if args.resume:
         sweep = sweeps.load_sweep(args.out, args.resume)
     else:
@@ -84,7 +87,8 @@ def main(argv=None) -> int:
             args.overrides, scheduler=args.scheduler, search=args.search, grace_period=args.grace_period,
             reduction_factor=args.reduction_factor, seed=args.seed, encoder=args.encoder, split=args.split)
     with run_lock.RunLock(args.out, sweep.run_name, "tune"):  # a second sweep of this name is refused
-        uris = driver.run_sweep(sweep, args.address, resume=bool(args.resume), restart_errored=args.restart_errored)
+        uris = driver.run_sweep(sweep, args.address, resume=bool(args.resume), restart_errored=args.restart_errored,
+                                track=track)
     log.info("sweep %s done: %s", sweep.run_name, uris["summary.md"])
     return 0
 

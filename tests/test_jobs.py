@@ -75,6 +75,14 @@ def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path
     saved = C.from_dict("finetune", __import__("yaml").safe_load(storage.read_text(f"{runs}/fin/config.yaml")))
     assert saved == fin_cfg
     assert json.loads(storage.read_text(f"{runs}/fin/metrics.json"))["model"] == fin["model"]
+    # model.pt carries what deploying it needs: the kept epoch's threshold, chosen on the val videos
+    kept = torch.load(_local_copy(fin["model"], tmp_path), weights_only=True)["extra"]
+    n_val = len(pd.read_parquet(_local_copy(dataset, tmp_path)).query("split == 'val'"))
+    threshold = kept["threshold"]
+    assert threshold["chosen_on"] == "validation" and threshold["videos"] == n_val
+    assert threshold["sensitivity"] >= threshold["target_sensitivity"] == 0.95
+    assert threshold["value"] == fin["metrics"]["val_threshold"]
+    assert (kept["preprocessing"]["size"], kept["preprocessing"]["num_frames"], kept["preprocessing"]["clips"]) == (32, 4, 4)
 
     result = evaluate.run(fin["model"], dataset, "test", C.load("evaluate", None, TINY))
     out = result["out"]
@@ -88,6 +96,10 @@ def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path
     assert preds["score"].between(0, 1).all() and (preds["top_frames"].map(len) > 0).all()
     assert storage.read_bytes(f"{out}/roc.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| Method | Acc | AP | Sens | Spec | F1 | AUC |" in storage.read_text(f"{out}/report.md")
+    assert metrics["operating_point"]["threshold"] == threshold["value"]  # the validation one, not the test's
+    assert {"brier", "ece", "ci95"} <= set(metrics["calibration"])
+    assert storage.read_bytes(f"{out}/reliability.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"chosen on the {n_val} validation videos" in storage.read_text(f"{out}/report.md")
 
     video = test_rows["uri"].iloc[0]
     out_json = str(tmp_path / "pred.json")
@@ -97,6 +109,7 @@ def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path
     assert exit_.value.code == 0  # one unreadable video does not stop the others
     preds = json.load(open(out_json))["predictions"]
     assert 0.0 <= preds[0]["probability_malignant"] <= 1.0 and preds[0]["top_frames"]
+    assert preds[0]["threshold"] == threshold["value"]  # predict applies the stored threshold by default
     assert "error" in preds[1]
     print(f"pretrain -> finetune -> evaluate -> predict: {time.time() - t0:.0f} s")
 

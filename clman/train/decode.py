@@ -3,6 +3,8 @@
 A Ray task's worker process imports the module its function lives in: from here that is
 numpy, decord and pyarrow (0.2 s), not torch (seconds on 2 busy cores). The workers Ray
 starts for a run's first decode tasks were most of the time the demo spent caching.
+Where decord has no wheel (macOS, aarch64) the same tasks read with PyAV and give the same
+frames (``clman.data.video.PyAVReader``; tests/test_decode_fallback.py runs ``_decode`` so).
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ from clman import distributed
 from clman.metrics import BinaryMetrics
 from clman.models.build import classifier_from, load_weights
 from clman.data import augment
-from clman.inference import mean_log_probs
+from clman.inference import choose_threshold, mean_log_probs, preprocessing
 from clman.train import feed, runner, scoring, worker
 from clman.train.runner import JobError
 
@@ -380,16 +380,20 @@ class ValidationFeed(feed.Feed):
 
 
 @torch.no_grad()
-def validate(model, batches, device, size: int, precision: str = "fp32", clips: int = 1) -> dict:
+def validate(model, batches, device, size: int, precision: str = "fp32", clips: int = 1,
+             target_sensitivity: float | None = None) -> dict:
     """Loss and the six metrics over this worker's share of the validation videos, synced over all workers.
 
     A video's score is the mean P(malignant) of its ``clips`` clips (:class:`ValidationFeed`), as
     in test scoring (``clman.inference.score_clips``); the loss is the cross-entropy of that mean
-    (with one clip, of the clip's logits).
+    (with one clip, of the clip's logits). With ``target_sensitivity``, also ``threshold``: the
+    operating point on every worker's validation scores (``clman.inference.choose_threshold``; None
+    for one class), a record for the checkpoint, not a metric.
     """
     model.eval()
     metric = BinaryMetrics().to(device)
     loss_sum = torch.zeros(2, device=device)  # (sum of losses, count)
+    scored: list[tuple[float, int]] = []  # (score, label) of this worker's videos, for the threshold
     for batch in batches:
         batch = feed.to_device(batch, device)
         frames = batch["frames"]  # (B, K * T, C, S, S) uint8, clip-major
@@ -403,9 +407,14 @@ def validate(model, batches, device, size: int, precision: str = "fp32", clips: 
         loss_sum += torch.stack([F.nll_loss(log_probs, labels, reduction="sum"),
                                  torch.tensor(float(len(labels)), device=device)])
         metric.update(log_probs[:, 1].exp(), labels)
+        if target_sensitivity is not None:
+            scored += zip(log_probs[:, 1].exp().tolist(), labels.tolist())
     loss_sum = distributed.all_reduce_sum(loss_sum)
     out = {f"val_{k}": float(v) for k, v in metric.compute().items()}
     out["val_loss"] = float(loss_sum[0] / loss_sum[1].clamp(min=1))
+    if target_sensitivity is not None:
+        every = [pair for part in distributed.all_gather_object(scored) for pair in part]  # the same on every rank
+        out["threshold"] = choose_threshold([p[0] for p in every], [p[1] for p in every], target_sensitivity)
     return out
 
 
@@ -511,10 +520,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
         }
         losses.append(train_loss)
         train_aucs.append(metrics["train_auc"])
-        improved = False
+        improved, threshold = False, None
         if val_feed is not None:
             # The unwrapped module: no DDP collectives while shards hold unequal numbers of videos.
-            metrics |= validate(raw_model, val_feed.batches(epoch), device, cfg.data.size, precision, val_feed.clips)
+            val = validate(raw_model, val_feed.batches(epoch), device, cfg.data.size, precision, val_feed.clips,
+                           target_sensitivity=cfg.val_target_sensitivity)
+            # this epoch's operating point: model.pt keeps the kept epoch's (``extra``), for predict
+            threshold = val.pop("threshold")
+            metrics |= val | {"val_threshold": threshold["value"] if threshold else float("nan")}
             metrics["val_scoring"] = (f"clips: mean of {cfg.val_clips} clip(s) of T={cfg.data.num_frames}"
                                       if cfg.val_frames == "clips" else "all: every frame (<= 512) as one clip")
             val_aucs.append(metrics["val_auc"])  # the same on every rank (synced), so is every decision below
@@ -549,8 +562,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         save = (epoch + 1) % cfg.checkpoint_every == 0 or last or improved
         progress = {"losses": losses, "train_aucs": train_aucs, "val_aucs": val_aucs, "best_val_score": best,
                     "best_epoch": best_epoch, "problems": problems}
+        deploy = {"preprocessing": preprocessing(cfg)} | ({"threshold": threshold} if threshold else {})
         worker.report(metrics, model, optimizer, kind="classifier", config=saved_config, step=step,
-                      epoch=epoch, save=save, extra={"encoder": encoder_uri or "", "progress": progress})
+                      epoch=epoch, save=save, extra={"encoder": encoder_uri or "", "progress": progress, **deploy})
         if stop:
             break
 

@@ -208,3 +208,26 @@ def keep_credentials_out_of_tune() -> None:
         raise AttributeError(f"{TUNE_CLASS_CACHE}.ENV_VARS_TO_PROPAGATE is gone: the credentials patch "
                              "(clman.train.ray_compat) needs updating for this Ray")
     names.difference_update(CREDENTIAL_VARS)
+
+
+TRAIN_CONTEXT = "ray.train.v2._internal.execution.context"
+
+
+def quiet_report_lines() -> logging.Logger:
+    """Ray Train's "Reporting training result N: TrainingReport(...)" line, once per worker and report, off.
+
+    Ray 2.60 logs it at INFO in every Train worker, on a logger named after its module's *file path*
+    (``logging.getLogger(__file__)``): outside ``ray.train``, so ``LoggingConfig(log_level=...)`` does
+    not reach it, and it propagates to the root logger that Train sets to INFO in each worker, whose
+    console handler Ray forwards to the driver: 27 of a finetune log's 74 lines. Called in the worker
+    (``runner.trainer`` wraps the loop), after Train has configured its logging; warnings still pass.
+    """
+    import importlib
+
+    module = importlib.import_module(TRAIN_CONTEXT)
+    logger = logging.getLogger(module.__file__)
+    if getattr(module, "logger", None) is not logger:
+        raise AttributeError(f"{TRAIN_CONTEXT}.logger is no longer logging.getLogger(__file__): "
+                             "quiet_report_lines (clman.train.ray_compat) needs updating for this Ray")
+    logger.setLevel(logging.WARNING)
+    return logger

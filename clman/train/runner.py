@@ -17,11 +17,14 @@ Facts that shaped the resource check:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import re
 import socket
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +37,7 @@ import ray.train
 from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from clman import run_lock, storage
+from clman import progress, run_lock, storage, tracking
 from clman.config import DataConfig, ScaleConfig
 from clman.errors import JobError  # re-exported: clman.train.runner.JobError is the same class
 from clman.tune.resources import decode_cpus  # a run's resource maths, in one place with Tune's
@@ -142,14 +145,53 @@ def divert_stderr(path: str) -> None:
     the terminal instead.
     """
     global _terminal
+    sys.stderr.flush()
     terminal = _terminal = os.fdopen(os.dup(2), "w", buffering=1, errors="replace")
+    progress.set_terminal(terminal)
     for handler in logging.getLogger().handlers:
         if isinstance(handler, logging.StreamHandler) and handler.stream in (sys.stderr, sys.__stderr__):
             handler.setStream(terminal)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 2)
     os.close(fd)
     log.info("Ray's own output: %s", path)
+
+
+def restore_stderr() -> None:
+    """Undo :func:`divert_stderr`: fd 2 is the terminal again (an error printed after this shows there)."""
+    global _terminal
+    if _terminal is None:
+        return
+    sys.stderr.flush()
+    os.dup2(_terminal.fileno(), 2)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.StreamHandler) and handler.stream is _terminal:
+            handler.setStream(sys.stderr)
+    progress.set_terminal(None)
+    _terminal.close()
+    _terminal = None
+
+
+@contextlib.contextmanager
+def quiet_terminal(log_file: str | None = None, force: bool = False):
+    """``with runner.quiet_terminal(): run(...)``: on a terminal, Ray's output to a file and a bar per run.
+
+    Only where stderr is a terminal (or ``force``, the demo): a job whose output is a log
+    (``ray job submit``, ``> run.log``) keeps Ray's lines, its workers' one line per epoch
+    among them. The terminal is given back at the end, so a failure's one-line error, or a
+    traceback, is printed there, not in the file. ``log_file``: default
+    ``<tmp>/clman/ray-<time>-<pid>.log``, named on the terminal.
+    """
+    if _terminal is not None or not (force or progress.is_tty(sys.stderr)):
+        yield
+        return
+    divert_stderr(log_file or os.path.join(tempfile.gettempdir(), "clman",
+                                           f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"))
+    try:
+        yield
+    finally:
+        restore_stderr()
 
 
 def frame_source(rows, data: DataConfig) -> dict:
@@ -319,16 +361,39 @@ def run_config(out: str, run_name: str, scale: ScaleConfig, score: str | None,
         # Ray Train's INFO lines (worker group start-up, "Checkpoint successfully created ...",
         # DDP set-up) repeat what the jobs log; they stay in Ray's session log files. Not
         # "Reporting training result ...": Ray 2.60 logs it on a logger named after its file
-        # path, outside ray.train, which this setting does not reach.
+        # path, outside ray.train, which this setting does not reach; the workers quiet it
+        # themselves (_quiet_loop).
         logging_config=LoggingConfig(log_level="WARNING"),
     )
+
+
+def _quiet_loop(loop: Callable[[dict], None], config: dict) -> None:
+    """What every worker runs: Ray Train's per-report INFO line off, then the job's loop."""
+    from clman.train import ray_compat
+
+    try:
+        ray_compat.quiet_report_lines()
+    except Exception as e:  # a Ray upgrade moved it: the lines come back, the run goes on
+        logging.getLogger(__name__).warning("cannot quiet Ray Train's report lines: %s", e)
+    loop(config)
+
+
+class TrackEpochs(ray.train.UserCallback):
+    """Every report of rank 0 to a :class:`clman.tracking.Run`, in the run's controller (driver's node)."""
+
+    def __init__(self, run: tracking.Run):
+        self.run = run
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if metrics:
+            self.run.log(metrics[0])
 
 
 def trainer(job: TrainJob, scale: ScaleConfig, out: str, run_name: str,
             callbacks: Sequence[Any] = ()) -> TorchTrainer:
     """The TorchTrainer of ``job`` on ``scale``'s workers, its run under ``<out>/<run_name>/``."""
     return TorchTrainer(
-        job.loop,
+        functools.partial(_quiet_loop, job.loop),
         train_loop_config=job.loop_config,
         scaling_config=scaling_config(scale),
         run_config=run_config(out, run_name, scale, job.score, callbacks),
@@ -382,7 +447,8 @@ class ProgressBar:
 
     Rank 0 puts each epoch's metrics in a Ray queue (``worker.report``, through
     ``loop_config["progress"]``); a thread here moves the bar. The queue's actor takes no CPU,
-    so it never waits for the workers' resources.
+    so it never waits for the workers' resources. Where ``stream`` is not a terminal (``make demo
+    > demo.log``), one plain line per epoch instead.
     """
 
     SHOWN = (("loss", "loss"), ("loss", "train_loss"), ("auc", "train_auc"), ("val auc", "val_auc"))
@@ -393,8 +459,10 @@ class ProgressBar:
 
         self.queue = Queue(actor_options={"num_cpus": 0})
         job.loop_config["progress"] = self.queue
-        epochs = int(job.loop_config.get("config", {}).get("epochs", 0)) or None
-        self.bar = tqdm(total=epochs, desc=run_name, unit="epoch", file=stream, dynamic_ncols=False, ncols=100)
+        self.epochs = int(job.loop_config.get("config", {}).get("epochs", 0)) or None
+        self.run_name = run_name
+        self.bar = (tqdm(total=self.epochs, desc=run_name, unit="epoch", file=stream, dynamic_ncols=False, ncols=100)
+                    if progress.is_tty(stream) else None)
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._follow, daemon=True)
         self.thread.start()
@@ -409,14 +477,19 @@ class ProgressBar:
                 continue
             except Exception:  # the queue's actor is gone (Ray shutting down): no more bar
                 return
-            self.bar.n = item["epoch"]
             shown = {k: item[m] for k, m in self.SHOWN if isinstance(item.get(m), float) and item[m] == item[m]}
+            if self.bar is None:
+                log.info("%s epoch %d/%s  %s", self.run_name, item["epoch"], self.epochs or "?",
+                         "  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+                continue
+            self.bar.n = item["epoch"]
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=True)
 
     def close(self) -> None:
         self.done.set()
         self.thread.join(timeout=5)
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
         ray.kill(self.queue.actor)
 
 
@@ -431,11 +504,16 @@ def claim(out: str, run_name: str, record: dict, force_resume: bool = False):
                           has_checkpoint=lambda: bool(storage.list_uris(run_dir, "/" + CHECKPOINT_FILE)))
 
 
-def fit(job: TrainJob, scale: ScaleConfig, out: str, run_name: str):
-    """Run ``job`` to the end; return the Ray ``Result`` (one-line :class:`JobError` when it failed)."""
+def fit(job: TrainJob, scale: ScaleConfig, out: str, run_name: str, tracked: tracking.Run | None = None):
+    """Run ``job`` to the end; return the Ray ``Result`` (one-line :class:`JobError` when it failed).
+
+    ``tracked``: a started :class:`clman.tracking.Run` that gets every epoch's metrics, finished here.
+    """
     bar = ProgressBar(job, run_name, _terminal) if _terminal is not None else None
+    failed = True
     try:
-        result = trainer(job, scale, out, run_name).fit()
+        result = trainer(job, scale, out, run_name, callbacks=[TrackEpochs(tracked)] if tracked else ()).fit()
+        failed = result.error is not None
     except ray.train.TrainingFailedError as e:  # a worker or the controller gave up (after scale.max_failures)
         raise JobError(failure_line(run_name, e)) from None
     except OSError as e:  # pyarrow, creating the run's folder or reading its state on the driver
@@ -443,6 +521,8 @@ def fit(job: TrainJob, scale: ScaleConfig, out: str, run_name: str):
     finally:
         if bar is not None:
             bar.close()
+        if tracked is not None:
+            tracked.finish(failed=failed)
     if result.error is not None:
         raise JobError(failure_line(run_name, result.error))
     return result

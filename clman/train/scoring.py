@@ -34,7 +34,7 @@ from clman.data import frames as F
 from clman.data.manifest import check_labeled_split, read_manifest
 from clman.data.sampling import describe_scoring, scoring_clips
 from clman.data.video import VideoError
-from clman import storage
+from clman import progress, storage
 from clman.errors import JobError
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def score_rows(checkpoint: str, rows, data, frames: str, clips: int, decode_cpus
     ds = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=1,
                         compute=ray.data.ActorPoolStrategy(size=actors), **resources)
     out = {}
-    for row in ds.iter_rows():
+    for row in progress.track(ds.iter_rows(), len(items), "scoring", unit="video"):  # a bar, or a line per 10%
         out[int(row["video_index"])] = (float(row["score"]), [int(t) for t in row["top_frames"] if t >= 0])
     return out
 

@@ -41,6 +41,7 @@ Facts that shaped this module
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -51,13 +52,13 @@ from typing import Sequence
 import pandas as pd
 
 from clman import config as C
-from clman import storage, study
+from clman import storage, study, tracking
 from clman.data.manifest import ManifestError, read_manifest, write_manifest
 from clman.study import FoldPlan, Row, StudyError, StudySets, Trial
 from clman.train import finetune, pretrain, runner, scoring
 from clman.train.ray_compat import keep_credentials_out_of_tune
 from clman.train.runner import JobError
-from clman.tune.driver import PlacementGroupReaper
+from clman.tune.driver import PlacementGroupReaper, TrackTrials
 from clman.tune.resources import DRIVER_CPUS, max_concurrent_trials
 
 log = logging.getLogger(__name__)
@@ -305,8 +306,20 @@ def trial_driver(config: dict, run: StudyRun) -> None:
 # ---------------------------------------------------------------- the driver
 
 
-def _run_grid(run: StudyRun, name: str, ids: list[str], configs: list) -> dict[str, str]:
-    """Run ``ids`` as one Tune grid, as many at once as the cluster holds; {id: error line} of failures."""
+def trial_config(run: StudyRun, config: dict):
+    """The job config a grid trial (``config["trial"]``) runs: its cell's SimCLR run, or its row's finetune."""
+    trial_id = config["trial"]
+    if trial_id.startswith(PRETRAIN_PREFIX):
+        fold, seed = next(c for c in run.cells if PRETRAIN_PREFIX + cell_name(*c) == trial_id)
+        return run.pretrain_config(seed)
+    return run.finetune_config(next(t for t in run.grid if t.id == trial_id))
+
+
+def _run_grid(run: StudyRun, name: str, ids: list[str], configs: list,
+              track: Sequence[tracking.Target] = ()) -> dict[str, str]:
+    """Run ``ids`` as one Tune grid, as many at once as the cluster holds; {id: error line} of failures.
+
+    ``track``: an MLflow run (TensorBoard folder) per trial in experiment ``run.run_name``."""
     import ray
     from ray import tune
 
@@ -319,13 +332,16 @@ def _run_grid(run: StudyRun, name: str, ids: list[str], configs: list) -> dict[s
     fs, path = storage.arrow_fs(storage.join(run.run_dir, "tune"))
     trainable = tune.with_resources(tune.with_parameters(trial_driver, run=run), {"CPU": DRIVER_CPUS})
     keep_credentials_out_of_tune()
+    callbacks = [PlacementGroupReaper()]
+    if track:
+        callbacks.append(TrackTrials(track, run.run_name, functools.partial(trial_config, run)))
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(ids)},
         tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[PlacementGroupReaper()]),
+                                  callbacks=callbacks),
     )
     results = tuner.fit()
     failed = {}
@@ -353,8 +369,11 @@ def _check_spec(run: StudyRun, resume: bool) -> None:
                            f"{now[key]!r} now); give the same arguments, or another --run-name")
 
 
-def run_study(run: StudyRun, address: str | None = None, resume: bool = False) -> dict:
-    """Run (or with ``resume``, continue) the study; write its outputs; return their URIs."""
+def run_study(run: StudyRun, address: str | None = None, resume: bool = False,
+              track: Sequence[tracking.Target] = ()) -> dict:
+    """Run (or with ``resume``, continue) the study; write its outputs; return their URIs.
+
+    ``track``: every trial's config and epochs to MLflow / TensorBoard (``clman.tracking``)."""
     t_start = time.time()
     _check_spec(run, resume)
     grid = run.grid
@@ -371,13 +390,13 @@ def run_study(run: StudyRun, address: str | None = None, resume: bool = False) -
     scratch = [t for t in todo if not t.row.pretrained]
     stage1 = [PRETRAIN_PREFIX + cell_name(*c) for c in cells] + [t.id for t in scratch]
     failed = _run_grid(run, "stage1", stage1, [run.pretrain_config(s) for _, s in cells[:1]]
-                       + [run.finetune_config(t) for t in scratch])
+                       + [run.finetune_config(t) for t in scratch], track)
     pretrained = [t for t in todo if t.row.pretrained]
     ready = [t for t in pretrained if storage.exists(run.encoder(t.fold, t.seed))]
     for t in pretrained:
         if t not in ready:
             failed[t.id] = f"its encoder ({PRETRAIN_PREFIX}{cell_name(t.fold, t.seed)}) was not trained"
-    failed |= _run_grid(run, "stage2", [t.id for t in ready], [run.finetune_config(t) for t in ready])
+    failed |= _run_grid(run, "stage2", [t.id for t in ready], [run.finetune_config(t) for t in ready], track)
 
     missing = {t.id: failed.get(t.id, "no result file") for t in grid if not storage.exists(run.trial_file(t.id))}
     failed_cells = {k: v for k, v in failed.items() if k.startswith(PRETRAIN_PREFIX)}

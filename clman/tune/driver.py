@@ -38,16 +38,17 @@ storage you trust.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from clman import config as C
-from clman import storage
+from clman import storage, tracking
 from clman.errors import JobError
 from clman.tune.resources import DRIVER_CPUS, max_concurrent_trials
 from clman.tune.results import TrialRecord, _one_line, epochs_table, trial_statuses, write_results
@@ -173,6 +174,54 @@ class PlacementGroupReaper(Callback):
             log.warning("cannot release stopped trials' placement groups (%s: %s); later trials may wait "
                         "for resources", type(e).__name__, e)
 
+class TrackTrials(Callback):
+    """Tune callback, in the sweep's (or study's) driver: a :class:`clman.tracking.Run` per trial.
+
+    MLflow experiment (TensorBoard folder) ``experiment``, a run per trial named after its id,
+    with the trial's whole job config (``config_of(trial.config)``, a picklable callable: Tune
+    saves its callbacks with the experiment, and a resumed sweep keeps tracking). A result
+    without an epoch (a study trial's closing line of test metrics) is logged at the trial's
+    last epoch.
+    """
+
+    def __init__(self, targets: Sequence[tracking.Target], experiment: str, config_of: Callable[[dict], object]):
+        self.targets, self.experiment, self.config_of = tuple(targets), experiment, config_of
+        self.runs: dict[str, tracking.Run] = {}
+        self.last_epoch: dict[str, int] = {}
+
+    def __getstate__(self):
+        return {**self.__dict__, "runs": {}, "last_epoch": {}}
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info):
+        run = self.runs.get(trial.trial_id)
+        if run is None:
+            try:
+                cfg = self.config_of(trial.config)
+                run = tracking.start_run(self.targets, self.experiment, trial.trial_id, cfg, job=type(cfg).__name__)
+            except Exception as e:  # the sweep goes on untracked for this trial
+                log.warning("trial %s is not tracked: %s", trial.trial_id, e)
+                run = tracking.Run((), self.experiment, trial.trial_id)
+            self.runs[trial.trial_id] = run
+        if isinstance(result.get(tracking.STEP_KEY), (int, float)):
+            self.last_epoch[trial.trial_id] = int(result[tracking.STEP_KEY])
+        run.log({**result, tracking.STEP_KEY: self.last_epoch.get(trial.trial_id, 0)})
+
+    def _finish(self, trial, failed: bool) -> None:
+        run = self.runs.pop(trial.trial_id, None)
+        if run is not None:
+            run.finish(failed=failed)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info):
+        self._finish(trial, failed=False)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info):
+        self._finish(trial, failed=True)
+
+
+def _sweep_trial_config(sweep: dict, config: dict):
+    return Sweep.from_dict(sweep).trial_config(config)
+
+
 class _StoredTrial:
     """Stands in for a Tune trial when stored results are replayed into ASHA (it reads only the id)."""
 
@@ -220,7 +269,7 @@ class ResumableASHA(ASHAScheduler):
         log.info("ASHA: replayed %d stored result(s) of %d trial(s) into its rungs", n, len(stubs))
         return n
 
-def _tuner(sweep: Sweep, trainable, concurrent: int):
+def _tuner(sweep: Sweep, trainable, concurrent: int, track: Sequence[tracking.Target] = ()):
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
@@ -250,6 +299,9 @@ def _tuner(sweep: Sweep, trainable, concurrent: int):
         raise C.ConfigError(f"--search {sweep.search!r}: not one of {list(SEARCHES)}")
     fs, path = storage.arrow_fs(sweep.out)
     keep_credentials_out_of_tune()
+    callbacks = [PlacementGroupReaper()]
+    if track:
+        callbacks.append(TrackTrials(track, sweep.run_name, functools.partial(_sweep_trial_config, sweep.to_dict())))
     return tune.Tuner(
         trainable,
         param_space=sweep.search_space().to_tune(),
@@ -257,7 +309,7 @@ def _tuner(sweep: Sweep, trainable, concurrent: int):
                                     num_samples=sweep.samples, max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=sweep.run_name, storage_path=path, storage_filesystem=fs,
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[PlacementGroupReaper()]),
+                                  callbacks=callbacks),
     )
 
 def _trainable(sweep: Sweep, frames: dict | None = None):
@@ -267,12 +319,13 @@ def _trainable(sweep: Sweep, frames: dict | None = None):
                                {"CPU": DRIVER_CPUS})
 
 def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
-              restart_errored: bool = False) -> dict:
+              restart_errored: bool = False, track: Sequence[tracking.Target] = ()) -> dict:
     """Run (or, with ``resume``, continue) ``sweep``; write the result files; return their URIs.
 
     A resumed sweep keeps its finished trials, continues the unfinished ones
     from their last checkpoints and leaves errored trials as they are unless
-    ``restart_errored``.
+    ``restart_errored``. ``track``: an MLflow run (TensorBoard folder) per trial, in experiment
+    ``sweep.run_name`` (:class:`TrackTrials`); a resumed sweep keeps its first start's.
     """
     from ray import tune
 
@@ -314,7 +367,7 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
         tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=restart_errored, storage_filesystem=fs)
     else:
-        tuner = _tuner(sweep, trainable, concurrent)
+        tuner = _tuner(sweep, trainable, concurrent, track)
     t0 = time.time()
     tuner.fit()
     log.info("sweep %s: trials done in %.0f s", sweep.run_name, time.time() - t0)
