@@ -22,7 +22,8 @@ import shutil
 import time
 from pathlib import Path
 
-from clman import cli, report, storage, tracking
+from clman import checkpoint as ckpt
+from clman import cli, inference, report, storage, tracking
 from clman import config as C
 from clman.data import manifest as M
 from clman.data.ingest import ingest, labeled_items
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace) -> dict:
         for name, run_ in (("Without CL guided", without_cl), ("With CL (CLMAN)", with_cl)):
             scored = scoring.score_split(run_["model"], manifest, "test", eval_cfg)
             sub = storage.join(out, "with-cl" if "With" in name else "without-cl")
-            rows[name] = report.write_evaluation(sub, name, scored, eval_cfg)
+            deployed = inference.stored_threshold(ckpt.load_checkpoint(run_["model"]))  # chosen on validation
+            rows[name] = report.write_evaluation(sub, name, scored, eval_cfg, deployed)
             rows[name]["scoring"] = scored["scoring"]  # which protocol scored it (and validated it): metrics.json
             curves[name] = (scored["score"], scored["label"], rows[name]["metrics"]["auc"])
             scored_of[name] = scored
