@@ -267,6 +267,9 @@ class Frames:
                 del frames_buf[:b], video_buf[:b], slot_buf[:b]
 
 
+Sampler = Clips | EvalClips | Frames  # what a Feed is given: which videos, which frames, what batches
+
+
 class Feed:
     """The batches of one worker: ``for batch in feed.batches(epoch)``.
 
@@ -275,7 +278,7 @@ class Feed:
     :class:`EvalClips`, :class:`Frames`). Batches are CPU tensors (pinned when ``pin``).
     """
 
-    def __init__(self, source: dict, sampler, data, *, batch_size: int, rank: int = 0, world: int = 1,
+    def __init__(self, source: dict, sampler: Sampler, data, *, batch_size: int, rank: int = 0, world: int = 1,
                  pin: bool = False):
         videos, cache = source["videos"], source["cache"]
         if cache is not None and len(cache) != len(videos):
