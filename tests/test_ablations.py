@@ -411,7 +411,7 @@ def test_pretrain_loop_passes_video_ids_and_reports_chance(monkeypatch, mode):
         "model.width=0.125", "model.gn_groups=8", "model.nonlocal_stages=[]", "model.proj_dim=16",
         "data.size=16", "data.store_size=20", "data.frames_per_clip=3", "pretrain.batch_size=6",
         "pretrain.epochs=2", "pretrain.lr=0.5", f"pretrain.same_video={mode}"])
-    pretrain.train_loop_per_worker({"config": C.to_dict(cfg), "train": {"videos": videos, "cache": cache}})
+    pretrain.train_loop_per_worker(worker.LoopInputs(cfg, {"videos": videos, "cache": cache}))
 
     assert len(reports) == 2 and len(seen) == 2 * 3  # 6 videos x 3 frames / 6 per batch = 3 steps per epoch
     for g in seen:  # three frames of each of two videos per batch, as ints

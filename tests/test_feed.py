@@ -56,9 +56,19 @@ def cfg(cache: str) -> DataConfig:
     return DataConfig(size=SIZE, num_frames=T, frames_per_clip=M_FRAMES, cache=cache, decode_cpus=0.5)
 
 
+def sampler(mode: str, data, seed: int):
+    """The feed's sampler for finetune training (clips), evaluation (eval) or SimCLR (frames)."""
+    if mode == "clips":
+        return FD.Clips(data.num_frames, seed)
+    if mode == "eval":
+        return FD.EvalClips(data.num_frames)
+    if mode == "frames":
+        return FD.Frames(data.frames_per_clip, seed)
+    raise ValueError(mode)
+
+
 def epoch_batches(source, data, mode, epoch, batch_size=2, rank=0, world=1, seed=0):
-    f = FD.Feed(source["videos"], data, mode, seed=seed, batch_size=batch_size, rank=rank, world=world,
-                cache=source["cache"])
+    f = FD.Feed(source, sampler(mode, data, seed), data, batch_size=batch_size, rank=rank, world=world)
     return list(f.batches(epoch)), f
 
 
@@ -67,7 +77,7 @@ def test_clip_batches_are_uint8_at_the_stored_size_and_skip_bad_clips(rows, cach
     data = cfg(cache)
     with caplog.at_level(logging.WARNING, logger="clman.train.feed"):
         source = runner.frame_source(rows, data)
-        f = FD.Feed(source["videos"], data, FD.CLIPS, seed=0, batch_size=2, cache=source["cache"])
+        f = FD.Feed(source, FD.Clips(data.num_frames, 0), data, batch_size=2)
         batches = list(f.batches(0)) + list(f.batches(1))
     s = data.stored_size
     assert s == 28  # 24 * 8 / 7, rounded up
@@ -92,7 +102,7 @@ def test_cache_and_stream_give_the_same_frames(rows):
         keep = [i for i, v in enumerate(source["videos"]) if "bad" not in v.uri and "gone" not in v.uri]
         source = {"videos": [source["videos"][i] for i in keep],
                   "cache": None if source["cache"] is None else [source["cache"][i] for i in keep]}
-        got[cache] = epoch_batches(source, cfg(cache), FD.CLIPS, epoch=3)[0]
+        got[cache] = epoch_batches(source, cfg(cache), "clips", epoch=3)[0]
     for a, b in zip(got["memory"], got["off"], strict=True):
         assert torch.equal(a["video"], b["video"]) and torch.equal(a["frame_idx"], b["frame_idx"])
         assert torch.equal(a["frames"], b["frames"])
@@ -101,22 +111,22 @@ def test_cache_and_stream_give_the_same_frames(rows):
 def test_order_and_frames_change_by_epoch_and_repeat_by_seed(rows):
     data = cfg("memory")
     source = runner.frame_source(rows, data)
-    e0, f = epoch_batches(source, data, FD.CLIPS, epoch=0)
-    e0_again, _ = epoch_batches(source, data, FD.CLIPS, epoch=0)
-    e1, _ = epoch_batches(source, data, FD.CLIPS, epoch=1)
+    e0, f = epoch_batches(source, data, "clips", epoch=0)
+    e0_again, _ = epoch_batches(source, data, "clips", epoch=0)
+    e1, _ = epoch_batches(source, data, "clips", epoch=1)
     order = [b["video"].tolist() for b in e0]
     assert order == [b["video"].tolist() for b in e0_again]
     assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(e0, e0_again))
     assert order != [b["video"].tolist() for b in e1] or any(
         not torch.equal(a["frame_idx"], b["frame_idx"]) for a, b in zip(e0, e1))
-    other_seed, _ = epoch_batches(source, data, FD.CLIPS, epoch=0, seed=1)
+    other_seed, _ = epoch_batches(source, data, "clips", epoch=0, seed=1)
     assert order != [b["video"].tolist() for b in other_seed]
 
 
 def test_ranks_share_an_epoch_without_overlap_and_run_equal_steps(rows):
     data = cfg("memory")
     source = runner.frame_source(rows, data)
-    per_rank = [epoch_batches(source, data, FD.CLIPS, epoch=2, batch_size=1, rank=r, world=2)[0] for r in (0, 1)]
+    per_rank = [epoch_batches(source, data, "clips", epoch=2, batch_size=1, rank=r, world=2)[0] for r in (0, 1)]
     assert len(per_rank[0]) == len(per_rank[1]) == 3
     videos = [{int(b["video"]) for b in batches} for batches in per_rank]
     assert not videos[0] & videos[1] and len(videos[0] | videos[1]) == 6
@@ -127,7 +137,7 @@ def test_ranks_run_equal_steps_when_a_streamed_clip_fails(rows):
     data = cfg("off")
     source = runner.frame_source(rows, data)
     for epoch in range(3):
-        steps = [len(epoch_batches(source, data, FD.CLIPS, epoch=epoch, batch_size=2, rank=r, world=2)[0])
+        steps = [len(epoch_batches(source, data, "clips", epoch=epoch, batch_size=2, rank=r, world=2)[0])
                  for r in (0, 1)]
         assert steps == [2, 2], (epoch, steps)
 
@@ -135,7 +145,7 @@ def test_ranks_run_equal_steps_when_a_streamed_clip_fails(rows):
 def test_simclr_batches_hold_m_frames_per_video(rows):
     data = cfg("memory")
     source = runner.frame_source(rows, data)
-    batches, f = epoch_batches(source, data, FD.SIMCLR, epoch=0, batch_size=6)
+    batches, f = epoch_batches(source, data, "frames", epoch=0, batch_size=6)
     assert len(batches) == f.steps() == 6 * M_FRAMES // 6
     for b in batches:
         assert b["frames"].shape == (6, 1, 28, 28) and b["slot"].shape == (6,)
@@ -145,11 +155,11 @@ def test_simclr_batches_hold_m_frames_per_video(rows):
 def test_eval_clips_are_segment_centres_and_every_video_once(rows):
     data = cfg("off")
     source = runner.frame_source(rows, data)
-    batches, _ = epoch_batches(source, data, FD.EVAL_CLIPS, epoch=0, batch_size=4)
+    batches, _ = epoch_batches(source, data, "eval", epoch=0, batch_size=4)
     assert sorted(int(v) for b in batches for v in b["video"]) == list(range(6))
     first = {int(v): idx.tolist() for b in batches for v, idx in zip(b["video"], b["frame_idx"])}
     assert first[0] == [1, 4, 7, 10]  # 12 frames, T = 4: centres of the four segments
-    again, _ = epoch_batches(source, data, FD.EVAL_CLIPS, epoch=5, batch_size=4)
+    again, _ = epoch_batches(source, data, "eval", epoch=5, batch_size=4)
     assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(batches, again))
 
 

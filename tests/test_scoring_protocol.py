@@ -85,7 +85,8 @@ def test_validation_and_test_scoring_read_the_same_frames(clips_dir, frames, cli
     """The finetune loop's ValidationFeed and test scoring's decode task pick and decode the same frames."""
     data = C.load("finetune", None, TINY).data
     videos = [feed.Video(i, u, n, i % 2) for i, (u, n) in enumerate(zip(clips_dir["uri"], clips_dir["frames"]))]
-    val = loop.ValidationFeed({"videos": videos, "cache": None}, data, frames, clips, seed=0, batch_size=4)
+    cfg = C.load("finetune", None, TINY + [f"evaluate.frames={frames}", f"evaluate.clips={clips}"])
+    val = loop.validation_feed({"videos": videos, "cache": None}, cfg, 4, rank=0, world=1, pin=False)
     for v in videos:
         batch = {"uri": np.array([v.uri]), "num_frames": np.array([v.num_frames]), "video_index": np.array([v.index])}
         scored = scoring._decode(batch, data.stored_size, data.num_frames, frames, clips)
@@ -204,27 +205,27 @@ def test_finetune_loop_validates_with_evaluates_protocol(clips_dir, monkeypatch)
                                            "finetune.batch_size=2", "finetune.optimizer=adamw"])
     made, reported = [], []
 
-    class LocalValidationFeed(loop.ValidationFeed):
+    real_validation_feed = loop.validation_feed
+
+    def validation_feed(source, cfg, *args, **kwargs):
+        made.append((cfg.val_frames, cfg.val_clips))
+        return real_validation_feed(source, cfg, *args, **kwargs)
+
+    def local_fetch(self, positions, epoch):
         """The real feed (indices, batch assembly) with local decoding in place of Ray tasks."""
-
-        def __init__(self, source, data, frames, clips, **kwargs):
-            made.append((frames, clips))
-            super().__init__(source, data, frames, clips, **kwargs)
-
-        def _fetch(self, positions, epoch):
-            for p in positions:
-                v, want = self.videos[p], self.indices(self.videos[p], epoch)
-                yield v, (F.decode_stored(v.uri, want, self.data.stored_size), None), want
+        for p in positions:
+            v, want = self.videos[p], self.indices(self.videos[p], epoch)
+            yield v, (F.decode_stored(v.uri, want, self.data.stored_size), None), want
 
     val_videos = [feed.Video(i, clips_dir["uri"][i], clips_dir["frames"][i], y)
                   for i, y in zip(range(2, 6), (0, 1, 1, 0))]
-    monkeypatch.setattr(loop, "ValidationFeed", LocalValidationFeed)
+    monkeypatch.setattr(loop, "validation_feed", validation_feed)
+    monkeypatch.setattr(feed.Feed, "_fetch", local_fetch)
     monkeypatch.setattr(worker, "restore", lambda model, optimizer: None)
     monkeypatch.setattr(worker, "prepare", lambda model, scale: (model, torch.device("cpu"), "fp32"))
-    monkeypatch.setattr(worker, "feed", lambda source, data, mode, **kw: _TrainFeed(clips_dir, data))
+    monkeypatch.setattr(loop, "training_feed", lambda source, cfg, *a, **kw: _TrainFeed(clips_dir, cfg.data))
     monkeypatch.setattr(worker, "report", lambda metrics, model, *a, **kw: reported.append((metrics, model)))
-    loop.train_loop_per_worker({"config": C.to_dict(cfg), "encoder": None, "has_val": True, "train": {},
-                                "val": {"videos": val_videos, "cache": None}})
+    loop.train_loop_per_worker(worker.LoopInputs(cfg, {}, {"videos": val_videos, "cache": None}))
     assert made == [("clips", 3)]
     (metrics, model), = reported
     assert metrics["val_scoring"] == "clips: mean of 3 clip(s) of T=4"

@@ -316,6 +316,25 @@ def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, fo
     return out
 
 
+def carve_validation(train: pd.DataFrame, fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, val): ``fraction`` of ``train``'s patients, per label, drawn from ``seed`` by :func:`assign_splits`.
+
+    The one validation carve of finetune jobs (``clman.train.finetune.validation_split``) and studies
+    (``clman.study.folds.carve_validation``): no patient on both sides, the same rows and seed give the
+    same carve whatever their order. The rows keep their columns, the val rows with split ``val``; both
+    callers check that each side keeps both classes (and say so in their own words). When not one patient
+    falls to val (too few patients), val is empty.
+    """
+    try:
+        # assign_splits rewrites split and fold: take only which patients it sends to val.
+        val_patients = set(assign_splits(train, (1.0 - fraction, fraction, 0.0), seed=seed)
+                           .query("split == 'val'")["patient_id"])
+    except ManifestError:  # not one patient falls to val: the callers report it with the counts
+        val_patients = set()
+    is_val = train["patient_id"].isin(val_patients)
+    return train[~is_val].reset_index(drop=True), train[is_val].assign(split="val").reset_index(drop=True)
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """Videos and patients per split (and fold) and label, for the ingest summary.
 

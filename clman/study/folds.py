@@ -8,8 +8,8 @@ Two protocols, both by patient (no patient on two sides):
 
 The validation videos that pick the checkpoint come from the training side only: the
 manifest's val split in holdout when it has one, else a share of the training patients
-carved per label by ``assign_splits`` from the trial's seed — the same carve
-``clman.train.finetune.validation_split`` makes, so a (fold, seed) gives the same validation
+carved per label from the trial's seed by ``clman.data.manifest.carve_validation`` — the carve
+``clman.train.finetune.validation_split`` makes too, so a (fold, seed) gives the same validation
 patients to every row, and the rows are compared on the same footing.
 
 Unlabelled videos (split ``unlabeled``, label -1, fold -1: ``jobs.ingest`` with empty labels or
@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from clman.data.manifest import UNLABELED, ManifestError, assign_splits, check_patient_splits, labeled
+from clman.data import manifest as M
+from clman.data.manifest import UNLABELED, ManifestError, check_patient_splits, labeled
 from clman.study.rows import StudyError
 
 HOLDOUT = -1  # the fold number of the manifest's fixed train/test split
@@ -120,15 +121,9 @@ class FoldPlan:
 
 
 def carve_validation(train: pd.DataFrame, fraction: float, seed: int, where: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(train, val): ``fraction`` of the training patients, per label, drawn from ``seed``; both keep both classes."""
-    try:
-        # assign_splits rewrites split and fold: take only which patients it sends to val.
-        val_patients = set(assign_splits(train, (1.0 - fraction, fraction, 0.0), seed=seed)
-                           .query("split == 'val'")["patient_id"])
-    except ManifestError:  # not one patient falls to val: reported with the counts below
-        val_patients = set()
-    is_val = train["patient_id"].isin(val_patients)
-    kept, val = train[~is_val].reset_index(drop=True), train[is_val].reset_index(drop=True)
+    """(train, val): ``fraction`` of the training patients, per label, drawn from ``seed``
+    (``clman.data.manifest.carve_validation``, the finetune job's carve too); both keep both classes."""
+    kept, val = M.carve_validation(train, fraction, seed)
     if kept["label"].nunique() < 2 or val["label"].nunique() < 2:
         raise StudyError(f"{where}: finetune.val_fraction={fraction:g} of the training patients "
                          f"({_classes(train)}) leaves a class out of train ({_classes(kept)}) or validation "

@@ -2,7 +2,7 @@
 
     driver:  videos_of(rows) ─▶ plan_cache ─▶ build_cache: one Ray task per video decodes it
              whole, at the stored size, uint8; its frames stay in the object store
-    worker:  Feed(videos, cache).batches(epoch) ─▶ this rank's share of the epoch, in a seeded
+    worker:  Feed(source, sampler).batches(epoch) ─▶ this rank's share of the epoch, in a seeded
              order; frames drawn from the cached videos (no decoding after the first
              epoch), or decoded by Ray tasks in flight ahead of the loop when streaming
 
@@ -48,7 +48,6 @@ PREFETCH_BATCHES = 2
 # worker's bundle only that worker (Ray would refuse or wait forever). Tune's trial count
 # already leaves room for them (``clman.tuning.max_concurrent_trials``).
 OUTSIDE_PLACEMENT_GROUPS = "DEFAULT"
-CLIPS, EVAL_CLIPS, SIMCLR = "clips", "eval_clips", "simclr"
 
 
 @dataclass(frozen=True)
@@ -152,64 +151,156 @@ def build_cache(videos: Sequence[Video], data) -> tuple[list[Video], list]:
 # ---------------------------------------------------------------- the worker's side
 
 
+def _shuffled(seed: int, epoch: int, n: int, rank: int, world: int) -> list[int]:
+    """This rank's share of the epoch's seeded permutation of ``n`` videos, equal for every rank."""
+    perm = F.draw_rng(seed, epoch, 0, F.SHUFFLE).permutation(n)
+    per_rank = n // world  # equal shares: every rank runs the same number of steps
+    return perm[rank::world][:per_rank].tolist()
+
+
+def _clip_batch(items, pin: bool) -> dict[str, np.ndarray | torch.Tensor]:
+    return {"frames": F.stack_frames([f if rows is None else (f, rows) for _, (f, rows), _ in items],
+                                   pin),  # (B, T, C, S, S), pinned when pin
+            "video": np.asarray([v.index for v, _, _ in items], np.int64),
+            "label": np.asarray([v.label for v, _, _ in items], np.int64),
+            "frame_idx": np.stack([w for _, _, w in items]).astype(np.int64)}
+
+
+def _clip_batches(items, batch_size: int, pin: bool, keep_last: bool) -> Iterator[dict]:
+    buf: list[tuple[Video, tuple, np.ndarray]] = []
+    for item in items:
+        buf.append(item)
+        if len(buf) == batch_size:
+            yield _clip_batch(buf, pin)
+            buf = []
+    if buf and keep_last:
+        yield _clip_batch(buf, pin)
+
+
+class Clips:
+    """Finetune training: this rank's share of a seeded permutation, T = ``num_frames`` frames per
+    video by segments (random within each), ``batch_size`` clips per batch, the last partial batch
+    dropped so every rank runs the same number of steps. Batches: ``frames`` uint8 (B, T, C, S, S),
+    ``video`` (B,) int64 row indices, ``label`` (B,), ``frame_idx`` (B, T) source frame numbers."""
+
+    exact_steps = True  # exactly steps() batches, whatever failed to decode: DDP ranks step together
+
+    def __init__(self, num_frames: int, seed: int):
+        self.num_frames, self.seed = num_frames, seed
+
+    def order(self, n: int, epoch: int, rank: int, world: int) -> list[int]:
+        return _shuffled(self.seed, epoch, n, rank, world)
+
+    def indices(self, video: Video, epoch: int) -> np.ndarray:
+        return segment_indices(video.num_frames, self.num_frames, train=True,
+                               rng=F.draw_rng(self.seed, epoch, video.index, F.CLIP_FRAMES))
+
+    def steps(self, videos: int, batch_size: int) -> int:
+        return videos // batch_size
+
+    def videos_per_batch(self, batch_size: int) -> int:
+        return batch_size
+
+    def batches(self, items, batch_size: int, pin: bool) -> Iterator[dict]:
+        return _clip_batches(items, batch_size, pin, keep_last=False)
+
+
+class EvalClips:
+    """Evaluation: every video of this rank once, in order, T = ``num_frames`` segment centres
+    (no randomness), the last batch kept. Batches as :class:`Clips`'."""
+
+    exact_steps = False
+
+    def __init__(self, num_frames: int):
+        self.num_frames = num_frames
+
+    def order(self, n: int, epoch: int, rank: int, world: int) -> list[int]:
+        return list(range(rank, n, world))
+
+    def indices(self, video: Video, epoch: int) -> np.ndarray:
+        return segment_indices(video.num_frames, self.num_frames, train=False)
+
+    def steps(self, videos: int, batch_size: int) -> int:
+        return math.ceil(videos / batch_size)
+
+    def videos_per_batch(self, batch_size: int) -> int:
+        return batch_size
+
+    def batches(self, items, batch_size: int, pin: bool) -> Iterator[dict]:
+        return _clip_batches(items, batch_size, pin, keep_last=True)
+
+
+class Frames:
+    """SimCLR: this rank's share of a seeded permutation, M = ``frames_per_clip`` frames per video
+    (:func:`clman.data.frames.simclr_indices`), ``batch_size`` frames per batch. Batches: ``frames``
+    uint8 (N, C, S, S), ``video`` (N,) int64 row indices, ``slot`` (N,) source frame numbers."""
+
+    exact_steps = True
+
+    def __init__(self, frames_per_clip: int, seed: int):
+        self.frames_per_clip, self.seed = frames_per_clip, seed
+
+    def order(self, n: int, epoch: int, rank: int, world: int) -> list[int]:
+        return _shuffled(self.seed, epoch, n, rank, world)
+
+    def indices(self, video: Video, epoch: int) -> np.ndarray:
+        return F.simclr_indices(video.num_frames, self.frames_per_clip,
+                                F.draw_rng(self.seed, epoch, video.index, F.SIMCLR_FRAMES))
+
+    def steps(self, videos: int, batch_size: int) -> int:
+        return videos * self.frames_per_clip // batch_size
+
+    def videos_per_batch(self, batch_size: int) -> int:
+        return max(1, math.ceil(batch_size / self.frames_per_clip))
+
+    def batches(self, items, batch_size: int, pin: bool) -> Iterator[dict]:
+        frames_buf, video_buf, slot_buf = [], [], []
+        for video, (frames, rows), want in items:
+            frames_buf.extend((frames, r) for r in (range(len(frames)) if rows is None else rows))
+            video_buf.extend([video.index] * len(want))
+            slot_buf.extend(want)
+            while len(frames_buf) >= batch_size:
+                b = batch_size
+                yield {"frames": F.stack_frames(frames_buf[:b], pin),
+                       "video": np.asarray(video_buf[:b], np.int64),
+                       "slot": np.asarray(slot_buf[:b], np.int64)}
+                del frames_buf[:b], video_buf[:b], slot_buf[:b]
+
+
+Sampler = Clips | EvalClips | Frames  # what a Feed is given: which videos, which frames, what batches
+
+
 class Feed:
     """The batches of one worker: ``for batch in feed.batches(epoch)``.
 
-    mode ``clips`` (finetune training): this rank's share of a seeded permutation, T frames
-    per video by segments (random within each), ``batch_size`` clips, the last partial
-    batch dropped so every rank runs the same number of steps.
-    mode ``eval_clips``: every video once, segment centres, in order, the last batch kept.
-    mode ``simclr``: M frames per video (:func:`clman.data.frames.simclr_indices`),
-    ``batch_size`` frames per batch.
-
-    Batches are CPU tensors (pinned when ``pin``): ``frames`` uint8 (B, T, C, S, S) or
-    (N, C, S, S) for simclr, ``video`` (B,) / (N,) int64 row indices, ``label`` (B,),
-    ``frame_idx`` (B, T) / ``slot`` (N,) source frame numbers.
+    ``source``: a split's frames (``runner.frame_source``: {"videos": [Video], "cache": [ObjectRef] |
+    None}); ``sampler``: which videos, which frames and how they make batches (:class:`Clips`,
+    :class:`EvalClips`, :class:`Frames`). Batches are CPU tensors (pinned when ``pin``).
     """
 
-    def __init__(self, videos: Sequence[Video], data, mode: str, *, seed: int, batch_size: int,
-                 rank: int = 0, world: int = 1, cache: Sequence | None = None, pin: bool = False):
-        if mode not in (CLIPS, EVAL_CLIPS, SIMCLR):
-            raise ValueError(f"mode {mode!r}; valid: {[CLIPS, EVAL_CLIPS, SIMCLR]}")
+    def __init__(self, source: dict, sampler: Sampler, data, *, batch_size: int, rank: int = 0, world: int = 1,
+                 pin: bool = False):
+        videos, cache = source["videos"], source["cache"]
         if cache is not None and len(cache) != len(videos):
             raise ValueError(f"{len(cache)} cached videos for {len(videos)} videos")
-        self.videos, self.data, self.mode = list(videos), data, mode
-        self.seed, self.batch_size, self.rank, self.world = seed, batch_size, rank, world
+        self.videos, self.sampler, self.data = list(videos), sampler, data
+        self.batch_size, self.rank, self.world = batch_size, rank, world
         self.cache = list(cache) if cache is not None else None
         self.pin = pin
         self.bad: set[str] = set()  # URIs that failed to decode: logged once, skipped after
-        cap = _in_flight(data)
-        per_batch = batch_size if mode != SIMCLR else max(1, math.ceil(batch_size / data.frames_per_clip))
-        self.window = cap or per_batch * (PREFETCH_BATCHES + 1)
+        self.window = _in_flight(data) or sampler.videos_per_batch(batch_size) * (PREFETCH_BATCHES + 1)
 
     # -- which videos, which frames
 
     def order(self, epoch: int) -> list[int]:
         """Positions in ``videos`` this rank reads in ``epoch``, in order."""
-        n = len(self.videos)
-        if self.mode == EVAL_CLIPS:
-            return list(range(self.rank, n, self.world))
-        perm = F.draw_rng(self.seed, epoch, 0, F.SHUFFLE).permutation(n)
-        per_rank = n // self.world  # equal shares: every rank runs the same number of steps
-        return perm[self.rank::self.world][:per_rank].tolist()
+        return self.sampler.order(len(self.videos), epoch, self.rank, self.world)
 
     def steps(self, epoch: int = 0) -> int:
-        n = len(self.order(epoch))
-        if self.mode == SIMCLR:
-            return n * self.data.frames_per_clip // self.batch_size
-        if self.mode == CLIPS:
-            return n // self.batch_size
-        return math.ceil(n / self.batch_size)
+        return self.sampler.steps(len(self.order(epoch)), self.batch_size)
 
     def indices(self, video: Video, epoch: int) -> np.ndarray:
-        t = self.data.num_frames
-        if self.mode == CLIPS:
-            return segment_indices(video.num_frames, t, train=True,
-                                   rng=F.draw_rng(self.seed, epoch, video.index, F.CLIP_FRAMES))
-        if self.mode == EVAL_CLIPS:
-            return segment_indices(video.num_frames, t, train=False)
-        return F.simclr_indices(video.num_frames, self.data.frames_per_clip,
-                                F.draw_rng(self.seed, epoch, video.index, F.SIMCLR_FRAMES))
+        return self.sampler.indices(video, epoch)
 
     # -- frames
 
@@ -242,54 +333,23 @@ class Feed:
             yield self.videos[q], (frames, None), want
 
     def _batches(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        """Exactly ``steps(epoch)`` batches in the training modes, whatever failed to decode:
+        """Exactly ``steps(epoch)`` batches for a training sampler (``exact_steps``), whatever failed to decode:
         DDP ranks must run the same number of steps. A clip that fails while streaming makes
         a batch come up short at the end; the last good batch is then used again."""
         steps, done, last = self.steps(epoch), 0, None
-        for batch in self._assemble(epoch):
-            if self.mode != EVAL_CLIPS and done == steps:
+        for batch in self.sampler.batches(self._fetch(self.order(epoch), epoch), self.batch_size, self.pin):
+            if self.sampler.exact_steps and done == steps:
                 break
             last = batch
             done += 1
             yield batch
-        if self.mode == EVAL_CLIPS or done == steps:
+        if not self.sampler.exact_steps or done == steps:
             return
         if last is None:
             raise RuntimeError(f"rank {self.rank}: none of its {len(self.order(epoch))} clips of epoch {epoch} "
                                "could be decoded (see the warnings above)")
         for _ in range(steps - done):
             yield last
-
-    def _assemble(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
-        positions = self.order(epoch)
-        if self.mode == SIMCLR:
-            frames_buf, video_buf, slot_buf = [], [], []
-            for video, (frames, rows), want in self._fetch(positions, epoch):
-                frames_buf.extend((frames, r) for r in (range(len(frames)) if rows is None else rows))
-                video_buf.extend([video.index] * len(want))
-                slot_buf.extend(want)
-                while len(frames_buf) >= self.batch_size:
-                    b = self.batch_size
-                    yield {"frames": F.stack_frames(frames_buf[:b], self.pin),
-                           "video": np.asarray(video_buf[:b], np.int64),
-                           "slot": np.asarray(slot_buf[:b], np.int64)}
-                    del frames_buf[:b], video_buf[:b], slot_buf[:b]
-            return
-        buf: list[tuple[Video, np.ndarray, np.ndarray]] = []
-        for item in self._fetch(positions, epoch):
-            buf.append(item)
-            if len(buf) == self.batch_size:
-                yield self._clip_batch(buf)
-                buf = []
-        if buf and self.mode == EVAL_CLIPS:
-            yield self._clip_batch(buf)
-
-    def _clip_batch(self, items) -> dict[str, np.ndarray | torch.Tensor]:
-        return {"frames": F.stack_frames([f if rows is None else (f, rows) for _, (f, rows), _ in items],
-                                       self.pin),  # (B, T, C, S, S), pinned when self.pin
-                "video": np.asarray([v.index for v, _, _ in items], np.int64),
-                "label": np.asarray([v.label for v, _, _ in items], np.int64),
-                "frame_idx": np.stack([w for _, _, w in items]).astype(np.int64)}
 
     def batches(self, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         """The epoch's batches as CPU tensors, assembled one or two ahead by a background thread."""

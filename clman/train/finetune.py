@@ -6,25 +6,17 @@ with cross-entropy on T-frame clips: SGD at a constant lr (the paper) or AdamW,
 warmup + cosine, clipping, label smoothing, class weights (``FinetuneConfig``).
 Validation every epoch with the six metrics, their states synced across
 workers, on the manifest's val split or on patients carved from the training
-split (:func:`validation_split`); the best val score (:func:`val_score`: the val AUC,
-or its mean over ``select_window`` epochs) picks the checkpoint and ``patience``
-stops the run early. The test split is never read here. Validation scores a video as
-the test does (:class:`ValidationFeed`): ``finetune.val_frames`` / ``val_clips`` are
+split (:func:`validation_split`). Which checkpoint is kept (the best val score: the val AUC, or its
+mean over ``select_window`` epochs), when ``patience`` stops the run early and the one-line
+not-learning warning are decided by ``clman.train.selection.Selection`` (no Ray, no torch; its
+state rides in the checkpoint). The test split is never read here. Validation scores a video as
+the test does (:class:`ScoredClips`): ``finetune.val_frames`` / ``val_clips`` are
 ``evaluate.frames`` / ``evaluate.clips`` of the same config tree (``clman.config.job_config``),
 and the frames come from the function test scoring calls (``clman.train.scoring.scored_indices``).
 
-Facts that shaped this module
-- The demo recipe before this one (SGD, constant lr 1e-2, the last epoch) learned the
-  project's own phantom and not another generator's: training loss 0.75 -> 0.86 there,
-  test AUC 0.58, every video called benign — and nothing said so. Hence the training AUC
-  beside the loss and the one-line not-learning warning (:func:`loss_stalled` after a third
-  of the run, :func:`val_at_chance` at its end).
-- The thresholds of that warning were set on runs of the 10-epoch demo recipe on the first hard
-  phantom (README "Finetuning recipes" before the 40-epoch recipe, in git history): with
-  lr 0 the training loss stays within 1 % of ln 2 (the loss of calling every video 50/50);
-  the demo recipe on the hard phantom falls only 0.73 -> 0.67 by its fourth epoch, and in
-  some runs 0.727 -> 0.694 (label smoothing and class weights keep it near ln 2), so the bar
-  is 4 % (``MIN_LOSS_DROP``), against the first epoch's loss or ln 2, whichever is higher.
+The loop: :func:`train_loop_per_worker` builds the model (:func:`build_model`), the optimizer, the
+feeds (:func:`training_feed`, :func:`validation_feed`), then per epoch :func:`train_one_epoch`,
+:func:`validation_metrics` (:func:`validate`), ``Selection.update`` and ``worker.report``.
 """
 
 from __future__ import annotations
@@ -47,6 +39,9 @@ from clman.data import augment
 from clman.inference import choose_threshold, mean_log_probs, preprocessing
 from clman.train import feed, runner, scoring, worker
 from clman.train.runner import JobError
+from clman.train.selection import (  # noqa: F401  (re-exported: jobs, scripts and tests read them here)
+    CHANCE_AUC_MARGIN, CHECK_AFTER_EPOCHS, MIN_LOSS_DROP, Decision, Selection, best_score, check_epoch,
+    loss_stalled, not_learning, val_at_chance, val_score)
 
 log = worker.worker_logger("clman.finetune")
 SCORE = "val_score"  # what ranks checkpoints when there is a validation split (:func:`val_score`)
@@ -86,11 +81,11 @@ def validation_split(train, val, fraction: float, seed: int, manifest: str = "ma
 
     The manifest's val split when it has one; else, with ``fraction`` > 0, a share of the
     training patients, stratified by patient label and drawn from ``seed``
-    (``clman.data.manifest.assign_splits``): no patient on both sides, the same rows and
+    (``clman.data.manifest.carve_validation``, as in studies): no patient on both sides, the same rows and
     seed give the same carve. A :class:`JobError` naming the counts when a class would be
     missing on either side. The test split is never an input.
     """
-    from clman.data.manifest import ManifestError, assign_splits
+    from clman.data.manifest import carve_validation
 
     if len(val):
         if val["label"].nunique() < 2:
@@ -104,12 +99,7 @@ def validation_split(train, val, fraction: float, seed: int, manifest: str = "ma
         info = {"source": "none", "videos": 0, "patients": 0,
                 "note": "no val split and finetune.val_fraction=0: no validation, the last checkpoint is kept"}
         return train, val, info
-    try:
-        rows = assign_splits(train, (1.0 - fraction, fraction, 0.0), seed=seed)
-    except ManifestError:  # not one patient falls to val: reported with the counts below
-        rows = train.assign(split="train")
-    carved_train = rows[rows["split"] == "train"].reset_index(drop=True)
-    carved_val = rows[rows["split"] == "val"].reset_index(drop=True)
+    carved_train, carved_val = carve_validation(train, fraction, seed)  # the studies' carve too
     (tb, tm), (vb, vm) = _per_label(carved_train, "patient_id"), _per_label(carved_val, "patient_id")
     if min(tb, tm, vb, vm) == 0 or carved_val["label"].nunique() < 2:
         pb, pm = _per_label(train, "patient_id")
@@ -194,45 +184,22 @@ def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val
             "a sweep decodes its splits once for all trials and does not subsample them; run label fractions "
             "with jobs.study --label-fractions" if sources is not None else
             "pass the training rows of finetune.label_subset (rows=...)"))
-    loop_config = {"config": C.to_dict(cfg), "encoder": encoder, "has_val": has_val}
+    frames = {}
     for i, split in enumerate(("train", "val") if has_val else ("train",)):
         if sources is not None:
-            loop_config[split] = sources[split]
+            frames[split] = sources[split]
             continue
         split_rows = rows[i] if rows is not None else read_manifest(manifest, split=split)
         # Unlabelled videos (split unlabeled, label -1) are for SimCLR only: never a finetune target.
         assert split_rows["label"].isin([0, 1]).all(), f"finetune {split} rows hold a label other than 0 / 1"
-        loop_config[split] = runner.frame_source(split_rows, cfg.data)
-    return runner.TrainJob(train_loop_per_worker, loop_config, {}, SCORE if has_val else None)
+        frames[split] = runner.frame_source(split_rows, cfg.data)
+    inputs = worker.LoopInputs(cfg, frames["train"], frames.get("val"), encoder)
+    return runner.TrainJob(train_loop_per_worker, inputs, {}, SCORE if has_val else None)
 
 
 def selection_window(cfg: C.FinetuneConfig) -> int:
     """``select_window``, or the run's length when shorter: such a run is scored at its last epoch."""
     return min(cfg.select_window, cfg.epochs)
-
-
-def val_score(val_aucs: list[float], window: int) -> float:
-    """The mean val AUC of the last ``window`` epochs: what picks the checkpoint (``finetune.select_window``).
-
-    NaN until ``window`` epochs have a val AUC, and when any of them is NaN.
-    """
-    if len(val_aucs) < window:
-        return float("nan")
-    last = val_aucs[-window:]
-    return sum(last) / window
-
-
-def best_score(val_aucs: list[float], window: int) -> tuple[float | None, int]:
-    """(best val score, its 0-based epoch) over ``val_aucs``; (None, -1) while there is none.
-
-    The first of equal scores wins, as in the loop (a later epoch must be better to replace it).
-    """
-    best, epoch = None, -1
-    for e in range(len(val_aucs)):
-        score = val_score(val_aucs[:e + 1], window)
-        if score == score and (best is None or score > best):
-            best, epoch = score, e
-    return best, epoch
 
 
 def history(checkpoint) -> dict:
@@ -307,76 +274,38 @@ def class_weights(labels, mode: str) -> torch.Tensor | None:
     raise ValueError(f"finetune.class_weights: {mode!r} is not one of {list(C.CLASS_WEIGHTS)}")
 
 
-# The not-learning check (one warning line, in metrics.json too); thresholds from the runs in
-# README "Finetuning recipes" (module docstring).
-CHECK_AFTER_EPOCHS = 3  # the loss is judged after this many epochs (a third of a longer run)
-# By then the best epoch's training loss must be this share below its reference. 4 %, not 5 %: the demo
-# recipe on the hard phantom (tests/test_recipe.py) fell 0.727 -> 0.694 (4.5 %) by epoch 4 in some runs and
-# then on to 0.64 (it learns; the runs differ because re-ingesting those sweeps does not give the same
-# bytes), while lr 0 moves the loss about 2 %.
-MIN_LOSS_DROP = 0.04
-CHANCE_AUC_MARGIN = 0.1  # a best val AUC under 0.5 + this, over the whole run, is "near chance"
-
-
-def check_epoch(epochs: int) -> int:
-    """The 0-based epoch after which :func:`loss_stalled` is asked (or the run's last, if sooner)."""
-    return min(epochs, max(CHECK_AFTER_EPOCHS, math.ceil(epochs / 3))) - 1
-
-
-def loss_stalled(losses: list[float]) -> str:
-    """"" or what is wrong: no epoch's mean training loss is ``MIN_LOSS_DROP`` below the higher
-    of the first epoch's and chance's (ln 2: every video called 50/50).
-
-    The first epoch's loss when it is higher, because label smoothing and class weights keep
-    a learning run's loss near ln 2 for epochs on hard data (0.73 -> 0.67 by epoch 4 on the
-    hard phantom); chance when it is higher, so that a run starting below it (a good
-    encoder) is not told it stalled.
-    """
-    reference = max(losses[0], math.log(2))
-    if min(losses) <= (1 - MIN_LOSS_DROP) * reference:
-        return ""
-    return (f"training loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} epochs (best {min(losses):.3f}, "
-            f"not {MIN_LOSS_DROP:.0%} below {reference:.3f})")
-
-
-def val_at_chance(val_aucs: list[float]) -> str:
-    """"" or what is wrong: the best val AUC of the run is within ``CHANCE_AUC_MARGIN`` of 0.5.
-
-    Judged on the whole run, not early: a small validation split's AUC is noisy (+-0.12 at
-    24 videos), and a hard data set's rises late.
-    """
-    finite = [a for a in val_aucs if a == a]
-    best = max(finite) if finite else float("nan")
-    if best >= 0.5 + CHANCE_AUC_MARGIN:
-        return ""
-    return f"best val AUC {best:.3f} in {len(val_aucs)} epochs (chance 0.5)"
-
-
-def not_learning(problems: list[str], lr: float) -> str:
-    """The one warning line for ``problems`` ("" when there are none): what is wrong, what to try."""
-    if not problems:
-        return ""
-    return (f"finetune is not learning: {'; '.join(problems)}. Try finetune.lr 3-10x higher or lower "
-            f"(now {lr:g}), finetune.optimizer=adamw with schedule=cosine, more finetune.epochs, "
-            "or a larger data.size / model.width")
-
-
-class ValidationFeed(feed.Feed):
-    """The val split's batches, scored as the test is: every video once, in order, its frames those of
+class ScoredClips(feed.EvalClips):
+    """The val split's sampler, scored as the test is: every video once, in order, its frames those of
     ``clman.train.scoring.scored_indices`` (the function test scoring calls) with ``finetune.val_frames`` /
     ``val_clips`` (= ``evaluate.frames`` / ``evaluate.clips``), the K clips of T flattened clip-major:
-    ``frames`` (B, K * T, C, S, S). With ``val_frames=all`` a clip is the whole video (K = 1), one video per
-    batch since lengths differ. No randomness: the same frames in every epoch. (From the object store
-    cache, a video longer than 512 frames gives the nearest of its 512 cached frames: ``clman.data.frames.pick``.)
+    ``frames`` (B, K * T, C, S, S). With ``val_frames=all`` a clip is the whole video (K = 1). No
+    randomness: the same frames in every epoch. (From the object store cache, a video longer than 512
+    frames gives the nearest of its 512 cached frames: ``clman.data.frames.pick``.)
     """
 
-    def __init__(self, source: dict, data, frames: str, clips: int, *, batch_size: int, **kwargs):
+    def __init__(self, num_frames: int, frames: str, clips: int):
+        super().__init__(num_frames)
         self.frames, self.clips = frames, (clips if frames == "clips" else 1)
-        super().__init__(source["videos"], data, feed.EVAL_CLIPS, cache=source["cache"],
-                         batch_size=batch_size if frames == "clips" else 1, **kwargs)
 
     def indices(self, video: feed.Video, epoch: int):
-        return scoring.scored_indices(video.num_frames, self.data.num_frames, self.frames, self.clips).ravel()
+        return scoring.scored_indices(video.num_frames, self.num_frames, self.frames, self.clips).ravel()
+
+
+def training_feed(source: dict, cfg: C.FinetuneConfig, batch_size: int, rank: int, world: int,
+                  pin: bool) -> feed.Feed:
+    """This worker's training clips: a seeded share of every epoch, T frames by segments."""
+    return feed.Feed(source, feed.Clips(cfg.data.num_frames, cfg.seed), cfg.data, batch_size=batch_size,
+                     rank=rank, world=world, pin=pin)
+
+
+def validation_feed(source: dict, cfg: C.FinetuneConfig, batch_size: int, rank: int, world: int,
+                    pin: bool) -> feed.Feed:
+    """This worker's share of the val videos (:class:`ScoredClips`): batches of ``batch_size`` videos, each
+    K clips (B * K clips through the model at once); with ``val_frames=all`` one video per batch, since
+    lengths differ."""
+    sampler = ScoredClips(cfg.data.num_frames, cfg.val_frames, cfg.val_clips)
+    return feed.Feed(source, sampler, cfg.data, batch_size=batch_size if cfg.val_frames == "clips" else 1,
+                     rank=rank, world=world, pin=pin)
 
 
 @torch.no_grad()
@@ -384,7 +313,7 @@ def validate(model, batches, device, size: int, precision: str = "fp32", clips: 
              target_sensitivity: float | None = None) -> dict:
     """Loss and the six metrics over this worker's share of the validation videos, synced over all workers.
 
-    A video's score is the mean P(malignant) of its ``clips`` clips (:class:`ValidationFeed`), as
+    A video's score is the mean P(malignant) of its ``clips`` clips (:class:`ScoredClips`), as
     in test scoring (``clman.inference.score_clips``); the loss is the cross-entropy of that mean
     (with one clip, of the clip's logits). With ``target_sensitivity``, also ``threshold``: the
     operating point on every worker's validation scores (``clman.inference.choose_threshold``; None
@@ -418,154 +347,155 @@ def validate(model, batches, device, size: int, precision: str = "fp32", clips: 
     return out
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    cfg: C.FinetuneConfig = C.from_dict("finetune", loop_config["config"])
-    worker.follow(loop_config)
-    encoder_uri: str | None = loop_config.get("encoder")
-    has_val: bool = loop_config.get("has_val", False)
-    world = distributed.get_world_size()
-    rank = distributed.get_rank()
-    worker.seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
-
+def build_model(cfg: C.FinetuneConfig, encoder_uri: str | None) -> torch.nn.Module:
+    """The classifier of ``cfg.model``, with user-supplied weights of this arch (a path or S3 URI; never a
+    download) and then the pretrained encoder, when given."""
     model = classifier_from(cfg.model)
-    if cfg.model.weights:  # user-supplied weights of this arch (a path or S3 URI; never a download)
+    if cfg.model.weights:
         load_weights(model, cfg.model.weights)
     if encoder_uri:
         load_encoder(model, encoder_uri)
-    optimizer = make_optimizer(model, cfg)
-    state = worker.restore(model, optimizer)
-    start_epoch = state["epoch"] + 1 if state else 0
-    step = state["step"] if state else 0
+    return model
+
+
+def compiled_forward(model, cfg: C.FinetuneConfig, device, precision: str):
+    """The training step's augmentation + forward: uint8 (B, T, C, S, S) -> augmented (B, T, 3, size, size)
+    -> logits (B, 2); compiled, one graph with the draws' keys (one per clip: (seed, epoch, video))."""
+    spec = augment.AugmentSpec.finetune(cfg.data)
+
+    def forward(frames: torch.Tensor, video: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        with amp.autocast(precision, device):
+            return model(augment.augment_clips(frames, augment.keys_at(prefix, video), spec), None).float()
+
+    return amp.compile_step(forward, cfg.scale, device)
+
+
+def train_one_epoch(model, forward, optimizer, batches: feed.Feed, cfg: C.FinetuneConfig, epoch: int,
+                    step: int, lr_at, weight, device) -> tuple[dict, int]:
+    """One epoch of this worker's batches: ({train_loss, train_auc, clips_per_s}, the step after it).
+
+    ``lr_at(step)`` is the schedule; ``weight`` the class weights of the loss (or None).
+    """
+    t0, clips, n_steps = time.perf_counter(), 0, 0
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    scores, targets = [], []  # (B,) per step, kept on the device for the epoch's training AUC
+    prefix = augment.epoch_prefix(cfg.seed, epoch, device)  # (seed, epoch)'s part of the draws' keys
+    for batch in batches.batches(epoch):
+        batch = feed.to_device(batch, device)
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        logits = forward(batch["frames"], batch["video"], prefix)  # (B, 2)
+        loss = F.cross_entropy(logits, batch["label"], weight=weight, label_smoothing=cfg.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:  # the norm stays on the device (no error_if_nonfinite: that would sync)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
+        optimizer.step()
+        step += 1
+        n_steps += 1
+        clips += logits.shape[0]
+        loss_sum += loss.detach()
+        scores.append(torch.softmax(logits.detach(), dim=1)[:, 1])
+        targets.append(batch["label"])
+        if n_steps % worker.CHECK_EVERY == 0:
+            worker.check_finite(loss_sum, epoch, step)
+    worker.check_finite(loss_sum, epoch, step)
+    seconds = time.perf_counter() - t0
+    # Every rank ran the same number of steps: the mean over ranks is the mean over all steps.
+    train_loss = float(distributed.all_reduce_mean(loss_sum)) / max(n_steps, 1)
+    train_metric = BinaryMetrics().to(device)
+    train_metric.update(torch.cat(scores), torch.cat(targets))  # synced over the ranks by compute()
+    return {"train_loss": train_loss, "train_auc": _train_auc(train_metric),
+            "clips_per_s": clips * distributed.get_world_size() / max(seconds, 1e-9)}, step
+
+
+def validation_metrics(model, val_feed: feed.Feed, cfg: C.FinetuneConfig, epoch: int, device,
+                       precision: str) -> tuple[dict, dict | None]:
+    """(the val metrics reported, this epoch's operating point): model.pt keeps the kept epoch's
+    (``extra``), for predict. ``model``: the unwrapped module, no DDP collectives while shards hold
+    unequal numbers of videos."""
+    val = validate(model, val_feed.batches(epoch), device, cfg.data.size, precision, val_feed.sampler.clips,
+                   target_sensitivity=cfg.val_target_sensitivity)
+    threshold = val.pop("threshold")
+    val["val_threshold"] = threshold["value"] if threshold else float("nan")
+    val["val_scoring"] = (f"clips: mean of {cfg.val_clips} clip(s) of T={cfg.data.num_frames}"
+                          if cfg.val_frames == "clips" else "all: every frame (<= 512) as one clip")
+    return val, threshold
+
+
+def log_epoch(cfg: C.FinetuneConfig, metrics: dict, decision: Decision, best: tuple, rank: int) -> None:
+    """The epoch's line; the not-learning warning once (rank 0); why the run stops early."""
+    if decision.new_warning and rank == 0:  # one line, the first time; not one per rank
+        log.warning("%s", decision.warning)
+    log.info(
+        "finetune epoch %d/%d  loss %.4f  train auc %.3f  %s  lr %.2e  %.1f clips/s",
+        metrics["epoch"] + 1, cfg.epochs, metrics["train_loss"], metrics["train_auc"],
+        "  ".join(f"val {k} {metrics['val_' + k]:.3f}" for k in ("auc", "accuracy") if "val_" + k in metrics),
+        metrics["lr"], metrics["clips_per_s"],
+    )
+    if decision.stop:
+        log.info("stopping early after epoch %d: no better val score than %.3f (epoch %d) for %d epochs",
+                 metrics["epoch"] + 1, best[0] if best[0] is not None else float("nan"), best[1] + 1, cfg.patience)
+
+
+def train_loop_per_worker(inputs: worker.LoopInputs) -> None:
+    cfg: C.FinetuneConfig = inputs.config
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    worker.seed_everything(cfg.seed)  # the same initial weights on every rank (DDP broadcasts rank 0's anyway)
+    raw_model = build_model(cfg, inputs.encoder)
+    optimizer = make_optimizer(raw_model, cfg)
+    state = worker.restore(raw_model, optimizer)
+    start_epoch, step = (state["epoch"] + 1, state["step"]) if state else (0, 0)
     # What early stopping and the not-learning check remember, restored with the checkpoint.
     progress = dict((state.get("extra") or {}).get("progress") or {}) if state else {}
-    losses: list[float] = list(progress.get("losses", []))  # mean training loss per epoch
-    train_aucs: list[float] = list(progress.get("train_aucs", []))
-    val_aucs: list[float] = list(progress.get("val_aucs", []))
-    window = selection_window(cfg)
-    # Derived from the val AUCs so far, never stored: a resumed run decides as the uninterrupted one,
-    # whatever the checkpoint's clman version or select_window was.
-    best, best_epoch = best_score(val_aucs, window)
-    problems: list[str] = list(progress.get("problems", []))  # what the not-learning check found
+    selection = Selection(cfg.epochs, selection_window(cfg), cfg.patience, cfg.checkpoint_every, cfg.lr,
+                          inputs.val is not None, progress)
     if state:
         log.info("resumed from epoch %d (step %d)", state["epoch"], step)
-    raw_model = model
-    model, device, precision = worker.prepare(model, cfg.scale)
-    per_worker = max(1, cfg.batch_size // world)
-    pin = device.type == "cuda"
-    train_feed = worker.feed(loop_config["train"], cfg.data, feed.CLIPS, seed=cfg.seed, batch_size=per_worker,
-                             rank=rank, world=world, pin=pin)
-    # batches of per_worker videos, each K clips: B * K clips through the model at once
-    val_feed = (ValidationFeed(loop_config["val"], cfg.data, cfg.val_frames, cfg.val_clips, seed=cfg.seed,
-                               batch_size=per_worker, rank=rank, world=world, pin=pin) if has_val else None)
+    model, device, precision = worker.prepare(raw_model, cfg.scale)
+    per_worker, pin = max(1, cfg.batch_size // world), device.type == "cuda"
+    train_feed = training_feed(inputs.train, cfg, per_worker, rank, world, pin)
+    val_feed = validation_feed(inputs.val, cfg, per_worker, rank, world, pin) if inputs.val is not None else None
     steps_per_epoch = train_feed.steps()
     if steps_per_epoch < 1:
         raise JobError(f"finetune: {len(train_feed.order(0))} training clips per worker do not fill one batch of "
                        f"{per_worker}; lower finetune.batch_size")
     total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+
+    def lr_at(s: int) -> float:
+        return optim.schedule(cfg.schedule, s, total_steps, cfg.lr, warmup_steps)
+
     weight = class_weights([v.label for v in train_feed.videos], cfg.class_weights)
     weight = weight.to(device) if weight is not None else None
-    spec = augment.AugmentSpec.finetune(cfg.data)
-
-    def forward(frames: torch.Tensor, video: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-        # uint8 (B, T, C, S, S) -> augmented (B, T, 3, size, size) -> logits (B, 2); compiled, one graph
-        # with the draws' keys (one per clip: (seed, epoch, video)) and the augmentation
-        with amp.autocast(precision, device):
-            return model(augment.augment_clips(frames, augment.keys_at(prefix, video), spec), None).float()
-
-    forward = amp.compile_step(forward, cfg.scale, device)
+    forward = compiled_forward(model, cfg, device, precision)
     saved_config = C.to_dict(cfg)
-    decide_at = check_epoch(cfg.epochs)
 
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         hold_frozen_encoder(raw_model, cfg)
-        t0, clips, n_steps = time.perf_counter(), 0, 0
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        scores, targets = [], []  # (B,) per step, kept on the device for the epoch's training AUC
-        prefix = augment.epoch_prefix(cfg.seed, epoch, device)  # (seed, epoch)'s part of the draws' keys
-        for batch in train_feed.batches(epoch):
-            batch = feed.to_device(batch, device)
-            lr = optim.schedule(cfg.schedule, step, total_steps, cfg.lr, warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_scale"]
-            logits = forward(batch["frames"], batch["video"], prefix)  # (B, 2)
-            loss = F.cross_entropy(logits, batch["label"], weight=weight, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:  # the norm stays on the device (no error_if_nonfinite: that would sync)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip, foreach=True)
-            optimizer.step()
-            step += 1
-            n_steps += 1
-            clips += logits.shape[0]
-            loss_sum += loss.detach()
-            scores.append(torch.softmax(logits.detach(), dim=1)[:, 1])
-            targets.append(batch["label"])
-            if n_steps % worker.CHECK_EVERY == 0:
-                worker.check_finite(loss_sum, epoch, step)
-        worker.check_finite(loss_sum, epoch, step)
-        seconds = time.perf_counter() - t0
-        # Every rank ran the same number of steps: the mean over ranks is the mean over all steps.
-        train_loss = float(distributed.all_reduce_mean(loss_sum)) / max(n_steps, 1)
-        train_metric = BinaryMetrics().to(device)
-        train_metric.update(torch.cat(scores), torch.cat(targets))  # synced over the ranks by compute()
-        metrics = {
-            "epoch": epoch,
-            "step": step,
-            "start_epoch": start_epoch,  # > 0 when this run resumed from a checkpoint
-            "train_loss": train_loss,
-            "train_auc": _train_auc(train_metric),
-            "lr": optim.schedule(cfg.schedule, max(step - 1, 0), total_steps, cfg.lr, warmup_steps),
-            "clips_per_s": clips * world / max(seconds, 1e-9),
-        }
-        losses.append(train_loss)
-        train_aucs.append(metrics["train_auc"])
-        improved, threshold = False, None
+        stats, step = train_one_epoch(model, forward, optimizer, train_feed, cfg, epoch, step, lr_at, weight, device)
+        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch,  # > 0: resumed from a checkpoint
+                   "train_loss": stats["train_loss"], "train_auc": stats["train_auc"],
+                   "lr": lr_at(max(step - 1, 0)), "clips_per_s": stats["clips_per_s"]}
+        threshold = None
         if val_feed is not None:
-            # The unwrapped module: no DDP collectives while shards hold unequal numbers of videos.
-            val = validate(raw_model, val_feed.batches(epoch), device, cfg.data.size, precision, val_feed.clips,
-                           target_sensitivity=cfg.val_target_sensitivity)
-            # this epoch's operating point: model.pt keeps the kept epoch's (``extra``), for predict
-            threshold = val.pop("threshold")
-            metrics |= val | {"val_threshold": threshold["value"] if threshold else float("nan")}
-            metrics["val_scoring"] = (f"clips: mean of {cfg.val_clips} clip(s) of T={cfg.data.num_frames}"
-                                      if cfg.val_frames == "clips" else "all: every frame (<= 512) as one clip")
-            val_aucs.append(metrics["val_auc"])  # the same on every rank (synced), so is every decision below
-            best, best_epoch = best_score(val_aucs, window)
-            improved = best_epoch == epoch
-            metrics |= {"val_score": val_score(val_aucs, window),
-                        "best_val_score": best if best is not None else float("nan"), "best_epoch": best_epoch}
-        # patience counts from the epoch before the first score can exist (the window's end)
-        waited_from = best_epoch if best_epoch >= 0 else window - 2
-        stop = val_feed is not None and cfg.patience > 0 and epoch - waited_from >= cfg.patience
-        last = stop or epoch + 1 == cfg.epochs
-        before = not_learning(problems, cfg.lr)
-        if epoch == decide_at or (last and epoch < decide_at):
-            problems += [p for p in [loss_stalled(losses)] if p]
-        if last and val_aucs:
-            problems += [p for p in [val_at_chance(val_aucs)] if p]
-        warning = not_learning(problems, cfg.lr)
-        if warning and not before and rank == 0:  # one line, the first time; not one per rank
-            log.warning("%s", warning)
-        metrics |= {"stopped_early": stop, "warning": warning}
-        log.info(
-            "finetune epoch %d/%d  loss %.4f  train auc %.3f  %s  lr %.2e  %.1f clips/s",
-            epoch + 1, cfg.epochs, metrics["train_loss"], metrics["train_auc"],
-            "  ".join(f"val {k} {metrics['val_' + k]:.3f}" for k in ("auc", "accuracy") if "val_" + k in metrics),
-            metrics["lr"], metrics["clips_per_s"],
-        )
-        if stop:
-            log.info("stopping early after epoch %d: no better val score than %.3f (epoch %d) for %d epochs",
-                     epoch + 1, best if best is not None else float("nan"), best_epoch + 1, cfg.patience)
+            val, threshold = validation_metrics(raw_model, val_feed, cfg, epoch, device, precision)
+            metrics |= val
+        decision = selection.update(epoch, metrics["train_loss"], metrics["train_auc"], metrics.get("val_auc"))
+        if val_feed is not None:
+            best, best_epoch = selection.best
+            metrics |= {"val_score": selection.score(), "best_val_score": best if best is not None else float("nan"),
+                        "best_epoch": best_epoch}
+        metrics |= {"stopped_early": decision.stop, "warning": decision.warning}
+        log_epoch(cfg, metrics, decision, selection.best, rank)
         # A new best is always saved (it is the checkpoint the job keeps); the last report always
         # carries one, so the run's final metrics are the last epoch's.
-        save = (epoch + 1) % cfg.checkpoint_every == 0 or last or improved
-        progress = {"losses": losses, "train_aucs": train_aucs, "val_aucs": val_aucs, "best_val_score": best,
-                    "best_epoch": best_epoch, "problems": problems}
         deploy = {"preprocessing": preprocessing(cfg)} | ({"threshold": threshold} if threshold else {})
-        worker.report(metrics, model, optimizer, kind="classifier", config=saved_config, step=step,
-                      epoch=epoch, save=save, extra={"encoder": encoder_uri or "", "progress": progress, **deploy})
-        if stop:
+        worker.report(metrics, model, optimizer, kind="classifier", config=saved_config, step=step, epoch=epoch,
+                      save=decision.save, progress=inputs.progress,
+                      extra={"encoder": inputs.encoder or "", "progress": selection.state(), **deploy})
+        if decision.stop:
             break
 
 

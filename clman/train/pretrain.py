@@ -102,7 +102,7 @@ def train_job(cfg: C.PretrainConfig, manifest: str, split, clips: int | None = N
 
     if source is None:
         source = runner.frame_source(read_manifest(manifest, split=split), cfg.data)
-    return runner.TrainJob(train_loop_per_worker, {"config": C.to_dict(cfg), "train": source}, {})
+    return runner.TrainJob(train_loop_per_worker, worker.LoopInputs(cfg, source), {})
 
 
 # ---------------------------------------------------------------- worker side
@@ -115,97 +115,107 @@ def chance_metrics(loss: float, chance: float) -> dict[str, float]:
     return {"loss_chance": chance, "loss_ratio": loss / chance}
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    cfg: C.PretrainConfig = C.from_dict("pretrain", loop_config["config"])
-    worker.follow(loop_config)
-    world = distributed.get_world_size()
-    rank = distributed.get_rank()
-    worker.seed_everything(cfg.seed)
-
-    model = simclr_from(cfg.model)
-    optimizer = LARS(
+def make_optimizer(model, cfg: C.PretrainConfig) -> LARS:
+    """LARS over the SimCLR model, biases and norms without weight decay or adaptation."""
+    return LARS(
         lars_param_groups(model, cfg.weight_decay),
         lr=cfg.lr,
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
         trust_coefficient=cfg.trust_coefficient,
     )
+
+
+def compiled_forward(model, cfg: C.PretrainConfig, device, precision: str):
+    """uint8 (n, C, S, S) -> both views (2n, 3, size, size) -> (2n, proj_dim). The views' keys are made
+    here too: compiled, the keys, the augmentation and the forward are one graph."""
+    spec = augment.AugmentSpec.simclr(cfg.data)
+
+    def forward(images: torch.Tensor, video: torch.Tensor, slot: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        with amp.autocast(precision, device):
+            return model(augment.simclr_views(images, prefix, video, slot, spec)).float()
+
+    return amp.compile_step(forward, cfg.scale, device)
+
+
+def train_one_epoch(model, forward, optimizer, frames: feed.Feed, cfg: C.PretrainConfig, epoch: int, step: int,
+                    lr_at, n_global: int, fixed_chance: float | None, device) -> tuple[dict, int]:
+    """One epoch of this worker's batches: ({loss, loss_chance, loss_ratio, images_per_s}, the step after it).
+
+    ``n_global``: frames per global batch; ``fixed_chance``: the chance loss, None when it depends on the
+    batch's videos (``same_video=mask``).
+    """
+    model.train()
+    t0, images, n_steps = time.perf_counter(), 0, 0
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
+    chance_sum = torch.zeros((), device=device)
+    prefix = augment.epoch_prefix(cfg.seed, epoch, device)  # (seed, epoch)'s part of the draws' keys
+    for batch in frames.batches(epoch):
+        batch = feed.to_device(batch, device)
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n = batch["frames"].shape[0]
+        # Two views of every image, independent draws: keys of (seed, epoch, video, view, frame).
+        z = forward(batch["frames"], batch["video"], batch["slot"], prefix)  # (2n, proj_dim)
+        loss = nt_xent(z[:n], z[n:], temperature=cfg.temperature, groups=batch["video"], same_video=cfg.same_video)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        n_steps += 1
+        images += 2 * n
+        loss_sum += loss.detach()
+        if fixed_chance is None:
+            chance_sum += nt_xent_chance(n_global, cfg.same_video, batch["video"])  # on the device
+        if n_steps % worker.CHECK_EVERY == 0:
+            worker.check_finite(loss_sum, epoch, step)
+    worker.check_finite(loss_sum, epoch, step)
+    seconds = time.perf_counter() - t0
+    loss_mean = float(loss_sum) / max(n_steps, 1)
+    chance = fixed_chance if fixed_chance is not None else float(chance_sum) / max(n_steps, 1)
+    # images/s over all workers: every worker ran the same number of steps
+    return {"loss": loss_mean, **chance_metrics(loss_mean, chance),
+            "images_per_s": images * distributed.get_world_size() / max(seconds, 1e-9)}, step
+
+
+def train_loop_per_worker(inputs: worker.LoopInputs) -> None:
+    cfg: C.PretrainConfig = inputs.config
+    world, rank = distributed.get_world_size(), distributed.get_rank()
+    worker.seed_everything(cfg.seed)
+    model = simclr_from(cfg.model)
+    optimizer = make_optimizer(model, cfg)
     state = worker.restore(model, optimizer)
-    start_epoch = state["epoch"] + 1 if state else 0
-    step = state["step"] if state else 0
+    start_epoch, step = (state["epoch"] + 1, state["step"]) if state else (0, 0)
     if state:
         log.info("resumed from epoch %d (step %d)", state["epoch"], step)
     model, device, precision = worker.prepare(model, cfg.scale)  # the module itself stays plain
-
     per_worker = max(2, cfg.batch_size // world)
     n_global = per_worker * world  # frames per global batch: 2 n_global - 1 keys per anchor
     # ln(2 n_global - 1) every step, but with same_video=mask it depends on the batch's videos
     fixed_chance = None if cfg.same_video == "mask" else float(nt_xent_chance(n_global, cfg.same_video))
-    frames = worker.feed(loop_config["train"], cfg.data, feed.SIMCLR, seed=cfg.seed, batch_size=per_worker,
-                         rank=rank, world=world, pin=device.type == "cuda")
+    frames = feed.Feed(inputs.train, feed.Frames(cfg.data.frames_per_clip, cfg.seed), cfg.data,
+                       batch_size=per_worker, rank=rank, world=world, pin=device.type == "cuda")
     steps_per_epoch = frames.steps()
     if steps_per_epoch < 1:
         raise JobError(f"pretrain: {len(frames.order(0))} clips x {cfg.data.frames_per_clip} frames per worker "
                        f"do not fill one batch of {per_worker}; lower pretrain.batch_size")
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    spec = augment.AugmentSpec.simclr(cfg.data)
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
 
-    def forward(images: torch.Tensor, video: torch.Tensor, slot: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
-        # uint8 (n, C, S, S) -> both views (2n, 3, size, size) -> (2n, proj_dim). The views' keys are
-        # made here too: compiled, the keys, the augmentation and the forward are one graph.
-        with amp.autocast(precision, device):
-            return model(augment.simclr_views(images, prefix, video, slot, spec)).float()
+    def lr_at(s: int) -> float:
+        return warmup_cosine(s, total_steps, cfg.lr, warmup_steps)
 
-    forward = amp.compile_step(forward, cfg.scale, device)
+    forward = compiled_forward(model, cfg, device, precision)
     saved_config = C.to_dict(cfg)
-
     for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        t0, images, n_steps = time.perf_counter(), 0, 0
-        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per step
-        chance_sum = torch.zeros((), device=device)
-        prefix = augment.epoch_prefix(cfg.seed, epoch, device)  # (seed, epoch)'s part of the draws' keys
-        for batch in frames.batches(epoch):
-            batch = feed.to_device(batch, device)
-            lr = warmup_cosine(step, total_steps, cfg.lr, warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            n = batch["frames"].shape[0]
-            # Two views of every image, independent draws: keys of (seed, epoch, video, view, frame).
-            z = forward(batch["frames"], batch["video"], batch["slot"], prefix)  # (2n, proj_dim)
-            loss = nt_xent(z[:n], z[n:], temperature=cfg.temperature, groups=batch["video"],
-                           same_video=cfg.same_video)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            n_steps += 1
-            images += 2 * n
-            loss_sum += loss.detach()
-            if fixed_chance is None:
-                chance_sum += nt_xent_chance(n_global, cfg.same_video, batch["video"])  # on the device
-            if n_steps % worker.CHECK_EVERY == 0:
-                worker.check_finite(loss_sum, epoch, step)
-        worker.check_finite(loss_sum, epoch, step)
-        seconds = time.perf_counter() - t0
-        loss_mean = float(loss_sum) / max(n_steps, 1)
-        chance = fixed_chance if fixed_chance is not None else float(chance_sum) / max(n_steps, 1)
-        metrics = {
-            "epoch": epoch,
-            "step": step,
-            "start_epoch": start_epoch,  # > 0 when this run resumed from a checkpoint
-            "loss": loss_mean,
-            **chance_metrics(loss_mean, chance),
-            "lr": warmup_cosine(step, total_steps, cfg.lr, warmup_steps),
-            # images/s over all workers: every worker ran the same number of steps
-            "images_per_s": images * world / max(seconds, 1e-9),
-        }
-        log.info(
-            "pretrain epoch %d/%d  loss %.4f (chance %.4f, ratio %.3f)  lr %.2e  %.1f images/s",
-            epoch + 1, cfg.epochs, metrics["loss"], metrics["loss_chance"], metrics["loss_ratio"], metrics["lr"],
-            metrics["images_per_s"],
-        )
+        stats, step = train_one_epoch(model, forward, optimizer, frames, cfg, epoch, step, lr_at, n_global,
+                                      fixed_chance, device)
+        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch,  # > 0: resumed from a checkpoint
+                   "loss": stats["loss"], "loss_chance": stats["loss_chance"], "loss_ratio": stats["loss_ratio"],
+                   "lr": lr_at(step), "images_per_s": stats["images_per_s"]}
+        log.info("pretrain epoch %d/%d  loss %.4f (chance %.4f, ratio %.3f)  lr %.2e  %.1f images/s",
+                 epoch + 1, cfg.epochs, metrics["loss"], metrics["loss_chance"], metrics["loss_ratio"],
+                 metrics["lr"], metrics["images_per_s"])
         save = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
         worker.report(metrics, model, optimizer, kind="simclr", config=saved_config, step=step,
-                      epoch=epoch, save=save)
+                      epoch=epoch, save=save, progress=inputs.progress)

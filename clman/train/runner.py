@@ -334,8 +334,8 @@ def scaling_config(scale: ScaleConfig) -> ScalingConfig:
 class TrainJob:
     """What a TorchTrainer needs for one job (``finetune.train_job``, ``pretrain.train_job``)."""
 
-    loop: Callable[[dict], None]  # the function every worker runs
-    loop_config: dict[str, Any]
+    loop: Callable[[Any], None]  # the function every worker runs, given loop_config
+    loop_config: Any  # what the loop is given: a ``clman.train.worker.LoopInputs``
     datasets: dict  # Ray datasets by name, if any (the clman loops read frames through loop_config)
     score: str | None = None  # the metric that ranks checkpoints (None: keep the latest)
 
@@ -367,7 +367,7 @@ def run_config(out: str, run_name: str, scale: ScaleConfig, score: str | None,
     )
 
 
-def _quiet_loop(loop: Callable[[dict], None], config: dict) -> None:
+def _quiet_loop(loop: Callable[[Any], None], config: dict) -> None:
     """What every worker runs: Ray Train's per-report INFO line off, then the job's loop."""
     from clman.train import ray_compat
 
@@ -375,7 +375,7 @@ def _quiet_loop(loop: Callable[[dict], None], config: dict) -> None:
         ray_compat.quiet_report_lines()
     except Exception as e:  # a Ray upgrade moved it: the lines come back, the run goes on
         logging.getLogger(__name__).warning("cannot quiet Ray Train's report lines: %s", e)
-    loop(config)
+    loop(config["inputs"])
 
 
 class TrackEpochs(ray.train.UserCallback):
@@ -394,7 +394,8 @@ def trainer(job: TrainJob, scale: ScaleConfig, out: str, run_name: str,
     """The TorchTrainer of ``job`` on ``scale``'s workers, its run under ``<out>/<run_name>/``."""
     return TorchTrainer(
         functools.partial(_quiet_loop, job.loop),
-        train_loop_config=job.loop_config,
+        # a dict, as Ray Train's run state wants it; the loop is given the typed inputs inside
+        train_loop_config={"inputs": job.loop_config},
         scaling_config=scaling_config(scale),
         run_config=run_config(out, run_name, scale, job.score, callbacks),
         datasets=job.datasets or None,
@@ -446,9 +447,9 @@ class ProgressBar:
     """A run's epochs as a tqdm bar on the terminal of a quiet driver (``init_ray(log_file=...)``).
 
     Rank 0 puts each epoch's metrics in a Ray queue (``worker.report``, through
-    ``loop_config["progress"]``); a thread here moves the bar. The queue's actor takes no CPU,
-    so it never waits for the workers' resources. Where ``stream`` is not a terminal (``make demo
-    > demo.log``), one plain line per epoch instead.
+    ``LoopInputs.progress``: ``self.job`` is the run's job given the queue); a thread here moves the
+    bar. The queue's actor takes no CPU, so it never waits for the workers' resources. Where
+    ``stream`` is not a terminal (``make demo > demo.log``), one plain line per epoch instead.
     """
 
     SHOWN = (("loss", "loss"), ("loss", "train_loss"), ("auc", "train_auc"), ("val auc", "val_auc"))
@@ -458,8 +459,8 @@ class ProgressBar:
         from tqdm import tqdm
 
         self.queue = Queue(actor_options={"num_cpus": 0})
-        job.loop_config["progress"] = self.queue
-        self.epochs = int(job.loop_config.get("config", {}).get("epochs", 0)) or None
+        self.job = TrainJob(job.loop, job.loop_config.with_progress(self.queue), job.datasets, job.score)
+        self.epochs = int(job.loop_config.config.epochs) or None
         self.run_name = run_name
         self.bar = (tqdm(total=self.epochs, desc=run_name, unit="epoch", file=stream, dynamic_ncols=False, ncols=100)
                     if progress.is_tty(stream) else None)
@@ -512,6 +513,7 @@ def fit(job: TrainJob, scale: ScaleConfig, out: str, run_name: str, tracked: tra
     bar = ProgressBar(job, run_name, _terminal) if _terminal is not None else None
     failed = True
     try:
+        job = bar.job if bar is not None else job
         result = trainer(job, scale, out, run_name, callbacks=[TrackEpochs(tracked)] if tracked else ()).fit()
         failed = result.error is not None
     except ray.train.TrainingFailedError as e:  # a worker or the controller gave up (after scale.max_failures)

@@ -14,7 +14,7 @@ through the object store, and only three numbers per video come back.
 
 Which frames: ``evaluate.frames`` / ``evaluate.clips`` through
 :func:`clman.data.sampling.scoring_clips`, the function the finetune loop's validation
-uses too (``clman.train.finetune.ValidationFeed``), so a model is validated and tested on
+uses too (``clman.train.finetune.ScoredClips``), so a model is validated and tested on
 the same clips of a video. ``clips`` (the default): the mean P(malignant) of K clips of T
 frames at the spacing the model was trained at, for CLMAN and every Table 4 baseline alike;
 ``all``: every frame as one clip, for CLMAN only (:func:`check_checkpoint`).

@@ -7,6 +7,8 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -18,6 +20,22 @@ from clman import distributed
 
 CHECKPOINT_FILE = "checkpoint.pt"
 CHECK_EVERY = 50  # steps between finite-loss checks (each one waits for the device)
+
+
+@dataclass(frozen=True)
+class LoopInputs:
+    """What a per-worker loop is given (``finetune.train_job`` / ``pretrain.train_job`` make it on the driver;
+    Ray pickles it to every worker): the job's config, its splits' frames, and where to report progress."""
+
+    config: Any  # clman.config.FinetuneConfig or PretrainConfig
+    train: dict = field(repr=False)  # runner.frame_source of the training videos
+    val: dict | None = field(default=None, repr=False)  # finetune: of the val videos; None: no validation
+    encoder: str | None = None  # finetune: the SimCLR checkpoint whose encoder starts the model
+    progress: Any = field(default=None, repr=False)  # the driver's progress queue (runner.ProgressBar), if any
+
+    def with_progress(self, queue) -> LoopInputs:
+        """These inputs, the epochs' metrics to be put in ``queue`` (``worker.report``)."""
+        return replace(self, progress=queue)
 
 
 class RankFilter(logging.Filter):
@@ -58,21 +76,16 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     return state
 
 
-_progress = None  # the driver's progress queue (runner.ProgressBar), when it shows one
-
-
-def follow(loop_config: dict) -> None:
-    """Send each epoch's metrics to the driver's progress bar, if it shows one (``make demo``)."""
-    global _progress
-    _progress = loop_config.get("progress")
-
-
 def report(metrics: dict, model, optimizer, *, kind: str, config: dict, step: int, epoch: int,
-           save: bool, extra: dict | None = None) -> None:
-    """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint."""
-    if _progress is not None and distributed.is_main_process():
+           save: bool, extra: dict | None = None, progress=None) -> None:
+    """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint.
+
+    ``progress``: the driver's progress queue (``LoopInputs.progress``), when it shows a bar: rank 0
+    puts the epoch's losses and AUCs in it.
+    """
+    if progress is not None and distributed.is_main_process():
         shown = {k: float(v) for k, v in metrics.items() if k in ("loss", "train_loss", "train_auc", "val_auc")}
-        _progress.put_nowait({"epoch": epoch + 1, **shown})
+        progress.put_nowait({"epoch": epoch + 1, **shown})
     if save and distributed.is_main_process():
         d = tempfile.mkdtemp(prefix="clman-ckpt-")
         try:
@@ -95,13 +108,6 @@ def prepare(model: torch.nn.Module, scale) -> tuple[torch.nn.Module, torch.devic
     model = ray.train.torch.prepare_model(model)
     device = ray.train.torch.get_device()
     return model, device, amp.resolve(scale.precision, device)
-
-
-def feed(source: dict, data, mode: str, **kwargs):
-    """This worker's :class:`clman.train.feed.Feed` over a ``runner.frame_source``."""
-    from clman.train.feed import Feed
-
-    return Feed(source["videos"], data, mode, cache=source["cache"], **kwargs)
 
 
 def check_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
