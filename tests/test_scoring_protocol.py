@@ -20,10 +20,11 @@ from clman import checkpoint as ckpt
 from clman import config as C
 from clman.data import frames as F
 from clman.data.sampling import SCORING, clip_indices, scoring_clips, segment_indices
-from clman.inference import score_clips, score_frames
+from clman.evaluate.inference import score_clips, score_frames
 from clman.metrics import compute_metrics
 from clman.models.build import classifier_from
-from clman.train import feed, scoring
+from clman.evaluate import scoring
+from clman.train import feed
 from clman.train import finetune as loop
 
 # A tiny CLMAN: what is checked does not depend on the size.
@@ -284,7 +285,7 @@ def test_all_frames_for_a_fixed_t_baseline_is_refused_in_one_line_before_any_wor
 
 def test_a_study_with_all_frames_and_a_baseline_row_fails_at_planning(tmp_path, clips_dir):
     from clman.study import StudyError
-    from clman.train.study import plan_study
+    from clman.study.driver import plan_study
 
     manifest = _manifest(tmp_path, clips_dir)
     with pytest.raises(StudyError, match=r"^row timesformer: evaluate.frames=all: model.arch=timesformer is trained"):

@@ -46,7 +46,7 @@ PREFETCH_BATCHES = 2
 # Decode tasks run on the CPUs the cluster has free, not inside the placement group of the
 # process that submits them: a Tune trial's group holds only its driver's 0.01 CPU, a Train
 # worker's bundle only that worker (Ray would refuse or wait forever). Tune's trial count
-# already leaves room for them (``clman.tuning.max_concurrent_trials``).
+# already leaves room for them (``clman.launch.resources.max_concurrent_trials``).
 OUTSIDE_PLACEMENT_GROUPS = "DEFAULT"
 CLIPS, EVAL_CLIPS, SIMCLR = "clips", "eval_clips", "simclr"
 
