@@ -1,9 +1,9 @@
 """A run on Ray Train, from the driver: a TrainJob -> TorchTrainer -> fit -> the kept checkpoint.
 
 ``clman.train.finetune.train_job`` and ``clman.train.pretrain.train_job`` say what the workers run
-(:class:`TrainJob`); this module builds the Ray configs around it (scaling, storage under
-``<out>/<run_name>/``, checkpoints kept by score), runs it and turns a failure into one line
-(:func:`error_line`, :func:`failure_line`: the error helper of the whole driver side).
+(:class:`TrainJob`, its frames from :func:`frame_source`); this module builds the Ray configs around
+it (scaling, storage under ``<out>/<run_name>/``, checkpoints kept by score), runs it and turns a
+failure into one line (:func:`error_line`, :func:`failure_line`: the error helper of the whole driver side).
 """
 
 from __future__ import annotations
