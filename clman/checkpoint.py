@@ -12,7 +12,7 @@ pickled code:
     optimizer  optimizer state dict, or None
     extra      dict of plain values (e.g. metrics at this step); a classifier's also holds what
                deploying it needs: "preprocessing" and, when it was validated, "threshold" (the
-               operating point chosen on the validation videos; clman.inference.choose_threshold)
+               operating point chosen on the validation videos; clman.evaluate.inference.choose_threshold)
 
 Local paths are written to a temporary file in the same folder and renamed
 (os.replace), so a crash never leaves a half-written checkpoint under the final

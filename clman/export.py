@@ -35,7 +35,8 @@ import torch
 
 from clman import checkpoint as ckpt
 from clman import config as C
-from clman import inference, storage
+from clman import storage
+from clman.evaluate import inference
 from clman.errors import JobError
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ A job's output is either a terminal (a person watching) or a log file (``ray job
 batch system, ``> run.log``). A bar's carriage returns make a log unreadable, so where the
 stream is not a terminal the same work is reported as one line per ``LINE_EVERY`` of it.
 
-When the driver is quiet (``clman.train.runner.divert_stderr``: Ray's output goes to a file),
-fd 2 is that file: :func:`terminal` is where progress is drawn instead.
+When the driver is quiet (``clman.launch.session.divert_stderr``: Ray's output goes to a file),
+fd 2 is that file: :func:`terminal` (the saved terminal in :data:`TERMINAL`) is where progress is drawn instead.
 """
 
 from __future__ import annotations
@@ -14,25 +14,33 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from dataclasses import dataclass
+from typing import TextIO, TypeVar
 
 log = logging.getLogger("clman.progress")
 
 LINE_EVERY = 0.10  # not a terminal: a line per 10% of the work (and one at the end)
 T = TypeVar("T")
 
-_terminal = None  # the terminal, while a quiet driver sends fd 2 to a file
 
 
-def set_terminal(stream) -> None:
-    """Where bars go while fd 2 is diverted (None: back to ``sys.stderr``)."""
-    global _terminal
-    _terminal = stream
+@dataclass
+class Terminal:
+    """This process's terminal, saved while a quiet driver sends fd 2 to a file (None otherwise).
+
+    Set and cleared by ``clman.launch.session.divert_stderr`` / ``restore_stderr`` only; read by
+    :func:`terminal` and by ``clman.launch.trainer.fit`` (a progress bar per run while it is set).
+    """
+
+    saved: TextIO | None = None
+
+
+TERMINAL = Terminal()
 
 
 def terminal():
     """The stream a person watches: the saved terminal of a quiet driver, else ``sys.stderr``."""
-    return _terminal if _terminal is not None else sys.stderr
+    return TERMINAL.saved if TERMINAL.saved is not None else sys.stderr
 
 
 def is_tty(stream) -> bool:

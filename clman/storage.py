@@ -38,7 +38,7 @@ Facts that shaped the retries (SeaweedFS stopped for 20 s during a finetune):
 - A refused connection is a configuration error (a wrong `AWS_ENDPOINT_URL`) the
   first time, and an outage once the endpoint has answered: `with_retries` retries
   it only for an endpoint this process has reached, or where `CLMAN_S3_REACHED=1`
-  says the job's driver did (`clman.train.runner` sets it for the Ray workers it
+  says the job's driver did (`clman.launch.session` sets it for the Ray workers it
   starts: a decode task may be the first S3 call of a fresh worker process).
 
 Facts that shaped the credentials (boto3/botocore 1.44, pyarrow 26, checked against

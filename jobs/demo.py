@@ -23,13 +23,14 @@ import time
 from pathlib import Path
 
 from clman import checkpoint as ckpt
-from clman import cli, inference, report, storage, tracking
+from clman import cli, storage, tracking
+from clman.evaluate import inference, report
 from clman import config as C
 from clman.data import manifest as M
 from clman.data.ingest import ingest, labeled_items
 from clman.data.synth import DIFFICULTY_KNOBS, SynthConfig, write_dataset
 from clman.local_s3 import LocalS3
-from clman.train import runner
+from clman.launch import session
 
 log = logging.getLogger("jobs.demo")
 
@@ -107,11 +108,11 @@ def run(args: argparse.Namespace) -> dict:
         manifest = storage.join(data, "manifest.parquet")
 
         stage(4, "SimCLR pretraining, then CLMAN finetuning with and without it")
-        from clman.train import scoring
+        from clman.evaluate import scoring
         from jobs import finetune, pretrain
 
         # Ray's own output (and the workers' warnings) to a file; stages, epochs, the table here.
-        runner.init_ray(log_file=str(workdir / "ray.log"))
+        session.init_ray(log_file=str(workdir / "ray.log"))
         pre = pretrain.run(pre_cfg, manifest, runs, "pretrain", track=track, experiment="demo")
         with_cl = finetune.run(fin_cfg, manifest, runs, "clman-cl", encoder=pre["encoder"], track=track,
                                experiment="demo")
@@ -177,7 +178,7 @@ def main(argv=None) -> int:
     try:
         run(parse(argv))
     finally:  # the terminal back from Ray's log file: an error's line is printed there
-        runner.restore_stderr()
+        session.restore_stderr()
     return 0
 
 

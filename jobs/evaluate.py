@@ -22,10 +22,11 @@ from __future__ import annotations
 import argparse
 
 from clman import checkpoint as ckpt
-from clman import cli, inference, report, storage
+from clman import cli, storage
 from clman import config as C
 from clman.data.manifest import check_labeled_split, read_manifest
-from clman.train import runner, scoring
+from clman.evaluate import inference, report, scoring
+from clman.launch import session
 
 
 def parse(argv=None) -> argparse.Namespace:
@@ -48,7 +49,7 @@ def run(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig, out: 
     check_labeled_split(split, manifest)
     read_manifest(manifest, split=split)
     scoring.check_checkpoint(checkpoint, cfg)  # a bad checkpoint, or frames=all for a baseline: before Ray
-    runner.init_ray(address)
+    session.init_ray(address)
     out = out or storage.join(checkpoint.rsplit("/", 1)[0], f"eval-{split}")
     scored = scoring.score_split(checkpoint, manifest, split, cfg)
     deployed = inference.stored_threshold(ckpt.load_checkpoint(checkpoint))  # chosen on validation, never here

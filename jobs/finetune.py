@@ -25,11 +25,13 @@ import logging
 import time
 
 from clman import checkpoint as ckpt
-from clman import cli, report, run_lock, storage, tracking
+from clman import cli, run_lock, storage, tracking
 from clman import config as C
 from clman.models.build import ENCODER_FIELDS, is_clman
-from clman.train import finetune, runner
-from clman.train.runner import JobError
+from clman.errors import JobError
+from clman.evaluate import report
+from clman.launch import resources, session, trainer
+from clman.train import finetune
 
 log = logging.getLogger("jobs.finetune")
 
@@ -94,15 +96,15 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
     if encoder:
         check_encoder(encoder, cfg)
     record = run_lock.fingerprint("finetune", cfg, manifest, encoder)
-    with runner.claim(out, run_name, record, force_resume):
+    with trainer.claim(out, run_name, record, force_resume):
         return _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation, labels,
                     track, experiment)
 
 
 def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation, labels=None,
          track=(), experiment="finetune") -> dict:
-    runner.init_ray(address)
-    runner.check_resources(cfg.scale, cfg.data)
+    session.init_ray(address)
+    resources.check_resources(cfg.scale, cfg.data)
     run_dir = storage.join(out, run_name)
     storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
     has_val = len(val_rows) > 0
@@ -113,10 +115,10 @@ def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, v
     tracked = tracking.start_run(track, experiment, run_name, cfg, job="finetune", manifest=manifest,
                                  encoder=encoder or "")
     t0 = time.time()
-    result = runner.fit(job, cfg.scale, out, run_name, tracked)
-    checkpoint, metrics = runner.pick_checkpoint(result, job.score)
+    result = trainer.fit(job, cfg.scale, out, run_name, tracked)
+    checkpoint, metrics = trainer.pick_checkpoint(result, job.score)
     model_uri = storage.join(run_dir, "model.pt")
-    runner.export_checkpoint(checkpoint, model_uri)
+    trainer.export_checkpoint(checkpoint, model_uri)
     last = result.metrics or {}
     window = finetune.selection_window(cfg)
     kept_by = f"best val_score (mean val AUC of {window} epochs)" if window > 1 else "best val_auc"
@@ -139,7 +141,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     cfg = C.load("finetune", args.config, cli.overrides(args))
     track = tracking.parse_targets(args.track)
-    with runner.quiet_terminal():  # on a terminal: a bar per run, Ray's lines in a file
+    with session.quiet_terminal():  # on a terminal: a bar per run, Ray's lines in a file
         run(cfg, args.manifest, args.out, args.run_name or "finetune", args.encoder, args.address,
             args.force_resume, track)
     return 0

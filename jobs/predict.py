@@ -36,7 +36,7 @@ from clman.config import ConfigError
 from clman.data.sampling import all_frame_indices, scoring_clips, segment_indices
 from clman.data.frames import to_stored
 from clman.data.video import VideoError, decode_frames_resized, probe_video
-from clman.inference import (DEFAULT_THRESHOLD, describe_threshold, load_classifier, score_clips,
+from clman.evaluate.inference import (DEFAULT_THRESHOLD, describe_threshold, load_classifier, score_clips,
                              stored_preprocessing, stored_threshold)
 
 log = logging.getLogger("jobs.predict")

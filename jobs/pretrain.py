@@ -21,9 +21,11 @@ import argparse
 import logging
 import time
 
-from clman import cli, report, run_lock, storage, tracking
+from clman import cli, run_lock, storage, tracking
 from clman import config as C
-from clman.train import pretrain, runner
+from clman.evaluate import report
+from clman.launch import resources, session, trainer
+from clman.train import pretrain
 
 log = logging.getLogger("jobs.pretrain")
 
@@ -55,13 +57,13 @@ def run(cfg: C.PretrainConfig, manifest: str, out: str, run_name: str, splits=No
     rows = pretrain.check_data(manifest, splits)
     splits = pretrain.splits_of(rows)  # the default resolved: what this manifest holds
     record = run_lock.fingerprint("pretrain", cfg, manifest, splits=",".join(splits))
-    with runner.claim(out, run_name, record, force_resume):
+    with trainer.claim(out, run_name, record, force_resume):
         return _run(cfg, manifest, out, run_name, splits, address, rows, track, experiment)
 
 
 def _run(cfg, manifest, out, run_name, splits, address, rows, track=(), experiment="pretrain") -> dict:
-    runner.init_ray(address)
-    runner.check_resources(cfg.scale, cfg.data)
+    session.init_ray(address)
+    resources.check_resources(cfg.scale, cfg.data)
     run_dir = storage.join(out, run_name)
     storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
     job = pretrain.train_job(cfg, manifest, list(splits), len(rows))
@@ -72,10 +74,10 @@ def _run(cfg, manifest, out, run_name, splits, address, rows, track=(), experime
     tracked = tracking.start_run(track, experiment, run_name, cfg, job="pretrain", manifest=manifest,
                                  splits=",".join(splits))
     t0 = time.time()
-    result = runner.fit(job, cfg.scale, out, run_name, tracked)
-    checkpoint, metrics = runner.pick_checkpoint(result, None)
+    result = trainer.fit(job, cfg.scale, out, run_name, tracked)
+    checkpoint, metrics = trainer.pick_checkpoint(result, None)
     encoder_uri = storage.join(run_dir, "encoder.pt")
-    runner.export_checkpoint(checkpoint, encoder_uri)
+    trainer.export_checkpoint(checkpoint, encoder_uri)
     summary = {"encoder": encoder_uri, "metrics": metrics, "splits": list(splits), "seconds": time.time() - t0}
     report.write_json(storage.join(run_dir, "metrics.json"), summary)
     log.info("pretrain %s done in %.0f s: loss %.4f -> %s", run_name, summary["seconds"],
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         log.warning("--split is deprecated: use --splits %s", args.legacy_split)
         splits = args.legacy_split
     track = tracking.parse_targets(args.track)
-    with runner.quiet_terminal():  # on a terminal: a bar per run, Ray's lines in a file
+    with session.quiet_terminal():  # on a terminal: a bar per run, Ray's lines in a file
         run(cfg, args.manifest, args.out, args.run_name or "pretrain", splits, args.address, args.force_resume,
             track)
     return 0

@@ -359,12 +359,12 @@ def unpack(args: argparse.Namespace) -> None:
     path = os.pathsep.join([str(d.resolve()) for d in dirs] + old)
     print(f"export PYTHONPATH='{path}'")
     print("export RAY_USAGE_STATS_ENABLED=0")  # no network on the GPU machine: don't try to report
-    print("export RAY_TRAIN_V2_ENABLED=1")  # as clman/train/runner.py
+    print("export RAY_TRAIN_V2_ENABLED=1")  # as clman/launch/session.py
 
 
 def check(args: argparse.Namespace) -> None:
     """ray.init, a task, a one-worker TorchTrainer, a Ray Data map_batches, a decord read -- from the bundle."""
-    # as clman/train/runner.py's LOCAL_TRAIN_ENV: a one-node Train run without the watchers it does not need
+    # as clman/launch/session.py's LOCAL_TRAIN_ENV: a one-node Train run without the watchers it does not need
     for key, value in {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
                        "RAY_TRAIN_METRICS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
         os.environ.setdefault(key, value)

@@ -53,7 +53,7 @@ from clman.data import augment  # noqa: E402
 from clman.data import frames as FR  # noqa: E402
 from clman.data.manifest import read_manifest  # noqa: E402
 from clman.data.sampling import segment_indices  # noqa: E402
-from clman.inference import score_frames  # noqa: E402
+from clman.evaluate.inference import score_frames  # noqa: E402
 from clman.local_s3 import LocalS3  # noqa: E402
 from clman.metrics import compute_metrics  # noqa: E402
 from clman.models.build import classifier_from  # noqa: E402

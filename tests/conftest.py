@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from clman.local_s3 import LocalS3
-from clman.train.runner import set_local_train_env
+from clman.launch.session import set_local_train_env
 
 # Tests start Ray with ray.init / ray start, not through init_ray: the same Train settings as a local
 # run's (its raylet, and so every worker, inherits this process's environment).

@@ -12,7 +12,7 @@ import pytest
 
 from clman import config as C
 from clman.errors import JobError
-from clman.train import runner
+from clman.launch import resources, session
 
 
 class FakeCluster:
@@ -37,7 +37,7 @@ class FakeCluster:
         self.asked.append(bundles)
 
     def wait(self, need, bundles, timeout, **kw):
-        return runner.wait_for_resources(need, bundles, timeout, read=self.read, ask=self.ask, clock=self.clock,
+        return resources.wait_for_resources(need, bundles, timeout, read=self.read, ask=self.ask, clock=self.clock,
                                          sleep=self.sleep, **kw)
 
 
@@ -46,10 +46,10 @@ DATA = C.DataConfig(decode_tasks=2, decode_cpus=0.5)
 
 
 def test_needs_and_bundles():
-    assert runner.resource_needs(GPU_SCALE, DATA, extra_cpus=0.01) == {"CPU": pytest.approx(9.01), "GPU": 2.0}
-    assert runner.resource_bundles(GPU_SCALE, DATA, extra_cpus=0.01) == [
+    assert resources.resource_needs(GPU_SCALE, DATA, extra_cpus=0.01) == {"CPU": pytest.approx(9.01), "GPU": 2.0}
+    assert resources.resource_bundles(GPU_SCALE, DATA, extra_cpus=0.01) == [
         {"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": pytest.approx(1.01)}]
-    assert runner.resource_needs(C.ScaleConfig(), DATA) == {"CPU": 1.5}  # no GPU key for CPU workers
+    assert resources.resource_needs(C.ScaleConfig(), DATA) == {"CPU": 1.5}  # no GPU key for CPU workers
 
 
 def test_fits_now_asks_nothing():
@@ -59,11 +59,11 @@ def test_fits_now_asks_nothing():
 
 
 def test_waits_for_the_autoscaler_then_withdraws_the_request(caplog):
-    need = runner.resource_needs(GPU_SCALE, DATA)
-    bundles = runner.resource_bundles(GPU_SCALE, DATA)
+    need = resources.resource_needs(GPU_SCALE, DATA)
+    bundles = resources.resource_bundles(GPU_SCALE, DATA)
     # A head node with 4 CPUs; a GPU node (2 GPUs, 16 CPUs) joins after 95 s.
     cluster = FakeCluster({"CPU": 4.0}, {"CPU": 20.0, "GPU": 2.0}, grow_at=95.0)
-    with caplog.at_level(logging.INFO, logger="clman.train.runner"):
+    with caplog.at_level(logging.INFO, logger="clman.launch.resources"):
         waited = cluster.wait(need, bundles, timeout=600, poll_s=5.0, log_every_s=60.0)
     assert 95.0 <= waited <= 100.0
     assert cluster.asked == [bundles, []]  # asked once, withdrawn once the nodes are there
@@ -97,20 +97,20 @@ def test_check_resources_waits_only_when_attached(monkeypatch):
 
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     calls = []
-    monkeypatch.setattr(runner, "wait_for_resources", lambda need, bundles, timeout: calls.append((need, timeout)))
+    monkeypatch.setattr(resources, "wait_for_resources", lambda need, bundles, timeout: calls.append((need, timeout)))
     scale = C.ScaleConfig(num_workers=1, gpus_per_worker=1.0, resource_timeout=42.0)
 
-    monkeypatch.setattr(runner, "_attached", False)  # a Ray this job started: it cannot grow
+    monkeypatch.setattr(session.SESSION, "attached", False)  # a Ray this job started: it cannot grow
     with pytest.raises(JobError, match="1 worker\\(s\\) x 1.0 GPU asked for, but the Ray cluster has 0 GPU"):
-        runner.check_resources(scale, C.DataConfig())
+        resources.check_resources(scale, C.DataConfig())
     assert calls == []
 
-    monkeypatch.setattr(runner, "_attached", True)
-    runner.check_resources(scale, C.DataConfig())
+    monkeypatch.setattr(session.SESSION, "attached", True)
+    resources.check_resources(scale, C.DataConfig())
     assert calls == [({"CPU": 1.0, "GPU": 1.0}, 42.0)]
 
     calls.clear()
-    runner.check_resources(C.ScaleConfig(num_workers=1), C.DataConfig())  # fits: no wait
+    resources.check_resources(C.ScaleConfig(num_workers=1), C.DataConfig())  # fits: no wait
     assert calls == []
 
 
@@ -129,5 +129,5 @@ def test_resource_timeout_config():
 ])
 def test_wrong_address_is_one_line_before_ray_init(address, message):
     with pytest.raises(JobError) as info:
-        runner.check_address(address, timeout=2.0)
+        session.check_address(address, timeout=2.0)
     assert message in str(info.value) and "\n" not in str(info.value)

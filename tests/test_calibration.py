@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from clman import calibration as K
+from clman.evaluate import calibration as K
 from clman import config as C
-from clman import inference, report
+from clman.evaluate import inference, report
 from clman.metrics import bootstrap_indices, compute_metrics, specificity_at_sensitivity
 from clman.models.build import classifier_from
 

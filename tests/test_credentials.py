@@ -138,7 +138,7 @@ def _skew(url: str) -> str:
 def test_token_and_clock_errors_are_named(fake, status, code):
     from ray.train import ControllerError
 
-    from clman.train import runner
+    from clman.launch import trainer
 
     expected = {"InvalidToken": _INVALID, "RequestTimeTooSkewed": _skew(fake.url),
                 "RequestExpired": _skew(fake.url)}.get(code, _EXPIRED)
@@ -154,7 +154,7 @@ def test_token_and_clock_errors_are_named(fake, status, code):
     with pytest.raises(OSError) as info:
         fake.arrow_fs().get_file_info(pafs.FileSelector("bkt/runs"))
     assert storage.s3_problem(str(info.value)) == expected
-    line = runner.failure_line("r", ControllerError(info.value))
+    line = trainer.failure_line("r", ControllerError(info.value))
     assert "\n" not in line
     assert line.endswith(f" — {expected}; then the same --run-name resumes from the last checkpoint")
 

@@ -15,14 +15,14 @@ import torch
 from clman import cli
 from clman import config as C
 from clman import export as E
-from clman import inference
+from clman.evaluate import inference
 from clman.checkpoint import load_checkpoint, save_checkpoint
 from clman.models.build import classifier_from
 from jobs import export, predict
 from tests.media import frames, pyav_mp4
 
 TINY = ["model.width=0.125", "model.gn_groups=4", "data.size=32", "data.num_frames=4", "evaluate.clips=2"]
-# what the finetune loop stores for a validated epoch (clman.inference.choose_threshold's record)
+# what the finetune loop stores for a validated epoch (clman.evaluate.inference.choose_threshold's record)
 RECORD = {"value": 0.4321, "chosen_on": "validation", "target_sensitivity": 0.95, "videos": 6, "malignant": 3,
           "sensitivity": 1.0, "specificity": 0.667}
 

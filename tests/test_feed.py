@@ -14,8 +14,8 @@ from clman.config import DataConfig
 from clman.data import manifest as M
 from clman.data.video import encode_mp4
 from clman.train import feed as FD
-from clman.train import runner
-from clman.train.runner import JobError
+from clman.errors import JobError
+from clman.launch import trainer
 from tests.media import frames
 
 SIZE, T, M_FRAMES = 24, 4, 3
@@ -76,7 +76,7 @@ def epoch_batches(source, data, mode, epoch, batch_size=2, rank=0, world=1, seed
 def test_clip_batches_are_uint8_at_the_stored_size_and_skip_bad_clips(rows, cache, caplog):
     data = cfg(cache)
     with caplog.at_level(logging.WARNING, logger="clman.train.feed"):
-        source = runner.frame_source(rows, data)
+        source = trainer.frame_source(rows, data)
         f = FD.Feed(source, FD.Clips(data.num_frames, 0), data, batch_size=2)
         batches = list(f.batches(0)) + list(f.batches(1))
     s = data.stored_size
@@ -98,7 +98,7 @@ def test_cache_and_stream_give_the_same_frames(rows):
     """Same seed: the same clips in the same order whichever way the frames arrive."""
     got = {}
     for cache in ("memory", "off"):
-        source = runner.frame_source(rows, cfg(cache))
+        source = trainer.frame_source(rows, cfg(cache))
         keep = [i for i, v in enumerate(source["videos"]) if "bad" not in v.uri and "gone" not in v.uri]
         source = {"videos": [source["videos"][i] for i in keep],
                   "cache": None if source["cache"] is None else [source["cache"][i] for i in keep]}
@@ -110,7 +110,7 @@ def test_cache_and_stream_give_the_same_frames(rows):
 
 def test_order_and_frames_change_by_epoch_and_repeat_by_seed(rows):
     data = cfg("memory")
-    source = runner.frame_source(rows, data)
+    source = trainer.frame_source(rows, data)
     e0, f = epoch_batches(source, data, "clips", epoch=0)
     e0_again, _ = epoch_batches(source, data, "clips", epoch=0)
     e1, _ = epoch_batches(source, data, "clips", epoch=1)
@@ -125,7 +125,7 @@ def test_order_and_frames_change_by_epoch_and_repeat_by_seed(rows):
 
 def test_ranks_share_an_epoch_without_overlap_and_run_equal_steps(rows):
     data = cfg("memory")
-    source = runner.frame_source(rows, data)
+    source = trainer.frame_source(rows, data)
     per_rank = [epoch_batches(source, data, "clips", epoch=2, batch_size=1, rank=r, world=2)[0] for r in (0, 1)]
     assert len(per_rank[0]) == len(per_rank[1]) == 3
     videos = [{int(b["video"]) for b in batches} for batches in per_rank]
@@ -135,7 +135,7 @@ def test_ranks_share_an_epoch_without_overlap_and_run_equal_steps(rows):
 def test_ranks_run_equal_steps_when_a_streamed_clip_fails(rows):
     """Rank 0's share holds the bad clips: it still runs as many steps as rank 1 (DDP would hang)."""
     data = cfg("off")
-    source = runner.frame_source(rows, data)
+    source = trainer.frame_source(rows, data)
     for epoch in range(3):
         steps = [len(epoch_batches(source, data, "clips", epoch=epoch, batch_size=2, rank=r, world=2)[0])
                  for r in (0, 1)]
@@ -144,7 +144,7 @@ def test_ranks_run_equal_steps_when_a_streamed_clip_fails(rows):
 
 def test_simclr_batches_hold_m_frames_per_video(rows):
     data = cfg("memory")
-    source = runner.frame_source(rows, data)
+    source = trainer.frame_source(rows, data)
     batches, f = epoch_batches(source, data, "frames", epoch=0, batch_size=6)
     assert len(batches) == f.steps() == 6 * M_FRAMES // 6
     for b in batches:
@@ -154,7 +154,7 @@ def test_simclr_batches_hold_m_frames_per_video(rows):
 
 def test_eval_clips_are_segment_centres_and_every_video_once(rows):
     data = cfg("off")
-    source = runner.frame_source(rows, data)
+    source = trainer.frame_source(rows, data)
     batches, _ = epoch_batches(source, data, "eval", epoch=0, batch_size=4)
     assert sorted(int(v) for b in batches for v in b["video"]) == list(range(6))
     first = {int(v): idx.tolist() for b in batches for v, idx in zip(b["video"], b["frame_idx"])}
@@ -166,13 +166,13 @@ def test_eval_clips_are_segment_centres_and_every_video_once(rows):
 def test_cache_memory_that_cannot_fit_fails_naming_the_sizes(rows):
     data = DataConfig(size=SIZE, store_size=20000, cache="memory")
     with pytest.raises(JobError, match=r"data.cache=memory: the decoded data set \(8 videos, .* GB"):
-        runner.frame_source(rows, data)
+        trainer.frame_source(rows, data)
 
 
 def test_cache_auto_streams_a_data_set_too_large_saying_so(rows, caplog):
     data = DataConfig(size=SIZE, store_size=20000, cache="auto")
     with caplog.at_level(logging.INFO, logger="clman.train.feed"):
-        source = runner.frame_source(rows, data)
+        source = trainer.frame_source(rows, data)
     assert source["cache"] is None
     assert [r.getMessage() for r in caplog.records if "streaming clips" in r.getMessage()]
 

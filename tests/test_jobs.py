@@ -27,7 +27,9 @@ from clman import config as C
 from clman import storage
 from clman.data.ingest import ingest, labeled_items
 from clman.data.synth import SynthConfig, write_dataset
-from clman.train import runner, scoring
+from clman.errors import JobError
+from clman.evaluate import scoring
+from clman.launch import resources
 from jobs import evaluate, finetune, predict, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,7 +152,7 @@ def test_empty_split(dataset, bucket, tmp_path):
 
     no_test = f"{bucket}/data/manifest.parquet"
     write_manifest(rows[rows["split"] != "test"].reset_index(drop=True), no_test)
-    with pytest.raises(runner.JobError, match="split 'test' is empty"):
+    with pytest.raises(JobError, match="split 'test' is empty"):
         scoring.score_split(f"{bucket}/none.pt", no_test, "test", C.EvaluateConfig())
 
 
@@ -160,8 +162,8 @@ def test_missing_classifier_checkpoint(dataset, bucket):
 
 
 def test_gpu_asked_where_none(local_ray):
-    with pytest.raises(runner.JobError, match="GPU asked for, but the Ray cluster has 0 GPU"):
-        runner.check_resources(C.ScaleConfig(num_workers=1, gpus_per_worker=1.0), C.DataConfig())
+    with pytest.raises(JobError, match="GPU asked for, but the Ray cluster has 0 GPU"):
+        resources.check_resources(C.ScaleConfig(num_workers=1, gpus_per_worker=1.0), C.DataConfig())
 
 
 def test_unknown_config_key_is_one_line_before_work(dataset, bucket):

@@ -24,8 +24,8 @@ from clman.data.manifest import assign_splits, write_manifest
 from clman.metrics import METRIC_NAMES, UndefinedMetricWarning, bootstrap_ci, compute_metrics, paired_bootstrap_auc
 from clman.study import StudyError, curve
 from clman.train import finetune
-from clman.train import study as S
-from clman.train.runner import JobError
+from clman.study import driver as S
+from clman.errors import JobError
 from jobs import study as study_job
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)

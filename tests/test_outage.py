@@ -98,13 +98,13 @@ def test_arrow_filesystem_keeps_its_retries_when_pickled(monkeypatch):
 def test_failed_run_is_one_line_naming_the_endpoint(monkeypatch):
     from ray.train import ControllerError
 
-    from clman.train import runner
+    from clman.launch import trainer
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://10.1.2.3:9000")
     cause = OSError("When uploading part for key 'runs/x/checkpoint_manager_snapshot.json' in bucket 'b': "
                     "AWS Error NETWORK_CONNECTION during UploadPart operation: curlCode: 7, Couldn't connect\n"
                     "Traceback (most recent call last):\n  File ...")
-    line = runner.failure_line("x", ControllerError(cause))
+    line = trainer.failure_line("x", ControllerError(cause))
     assert "\n" not in line
     assert line.startswith("run 'x' failed: OSError: When uploading part for key 'runs/x/checkpoint_manager_")
     assert "(S3 at http://10.1.2.3:9000 after retries); once S3 answers, the same --run-name resumes" in line
@@ -191,7 +191,7 @@ def test_finetune_rides_out_a_20_second_s3_outage(tmp_path, monkeypatch, capfd):
 def test_failed_worker_is_its_exception_in_one_line():
     from ray.train import WorkerGroupError
 
-    from clman.train import runner
+    from clman.launch import trainer
 
     tb = ("Traceback (most recent call last):\n  File \"/x/finetune.py\", line 3, in loop\n    check_finite(loss)\n"
           "FloatingPointError: non-finite loss nan by epoch 2, step 7: lower the learning rate\n")
@@ -201,5 +201,5 @@ def test_failed_worker_is_its_exception_in_one_line():
             return tb
 
     error = WorkerGroupError("worker 0 failed", {1: RuntimeError("later rank"), 0: Wrapped()})
-    assert runner.failure_line("r", error) == (
+    assert trainer.failure_line("r", error) == (
         "run 'r' failed: FloatingPointError: non-finite loss nan by epoch 2, step 7: lower the learning rate")

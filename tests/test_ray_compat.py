@@ -8,11 +8,11 @@ import types
 
 import pytest
 
-from clman.train import ray_compat
+from clman.launch import ray_compat
 
 CODE = """
 import sys
-from clman.train.ray_compat import PG_CLEANER, actor_alive, setup_local_worker
+from clman.launch.ray_compat import PG_CLEANER, actor_alive, setup_local_worker
 setup_local_worker()
 heavy = sorted(m for m in ("torch", "ray", "ray.train", "ray.data", "numpy") if m in sys.modules)
 assert not heavy, f"the hook imported {heavy}: every Ray worker process would pay for it"

@@ -22,7 +22,7 @@ from clman import config as C
 from clman import optim, storage
 from clman.metrics import compute_metrics
 from clman.train import finetune as loop
-from clman.train.runner import JobError
+from clman.errors import JobError
 
 # ---------------------------------------------------------------- the carved validation split
 
@@ -184,7 +184,7 @@ MIN_TEST_AUC = 0.65
 
 @pytest.fixture(scope="module")
 def local_ray():
-    from clman.train.runner import init_ray
+    from clman.launch.session import init_ray
 
     init_ray(num_cpus=2)  # as the jobs start it: Train's placement-group cleaner works, so runs free their CPUs
     yield
@@ -207,7 +207,7 @@ def hard_manifest(s3):
 
 
 def _scored_auc(model: str, manifest: str) -> tuple[float, int]:
-    from clman.train import scoring
+    from clman.evaluate import scoring
 
     scored = scoring.score_split(model, manifest, "test", C.EvaluateConfig(bootstrap=0))
     return compute_metrics(np.asarray(scored["score"]), np.asarray(scored["label"]))["auc"], len(scored["score"])

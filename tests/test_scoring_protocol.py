@@ -20,10 +20,11 @@ from clman import checkpoint as ckpt
 from clman import config as C
 from clman.data import frames as F
 from clman.data.sampling import SCORING, clip_indices, scoring_clips, segment_indices
-from clman.inference import score_clips, score_frames
+from clman.evaluate.inference import score_clips, score_frames
 from clman.metrics import compute_metrics
 from clman.models.build import classifier_from
-from clman.train import feed, scoring
+from clman.evaluate import scoring
+from clman.train import feed
 from clman.train import finetune as loop
 
 # A tiny CLMAN: what is checked does not depend on the size.
@@ -82,7 +83,7 @@ def test_clip_indices_are_fixed_phases_of_the_training_segments():
 
 @pytest.mark.parametrize("frames,clips", [("clips", 1), ("clips", 3), ("clips", 4), ("all", 4)])
 def test_validation_and_test_scoring_read_the_same_frames(clips_dir, frames, clips):
-    """The finetune loop's ValidationFeed and test scoring's decode task pick and decode the same frames."""
+    """The finetune loop's ScoredClips feed and test scoring's decode task pick and decode the same frames."""
     data = C.load("finetune", None, TINY).data
     videos = [feed.Video(i, u, n, i % 2) for i, (u, n) in enumerate(zip(clips_dir["uri"], clips_dir["frames"]))]
     cfg = C.load("finetune", None, TINY + [f"evaluate.frames={frames}", f"evaluate.clips={clips}"])
@@ -168,7 +169,7 @@ def test_validate_averages_k_clips_as_test_scoring_does(clips_dir, clips):
     labels = [0, 1, 1, 0]
     want = _expected(_scored_by_test(model, cfg, uris, counts, "clips", clips), labels)
     stacked = []
-    for u, n in zip(uris, counts):  # the batch the ValidationFeed assembles: clip-major (K * T) frames per video
+    for u, n in zip(uris, counts):  # the batch the ScoredClips feed assembles: clip-major (K * T) frames per video
         idx = scoring.scored_indices(n, cfg.data.num_frames, "clips", clips).ravel()
         stacked.append(F.decode_stored(u, idx, cfg.data.stored_size))
     batches = [{"frames": torch.from_numpy(np.stack(stacked[i:i + 2])), "label": torch.tensor(labels[i:i + 2])}
@@ -197,7 +198,7 @@ class _TrainFeed:
 
 
 def test_finetune_loop_validates_with_evaluates_protocol(clips_dir, monkeypatch):
-    """The training loop builds its ValidationFeed from evaluate.frames / clips (via finetune.val_*), and the
+    """The training loop builds its ScoredClips feed from evaluate.frames / clips (via finetune.val_*), and the
     val loss / AUC it reports are those of test scoring's scores of the same videos (lr 0: the model stays)."""
     from clman.train import worker
 
@@ -285,7 +286,7 @@ def test_all_frames_for_a_fixed_t_baseline_is_refused_in_one_line_before_any_wor
 
 def test_a_study_with_all_frames_and_a_baseline_row_fails_at_planning(tmp_path, clips_dir):
     from clman.study import StudyError
-    from clman.train.study import plan_study
+    from clman.study.driver import plan_study
 
     manifest = _manifest(tmp_path, clips_dir)
     with pytest.raises(StudyError, match=r"^row timesformer: evaluate.frames=all: model.arch=timesformer is trained"):

@@ -26,7 +26,7 @@ from clman.metrics import (
     mean_ci,
     paired_bootstrap_auc,
 )
-from clman.report import evaluate_scores
+from clman.evaluate.report import evaluate_scores
 from clman import study
 from clman.study import StudyError
 
@@ -51,7 +51,7 @@ def _clman_imports(path: Path) -> tuple[set[str], set[str]]:
 
 
 def test_study_imports_no_ray_transitively():
-    seen, todo = set(), ["clman.study", "clman.metrics", "clman.report"]
+    seen, todo = set(), ["clman.study", "clman.metrics", "clman.evaluate.report"]
     while todo:
         mod = todo.pop()
         parts = mod.split(".")

@@ -19,7 +19,7 @@ from scipy import stats as sps
 from clman import cli, storage
 from clman.data.manifest import read_manifest, write_manifest
 from clman.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics
-from clman.report import PAPER_COLUMNS
+from clman.evaluate.report import PAPER_COLUMNS
 from clman.study import REFERENCE, table_rows
 from jobs import study as study_job
 

@@ -98,7 +98,7 @@ def test_standalone_finetune_tracked_without_ray_report_lines(manifest, bucket, 
 def test_tune_callback_logs_a_run_per_trial(tmp_path):
     """TrackTrials as Tune drives it: one MLflow run per trial in the sweep's experiment, the trial's config,
     every epoch at its step and a closing line without an epoch at the last one; TensorBoard alike."""
-    from clman.tune.driver import TrackTrials
+    from clman.launch.grid import TrackTrials
 
     mlruns, tb = f"file://{tmp_path / 'mlruns'}", str(tmp_path / "tb")
     targets = tracking.parse_targets([f"mlflow:{mlruns}", f"tensorboard:{tb}"])
@@ -163,11 +163,11 @@ def test_progress_in_a_log_is_a_line_per_tenth(caplog):
 
 
 def test_quiet_terminal_gives_the_terminal_back_for_errors(tmp_path, capfd):
-    from clman.train import runner
+    from clman.launch import session
 
     log_file = tmp_path / "ray.log"
     with pytest.raises(RuntimeError):
-        with runner.quiet_terminal(str(log_file), force=True):
+        with session.quiet_terminal(str(log_file), force=True):
             os.write(2, b"(RayTrainWorker pid=1) a worker line\n")
             raise RuntimeError("boom")
     print("error: the one line", file=sys.stderr)  # what cli.run_main prints after the job failed
@@ -178,11 +178,11 @@ def test_quiet_terminal_gives_the_terminal_back_for_errors(tmp_path, capfd):
 
 
 def test_report_line_logger_is_where_ray_logs_it():
-    """Fails when a Ray upgrade moves "Reporting training result" (clman.train.ray_compat.quiet_report_lines)."""
+    """Fails when a Ray upgrade moves "Reporting training result" (clman.launch.ray_compat.quiet_report_lines)."""
     import importlib
     import inspect
 
-    from clman.train import ray_compat
+    from clman.launch import ray_compat
 
     logger = ray_compat.quiet_report_lines()
     assert logger.level == logging.WARNING

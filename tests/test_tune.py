@@ -18,9 +18,12 @@ import pandas as pd
 import pytest
 
 from clman import config as C
-from clman import storage, tuning
-from clman.train.runner import JobError
-from clman.tune_space import SpaceError, load_space, parse_yaml, space_from_dict
+from clman import storage
+from clman.errors import JobError
+from clman.launch import ray_compat, resources
+from clman.tune import driver, results
+from clman.tune import sweep as sweeps
+from clman.tune.space import SpaceError, load_space, parse_yaml, space_from_dict
 
 DEMO = "jobs/configs/demo-cpu.yaml"
 
@@ -44,7 +47,7 @@ def test_shipped_spaces_load_against_their_jobs():
 
 def test_randint_includes_both_ends():
     space = space_from_dict({"model.mma_depth": {"randint": [1, 4]}}, "finetune")
-    domain = space.to_tune()["model.mma_depth"]
+    domain = driver.param_space(space)["model.mma_depth"]
     drawn = set(np.asarray(domain.sample(size=400, random_state=np.random.RandomState(0))).tolist())
     assert drawn == {1, 2, 3, 4}
 
@@ -58,7 +61,7 @@ def test_space_converts_to_ray_domains():
         "model.aggregator": {"choice": ["mma", "mean"]},
         "finetune.batch_size": {"grid": [4, 8]},
     }, "finetune")
-    d = space.to_tune()
+    d = driver.param_space(space)
     assert isinstance(d["finetune.lr"], Float) and isinstance(d["finetune.lr"].get_sampler(), Float._LogUniform)
     assert isinstance(d["finetune.momentum"].get_sampler(), Float._Uniform)
     assert isinstance(d["model.aggregator"], Categorical) and d["model.aggregator"].categories == ["mma", "mean"]
@@ -126,14 +129,14 @@ def test_missing_space_file_is_a_clear_error(tmp_path):
 
 
 # -- the sweep's arguments --------------------------------------------------------
-def _sweep(tmp_path, job="finetune", space="tune_spaces/finetune_lr_depth.yaml", **kw) -> tuning.Sweep:
-    return tuning.new_sweep(job, space, 4, "manifest.parquet", str(tmp_path), kw.pop("run_name", "s1"),
+def _sweep(tmp_path, job="finetune", space="tune_spaces/finetune_lr_depth.yaml", **kw) -> sweeps.Sweep:
+    return sweeps.new_sweep(job, space, 4, "manifest.parquet", str(tmp_path), kw.pop("run_name", "s1"),
                             DEMO, ["finetune.epochs=4"], **kw)
 
 
 def test_sweep_round_trips_through_json(tmp_path):
     sweep = _sweep(tmp_path, scheduler="fifo", seed=3)
-    again = tuning.Sweep.from_dict(json.loads(json.dumps(sweep.to_dict())))
+    again = sweeps.Sweep.from_dict(json.loads(json.dumps(sweep.to_dict())))
     assert again == sweep
     assert again.base_config().epochs == 4 and again.max_epochs() == 4
     cfg = again.trial_config({"finetune.lr": 2e-3, "model.mma_depth": 3})
@@ -141,7 +144,7 @@ def test_sweep_round_trips_through_json(tmp_path):
     # trials keep checkpoints by each epoch's val_auc, what the sweep ranks and ASHA compares; said once
     assert again.base_config().select_window == 5 and cfg.select_window == 1
     assert again.window_note().startswith("finetune.select_window=5 is not used by the trials")
-    assert tuning.new_sweep("finetune", "tune_spaces/finetune_lr_depth.yaml", 4, "m", str(tmp_path), "s2", DEMO,
+    assert sweeps.new_sweep("finetune", "tune_spaces/finetune_lr_depth.yaml", 4, "m", str(tmp_path), "s2", DEMO,
                             ["finetune.select_window=1"]).window_note() == ""
 
 
@@ -152,22 +155,22 @@ def test_sweep_checks_its_options(tmp_path):
         path = _space_file(tmp_path, "finetune.lr: {grid: [1.0e-3, 1.0e-2]}")
         _sweep(tmp_path, space=path, search="optuna")
     with pytest.raises(C.ConfigError, match="--samples must be >= 1"):
-        tuning.new_sweep("finetune", "tune_spaces/finetune_lr_depth.yaml", 0, "m", str(tmp_path), "x", DEMO)
+        sweeps.new_sweep("finetune", "tune_spaces/finetune_lr_depth.yaml", 0, "m", str(tmp_path), "x", DEMO)
     with pytest.raises(SpaceError, match="unknown job 'evaluate'"):
-        tuning.new_sweep("evaluate", "tune_spaces/finetune_lr_depth.yaml", 2, "m", str(tmp_path), "x", DEMO)
+        sweeps.new_sweep("evaluate", "tune_spaces/finetune_lr_depth.yaml", 2, "m", str(tmp_path), "x", DEMO)
     with pytest.raises(SpaceError, match="section 'finetune' is not part of a pretrain sweep"):
         _sweep(tmp_path, job="pretrain")
 
 
 def test_max_concurrent_trials_from_cluster_resources():
     cfg = C.load("finetune", DEMO, ["scale.num_workers=1"])  # 0.5 CPU worker + 0.5 CPU decoder + driver
-    assert tuning.max_concurrent_trials({"CPU": 2.0}, cfg) == 1
-    assert tuning.max_concurrent_trials({"CPU": 16.0}, cfg) == 15
+    assert resources.max_concurrent_trials({"CPU": 2.0}, cfg) == 1
+    assert resources.max_concurrent_trials({"CPU": 16.0}, cfg) == 15
     gpu = C.load("finetune", DEMO, ["scale.num_workers=2", "scale.gpus_per_worker=1", "scale.cpus_per_worker=2"])
-    assert tuning.max_concurrent_trials({"CPU": 64.0, "GPU": 8.0}, gpu) == 4  # GPUs limit: 8 / 2
-    assert tuning.max_concurrent_trials({"CPU": 10.0, "GPU": 8.0}, gpu) == 2  # CPUs limit: 10 / 4.51
+    assert resources.max_concurrent_trials({"CPU": 64.0, "GPU": 8.0}, gpu) == 4  # GPUs limit: 8 / 2
+    assert resources.max_concurrent_trials({"CPU": 10.0, "GPU": 8.0}, gpu) == 2  # CPUs limit: 10 / 4.51
     with pytest.raises(JobError, match=r"one trial needs 4.51 CPU\(s\) and 2 GPU\(s\) but the Ray cluster has 64 CPU\(s\) and 1 GPU"):
-        tuning.max_concurrent_trials({"CPU": 64.0, "GPU": 1.0}, gpu)
+        resources.max_concurrent_trials({"CPU": 64.0, "GPU": 1.0}, gpu)
 
 
 # -- result tables and the summary, from fake trial histories --------------------
@@ -186,7 +189,7 @@ def _history(aucs, lr, depth, t0=1000.0, ckpt_every=2):
 
 
 def _records():
-    R = tuning.TrialRecord
+    R = results.TrialRecord
     return [
         R("t1", "TERMINATED", {"finetune.lr": 1e-3, "model.mma_depth": 1}, _history([0.6, 0.7, 0.8, 0.75], 1e-3, 1)),
         R("t2", "TERMINATED", {"finetune.lr": 1e-2, "model.mma_depth": 2}, _history([0.5, 0.55], 1e-2, 2)),
@@ -205,13 +208,13 @@ SIX = ["val_auc", "val_accuracy", "val_ap", "val_sensitivity", "val_specificity"
 
 def test_tables_keep_every_metric_of_every_trial_and_epoch():
     records = _records()
-    epochs = tuning.epochs_table(records, KEYS)
+    epochs = results.epochs_table(records, KEYS)
     assert set(SIX + ["val_loss", "train_loss", "epoch", "epochs_done", "timestamp"] + KEYS) <= set(epochs.columns)
     assert not any(c.startswith("config/") for c in epochs.columns) and "pid" not in epochs.columns
     assert epochs.groupby("trial_id").size().to_dict() == {"t1": 4, "t2": 2, "t3": 4, "t4": 1}
     assert epochs[(epochs.trial_id == "t3") & (epochs.epoch == 1)]["val_auc"].item() == 0.91
 
-    trials = tuning.trials_table(records, "finetune", KEYS, {r.trial_id: 4 for r in records})
+    trials = results.trials_table(records, "finetune", KEYS, {r.trial_id: 4 for r in records})
     assert trials["trial_id"].tolist() == ["t3", "t1", "t2", "t4", "t5"]  # by val_auc, unscored last
     by = trials.set_index("trial_id")
     assert by.loc["t3", "best_epoch"] == 1 and by.loc["t3", "val_auc"] == 0.91 and by.loc["t3", "val_ap"] == 0.91 - 0.05
@@ -228,7 +231,7 @@ def test_tables_keep_every_metric_of_every_trial_and_epoch():
 
 def test_write_results_makes_tables_summary_best_preset_and_plot(tmp_path):
     sweep = _sweep(tmp_path, run_name="fake")
-    uris = tuning.write_results(sweep, _records())
+    uris = results.write_results(sweep, _records())
     run = tmp_path / "fake"
     for name in ("trials.parquet", "trials.csv", "epochs.parquet", "summary.md", "best.yaml", "auc_vs_lr.png"):
         assert (run / name).stat().st_size > 0, name
@@ -250,9 +253,9 @@ def test_write_results_makes_tables_summary_best_preset_and_plot(tmp_path):
 
 def test_write_results_raises_when_every_trial_failed(tmp_path):
     sweep = _sweep(tmp_path, run_name="bad")
-    records = [tuning.TrialRecord("t1", "ERROR", {"finetune.lr": 1e-3, "model.mma_depth": 1}, None, "boom")]
+    records = [results.TrialRecord("t1", "ERROR", {"finetune.lr": 1e-3, "model.mma_depth": 1}, None, "boom")]
     with pytest.raises(JobError, match="all 1 trial\\(s\\) failed; first error: boom"):
-        tuning.write_results(sweep, records)
+        results.write_results(sweep, records)
     assert (tmp_path / "bad" / "trials.csv").exists() and not (tmp_path / "bad" / "best.yaml").exists()
     assert "No trial reported a finite" in (tmp_path / "bad" / "summary.md").read_text()
 
@@ -271,18 +274,18 @@ def test_cli_requires_sweep_args_or_resume(capsys):
 
 
 def test_resumed_asha_replays_stored_results_into_its_rungs(tmp_path):
-    sched = tuning.ResumableASHA(str(tmp_path), "none", time_attr="epochs_done", max_t=4, grace_period=1,
+    sched = driver.ResumableASHA(str(tmp_path), "none", time_attr="epochs_done", max_t=4, grace_period=1,
                                  reduction_factor=2)
     sched.set_search_properties("val_auc", "max")
     assert sched.replay(_records()) == 11  # t1..t4's stored epochs (t5 never reported)
-    new = tuning._StoredTrial("t9")
+    new = driver._StoredTrial("t9")
     sched.on_trial_add(None, new)  # nothing stored under tmp_path/none: no second replay, no error
     # At rung 1 the stored trials reported 0.6, 0.5, 0.7 and 0.4: the median is 0.55.
     assert sched.on_trial_result(None, new, {"epochs_done": 1, "val_auc": 0.52}) == "STOP"
-    other = tuning._StoredTrial("t10")
+    other = driver._StoredTrial("t10")
     sched.on_trial_add(None, other)
     assert sched.on_trial_result(None, other, {"epochs_done": 1, "val_auc": 0.8}) == "CONTINUE"
-    fresh = tuning.ResumableASHA(str(tmp_path), "none", time_attr="epochs_done", max_t=4, grace_period=1)
+    fresh = driver.ResumableASHA(str(tmp_path), "none", time_attr="epochs_done", max_t=4, grace_period=1)
     fresh.set_search_properties("val_auc", "max")
     fresh.on_trial_add(None, new)  # a fresh sweep: nothing to replay
     assert fresh.on_trial_result(None, new, {"epochs_done": 1, "val_auc": 0.1}) == "CONTINUE"
@@ -407,7 +410,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_p
             assert proc.poll() is None, f"the sweep ended before it could be killed:\n{_tail(log_path)}"
             assert time.time() < deadline, f"no trial finished in 600 s:\n{_tail(log_path)}"
             time.sleep(2)
-            statuses = tuning.trial_statuses(out, name)
+            statuses = results.trial_statuses(out, name)
             finished = {t for t, s in statuses.items() if s == "TERMINATED"}
         os.kill(proc.pid, signal.SIGKILL)  # the driver only: no chance to save anything more
         killed_at = time.time()
@@ -433,7 +436,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_p
     for m in SIX:
         assert trials[m].notna().all(), m
     # The finished trial was not run again: its one epoch was reported once, before the kill.
-    records = {r.trial_id: r for r in tuning.collect(out, name, ["model.mma_depth"])}
+    records = {r.trial_id: r for r in driver.collect(out, name, ["model.mma_depth"])}
     (done,) = finished
     h = records[done].history
     assert len(h) == 1 and float(h["timestamp"].max()) < killed_at
@@ -442,7 +445,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_p
 
 
 def test_pretrain_sweeps_rank_by_lowest_loss(tmp_path):
-    sweep = tuning.new_sweep("pretrain", "tune_spaces/pretrain_lr_temperature.yaml", 2, "m.parquet", str(tmp_path),
+    sweep = sweeps.new_sweep("pretrain", "tune_spaces/pretrain_lr_temperature.yaml", 2, "m.parquet", str(tmp_path),
                              "pre", DEMO, ["pretrain.epochs=3"])
 
     def history(losses):
@@ -450,11 +453,11 @@ def test_pretrain_sweeps_rank_by_lowest_loss(tmp_path):
                               "time_this_iter_s": 1.0, "timestamp": 100.0 + e} for e, v in enumerate(losses)])
 
     records = [
-        tuning.TrialRecord("a", "TERMINATED", {"pretrain.lr": 0.1, "pretrain.temperature": 0.5}, history([5.0, 4.0, 4.5])),
-        tuning.TrialRecord("b", "TERMINATED", {"pretrain.lr": 0.01, "pretrain.temperature": 0.2}, history([5.5, 3.5, 3.0])),
-        tuning.TrialRecord("c", "TERMINATED", {"pretrain.lr": 0.5, "pretrain.temperature": 0.1}, history([6.0])),
+        results.TrialRecord("a", "TERMINATED", {"pretrain.lr": 0.1, "pretrain.temperature": 0.5}, history([5.0, 4.0, 4.5])),
+        results.TrialRecord("b", "TERMINATED", {"pretrain.lr": 0.01, "pretrain.temperature": 0.2}, history([5.5, 3.5, 3.0])),
+        results.TrialRecord("c", "TERMINATED", {"pretrain.lr": 0.5, "pretrain.temperature": 0.1}, history([6.0])),
     ]
-    uris = tuning.write_results(sweep, records)
+    uris = results.write_results(sweep, records)
     trials = storage.read_parquet(uris["trials.parquet"]).to_pandas()
     assert trials["trial_id"].tolist() == ["b", "a", "c"]
     assert trials["best_epoch"].tolist() == [2, 1, 0] and trials["status"].tolist() == ["completed", "completed", "stopped"]
@@ -485,13 +488,13 @@ def test_reaper_frees_placement_groups_of_dead_actors_only():
         kept, orphan = ray.get(alive.reserve.remote()), ray.get(dead.reserve.remote())
         ray.kill(dead)
         deadline = time.time() + 30
-        while tuning.reap_orphaned_placement_groups() == 0:
+        while ray_compat.reap_orphaned_placement_groups() == 0:
             assert time.time() < deadline, "the dead actor's placement group was never released"
             time.sleep(0.5)
         table = placement_group_table()
         assert table[orphan]["state"] == "REMOVED"
         assert table[kept]["state"] == "CREATED" and table[ours.id.hex()]["state"] == "CREATED"
-        assert tuning.reap_orphaned_placement_groups() == 0
+        assert ray_compat.reap_orphaned_placement_groups() == 0
     finally:
         ray.shutdown()
 
@@ -517,13 +520,13 @@ def test_tuner_runs_each_search_and_scheduler_and_tables_come_from_tune_storage(
                          "train_loss": 1 - auc, "timestamp": time.time(), "time_this_iter_s": 0.1,
                          **{m: 0.5 for m in six if m != "val_auc"}})
 
-    sweep = tuning.new_sweep("finetune", "tune_spaces/finetune_lr_depth.yaml", 6, "m.parquet", str(tmp_path),
+    sweep = sweeps.new_sweep("finetune", "tune_spaces/finetune_lr_depth.yaml", 6, "m.parquet", str(tmp_path),
                              "fake", DEMO, ["finetune.epochs=3"], search=search, scheduler=scheduler)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False)
     try:
-        tuning._tuner(sweep, fake_trial, concurrent=2).fit()
-        records = tuning.collect(sweep.out, sweep.run_name, ["finetune.lr", "model.mma_depth"])
-        uris = tuning.write_results(sweep, records)
+        driver._tuner(sweep, fake_trial, concurrent=2).fit()
+        records = driver.collect(sweep.out, sweep.run_name, ["finetune.lr", "model.mma_depth"])
+        uris = results.write_results(sweep, records)
     finally:
         ray.shutdown()
     trials = storage.read_parquet(uris["trials.parquet"]).to_pandas()
@@ -532,4 +535,4 @@ def test_tuner_runs_each_search_and_scheduler_and_tables_come_from_tune_storage(
     assert set(trials["status"]) <= ({"completed", "stopped"} if scheduler == "asha" else {"completed"})
     epochs = storage.read_parquet(uris["epochs.parquet"]).to_pandas()
     assert len(epochs) == trials["epochs_done"].sum()
-    assert tuning.trial_statuses(sweep.out, sweep.run_name) == dict.fromkeys(trials["trial_id"], "TERMINATED")
+    assert results.trial_statuses(sweep.out, sweep.run_name) == dict.fromkeys(trials["trial_id"], "TERMINATED")

@@ -253,7 +253,7 @@ def test_pretrain_selects_the_splits_asked_for(manifest_uri, tmp_path):
 
 
 def test_pretrain_job_records_the_splits_in_its_fingerprint(manifest_uri, tmp_path, monkeypatch):
-    import clman.train.runner as runner
+    from clman.launch import trainer
     from jobs import pretrain as job_pretrain
 
     records = []
@@ -265,7 +265,7 @@ def test_pretrain_job_records_the_splits_in_its_fingerprint(manifest_uri, tmp_pa
         records.append(record)
         raise Stop
 
-    monkeypatch.setattr(runner, "claim", claim)
+    monkeypatch.setattr(trainer, "claim", claim)
     from clman import config as C
 
     cfg = C.load("pretrain", None, [])
@@ -291,7 +291,8 @@ def test_finetune_scoring_and_evaluate_never_see_unlabelled(manifest_uri):
     import ray
 
     from clman import config as C
-    from clman.train import finetune, scoring
+    from clman.evaluate import scoring
+    from clman.train import finetune
     from jobs import evaluate
 
     train, val = finetune.check_data(manifest_uri)
@@ -330,7 +331,7 @@ def _study_manifest(folds: int) -> pd.DataFrame:
 @pytest.mark.parametrize("folds", [3, None])
 def test_study_folds_and_pretrain_pool(folds, tmp_path):
     from clman import study
-    from clman.train.study import TRAINING_SPLITS, pretrain_pool
+    from clman.study.driver import TRAINING_SPLITS, pretrain_pool
 
     m = _study_manifest(folds or 0)
     plan = study.plan_folds(m, folds=folds, holdout=folds is None)
@@ -360,7 +361,7 @@ def test_study_folds_and_pretrain_pool(folds, tmp_path):
 
 
 def test_run_pretrain_trains_on_the_pool(tmp_path, monkeypatch):
-    from clman.train import study as train_study
+    from clman.study import driver as train_study
 
     uri = str(tmp_path / "m.parquet")
     M.write_manifest(_study_manifest(3), uri)

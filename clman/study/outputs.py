@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from clman import report, storage
+from clman import storage
+from clman.evaluate import report
 from clman.study import curve, stats, tables
 from clman.study.rows import REFERENCE, ROWS, table_rows
 from clman.study.stats import RowSummary

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping, Sequence
 
 import yaml
 
-from clman.report import PAPER_COLUMNS
+from clman.evaluate.report import PAPER_COLUMNS
 from clman.study import curve as curve_mod
 from clman.study.rows import REFERENCE, TABLE_TITLES, TABLES, table_rows
 from clman.study.stats import INTERVAL_SEEDS, OP_COLUMNS, RowSummary, interval_note

@@ -46,7 +46,7 @@ PREFETCH_BATCHES = 2
 # Decode tasks run on the CPUs the cluster has free, not inside the placement group of the
 # process that submits them: a Tune trial's group holds only its driver's 0.01 CPU, a Train
 # worker's bundle only that worker (Ray would refuse or wait forever). Tune's trial count
-# already leaves room for them (``clman.tuning.max_concurrent_trials``).
+# already leaves room for them (``clman.launch.resources.max_concurrent_trials``).
 OUTSIDE_PLACEMENT_GROUPS = "DEFAULT"
 
 
@@ -273,7 +273,7 @@ Sampler = Clips | EvalClips | Frames  # what a Feed is given: which videos, whic
 class Feed:
     """The batches of one worker: ``for batch in feed.batches(epoch)``.
 
-    ``source``: a split's frames (``runner.frame_source``: {"videos": [Video], "cache": [ObjectRef] |
+    ``source``: a split's frames (``clman.launch.trainer.frame_source``: {"videos": [Video], "cache": [ObjectRef] |
     None}); ``sampler``: which videos, which frames and how they make batches (:class:`Clips`,
     :class:`EvalClips`, :class:`Frames`). Batches are CPU tensors (pinned when ``pin``).
     """

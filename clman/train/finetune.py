@@ -12,7 +12,7 @@ not-learning warning are decided by ``clman.train.selection.Selection`` (no Ray,
 state rides in the checkpoint). The test split is never read here. Validation scores a video as
 the test does (:class:`ScoredClips`): ``finetune.val_frames`` / ``val_clips`` are
 ``evaluate.frames`` / ``evaluate.clips`` of the same config tree (``clman.config.job_config``),
-and the frames come from the function test scoring calls (``clman.train.scoring.scored_indices``).
+and the frames come from the function test scoring calls (``clman.evaluate.scoring.scored_indices``).
 
 The loop: :func:`train_loop_per_worker` builds the model (:func:`build_model`), the optimizer, the
 feeds (:func:`training_feed`, :func:`validation_feed`), then per epoch :func:`train_one_epoch`,
@@ -36,9 +36,11 @@ from clman import distributed
 from clman.metrics import BinaryMetrics
 from clman.models.build import classifier_from, load_weights
 from clman.data import augment
-from clman.inference import choose_threshold, mean_log_probs, preprocessing
-from clman.train import feed, runner, scoring, worker
-from clman.train.runner import JobError
+from clman.errors import JobError
+from clman.evaluate import scoring
+from clman.evaluate.inference import choose_threshold, mean_log_probs, preprocessing
+from clman.launch import trainer
+from clman.train import feed, worker
 from clman.train.selection import (  # noqa: F401  (re-exported: jobs, scripts and tests read them here)
     CHANCE_AUC_MARGIN, CHECK_AFTER_EPOCHS, MIN_LOSS_DROP, Decision, Selection, best_score, check_epoch,
     loss_stalled, not_learning, val_at_chance, val_score)
@@ -170,12 +172,12 @@ def min_training_videos(cfg: C.FinetuneConfig) -> int:
 
 
 def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val: bool,
-              rows: tuple | None = None, sources: dict | None = None) -> runner.TrainJob:
+              rows: tuple | None = None, sources: dict | None = None) -> trainer.TrainJob:
     """The finetune run of ``cfg`` on ``manifest`` (Ray must be up: the frames are cached here when they fit).
 
     ``rows``: (train, val) DataFrames to use instead of the manifest's splits (:func:`validation_split`,
     then :func:`label_subset` for ``finetune.label_fraction``: the callers subsample, not this function).
-    ``sources``: {split: ``runner.frame_source``} made already (a sweep decodes once for all its trials).
+    ``sources``: {split: ``trainer.frame_source``} made already (a sweep decodes once for all its trials).
     """
     from clman.data.manifest import read_manifest
 
@@ -192,9 +194,9 @@ def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val
         split_rows = rows[i] if rows is not None else read_manifest(manifest, split=split)
         # Unlabelled videos (split unlabeled, label -1) are for SimCLR only: never a finetune target.
         assert split_rows["label"].isin([0, 1]).all(), f"finetune {split} rows hold a label other than 0 / 1"
-        frames[split] = runner.frame_source(split_rows, cfg.data)
+        frames[split] = trainer.frame_source(split_rows, cfg.data)
     inputs = worker.LoopInputs(cfg, frames["train"], frames.get("val"), encoder)
-    return runner.TrainJob(train_loop_per_worker, inputs, {}, SCORE if has_val else None)
+    return trainer.TrainJob(train_loop_per_worker, inputs, {}, SCORE if has_val else None)
 
 
 def selection_window(cfg: C.FinetuneConfig) -> int:
@@ -276,7 +278,7 @@ def class_weights(labels, mode: str) -> torch.Tensor | None:
 
 class ScoredClips(feed.EvalClips):
     """The val split's sampler, scored as the test is: every video once, in order, its frames those of
-    ``clman.train.scoring.scored_indices`` (the function test scoring calls) with ``finetune.val_frames`` /
+    ``clman.evaluate.scoring.scored_indices`` (the function test scoring calls) with ``finetune.val_frames`` /
     ``val_clips`` (= ``evaluate.frames`` / ``evaluate.clips``), the K clips of T flattened clip-major:
     ``frames`` (B, K * T, C, S, S). With ``val_frames=all`` a clip is the whole video (K = 1). No
     randomness: the same frames in every epoch. (From the object store cache, a video longer than 512
@@ -314,9 +316,9 @@ def validate(model, batches, device, size: int, precision: str = "fp32", clips: 
     """Loss and the six metrics over this worker's share of the validation videos, synced over all workers.
 
     A video's score is the mean P(malignant) of its ``clips`` clips (:class:`ScoredClips`), as
-    in test scoring (``clman.inference.score_clips``); the loss is the cross-entropy of that mean
+    in test scoring (``clman.evaluate.inference.score_clips``); the loss is the cross-entropy of that mean
     (with one clip, of the clip's logits). With ``target_sensitivity``, also ``threshold``: the
-    operating point on every worker's validation scores (``clman.inference.choose_threshold``; None
+    operating point on every worker's validation scores (``clman.evaluate.inference.choose_threshold``; None
     for one class), a record for the checkpoint, not a metric.
     """
     model.eval()

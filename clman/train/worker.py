@@ -28,10 +28,10 @@ class LoopInputs:
     Ray pickles it to every worker): the job's config, its splits' frames, and where to report progress."""
 
     config: Any  # clman.config.FinetuneConfig or PretrainConfig
-    train: dict = field(repr=False)  # runner.frame_source of the training videos
+    train: dict = field(repr=False)  # clman.launch.trainer.frame_source of the training videos
     val: dict | None = field(default=None, repr=False)  # finetune: of the val videos; None: no validation
     encoder: str | None = None  # finetune: the SimCLR checkpoint whose encoder starts the model
-    progress: Any = field(default=None, repr=False)  # the driver's progress queue (runner.ProgressBar), if any
+    progress: Any = field(default=None, repr=False)  # the driver's progress queue (clman.launch.progress.ProgressBar), if any
 
     def with_progress(self, queue) -> LoopInputs:
         """These inputs, the epochs' metrics to be put in ``queue`` (``worker.report``)."""

@@ -5,7 +5,7 @@
       ◀──────── every epoch's ray.train.report ────┘  (Train V2's TuneReportCallback)
 
 A trial's config is the sweep's base config (preset + ``--set``) with the
-trial's sampled values set (``clman.tune_space``). Each epoch the worker loop
+trial's sampled values set (``clman.tune.space``). Each epoch the worker loop
 reports the validation metrics (finetune: ``val_auc`` and the other five,
 ``val_loss``, ``train_loss``; pretrain: ``loss``); the callback passes them to
 Tune, where ASHA can stop the trial early, and Tune keeps every epoch's row.
@@ -42,18 +42,19 @@ import functools
 import json
 import logging
 import time
-from typing import Callable, Sequence
+from typing import Sequence
 
-from ray.tune import Callback
 from ray.tune.schedulers import ASHAScheduler
 
 from clman import config as C
 from clman import storage, tracking
 from clman.errors import JobError
-from clman.tune.resources import DRIVER_CPUS, max_concurrent_trials
-from clman.tune.results import TrialRecord, _one_line, epochs_table, trial_statuses, write_results
-from clman.train.ray_compat import keep_credentials_out_of_tune, reap_orphaned_placement_groups, replay_into_asha
-from clman.tune.space import Param
+from clman.launch import grid, resources, session
+from clman.launch.ray_compat import replay_into_asha
+from clman.launch.resources import DRIVER_CPUS, max_concurrent_trials
+from clman.launch.trainer import error_line
+from clman.tune.results import TrialRecord, epochs_table, trial_statuses, write_results
+from clman.tune.space import Param, SearchSpace
 from clman.tune.sweep import SCHEDULERS, SCORES, SEARCHES, TIME_ATTR, TRAIN_DIR, SWEEP_FILE, Sweep
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,11 @@ def tune_domain(param: Param):
     raise AssertionError(f"unhandled kind {param.kind!r}")
 
 
+def param_space(space: SearchSpace) -> dict:
+    """Ray Tune's ``param_space`` of a search space: flat, dotted keys -> tune domains (:func:`tune_domain`)."""
+    return {p.key: tune_domain(p) for p in space.params}
+
+
 def _epoch_report_callback():
     """Train V2's TuneReportCallback, adding ``epochs_done`` (1-based) for ASHA's clock.
 
@@ -92,7 +98,7 @@ def _epoch_report_callback():
     return EpochReport()
 
 def _train_job(sweep: Sweep, cfg, frames: dict | None = None):
-    """The trial's ``runner.TrainJob``: the same loop, datasets and checkpoint score as the job itself.
+    """The trial's ``clman.launch.trainer.TrainJob``: the same loop, datasets and checkpoint score as the job itself.
 
     ``frames``: the splits decoded once by the sweep's driver (:func:`shared_frames`), else None.
     """
@@ -107,14 +113,14 @@ def _train_job(sweep: Sweep, cfg, frames: dict | None = None):
 
 
 def shared_frames(sweep: Sweep) -> dict | None:
-    """{split: ``runner.frame_source``} for every trial, made once in the sweep's driver; None when a trial
-    would read other frames (the space sets ``data.*``), and each trial then decodes its own.
+    """{split: ``clman.launch.trainer.frame_source``} for every trial, made once in the sweep's driver; None when
+    a trial would read other frames (the space sets ``data.*``), and each trial then decodes its own.
 
     Each trial used to decode its splits again: ~10-15 s of a 2-core demo trial's ~80 s, and with
     N trials at once N copies of the cached frames in the object store.
     """
     from clman.data.manifest import read_manifest
-    from clman.train import runner
+    from clman.launch.trainer import frame_source
 
     varied = [p.key for p in sweep.search_space().params if p.key.startswith("data.")]
     if varied:
@@ -123,7 +129,7 @@ def shared_frames(sweep: Sweep) -> dict | None:
     data = sweep.base_config().data
     splits = ("train", "val") if sweep.job == "finetune" else (sweep.split,)
     t0 = time.time()
-    frames = {split: runner.frame_source(read_manifest(sweep.manifest, split=split), data) for split in splits}
+    frames = {split: frame_source(read_manifest(sweep.manifest, split=split), data) for split in splits}
     log.info("frames of %s for every trial ready in %.0f s", " and ".join(splits), time.time() - t0)
     return frames
 
@@ -135,12 +141,12 @@ def train_driver(config: dict, sweep: dict, frames: dict | None = None) -> None:
     """
     import ray.tune
 
-    from clman.train import runner
+    from clman.launch import trainer as launch_trainer
 
     s = Sweep.from_dict(sweep)
     cfg = s.trial_config(config)
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = runner.trainer(_train_job(s, cfg, frames), cfg.scale, storage.join(s.run_dir, TRAIN_DIR), trial_id,
+    trainer = launch_trainer.trainer(_train_job(s, cfg, frames), cfg.scale, storage.join(s.run_dir, TRAIN_DIR), trial_id,
                              callbacks=[_epoch_report_callback()])
     trainer.fit()  # raises when the run fails: Tune marks the trial ERROR with the cause
 
@@ -154,69 +160,6 @@ def _check_data(sweep: Sweep) -> None:
         from clman.train import pretrain
 
         pretrain.check_data(sweep.manifest, sweep.split)
-
-class PlacementGroupReaper(Callback):
-    """Tune callback: every few seconds, release what stopped trials' Train runs still reserve."""
-
-    def __init__(self, every_s: float = 5.0):
-        self.every_s = every_s
-        self._last = 0.0
-        self._failed = False
-
-    def on_step_end(self, iteration: int, trials: list, **info):
-        if self._failed or time.monotonic() - self._last < self.every_s:
-            return
-        self._last = time.monotonic()
-        try:
-            reap_orphaned_placement_groups()
-        except Exception as e:  # a Ray upgrade may move these internals: warn once, let the sweep go on
-            self._failed = True
-            log.warning("cannot release stopped trials' placement groups (%s: %s); later trials may wait "
-                        "for resources", type(e).__name__, e)
-
-class TrackTrials(Callback):
-    """Tune callback, in the sweep's (or study's) driver: a :class:`clman.tracking.Run` per trial.
-
-    MLflow experiment (TensorBoard folder) ``experiment``, a run per trial named after its id,
-    with the trial's whole job config (``config_of(trial.config)``, a picklable callable: Tune
-    saves its callbacks with the experiment, and a resumed sweep keeps tracking). A result
-    without an epoch (a study trial's closing line of test metrics) is logged at the trial's
-    last epoch.
-    """
-
-    def __init__(self, targets: Sequence[tracking.Target], experiment: str, config_of: Callable[[dict], object]):
-        self.targets, self.experiment, self.config_of = tuple(targets), experiment, config_of
-        self.runs: dict[str, tracking.Run] = {}
-        self.last_epoch: dict[str, int] = {}
-
-    def __getstate__(self):
-        return {**self.__dict__, "runs": {}, "last_epoch": {}}
-
-    def on_trial_result(self, iteration: int, trials: list, trial, result: dict, **info):
-        run = self.runs.get(trial.trial_id)
-        if run is None:
-            try:
-                cfg = self.config_of(trial.config)
-                run = tracking.start_run(self.targets, self.experiment, trial.trial_id, cfg, job=type(cfg).__name__)
-            except Exception as e:  # the sweep goes on untracked for this trial
-                log.warning("trial %s is not tracked: %s", trial.trial_id, e)
-                run = tracking.Run((), self.experiment, trial.trial_id)
-            self.runs[trial.trial_id] = run
-        if isinstance(result.get(tracking.STEP_KEY), (int, float)):
-            self.last_epoch[trial.trial_id] = int(result[tracking.STEP_KEY])
-        run.log({**result, tracking.STEP_KEY: self.last_epoch.get(trial.trial_id, 0)})
-
-    def _finish(self, trial, failed: bool) -> None:
-        run = self.runs.pop(trial.trial_id, None)
-        if run is not None:
-            run.finish(failed=failed)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info):
-        self._finish(trial, failed=False)
-
-    def on_trial_error(self, iteration: int, trials: list, trial, **info):
-        self._finish(trial, failed=True)
-
 
 def _sweep_trial_config(sweep: dict, config: dict):
     return Sweep.from_dict(sweep).trial_config(config)
@@ -270,7 +213,6 @@ class ResumableASHA(ASHAScheduler):
         return n
 
 def _tuner(sweep: Sweep, trainable, concurrent: int, track: Sequence[tracking.Target] = ()):
-    from ray import tune
     from ray.tune.schedulers import FIFOScheduler
 
     metric, mode = SCORES[sweep.job]
@@ -297,20 +239,10 @@ def _tuner(sweep: Sweep, trainable, concurrent: int, track: Sequence[tracking.Ta
         search_alg = OptunaSearch(seed=sweep.seed)
     else:
         raise C.ConfigError(f"--search {sweep.search!r}: not one of {list(SEARCHES)}")
-    fs, path = storage.arrow_fs(sweep.out)
-    keep_credentials_out_of_tune()
-    callbacks = [PlacementGroupReaper()]
-    if track:
-        callbacks.append(TrackTrials(track, sweep.run_name, functools.partial(_sweep_trial_config, sweep.to_dict())))
-    return tune.Tuner(
-        trainable,
-        param_space=sweep.search_space().to_tune(),
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
-                                    num_samples=sweep.samples, max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=sweep.run_name, storage_path=path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=callbacks),
-    )
+    return grid.tuner(trainable, param_space(sweep.search_space()), name=sweep.run_name, storage_uri=sweep.out,
+                      concurrent=concurrent, track=track, experiment=sweep.run_name,
+                      config_of=functools.partial(_sweep_trial_config, sweep.to_dict()), metric=metric, mode=mode,
+                      scheduler=scheduler, search_alg=search_alg, num_samples=sweep.samples)
 
 def _trainable(sweep: Sweep, frames: dict | None = None):
     from ray import tune
@@ -329,8 +261,6 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
     """
     from ray import tune
 
-    from clman.train import runner
-
     sweep.check()
     cfg = sweep.base_config()
     _check_data(sweep)
@@ -346,10 +276,10 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
     if not resume and storage.exists(sweep_uri):
         raise JobError(f"sweep {sweep.run_name!r} already exists under {sweep.out}; continue it with "
                        f"--resume {sweep.run_name}, or choose another --run-name")
-    runner.init_ray(address)
+    session.init_ray(address)
     import ray
 
-    runner.check_resources(cfg.scale, cfg.data, extra_cpus=DRIVER_CPUS)
+    resources.check_resources(cfg.scale, cfg.data, extra_cpus=DRIVER_CPUS)
     concurrent = max_concurrent_trials(ray.cluster_resources(), cfg)
     if not resume:
         storage.write_text(sweep_uri, json.dumps(sweep.to_dict(), indent=2) + "\n")
@@ -371,7 +301,7 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
     t0 = time.time()
     tuner.fit()
     log.info("sweep %s: trials done in %.0f s", sweep.run_name, time.time() - t0)
-    return write_results(sweep)
+    return write_results(sweep, collect(sweep.out, sweep.run_name, space.keys))
 
 def collect(out: str, run_name: str, keys: Sequence[str]) -> list[TrialRecord]:
     """Every trial of the sweep stored under ``<out>/<run_name>/``, read back through Tune."""
@@ -388,7 +318,7 @@ def collect(out: str, run_name: str, keys: Sequence[str]) -> list[TrialRecord]:
                 err = trial.get_pickled_error() or trial.get_error()
             except Exception as e:  # a missing error file must not lose the table
                 err = f"{type(e).__name__}: error file unreadable"
-            error = _one_line(str(err)) if err is not None else "error"
+            error = error_line(str(err), limit=300) if err is not None else "error"
         config = {k: trial.config.get(k) for k in keys}
         records.append(TrialRecord(trial.trial_id, trial.status, config, frames.get(trial.trial_id), error))
     return records

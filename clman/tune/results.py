@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -61,13 +60,6 @@ def trial_statuses(out: str, run_name: str) -> dict[str, str]:
         trial = json.loads(item[0]) if isinstance(item, (list, tuple)) else json.loads(item)
         out_[trial.get("trial_id")] = trial.get("status")
     return out_
-
-def _one_line(text: str, limit: int = 300) -> str:
-    """The innermost ``SomeError: message`` line of a (possibly nested) traceback, else its last line."""
-    lines = [ln.strip() for ln in str(text).strip().splitlines() if ln.strip()]
-    causes = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit)\b", ln)]
-    line = causes[-1] if causes else (lines[-1] if lines else "")
-    return line[:limit]
 
 def _scalar(value):
     """Table cells: lists (e.g. nonlocal_stages) as text, numpy scalars as Python ones."""
@@ -267,16 +259,12 @@ def summary_markdown(sweep: Sweep, trials: pd.DataFrame, tree: dict | None) -> s
 def _parquet(df: pd.DataFrame, uri: str) -> None:
     storage.write_parquet(pa.Table.from_pandas(df, preserve_index=False), uri)
 
-def write_results(sweep: Sweep, records: Sequence[TrialRecord] | None = None) -> dict:
+def write_results(sweep: Sweep, records: Sequence[TrialRecord]) -> dict:
     """Write trials.parquet/.csv, epochs.parquet, best.yaml, summary.md and the plot under the run dir.
 
-    ``records`` default to what Tune stored for the sweep (``collect``).
+    ``records``: what Tune stored for the sweep (``clman.tune.driver.collect``), or made by hand in tests.
     """
     keys = sweep.search_space().keys
-    if records is None:
-        from clman.tune.driver import collect  # Tune reads its own state back: the one Ray call here
-
-        records = collect(sweep.out, sweep.run_name, keys)
     planned = {r.trial_id: sweep.trial_config(r.config).epochs for r in records}
     trials = trials_table(records, sweep.job, keys, planned)
     if storage.is_s3(sweep.out):  # Ray reports paths inside the filesystem: "bucket/key"

@@ -86,12 +86,6 @@ class Param:
     kind: str
     args: tuple
 
-    def to_tune(self):
-        """The ray.tune domain this parameter stands for (built by the driver, which imports Ray)."""
-        from clman.tune.driver import tune_domain
-
-        return tune_domain(self)
-
     def candidates(self) -> list:
         """The values the job's config must accept: every listed value, or both bounds."""
         return list(self.args)
@@ -125,10 +119,6 @@ class SearchSpace:
 
     def get(self, key: str) -> Param | None:
         return next((p for p in self.params if p.key == key), None)
-
-    def to_tune(self) -> dict:
-        """Ray Tune's ``param_space``: flat, dotted keys -> tune domains (see :meth:`Param.to_tune`)."""
-        return {p.key: p.to_tune() for p in self.params}
 
     def to_dict(self) -> dict:
         """The flat YAML mapping this space was read from (JSON-safe: for sweep.json)."""

@@ -2,7 +2,7 @@
 
 The one place videos are scored for ``jobs.evaluate``, ``jobs.demo`` and the study's trials
 (:func:`score_split`, :func:`score_rows`); the metrics, report and plots they write are
-:func:`clman.report.write_evaluation`.
+:func:`clman.evaluate.report.write_evaluation`.
 
     manifest rows ─from_items─▶ map_batches(decode, tasks): uint8 frames at the stored size, (K, T) per video
                  ─▶ map_batches(Scorer, actor pool; a GPU each when the cluster has GPUs)
@@ -66,14 +66,14 @@ class Scorer:
     """An actor holding the classifier: a video's uint8 clips -> P(malignant) (their mean), the most-weighted frames."""
 
     def __init__(self, checkpoint: str):
-        from clman.inference import load_classifier
+        from clman.evaluate.inference import load_classifier
 
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model, self.cfg = load_classifier(checkpoint, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from clman.inference import score_clips
+        from clman.evaluate.inference import score_clips
 
         scores, tops = [], []
         for frames, idx in zip(batch["frames"], batch["frame_idx"]):  # (K, T, C, S, S), (K, T): one video
@@ -125,7 +125,7 @@ def check_checkpoint(checkpoint: str, cfg: C.EvaluateConfig) -> C.FinetuneConfig
     No Ray: jobs call it before anything starts.
     """
     from clman import checkpoint as ckpt
-    from clman.inference import load_classifier
+    from clman.evaluate.inference import load_classifier
 
     state = ckpt.load_checkpoint(checkpoint)
     _, train_cfg = load_classifier(checkpoint, state=state)  # fails here, in one line, on a bad checkpoint

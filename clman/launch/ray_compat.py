@@ -3,7 +3,7 @@
 Each is tested to fail loudly when a Ray upgrade moves it (tests/test_ray_compat.py, and the
 reaper and ASHA tests in tests/test_tune.py); here, a failure only keeps Ray's own behaviour:
 
-- :func:`setup_local_worker`: the hook every worker of a Ray that ``runner.init_ray`` started
+- :func:`setup_local_worker`: the hook every worker of a Ray that ``session.init_ray`` started
   runs first; points Train's ``PlacementGroupCleaner`` at the GCS (no dashboard on one machine).
 - :func:`reap_orphaned_placement_groups`: reads the GCS placement-group table (protobufs) for
   Tune, whose stopped trials' Train runs leave their placement groups behind.
@@ -12,9 +12,9 @@ reaper and ASHA tests in tests/test_tune.py); here, a failure only keeps Ray's o
 
 Why stdlib-only: Ray runs ``worker_process_setup_hook`` in every worker it starts: the decode tasks, Ray
 Data's actors and Train's small helper actors as well as the Train workers. Whatever the
-hook's module imports, each of them imports: from ``clman.train.runner`` that was torch,
-ray.train and ray.data, ~3.3 s of CPU per process, ~40 s of a tiny finetune's 73 s on a
-2-core machine (13 worker processes). This module imports only the standard library;
+hook's module (and its package, ``clman.launch``, kept empty) imports, each of them imports:
+torch, ray.train and ray.data cost ~3.3 s of CPU per process, ~40 s of a tiny finetune's 73 s
+on a 2-core machine (13 worker processes). This module imports only the standard library;
 the one Ray internal the hook patches is patched when, and in the process where, Ray imports it;
 the others import what they touch when called.
 """
@@ -55,7 +55,7 @@ def patch_pg_cleaner(module: ModuleType) -> None:
     """Point the cleaner's liveness poll at the GCS; a loud error when a Ray upgrade moved it."""
     if not callable(getattr(module, "is_actor_alive", None)):
         raise AttributeError(f"{module.__name__}.is_actor_alive is gone: the PlacementGroupCleaner patch "
-                             "(clman.train.ray_compat) needs updating for this Ray")
+                             "(clman.launch.ray_compat) needs updating for this Ray")
     module.is_actor_alive = actor_alive
 
 
@@ -173,7 +173,7 @@ def replay_into_asha(scheduler, rows, stub: Callable) -> int:
     metric = scheduler._metric
     for name in ("_metric", "_num_stopped", "_trial_info"):
         if not hasattr(scheduler, name):
-            raise AttributeError(f"ASHAScheduler.{name} is gone: replay_into_asha (clman.train.ray_compat) "
+            raise AttributeError(f"ASHAScheduler.{name} is gone: replay_into_asha (clman.launch.ray_compat) "
                                  "needs updating for this Ray")
     stubs = {r["trial_id"]: stub(r["trial_id"]) for r in rows}
     stopped_before = scheduler._num_stopped
@@ -206,7 +206,7 @@ def keep_credentials_out_of_tune() -> None:
     names = getattr(module, "ENV_VARS_TO_PROPAGATE", None)
     if not isinstance(names, set):
         raise AttributeError(f"{TUNE_CLASS_CACHE}.ENV_VARS_TO_PROPAGATE is gone: the credentials patch "
-                             "(clman.train.ray_compat) needs updating for this Ray")
+                             "(clman.launch.ray_compat) needs updating for this Ray")
     names.difference_update(CREDENTIAL_VARS)
 
 
@@ -220,7 +220,7 @@ def quiet_report_lines() -> logging.Logger:
     (``logging.getLogger(__file__)``): outside ``ray.train``, so ``LoggingConfig(log_level=...)`` does
     not reach it, and it propagates to the root logger that Train sets to INFO in each worker, whose
     console handler Ray forwards to the driver: 27 of a finetune log's 74 lines. Called in the worker
-    (``runner.trainer`` wraps the loop), after Train has configured its logging; warnings still pass.
+    (``clman.launch.trainer.trainer`` wraps the loop), after Train has configured its logging; warnings still pass.
     """
     import importlib
 
@@ -228,6 +228,6 @@ def quiet_report_lines() -> logging.Logger:
     logger = logging.getLogger(module.__file__)
     if getattr(module, "logger", None) is not logger:
         raise AttributeError(f"{TRAIN_CONTEXT}.logger is no longer logging.getLogger(__file__): "
-                             "quiet_report_lines (clman.train.ray_compat) needs updating for this Ray")
+                             "quiet_report_lines (clman.launch.ray_compat) needs updating for this Ray")
     logger.setLevel(logging.WARNING)
     return logger

@@ -2,7 +2,7 @@
 
 Two thresholds appear and are kept apart: ``evaluate.threshold`` (0.5 by default, the paper's
 table) and the operating point model.pt stores, chosen on the validation videos at
-``evaluate.target_sensitivity`` (``clman.inference.choose_threshold``), whose test metrics are
+``evaluate.target_sensitivity`` (``clman.evaluate.inference.choose_threshold``), whose test metrics are
 reported and marked on the ROC. The "specificity at 95% sensitivity" line is read off the
 evaluated split itself: descriptive, never a threshold to deploy.
 
@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from clman import storage
-from clman.calibration import calibration
+from clman.evaluate.calibration import calibration
 from clman.metrics import (METRIC_NAMES, bootstrap_ci, bootstrap_indices, compute_metrics,
                            specificity_at_sensitivity)
 
@@ -35,11 +35,11 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray, *, threshold: float 
                     target_sensitivity: float = 0.95, n_boot: int = 1000, seed: int = 0,
                     patients: Sequence[str] | None = None, validation_threshold: dict | None = None) -> dict:
     """The six metrics, their bootstrap 95% CIs, specificity at a fixed sensitivity and calibration
-    (Brier score, ECE; ``clman.calibration``, CIs from the same resamples).
+    (Brier score, ECE; ``clman.evaluate.calibration``, CIs from the same resamples).
 
     ``patients`` (one id per video): the bootstrap resamples patients, a patient's videos
     together; without it, videos. ``validation_threshold``: the record model.pt stores
-    (``clman.inference.choose_threshold``); its test metrics go under ``operating_point``.
+    (``clman.evaluate.inference.choose_threshold``); its test metrics go under ``operating_point``.
     """
     point = compute_metrics(scores, labels, threshold=threshold)
     groups = None if patients is None else np.asarray(patients)
@@ -222,7 +222,7 @@ def write_predictions(uri: str, video_ids: Sequence[str], labels, scores, thresh
 
 
 def reliability_png(reliability: dict, name: str, ece: float | None = None, size: float = 4.5) -> bytes:
-    """The reliability diagram of ``clman.calibration.reliability_bins`` as PNG bytes: per equal-width bin of
+    """The reliability diagram of ``clman.evaluate.calibration.reliability_bins`` as PNG bytes: per equal-width bin of
     P(malignant), the share malignant against the mean score (the diagonal is perfect calibration), with
     each bin's video count; below, how many videos each bin holds."""
     import matplotlib
@@ -257,10 +257,10 @@ def write_evaluation(out_dir: str, name: str, scored: Mapping[str, Sequence], cf
                      validation_threshold: dict | None = None, notes: Sequence[str] = ()) -> dict:
     """Metrics with patient-bootstrap CIs and calibration, ``predictions.parquet``, ``roc.png`` (with its
     bootstrap band and the operating point), ``reliability.png``, ``metrics.json`` and ``report.md`` of one
-    scored split (``clman.train.scoring.score_split``) under ``out_dir``.
+    scored split (``clman.evaluate.scoring.score_split``) under ``out_dir``.
 
     ``cfg``: an ``EvaluateConfig`` (threshold, target sensitivity, bootstrap resamples, seed).
-    ``validation_threshold``: the threshold record the model stores (``clman.inference.stored_threshold``);
+    ``validation_threshold``: the threshold record the model stores (``clman.evaluate.inference.stored_threshold``);
     the ROC marks its operating point, else that of ``cfg.threshold``. ``notes``: lines for report.md.
     """
     scores = np.asarray(scored["score"], dtype=np.float64)

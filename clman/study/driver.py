@@ -30,9 +30,9 @@ Resume: a trial whose ``trials/<id>.json`` exists is left out of the grid, a cel
 last checkpoint (its name is the trial id). Every output is rebuilt from the trial files.
 
 Facts that shaped this module
-- A trial holds 0.01 CPU for its driver (``clman.tune.resources.DRIVER_CPUS``); its Train run
+- A trial holds 0.01 CPU for its driver (``clman.launch.resources.DRIVER_CPUS``); its Train run
   takes its workers' and decoders' CPUs when it starts, so ``max_concurrent_trials`` counts
-  those, like a sweep. Scoring (``clman.train.scoring``: 0.5-CPU decode tasks, a scoring
+  those, like a sweep. Scoring (``clman.evaluate.scoring``: 0.5-CPU decode tasks, a scoring
   actor per GPU, or one of 0.5 CPU) starts after the Train run has freed its CPUs; on a full
   cluster it waits for a neighbour's run to end, never for itself.
 - The from-scratch rows need no encoder, so they run beside the SimCLR runs in stage 1 rather
@@ -54,12 +54,12 @@ import pandas as pd
 from clman import config as C
 from clman import storage, study, tracking
 from clman.data.manifest import ManifestError, read_manifest, write_manifest
+from clman.errors import JobError
+from clman.evaluate import scoring
+from clman.launch import grid, resources, session, trainer
+from clman.launch.resources import DRIVER_CPUS, max_concurrent_trials
 from clman.study import FoldPlan, Row, StudyError, StudySets, Trial
-from clman.train import finetune, pretrain, runner, scoring
-from clman.train.ray_compat import keep_credentials_out_of_tune
-from clman.train.runner import JobError
-from clman.tune.driver import PlacementGroupReaper, TrackTrials
-from clman.tune.resources import DRIVER_CPUS, max_concurrent_trials
+from clman.train import finetune, pretrain
 
 log = logging.getLogger(__name__)
 
@@ -198,17 +198,17 @@ def plan_study(manifest: str, out: str, run_name: str, *, tables: str | None = N
 # ---------------------------------------------------------------- inside a Tune trial
 
 
-def _fit(job: runner.TrainJob, scale: C.ScaleConfig, out: str, name: str):
+def _fit(job: trainer.TrainJob, scale: C.ScaleConfig, out: str, name: str):
     """Run a Train job inside a Tune trial, each epoch's metrics passed on to Tune."""
     import ray.train
     from ray.tune.integration.ray_train import TuneReportCallback
 
     try:
-        result = runner.trainer(job, scale, out, name, callbacks=[TuneReportCallback()]).fit()
+        result = trainer.trainer(job, scale, out, name, callbacks=[TuneReportCallback()]).fit()
     except ray.train.TrainingFailedError as e:
-        raise JobError(runner.failure_line(name, e)) from None
+        raise JobError(trainer.failure_line(name, e)) from None
     if result.error is not None:
-        raise JobError(runner.failure_line(name, result.error))
+        raise JobError(trainer.failure_line(name, result.error))
     return result
 
 
@@ -230,12 +230,12 @@ def run_pretrain(run: StudyRun, fold: int, seed: int) -> dict:
     t0 = time.time()
     result = _fit(pretrain.train_job(cfg, manifest, list(TRAINING_SPLITS)), cfg.scale,
                   storage.join(run.run_dir, "pretrain"), name)
-    checkpoint, metrics = runner.pick_checkpoint(result, None)
+    checkpoint, metrics = trainer.pick_checkpoint(result, None)
     summary = {"encoder": run.encoder(fold, seed), "videos": videos, "unlabeled_videos": unlabeled,
                "loss": metrics.get("loss"), "seconds": time.time() - t0}
     storage.write_text(storage.join(run.run_dir, "pretrain", name, "metrics.json"),
                        json.dumps(summary, indent=2, default=float) + "\n")
-    runner.export_checkpoint(checkpoint, summary["encoder"])  # last: its presence marks a finished run
+    trainer.export_checkpoint(checkpoint, summary["encoder"])  # last: its presence marks a finished run
     log.info("pretrain %s done in %.0f s (loss %.4f)", name, summary["seconds"], summary["loss"] or math.nan)
     return summary
 
@@ -250,9 +250,9 @@ def run_trial(run: StudyRun, t: Trial) -> dict:
     t0 = time.time()
     job = finetune.train_job(cfg, manifest, encoder, has_val=len(val) > 0, rows=(train, val))
     result = _fit(job, cfg.scale, storage.join(run.run_dir, "train"), t.id)
-    checkpoint, kept = runner.pick_checkpoint(result, job.score)
+    checkpoint, kept = trainer.pick_checkpoint(result, job.score)
     model = storage.join(run.run_dir, "train", t.id, "model.pt")
-    runner.export_checkpoint(checkpoint, model)
+    trainer.export_checkpoint(checkpoint, model)
     train_s = time.time() - t0
 
     rows = read_manifest(manifest, split=["val", "test"])
@@ -326,29 +326,18 @@ def _run_grid(run: StudyRun, name: str, ids: list[str], configs: list,
     if not ids:
         return {}
     for cfg in configs:  # attached to an autoscaling cluster: wait for room for one trial of each kind
-        runner.check_resources(cfg.scale, cfg.data, extra_cpus=DRIVER_CPUS)
+        resources.check_resources(cfg.scale, cfg.data, extra_cpus=DRIVER_CPUS)
     concurrent = min(max_concurrent_trials(ray.cluster_resources(), cfg) for cfg in configs)
     log.info("study %s, %s: %d trial(s), up to %d at once", run.run_name, name, len(ids), concurrent)
-    fs, path = storage.arrow_fs(storage.join(run.run_dir, "tune"))
     trainable = tune.with_resources(tune.with_parameters(trial_driver, run=run), {"CPU": DRIVER_CPUS})
-    keep_credentials_out_of_tune()
-    callbacks = [PlacementGroupReaper()]
-    if track:
-        callbacks.append(TrackTrials(track, run.run_name, functools.partial(trial_config, run)))
-    tuner = tune.Tuner(
-        trainable,
-        param_space={"trial": tune.grid_search(ids)},
-        tune_config=tune.TuneConfig(max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=callbacks),
-    )
+    tuner = grid.tuner(trainable, {"trial": tune.grid_search(ids)}, name=name,
+                       storage_uri=storage.join(run.run_dir, "tune"), concurrent=concurrent, track=track,
+                       experiment=run.run_name, config_of=functools.partial(trial_config, run))
     results = tuner.fit()
     failed = {}
     for r in results:
         if r.error is not None:
-            lines = [ln.strip() for ln in str(r.error).splitlines() if ln.strip()]
-            failed[r.config["trial"]] = (lines[-1] if lines else type(r.error).__name__)[:300]
+            failed[r.config["trial"]] = trainer.error_line(r.error, limit=300)
     return failed
 
 
@@ -385,7 +374,7 @@ def run_study(run: StudyRun, address: str | None = None, resume: bool = False,
                  len(done), len(grid), len(cells))
     for fold, seed in {(t.fold, t.seed): None for t in todo}:
         write_manifest(run.split(fold, seed).manifest(), run.cell_manifest(fold, seed))
-    runner.init_ray(address)
+    session.init_ray(address)
 
     scratch = [t for t in todo if not t.row.pretrained]
     stage1 = [PRETRAIN_PREFIX + cell_name(*c) for c in cells] + [t.id for t in scratch]
