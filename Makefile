@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 DEV_LOCK := requirements-dev.lock
 
-.PHONY: test demo venv lock clean
+.PHONY: test demo venv lock clean format
 
 # The size and time it prints were measured on 2026-12-06 with a fresh venv: 7.0 GB, 13 min on the
 # project's 2-core machine while other jobs ran (torch, torchvision and 70 other wheels from a local
@@ -34,7 +34,14 @@ $(STAMP): pyproject.toml $(DEV_LOCK)
 venv: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
 	$(BIN)/python -X faulthandler -m pytest -q --durations=25 tests
+
+# ruff's formatting and the safe lint fixes, in place (make test checks both first).
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 demo: $(STAMP)
 	$(BIN)/python -m jobs.demo --config jobs/configs/demo-cpu.yaml

@@ -40,8 +40,7 @@ def synth_videos(n: int, frames: int, size: int, seed: int) -> list[np.ndarray]:
     return [generate_case(seed, i, i % 2, cfg).frames for i in range(n)]
 
 
-def measure(variants: dict, num_frames: list[int], T: int, rounds: int, size: int,
-            seed: int) -> list[dict]:
+def measure(variants: dict, num_frames: list[int], T: int, rounds: int, size: int, seed: int) -> list[dict]:
     """variants: name -> (fetch(i) -> bytes). Interleaved clip by clip, so load from
     other processes on a shared machine hits every variant alike."""
     from clman.data.frames import decode_stored_bytes
@@ -62,8 +61,16 @@ def measure(variants: dict, num_frames: list[int], T: int, rounds: int, size: in
                 assert clip.shape[0] == T and clip.shape[2:] == (size, size)
                 times[name] += (t1 - t0, t2 - t1)
             clips += 1
-    return [{"variant": name, "clips": clips, "clips_per_s": clips / t.sum(),
-             "fetch_ms": 1e3 * t[0] / clips, "decode_ms": 1e3 * t[1] / clips} for name, t in times.items()]
+    return [
+        {
+            "variant": name,
+            "clips": clips,
+            "clips_per_s": clips / t.sum(),
+            "fetch_ms": 1e3 * t[0] / clips,
+            "decode_ms": 1e3 * t[1] / clips,
+        }
+        for name, t in times.items()
+    ]
 
 
 def main(argv=None) -> int:
@@ -87,9 +94,11 @@ def main(argv=None) -> int:
     videos = synth_videos(args.videos, args.frames, args.size, args.seed)
     long_gop = [encode_mp4(v, fps=15, gop=250) for v in videos]
     short_gop = [transcode(b, gop=8) for b in long_gop]
-    print(f"made {args.videos} videos of {args.frames} frames {args.size}x{args.size} in "
-          f"{time.perf_counter() - t0:.1f} s; mean size long-GOP {np.mean([len(b) for b in long_gop]) / 1e3:.0f} kB, "
-          f"short-GOP {np.mean([len(b) for b in short_gop]) / 1e3:.0f} kB")
+    print(
+        f"made {args.videos} videos of {args.frames} frames {args.size}x{args.size} in "
+        f"{time.perf_counter() - t0:.1f} s; mean size long-GOP {np.mean([len(b) for b in long_gop]) / 1e3:.0f} kB, "
+        f"short-GOP {np.mean([len(b) for b in short_gop]) / 1e3:.0f} kB"
+    )
 
     server = None
     if args.bucket:
@@ -123,8 +132,10 @@ def main(argv=None) -> int:
     mem, s3, long = (r["clips_per_s"] for r in results)
     print(f"\ns3 / memory ceiling      = {s3 / mem:.2f}")
     print(f"s3 short GOP / long GOP  = {s3 / long:.2f}x")
-    print(f"(T={args.T} frames per clip from {args.frames}-frame videos, {args.size}px -> {args.crop}px, "
-          f"{args.videos} videos x {args.rounds} rounds per variant, one thread)")
+    print(
+        f"(T={args.T} frames per clip from {args.frames}-frame videos, {args.size}px -> {args.crop}px, "
+        f"{args.videos} videos x {args.rounds} rounds per variant, one thread)"
+    )
     return 0
 
 

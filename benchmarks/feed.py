@@ -152,7 +152,7 @@ def cached(decoded, tasks, per_batch, per_frame: bool, pin: bool, old: bool = Fa
     gathered straight into (pinned) memory as the jobs' Feed does; old: numpy fancy indexing and
     np.stack / np.concatenate, pinned after (the Feed before, variant ``cache-old``)."""
     for i in range(0, len(tasks) - per_batch + 1, per_batch):
-        picked = [(decoded[path][0], FR.pick(decoded[path][1], want)) for path, want, _ in tasks[i:i + per_batch]]
+        picked = [(decoded[path][0], FR.pick(decoded[path][1], want)) for path, want, _ in tasks[i : i + per_batch]]
         if old:
             arrays = [frames[rows] for frames, rows in picked]
             yield (np.concatenate if per_frame else np.stack)(arrays)
@@ -280,8 +280,9 @@ def finetune_step(args, device, precision, fed: bool, old: bool = False):
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.feed", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.feed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", type=int, default=64, help="training frame size (paper: 224)")
     p.add_argument("--frames", type=int, default=8, help="T frames per finetuning clip (paper: 16)")
@@ -294,17 +295,27 @@ def parse(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="torch.compile the steps (scale.compile)")
-    p.add_argument("--compile-mode", default="auto",
-                   help="torch.compile mode (scale.compile_mode): auto = reduce-overhead (CUDA graphs) on CUDA, "
-                        "default on CPU; or default, max-autotune, ...")
+    p.add_argument(
+        "--compile-mode",
+        default="auto",
+        help="torch.compile mode (scale.compile_mode): auto = reduce-overhead (CUDA graphs) on CUDA, "
+        "default on CPU; or default, max-autotune, ...",
+    )
     p.add_argument("--only", choices=("pretrain", "finetune"), help="time one of the two steps")
-    p.add_argument("--profile", type=int, default=0,
-                   help="then profile this many steps of the synthetic and each fed variant (torch.profiler): "
-                        "device time per step and the top kernels")
-    p.add_argument("--variants", default="device,cache,stream",
-                   help="fed variants, in order: device, device-old (keys outside the graph, a grid per frame: "
-                        "the steps before), cache, cache-old (batches stacked by numpy and pinned after: the "
-                        "Feed before), stream")
+    p.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="then profile this many steps of the synthetic and each fed variant (torch.profiler): "
+        "device time per step and the top kernels",
+    )
+    p.add_argument(
+        "--variants",
+        default="device,cache,stream",
+        help="fed variants, in order: device, device-old (keys outside the graph, a grid per frame: "
+        "the steps before), cache, cache-old (batches stacked by numpy and pinned after: the "
+        "Feed before), stream",
+    )
     p.add_argument("--media", type=Path, help="folder of pre-encoded .mp4 sweeps (else made here with PyAV)")
     p.add_argument("--save-media", type=Path, help="make the sweeps into this folder and stop")
     p.add_argument("--videos", type=int, default=24, help="sweeps to make")
@@ -381,9 +392,11 @@ def main(argv=None):
     stored = DataConfig(size=args.size).stored_size
     total = args.warmup + args.steps
     mode = amp.compile_mode(args.compile_mode, device) if args.compile else "off"
-    print(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
-          f"precision {precision}, compile {mode}, {args.procs} decode processes, "
-          f"{len(media)} sweeps in {args.media}")
+    print(
+        f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
+        f"precision {precision}, compile {mode}, {args.procs} decode processes, "
+        f"{len(media)} sweeps in {args.media}"
+    )
 
     if not args.skip_steps:
         b, s, t, pb = args.batch, args.size, args.frames, args.pretrain_batch
@@ -397,10 +410,20 @@ def main(argv=None):
             print(f"\n(cache: {len(media)} sweeps decoded once in {cache_s:.1f} s)")
             print(f"{'step':<9} {'input':<7} {'(a) synthetic':>16} {'(b) fed':>14} {'(b)/(a)':>8}", flush=True)
             for name, count, make_step, synthetic, tasks_fn in (
-                ("pretrain", 2 * pb, pretrain_step, lambda: torch.randn(2 * pb, 3, s, s, device=device),
-                 lambda: simclr_tasks(media, total, pb, args.m, stored)),
-                ("finetune", b, finetune_step, lambda: torch.randn(b, t, 3, s, s, device=device),
-                 lambda: clip_tasks(media, total, b, t, stored)),
+                (
+                    "pretrain",
+                    2 * pb,
+                    pretrain_step,
+                    lambda: torch.randn(2 * pb, 3, s, s, device=device),
+                    lambda: simclr_tasks(media, total, pb, args.m, stored),
+                ),
+                (
+                    "finetune",
+                    b,
+                    finetune_step,
+                    lambda: torch.randn(b, t, 3, s, s, device=device),
+                    lambda: clip_tasks(media, total, b, t, stored),
+                ),
             ):
                 if args.only and name != args.only:
                     continue
@@ -414,12 +437,13 @@ def main(argv=None):
                 per_frame, pin = name == "pretrain", device.type == "cuda"
                 step = make_step(args, device, precision, fed=True)  # one (compiled) step for all inputs
                 resident = next(cached(decoded, tasks, per_batch, per_frame, False)).to(device)
-                sources = {"device": lambda: (resident for _ in range(total)),  # augmentation only
-                           "device-old": lambda: (resident for _ in range(total)),
-                           "stream": lambda: prefetch(streamed(pool, tasks, per_batch, per_frame, pin), device),
-                           "cache": lambda: prefetch(cached(decoded, tasks, per_batch, per_frame, pin), device),
-                           "cache-old": lambda: prefetch(cached(decoded, tasks, per_batch, per_frame, pin, old=True),
-                                                         device)}
+                sources = {
+                    "device": lambda: (resident for _ in range(total)),  # augmentation only
+                    "device-old": lambda: (resident for _ in range(total)),
+                    "stream": lambda: prefetch(streamed(pool, tasks, per_batch, per_frame, pin), device),
+                    "cache": lambda: prefetch(cached(decoded, tasks, per_batch, per_frame, pin), device),
+                    "cache-old": lambda: prefetch(cached(decoded, tasks, per_batch, per_frame, pin, old=True), device),
+                }
                 for variant in args.variants.split(","):
                     run = make_step(args, device, precision, fed=True, old=True) if variant == "device-old" else step
                     fed = timed(run, ((xb, count) for xb in sources[variant]()), args.warmup, device)
@@ -431,8 +455,10 @@ def main(argv=None):
     if args.percore_seconds <= 0:
         return
     rates = per_core(media, args.percore_size, args.m, args.percore_seconds)
-    print(f"\nSimCLR input path, one process, {args.percore_size} px from {args.src_size} px sweeps: "
-          f"old {rates['old']:.1f} images/s, new {rates['new']:.1f} images/s (2 views per decoded frame)")
+    print(
+        f"\nSimCLR input path, one process, {args.percore_size} px from {args.src_size} px sweeps: "
+        f"old {rates['old']:.1f} images/s, new {rates['new']:.1f} images/s (2 views per decoded frame)"
+    )
     print(f"feed: simclr per-core new/old = {rates['new'] / rates['old']:.2f}")
 
 

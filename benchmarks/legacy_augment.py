@@ -32,9 +32,15 @@ def to_video(frames: np.ndarray | torch.Tensor) -> tv_tensors.Video:
     return tv_tensors.Video(frames)
 
 
-def _train_transform(size: int, scale: tuple[float, float], brightness: float,
-                     contrast: float, elastic_p: float, elastic_alpha: float,
-                     elastic_sigma: float) -> v2.Compose:
+def _train_transform(
+    size: int,
+    scale: tuple[float, float],
+    brightness: float,
+    contrast: float,
+    elastic_p: float,
+    elastic_alpha: float,
+    elastic_sigma: float,
+) -> v2.Compose:
     steps = [
         # Crop first: everything after runs on the small image.
         v2.RandomResizedCrop(size, scale=scale, antialias=True),
@@ -43,18 +49,19 @@ def _train_transform(size: int, scale: tuple[float, float], brightness: float,
         v2.ColorJitter(brightness=brightness, contrast=contrast),
     ]
     if elastic_p > 0:
-        steps.append(v2.RandomApply([v2.ElasticTransform(alpha=elastic_alpha, sigma=elastic_sigma)],
-                                    p=elastic_p))
+        steps.append(v2.RandomApply([v2.ElasticTransform(alpha=elastic_alpha, sigma=elastic_sigma)], p=elastic_p))
     steps.append(v2.Normalize(MEAN, STD))
     return v2.Compose(steps)
 
 
 def _eval_transform(size: int) -> v2.Compose:
-    return v2.Compose([
-        v2.Resize((size, size), antialias=True),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(MEAN, STD),
-    ])
+    return v2.Compose(
+        [
+            v2.Resize((size, size), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(MEAN, STD),
+        ]
+    )
 
 
 class ClipAugment:
@@ -64,13 +71,23 @@ class ClipAugment:
     keep its lesion (scale >= 0.6).
     """
 
-    def __init__(self, size: int, train: bool, scale: tuple[float, float] = (0.6, 1.0),
-                 brightness: float = 0.2, contrast: float = 0.2, elastic_p: float = 0.2,
-                 elastic_alpha: float = 30.0, elastic_sigma: float = 5.0):
+    def __init__(
+        self,
+        size: int,
+        train: bool,
+        scale: tuple[float, float] = (0.6, 1.0),
+        brightness: float = 0.2,
+        contrast: float = 0.2,
+        elastic_p: float = 0.2,
+        elastic_alpha: float = 30.0,
+        elastic_sigma: float = 5.0,
+    ):
         self.size, self.train = size, train
-        self.transform = (_train_transform(size, scale, brightness, contrast, elastic_p,
-                                           elastic_alpha, elastic_sigma)
-                          if train else _eval_transform(size))
+        self.transform = (
+            _train_transform(size, scale, brightness, contrast, elastic_p, elastic_alpha, elastic_sigma)
+            if train
+            else _eval_transform(size)
+        )
 
     def __call__(self, frames: np.ndarray | torch.Tensor) -> torch.Tensor:
         out = self.transform(to_video(frames))
@@ -84,19 +101,24 @@ class SimCLRAugment:
     pair is two augmentations of one image). Stronger than ClipAugment.
     """
 
-    def __init__(self, size: int, scale: tuple[float, float] = (0.2, 1.0),
-                 brightness: float = 0.4, contrast: float = 0.4, elastic_p: float = 0.5,
-                 elastic_alpha: float = 30.0, elastic_sigma: float = 5.0):
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.2, 1.0),
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        elastic_p: float = 0.5,
+        elastic_alpha: float = 30.0,
+        elastic_sigma: float = 5.0,
+    ):
         self.size = size
-        self.transform = _train_transform(size, scale, brightness, contrast, elastic_p,
-                                          elastic_alpha, elastic_sigma)
+        self.transform = _train_transform(size, scale, brightness, contrast, elastic_p, elastic_alpha, elastic_sigma)
 
     def __call__(self, frames: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         video = to_video(frames)  # (M, C, H, W)
         views = []
         for _ in range(2):
-            views.append(torch.stack([
-                self.transform(tv_tensors.Image(frame)).as_subclass(torch.Tensor)
-                for frame in video
-            ]))  # (M, C, size, size)
+            views.append(
+                torch.stack([self.transform(tv_tensors.Image(frame)).as_subclass(torch.Tensor) for frame in video])
+            )  # (M, C, size, size)
         return views[0], views[1]

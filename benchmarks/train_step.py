@@ -136,18 +136,31 @@ def main(argv=None) -> None:
     p.add_argument("--width", type=float, default=1.0, help="CLMAN width (1.0 = same channels as resnet18)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                   help="as scale.precision in the jobs' config (default auto)")
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="as scale.precision in the jobs' config (default auto)",
+    )
     p.add_argument("--compare-fp32", action="store_true", help="also time CLMAN in fp32 (GPU)")
-    p.add_argument("--ablate", action="store_true",
-                   help="also time the finetune step of each encoder variant (norm x non-local x memory format), "
-                        "to find what costs time")
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also time the finetune step of each encoder variant (norm x non-local x memory format), "
+        "to find what costs time",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile every model (CLMAN and baseline)")
-    p.add_argument("--gn", choices=CUDA_IMPLS,
-                   help="CUDA GroupNorm path of CLMAN's rows (default: triton where installed, else channels_last; "
-                        "reference = F.group_norm, the encoder before issue 26)")
-    p.add_argument("--gn-compare", action="store_true",
-                   help="also time finetune and pretrain with each CUDA GroupNorm path against resnet18 (GPU)")
+    p.add_argument(
+        "--gn",
+        choices=CUDA_IMPLS,
+        help="CUDA GroupNorm path of CLMAN's rows (default: triton where installed, else channels_last; "
+        "reference = F.group_norm, the encoder before issue 26)",
+    )
+    p.add_argument(
+        "--gn-compare",
+        action="store_true",
+        help="also time finetune and pretrain with each CUDA GroupNorm path against resnet18 (GPU)",
+    )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -163,29 +176,45 @@ def main(argv=None) -> None:
         images = images.contiguous(memory_format=torch.channels_last)
 
     prec = amp.resolve(args.precision, dev)
-    print(f"device {dev} ({torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}), {args.size}x{args.size}, "
-          f"T={args.frames}, finetune batch {args.batch}, pretrain batch {args.pretrain_batch} (x2 views), "
-          f"CLMAN width {args.width}, precision {prec}, "
-          f"GN {effective_cuda_impl() if dev == 'cuda' else 'nn.GroupNorm (CPU)'}, "
-          f"{'compiled, ' if args.compile else ''}torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"device {dev} ({torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}), {args.size}x{args.size}, "
+        f"T={args.frames}, finetune batch {args.batch}, pretrain batch {args.pretrain_batch} (x2 views), "
+        f"CLMAN width {args.width}, precision {prec}, "
+        f"GN {effective_cuda_impl() if dev == 'cuda' else 'nn.GroupNorm (CPU)'}, "
+        f"{'compiled, ' if args.compile else ''}torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
     n_clips, n_images = args.batch, images.shape[0]
 
     def ft(make, precision):
-        return _time(finetune_step(_prep(make(), dev, compile=args.compile), clips, labels, dev, precision), args.warmup, args.iters, dev)
+        return _time(
+            finetune_step(_prep(make(), dev, compile=args.compile), clips, labels, dev, precision),
+            args.warmup,
+            args.iters,
+            dev,
+        )
 
     def pt(make, precision):
-        return _time(pretrain_step(_prep(make(), dev, compile=args.compile), images, dev, precision), args.warmup, args.iters, dev)
+        return _time(
+            pretrain_step(_prep(make(), dev, compile=args.compile), images, dev, precision),
+            args.warmup,
+            args.iters,
+            dev,
+        )
 
     ft_ours, ft_base = ft(lambda: classifier_from(mcfg), prec), ft(PlainVideo, prec)
     pt_ours, pt_base = pt(lambda: simclr_from(mcfg), prec), pt(PlainSimCLR, prec)
     # (step, items, CLMAN (s, GiB), baseline (s, GiB), baseline name)
-    rows = [("finetune clips/s", n_clips, ft_ours, ft_base, "resnet18"),
-            ("pretrain images/s", n_images, pt_ours, pt_base, "resnet18")]
+    rows = [
+        ("finetune clips/s", n_clips, ft_ours, ft_base, "resnet18"),
+        ("pretrain images/s", n_images, pt_ours, pt_base, "resnet18"),
+    ]
     if args.compare_fp32 and prec != "fp32":
-        rows.append((f"finetune {prec} vs fp32", n_clips, ft_ours, ft(lambda: classifier_from(mcfg), "fp32"),
-                     "CLMAN fp32"))
-        rows.append((f"pretrain {prec} vs fp32", n_images, pt_ours, pt(lambda: simclr_from(mcfg), "fp32"),
-                     "CLMAN fp32"))
+        rows.append(
+            (f"finetune {prec} vs fp32", n_clips, ft_ours, ft(lambda: classifier_from(mcfg), "fp32"), "CLMAN fp32")
+        )
+        rows.append(
+            (f"pretrain {prec} vs fp32", n_images, pt_ours, pt(lambda: simclr_from(mcfg), "fp32"), "CLMAN fp32")
+        )
     if args.gn_compare and dev != "cuda":
         print("--gn-compare: needs CUDA (on CPU every GroupNorm path is the exact nn.GroupNorm); no GN rows")
     elif args.gn_compare:
@@ -200,10 +229,12 @@ def main(argv=None) -> None:
                 torch._dynamo.reset()
             try:  # the forward reads the path when (re)compiled: keep it set while the rows run
                 label = effective_cuda_impl()  # triton that fails to load runs channels_last
-                rows.append((f"finetune GN {label}", n_clips, ft(lambda: classifier_from(mcfg), prec), ft_base,
-                             "resnet18"))
-                rows.append((f"pretrain GN {label}", n_images, pt(lambda: simclr_from(mcfg), prec), pt_base,
-                             "resnet18"))
+                rows.append(
+                    (f"finetune GN {label}", n_clips, ft(lambda: classifier_from(mcfg), prec), ft_base, "resnet18")
+                )
+                rows.append(
+                    (f"pretrain GN {label}", n_images, pt(lambda: simclr_from(mcfg), prec), pt_base, "resnet18")
+                )
             finally:
                 set_cuda_impl(default)
     if args.ablate:
@@ -213,11 +244,25 @@ def main(argv=None) -> None:
             for stages in ((), (3, 4)):
                 for cl in (False, True):
                     cfg = dataclasses.replace(mcfg, norm=norm, nonlocal_stages=stages)
-                    t, mem = _time(finetune_step(_prep(classifier_from(cfg), dev, cl, args.compile), clips, labels, dev, prec),
-                                   args.warmup, args.iters, dev)
-                    rows.append((f"  {norm[0].upper()}N{'+NL' if stages else ''}{' cl' if cl else ''}", n_clips,
-                                 (t, mem), ft_base, "resnet18"))
-    print(f"{'step':<24}{'CLMAN':>10}{'baseline':>10}{'ratio':>8}  baseline" + ("   peak GiB (CLMAN / baseline)" if dev == "cuda" else ""))
+                    t, mem = _time(
+                        finetune_step(_prep(classifier_from(cfg), dev, cl, args.compile), clips, labels, dev, prec),
+                        args.warmup,
+                        args.iters,
+                        dev,
+                    )
+                    rows.append(
+                        (
+                            f"  {norm[0].upper()}N{'+NL' if stages else ''}{' cl' if cl else ''}",
+                            n_clips,
+                            (t, mem),
+                            ft_base,
+                            "resnet18",
+                        )
+                    )
+    print(
+        f"{'step':<24}{'CLMAN':>10}{'baseline':>10}{'ratio':>8}  baseline"
+        + ("   peak GiB (CLMAN / baseline)" if dev == "cuda" else "")
+    )
     for name, items, (ta, ma), (tb, mb), what in rows:
         mem = f"   {ma:.2f} / {mb:.2f}" if dev == "cuda" else ""
         print(f"{name:<24}{items / ta:>10.1f}{items / tb:>10.1f}{tb / ta:>8.2f}  {what}{mem}")

@@ -153,7 +153,9 @@ def load_checkpoint(path_or_uri: str | os.PathLike) -> dict:
     try:
         ckpt = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch.load raises many types on foreign or damaged files
-        raise CheckpointError(f"{uri} is not a clman checkpoint (torch.load(weights_only=True) failed: {_why(e)})") from e
+        raise CheckpointError(
+            f"{uri} is not a clman checkpoint (torch.load(weights_only=True) failed: {_why(e)})"
+        ) from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise CheckpointError(f"{uri} is not a clman checkpoint (format {found!r}, expected {FORMAT!r})")
@@ -171,11 +173,15 @@ def encoder_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
     if kind == "encoder":
         return dict(state)
     if kind not in ("simclr", "classifier"):
-        raise CheckpointError(f"cannot take an encoder from a checkpoint of kind {kind!r}; expected one of {', '.join(KINDS)}")
+        raise CheckpointError(
+            f"cannot take an encoder from a checkpoint of kind {kind!r}; expected one of {', '.join(KINDS)}"
+        )
     prefix = "encoder."
     out = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not out:
-        raise CheckpointError(f"{kind} checkpoint has no keys starting with {prefix!r} (first keys: {', '.join(list(state)[:3])})")
+        raise CheckpointError(
+            f"{kind} checkpoint has no keys starting with {prefix!r} (first keys: {', '.join(list(state)[:3])})"
+        )
     return out
 
 
@@ -198,7 +204,11 @@ def load_model_state(model: nn.Module, ckpt_or_state: dict, what: str = "checkpo
         if k in state and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
     problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch (saved vs model)", wrong_shape)):
+    for label, items in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatch (saved vs model)", wrong_shape),
+    ):
         if items:
             more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
             problems.append(f"{label} {', '.join(items[:3])}{more}")

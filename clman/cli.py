@@ -41,7 +41,11 @@ def one_line(error: BaseException) -> str:
 def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="preset YAML (jobs/configs/paper.yaml, jobs/configs/demo-cpu.yaml)")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
         help="override one config field, e.g. --set finetune.lr=3e-4 --set model.mma_depth=2",
     )
 
@@ -50,10 +54,16 @@ def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, help="Ray Train workers (overrides scale.num_workers)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; 0 = CPU workers with gloo")
     p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else start Ray here")
-    p.add_argument("--run-name", help="run folder under --out; the same name resumes an interrupted run "
-                                      "(one job at a time: a second one is refused while the first holds its lock)")
-    p.add_argument("--force-resume", action="store_true",
-                   help="resume the run even though its config, manifest or encoder differ from its first start's")
+    p.add_argument(
+        "--run-name",
+        help="run folder under --out; the same name resumes an interrupted run "
+        "(one job at a time: a second one is refused while the first holds its lock)",
+    )
+    p.add_argument(
+        "--force-resume",
+        action="store_true",
+        help="resume the run even though its config, manifest or encoder differ from its first start's",
+    )
 
 
 def overrides(args: argparse.Namespace) -> list[str]:
@@ -128,7 +138,10 @@ def main(argv: list[str] | None = None) -> None:
     except ModuleNotFoundError as err:
         if err.name is None or err.name.split(".")[0] in ("clman", "jobs"):
             raise  # our own code is broken: the traceback says where
-        print(f"error: clman {job} needs the package of module {err.name!r}, which is not installed "
-              "(pip install -e '.[dev]' installs every extra)", file=sys.stderr)
+        print(
+            f"error: clman {job} needs the package of module {err.name!r}, which is not installed "
+            "(pip install -e '.[dev]' installs every extra)",
+            file=sys.stderr,
+        )
         sys.exit(2)
     run_main(module.main, rest)

@@ -263,8 +263,10 @@ class FinetuneConfig:
         _at_least(where, "batch_size", self.batch_size, 1)
         _one_of(where, "optimizer", self.optimizer, OPTIMIZERS)
         if not self.lr >= 0:  # 0 is allowed: a run that must trigger the not-learning warning
-            raise ConfigError(f"{where}.lr: must be > 0 to learn (0 is accepted: a run that checks the "
-                              f"not-learning warning), got {self.lr!r}")
+            raise ConfigError(
+                f"{where}.lr: must be > 0 to learn (0 is accepted: a run that checks the "
+                f"not-learning warning), got {self.lr!r}"
+            )
         _one_of(where, "schedule", self.schedule, SCHEDULES)
         _in_range(where, "warmup_epochs", self.warmup_epochs, 0, self.epochs)
         _at_least(where, "encoder_lr_scale", self.encoder_lr_scale, 0.0)
@@ -275,8 +277,10 @@ class FinetuneConfig:
         _one_of(where, "class_weights", self.class_weights, CLASS_WEIGHTS)
         _in_range(where, "val_fraction", self.val_fraction, 0.0, 0.9)
         if not 0.0 < self.label_fraction <= 1.0:
-            raise ConfigError(f"{where}.label_fraction: must be in (0, 1] (1 = every labelled training patient), "
-                              f"got {self.label_fraction!r}")
+            raise ConfigError(
+                f"{where}.label_fraction: must be in (0, 1] (1 = every labelled training patient), "
+                f"got {self.label_fraction!r}"
+            )
         _at_least(where, "patience", self.patience, 0)
         _at_least(where, "select_window", self.select_window, 1)
         _one_of(where, "val_frames", self.val_frames, EVAL_FRAMES)
@@ -307,8 +311,10 @@ class EvaluateConfig:
 
     def check(self, where: str = "evaluate") -> None:
         if self.frames == "clip":  # the name before "clips": T segment centres = clips with K = 1
-            raise ConfigError(f"{where}.frames: 'clip' is now 'clips' with {where}.clips=1 (the T segment centres); "
-                              f"allowed: {list(EVAL_FRAMES)}")
+            raise ConfigError(
+                f"{where}.frames: 'clip' is now 'clips' with {where}.clips=1 (the T segment centres); "
+                f"allowed: {list(EVAL_FRAMES)}"
+            )
         _one_of(where, "frames", self.frames, EVAL_FRAMES)
         _at_least(where, "clips", self.clips, 1)
         _in_range(where, "threshold", self.threshold, 0.0, 1.0)
@@ -327,9 +333,11 @@ def check_scoring(frames: str, arch: str, num_frames: int) -> None:
     """evaluate.frames=all only for CLMAN, whose aggregator takes any number of frames: a Table 4 baseline
     trained on T frames about N / T apart is scored on clips like those (evaluate.frames=clips)."""
     if frames == "all" and arch != "clman":
-        raise ConfigError(f"evaluate.frames=all: model.arch={arch} is trained on clips of data.num_frames={num_frames} "
-                          "frames spread over the video and is scored on such clips; use evaluate.frames=clips "
-                          "('all', every frame at stride 1, is for CLMAN only)")
+        raise ConfigError(
+            f"evaluate.frames=all: model.arch={arch} is trained on clips of data.num_frames={num_frames} "
+            "frames spread over the video and is scored on such clips; use evaluate.frames=clips "
+            "('all', every frame at stride 1, is for CLMAN only)"
+        )
 
 
 def _one_of(where, key, value, allowed):
@@ -370,8 +378,9 @@ def _coerce(where: str, key: str, value: Any, tp: Any) -> Any:
                 return _coerce(where, key, value, tp_)
             except ConfigError as e:
                 errors.append(str(e))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{name}: expected one of {[t.__name__ for t in inner]}, got {value!r}")
+        raise ConfigError(
+            errors[0] if len(errors) == 1 else f"{name}: expected one of {[t.__name__ for t in inner]}, got {value!r}"
+        )
     if origin is tuple:
         (item, _ell) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -394,8 +403,9 @@ def _coerce(where: str, key: str, value: Any, tp: Any) -> Any:
         try:
             value = float(value)
         except OverflowError:  # an int too large for a float (10**400)
-            raise ConfigError(f"{name}: must be a finite number, got an integer of "
-                              f"{len(str(abs(value)))} digits") from None
+            raise ConfigError(
+                f"{name}: must be a finite number, got an integer of {len(str(abs(value)))} digits"
+            ) from None
         # NaN passes every range check (all comparisons are false) and inf breaks timeouts and
         # clipping silently: refused here, once, for every float key (YAML .nan/.inf, 1e999, --set).
         if not math.isfinite(value):
@@ -529,13 +539,18 @@ def _scoring_of(tree: Mapping[str, Any], values: dict) -> dict:
     sensitivity evaluate reports. A finetune value that differs fails, naming both keys."""
     ev = build(EvaluateConfig, tree.get("evaluate"), "evaluate")  # a bad evaluate key fails under its own name
     hints = typing.get_type_hints(FinetuneConfig)
-    for mine, theirs in (("val_frames", "frames"), ("val_clips", "clips"),
-                         ("val_target_sensitivity", "target_sensitivity")):
+    for mine, theirs in (
+        ("val_frames", "frames"),
+        ("val_clips", "clips"),
+        ("val_target_sensitivity", "target_sensitivity"),
+    ):
         value = getattr(ev, theirs)
         # a bad value is named as such (e.g. nan) before it is compared
         if mine in values and _coerce("finetune", mine, values[mine], hints[mine]) != value:
-            raise ConfigError(f"finetune.{mine}={values[mine]!r} differs from evaluate.{theirs}={value!r}: validation "
-                              f"scores videos as evaluation does; set evaluate.{theirs} alone")
+            raise ConfigError(
+                f"finetune.{mine}={values[mine]!r} differs from evaluate.{theirs}={value!r}: validation "
+                f"scores videos as evaluation does; set evaluate.{theirs} alone"
+            )
         values[mine] = value
     return values
 

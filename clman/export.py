@@ -68,7 +68,7 @@ def safetensors_metadata(data: bytes) -> dict:
     """The ``__metadata__`` of safetensors bytes: the format is an 8-byte little-endian header length,
     then that many bytes of JSON header."""
     n = int.from_bytes(data[:8], "little")
-    return dict(json.loads(data[8:8 + n]).get("__metadata__") or {})
+    return dict(json.loads(data[8 : 8 + n]).get("__metadata__") or {})
 
 
 def load_safetensors(data: bytes, where: str = "safetensors") -> torch.nn.Module:
@@ -95,9 +95,16 @@ def program_bytes(module: torch.nn.Module, example: torch.Tensor, fmt: str, dyna
         warnings.filterwarnings("ignore", message=r".*legacy TorchScript-based ONNX export.*")
         if fmt == "onnx":
             axes = {0: "batch", 1: "frames"} if dynamic_frames else {0: "batch"}
-            torch.onnx.export(module, (example,), buf, dynamo=False, opset_version=OPSET,
-                              input_names=["clips"], output_names=["p_malignant"],
-                              dynamic_axes={"clips": axes, "p_malignant": {0: "batch"}})
+            torch.onnx.export(
+                module,
+                (example,),
+                buf,
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=["clips"],
+                output_names=["p_malignant"],
+                dynamic_axes={"clips": axes, "p_malignant": {0: "batch"}},
+            )
         elif fmt == "torchscript":
             torch.jit.save(torch.jit.trace(module, (example,), check_trace=False), buf)
         else:
@@ -128,8 +135,10 @@ def check_program(data: bytes, fmt: str, module: torch.nn.Module, shapes) -> flo
             want = module(clips).numpy()
         worst = max(worst, float(np.abs(run_program(data, fmt, clips) - want).max()))
     if not worst <= TOLERANCE:
-        raise JobError(f"export: the {fmt} program scores clips {worst:.2e} away from the checkpoint "
-                       f"(tolerance {TOLERANCE:g}); not written")
+        raise JobError(
+            f"export: the {fmt} program scores clips {worst:.2e} away from the checkpoint "
+            f"(tolerance {TOLERANCE:g}); not written"
+        )
     return worst
 
 
@@ -148,17 +157,27 @@ def export_model(model_uri: str, out: str, fmt: str = "onnx") -> dict:
     shapes = [(1, t, 3, size, size), (3, t, 3, size, size)] + ([(2, t + 3, 3, size, size)] if dynamic else [])
     worst = check_program(program, fmt, module, shapes)
     weights = safetensors_bytes(model, C.to_dict(cfg))
-    files = {"program": storage.join(out, FILES[fmt]), "weights": storage.join(out, WEIGHTS),
-             "deploy": storage.join(out, DEPLOY)}
+    files = {
+        "program": storage.join(out, FILES[fmt]),
+        "weights": storage.join(out, WEIGHTS),
+        "deploy": storage.join(out, DEPLOY),
+    }
     deploy = {
         "threshold": stored or {"value": inference.DEFAULT_THRESHOLD, "chosen_on": None},
         "threshold_note": inference.describe_threshold(stored),
         "preprocessing": prep,
-        "program": {"file": FILES[fmt], "format": fmt, "opset": OPSET if fmt == "onnx" else None,
-                    "input": {"name": "clips", "dtype": "float32",
-                              "shape": ["batch", "frames" if dynamic else t, 3, size, size]},
-                    "output": {"name": "p_malignant", "dtype": "float32", "shape": ["batch"]},
-                    "max_abs_diff_vs_checkpoint": worst},
+        "program": {
+            "file": FILES[fmt],
+            "format": fmt,
+            "opset": OPSET if fmt == "onnx" else None,
+            "input": {
+                "name": "clips",
+                "dtype": "float32",
+                "shape": ["batch", "frames" if dynamic else t, 3, size, size],
+            },
+            "output": {"name": "p_malignant", "dtype": "float32", "shape": ["batch"]},
+            "max_abs_diff_vs_checkpoint": worst,
+        },
         "weights": {"file": WEIGHTS, "tensors": len(model.state_dict())},
         "config": C.to_dict(cfg),
     }

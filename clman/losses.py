@@ -13,8 +13,13 @@ from clman.distributed import all_gather_sizes, all_gather_with_grad, get_rank
 SAME_VIDEO = ("negative", "mask", "positive")
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, groups: torch.Tensor | None = None,
-            same_video: str = "negative") -> torch.Tensor:
+def nt_xent(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    temperature: float = 0.5,
+    groups: torch.Tensor | None = None,
+    same_video: str = "negative",
+) -> torch.Tensor:
     """NT-Xent (Chen et al. 2020) with negatives from every worker.
 
     z1, z2: (N, D) projections of two augmented views of this worker's N frames;
@@ -49,7 +54,9 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, groups
     gives that loss's gradient.
     """
     if z1.ndim != 2 or z1.shape != z2.shape:
-        raise ValueError(f"nt_xent needs two (N, D) tensors of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}")
+        raise ValueError(
+            f"nt_xent needs two (N, D) tensors of the same shape, got {tuple(z1.shape)} and {tuple(z2.shape)}"
+        )
     if z1.shape[0] == 0:
         raise ValueError("nt_xent got an empty batch (N = 0)")
     if not temperature > 0:
@@ -60,18 +67,26 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, groups
         if groups is None:
             raise ValueError(f"nt_xent same_video={same_video!r} needs groups: each row's video id")
         if groups.shape != (z1.shape[0],) or groups.is_floating_point() or groups.is_complex():
-            raise ValueError(f"nt_xent groups must be an (N,) = ({z1.shape[0]},) integer tensor, "
-                             f"got {tuple(groups.shape)} {groups.dtype}")
+            raise ValueError(
+                f"nt_xent groups must be an (N,) = ({z1.shape[0]},) integer tensor, "
+                f"got {tuple(groups.shape)} {groups.dtype}"
+            )
 
     # Similarities in float32 even under autocast: bf16 logits at t = 0.1 lose the
     # small differences between negatives that the loss is about.
     with torch.autocast(device_type=z1.device.type, enabled=False):
-        return _nt_xent_fp32(z1.float(), z2.float(), temperature,
-                             None if same_video == "negative" else groups.to(z1.device, torch.long), same_video)
+        return _nt_xent_fp32(
+            z1.float(),
+            z2.float(),
+            temperature,
+            None if same_video == "negative" else groups.to(z1.device, torch.long),
+            same_video,
+        )
 
 
-def _nt_xent_fp32(z1: torch.Tensor, z2: torch.Tensor, temperature: float, groups: torch.Tensor | None,
-                  same_video: str) -> torch.Tensor:
+def _nt_xent_fp32(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float, groups: torch.Tensor | None, same_video: str
+) -> torch.Tensor:
     n, dim = z1.shape
     z1 = F.normalize(z1, dim=1)
     z2 = F.normalize(z2, dim=1)

@@ -58,7 +58,9 @@ def _check_inputs(scores, labels, allow_empty: bool = False) -> tuple[torch.Tens
         s = s.to(torch.float64)
     bad = ~torch.isfinite(s)
     if bad.any():
-        raise ValueError(f"scores must be finite: {int(bad.sum())} non-finite value(s), first at index {int(bad.nonzero()[0])}")
+        raise ValueError(
+            f"scores must be finite: {int(bad.sum())} non-finite value(s), first at index {int(bad.nonzero()[0])}"
+        )
     bad = (s < 0) | (s > 1)
     if bad.any():
         i = int(bad.nonzero()[0])
@@ -365,8 +367,9 @@ def delong_test(scores_a, scores_b, labels) -> float:
     """
     from scipy.special import ndtr
 
-    aucs, cov = delong_covariance(np.stack([np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)]),
-                                  labels)
+    aucs, cov = delong_covariance(
+        np.stack([np.asarray(scores_a, np.float64), np.asarray(scores_b, np.float64)]), labels
+    )
     diff = aucs[0] - aucs[1]
     var = cov[0, 0] + cov[1, 1] - 2 * cov[0, 1]
     if not var > 1e-15:  # equal rankings, or every case on the same side
@@ -400,8 +403,9 @@ def mean_ci(values, alpha: float = 0.05) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def corrected_t_ci(fold_means, test_train_ratio: float | None = None,
-                   alpha: float = 0.05) -> tuple[float, float, float]:
+def corrected_t_ci(
+    fold_means, test_train_ratio: float | None = None, alpha: float = 0.05
+) -> tuple[float, float, float]:
     """(mean, lo, hi) over K cross-validation folds: the corrected resampled t of Nadeau & Bengio (2003).
 
     m +- t(1 - alpha/2, K - 1) * sqrt((1/K + n_test/n_train) * s^2), with m and s^2 (ddof 1) the
@@ -456,8 +460,9 @@ class PairedAUCBootstrap:
     skipped: int
 
 
-def paired_bootstrap_auc(scores_a, scores_b, labels, *, groups=None, n_boot: int = 1000, alpha: float = 0.05,
-                         seed: int = 0) -> PairedAUCBootstrap:
+def paired_bootstrap_auc(
+    scores_a, scores_b, labels, *, groups=None, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> PairedAUCBootstrap:
     """Paired percentile bootstrap of AUC(a) - AUC(b) on the same cases, resampling ``groups`` (patients).
 
     Each resample draws the patients with replacement (:func:`bootstrap_indices`, the draws of
@@ -503,5 +508,6 @@ def paired_bootstrap_auc(scores_a, scores_b, labels, *, groups=None, n_boot: int
         return PairedAUCBootstrap(float(aucs[0] - aucs[1]), nan, nan, nan, 0, skipped)
     lo, hi = np.percentile(d, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     below, above = (1 + int((d <= 0).sum())) / (d.size + 1), (1 + int((d >= 0).sum())) / (d.size + 1)
-    return PairedAUCBootstrap(float(aucs[0] - aucs[1]), float(lo), float(hi), float(min(1.0, 2 * min(below, above))),
-                              int(d.size), skipped)
+    return PairedAUCBootstrap(
+        float(aucs[0] - aucs[1]), float(lo), float(hi), float(min(1.0, 2 * min(below, above))), int(d.size), skipped
+    )

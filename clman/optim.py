@@ -81,11 +81,14 @@ class LARS(torch.optim.Optimizer):
             else:
                 w_norm = torch.stack(torch._foreach_norm(params))  # (P,)
                 g_norm = torch.stack(torch._foreach_norm(grads))
-                local_lr = torch.where(
-                    (w_norm > 0) & (g_norm > 0),
-                    eta * w_norm / (g_norm + wd * w_norm + eps),
-                    torch.ones_like(w_norm),
-                ) * lr
+                local_lr = (
+                    torch.where(
+                        (w_norm > 0) & (g_norm > 0),
+                        eta * w_norm / (g_norm + wd * w_norm + eps),
+                        torch.ones_like(w_norm),
+                    )
+                    * lr
+                )
                 updates = torch._foreach_add(grads, params, alpha=wd)
                 torch._foreach_mul_(updates, list(local_lr.unbind()))
             bufs = []
@@ -160,6 +163,8 @@ def schedule(name: str, step: int, total_steps: int, base_lr: float, warmup_step
     raise ValueError(f"unknown learning-rate schedule {name!r}; valid: {list(SCHEDULES)}")
 
 
-def finetune_sgd(params: Iterable, lr: float = 1e-4, momentum: float = 0.9, weight_decay: float = 5e-4) -> torch.optim.SGD:
+def finetune_sgd(
+    params: Iterable, lr: float = 1e-4, momentum: float = 0.9, weight_decay: float = 5e-4
+) -> torch.optim.SGD:
     """The paper's finetuning optimiser: SGD, lr 1e-4, momentum 0.9, weight decay 5e-4."""
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)

@@ -23,7 +23,6 @@ LINE_EVERY = 0.10  # not a terminal: a line per 10% of the work (and one at the 
 T = TypeVar("T")
 
 
-
 @dataclass
 class Terminal:
     """This process's terminal, saved while a quiet driver sends fd 2 to a file (None otherwise).
@@ -63,7 +62,8 @@ def track(items: Iterable[T], total: int, desc: str, unit: str = "it") -> Iterat
         yield item
         done += 1
         if total and (done / total >= next_line or done == total):
-            log.info("%s: %d/%d %s(s) (%.0f%%), %.0f s", desc, done, total, unit, 100 * done / total,
-                     time.monotonic() - t0)
+            log.info(
+                "%s: %d/%d %s(s) (%.0f%%), %.0f s", desc, done, total, unit, 100 * done / total, time.monotonic() - t0
+            )
             while next_line <= done / total:
                 next_line += LINE_EVERY

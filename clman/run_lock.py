@@ -70,8 +70,9 @@ RESUMABLE = ("scale.", "data.cache", "data.cache_fraction", "data.decode_tasks",
 def check_run_name(name: str | None, flag: str = "--run-name") -> str:
     """``name`` when it is one plain folder name, else a one-line :class:`C.ConfigError`."""
     if not name or name.startswith(".") or ".." in name or any(c in name for c in "/\\\0"):
-        raise C.ConfigError(f"{flag} {name!r}: must be one folder name: not empty, no '/', '\\' or '..', "
-                            "not starting with '.'")
+        raise C.ConfigError(
+            f"{flag} {name!r}: must be one folder name: not empty, no '/', '\\' or '..', not starting with '.'"
+        )
     return name
 
 
@@ -123,16 +124,25 @@ class Held(NamedTuple):
 class RunLock:
     """``<out>/<run_name>/.lock``: :meth:`acquire` or refuse, heartbeat while held, :meth:`release`."""
 
-    def __init__(self, out: str, run_name: str, job: str = "job", *,
-                 heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S):
+    def __init__(
+        self, out: str, run_name: str, job: str = "job", *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S
+    ):
         self.run_name = check_run_name(run_name)
         self.uri = storage.join(out, run_name, LOCK_FILE)
         self.path = "" if storage.is_s3(self.uri) else str(storage._local(self.uri))  # file:// too
         self.heartbeat_s, self.stale_s = heartbeat_s, stale_s
         pid, stat = os.getpid(), _stat(os.getpid())
-        self.info = {"run": run_name, "job": job, "host": socket.gethostname(), "pid": pid,
-                     "pid_start": stat[19] if stat else None, "boot_id": _boot_id(), "started": _utc(),
-                     "heartbeat": _utc(), "token": uuid.uuid4().hex}
+        self.info = {
+            "run": run_name,
+            "job": job,
+            "host": socket.gethostname(),
+            "pid": pid,
+            "pid_start": stat[19] if stat else None,
+            "boot_id": _boot_id(),
+            "started": _utc(),
+            "heartbeat": _utc(),
+            "token": uuid.uuid4().hex,
+        }
         self.etag: str | None = None
         self._held = False
         self._io = threading.Lock()  # one write of the lock at a time: heartbeat or release
@@ -201,8 +211,11 @@ class RunLock:
                 body, modified, etag, headers = storage._s3_call(self.uri, get)
             except storage.StorageNotFoundError:
                 return None
-            now = email.utils.parsedate_to_datetime(headers["date"]) if "date" in headers else \
-                dt.datetime.now(dt.timezone.utc)
+            now = (
+                email.utils.parsedate_to_datetime(headers["date"])
+                if "date" in headers
+                else dt.datetime.now(dt.timezone.utc)
+            )
             return Held(_parse(body), (now - modified).total_seconds(), etag)
         try:
             with open(self.path, "rb") as f:
@@ -247,18 +260,21 @@ class RunLock:
         info = held.info
         if held.age > self.stale_s:
             return f"no heartbeat for {held.age:.0f} s"
-        if (info.get("host"), info.get("boot_id")) == (self.info["host"], self.info["boot_id"]) \
-                and _gone(info.get("pid"), info.get("pid_start")):
+        if (info.get("host"), info.get("boot_id")) == (self.info["host"], self.info["boot_id"]) and _gone(
+            info.get("pid"), info.get("pid_start")
+        ):
             return f"its process {info.get('pid')} on this host is gone"
         return ""
 
     def refusal(self, held: Held) -> str:
         i = held.info
-        return (f"run {self.run_name!r} is in use: {self.uri} is held by host {i.get('host', '?')} pid "
-                f"{i.get('pid', '?')} ({i.get('job', 'a job')} started {i.get('started', '?')}, last heartbeat "
-                f"{held.age:.0f} s ago); wait for that job to end or stop it, or choose another --run-name "
-                f"(a lock whose holder is gone is taken over: at once on its host, elsewhere after "
-                f"{self.stale_s:.0f} s without heartbeat)")
+        return (
+            f"run {self.run_name!r} is in use: {self.uri} is held by host {i.get('host', '?')} pid "
+            f"{i.get('pid', '?')} ({i.get('job', 'a job')} started {i.get('started', '?')}, last heartbeat "
+            f"{held.age:.0f} s ago); wait for that job to end or stop it, or choose another --run-name "
+            f"(a lock whose holder is gone is taken over: at once on its host, elsewhere after "
+            f"{self.stale_s:.0f} s without heartbeat)"
+        )
 
     def acquire(self) -> "RunLock":
         """Take the lock, taking over a stale one; a one-line :class:`JobError` while another job holds it."""
@@ -274,16 +290,28 @@ class RunLock:
             why = self.stale(held)
             if not why:
                 raise JobError(self.refusal(held))
-            log.warning("run %r: taking over the lock of host %s pid %s (started %s): %s", self.run_name,
-                        held.info.get("host"), held.info.get("pid"), held.info.get("started"), why)
+            log.warning(
+                "run %r: taking over the lock of host %s pid %s (started %s): %s",
+                self.run_name,
+                held.info.get("host"),
+                held.info.get("pid"),
+                held.info.get("started"),
+                why,
+            )
             if self._swap(held):
                 break
         else:
-            raise JobError(f"run {self.run_name!r}: {self.uri} changed hands 5 times while this job tried to "
-                           "take it; is another job starting with this --run-name?")
+            raise JobError(
+                f"run {self.run_name!r}: {self.uri} changed hands 5 times while this job tried to "
+                "take it; is another job starting with this --run-name?"
+            )
         if storage.is_s3(self.uri) and self._put(IfNoneMatch="*") is not None:
-            log.warning("the S3 server at %s ignores If-None-Match: the lock %s cannot refuse a second job "
-                        "with this --run-name", storage._endpoint_name(), self.uri)
+            log.warning(
+                "the S3 server at %s ignores If-None-Match: the lock %s cannot refuse a second job "
+                "with this --run-name",
+                storage._endpoint_name(),
+                self.uri,
+            )
         self._held = True
         self._stop.clear()
         atexit.register(self.release)
@@ -307,8 +335,13 @@ class RunLock:
                 if etag is not None:
                     storage.write_bytes(self.uri, self._body())
             if etag is None:
-                log.error("run %r: the lock %s was taken over by another job (this one's heartbeat lapsed "
-                          "for %.0f s?); two jobs may now write this run", self.run_name, self.uri, self.stale_s)
+                log.error(
+                    "run %r: the lock %s was taken over by another job (this one's heartbeat lapsed "
+                    "for %.0f s?); two jobs may now write this run",
+                    self.run_name,
+                    self.uri,
+                    self.stale_s,
+                )
                 self._held = False
                 return False
             self.etag = etag or self.etag
@@ -335,8 +368,9 @@ class RunLock:
                 if held is not None and held.info.get("token") == self.info["token"]:
                     self._delete()
             except Exception as e:  # the job's own outcome matters more; the lock goes stale
-                log.warning("run %r: could not remove the lock %s: %s", self.run_name, self.uri,
-                            storage._scrub(str(e))[:300])
+                log.warning(
+                    "run %r: could not remove the lock %s: %s", self.run_name, self.uri, storage._scrub(str(e))[:300]
+                )
 
 
 def _parse(body: bytes) -> dict:
@@ -363,15 +397,25 @@ def fingerprint(job: str, cfg, manifest: str, encoder: str | None = None, **args
     """The record of what a run computes: ``job``, ``cfg`` but RESUMABLE, ``args`` (e.g. pretrain's
     split) and the sha256 of the manifest's and the encoder's bytes; ``record["fingerprint"]`` sums it up."""
     tree = C.to_dict(cfg)  # the job's own fields at the top: named as --set names them (finetune.lr)
-    tree = {**{k: v for k, v in tree.items() if isinstance(v, dict)},
-            job: {k: v for k, v in tree.items() if not isinstance(v, dict)}}
+    tree = {
+        **{k: v for k, v in tree.items() if isinstance(v, dict)},
+        job: {k: v for k, v in tree.items() if not isinstance(v, dict)},
+    }
     config = {k: v for k, v in _flat(tree).items() if not k.startswith(RESUMABLE)}
     config.update({"job": job, **{f"--{k}": v for k, v in args.items()}})
-    parts = {"config": _sha256(json.dumps(config, sort_keys=True)),
-             "manifest": _sha256(storage.read_bytes(manifest)),
-             "encoder": _sha256(storage.read_bytes(encoder)) if encoder else None}
-    return {"fingerprint": _sha256(json.dumps(parts, sort_keys=True)), "sha256": parts, "manifest": manifest,
-            "encoder": encoder, "config": config, "excluded": list(RESUMABLE)}
+    parts = {
+        "config": _sha256(json.dumps(config, sort_keys=True)),
+        "manifest": _sha256(storage.read_bytes(manifest)),
+        "encoder": _sha256(storage.read_bytes(encoder)) if encoder else None,
+    }
+    return {
+        "fingerprint": _sha256(json.dumps(parts, sort_keys=True)),
+        "sha256": parts,
+        "manifest": manifest,
+        "encoder": encoder,
+        "config": config,
+        "excluded": list(RESUMABLE),
+    }
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -385,13 +429,17 @@ def differences(old: dict, new: dict) -> list[str]:
         found.append(f"config ({', '.join(changed[:3]) + more if changed else 'another config'})")
     for part in ("manifest", "encoder"):
         if sums.get(part) != new["sha256"][part]:
-            found.append(f"{part} ({old.get(part) or 'none'} -> {new[part] or 'none'}, other bytes)"
-                         if old.get(part) != new[part] else f"{part} ({new[part]}: its bytes changed)")
+            found.append(
+                f"{part} ({old.get(part) or 'none'} -> {new[part] or 'none'}, other bytes)"
+                if old.get(part) != new[part]
+                else f"{part} ({new[part]}: its bytes changed)"
+            )
     return found
 
 
-def check_resume(run_dir: str, record: dict, force: bool = False,
-                 has_checkpoint: Callable[[], bool] = lambda: True) -> None:
+def check_resume(
+    run_dir: str, record: dict, force: bool = False, has_checkpoint: Callable[[], bool] = lambda: True
+) -> None:
     """Refuse to continue the run in ``run_dir`` with inputs other than its first start's (one line).
 
     First start: writes ``run.json``. ``force`` (``--force-resume``): a warning, and run.json takes the
@@ -415,14 +463,17 @@ def check_resume(run_dir: str, record: dict, force: bool = False,
         elif force:
             log.warning("--force-resume: run %r continues from its checkpoints with another %s", name, what)
         else:
-            raise JobError(f"run {name!r} was started with another {what}; rerun with its first inputs, choose "
-                           "another --run-name, or pass --force-resume to continue it anyway")
+            raise JobError(
+                f"run {name!r} was started with another {what}; rerun with its first inputs, choose "
+                "another --run-name, or pass --force-resume to continue it anyway"
+            )
     storage.write_text(uri, json.dumps(record, indent=2, default=str) + "\n")
 
 
 @contextlib.contextmanager
-def claim(out: str, run_name: str, record: dict, *, force: bool = False,
-          has_checkpoint: Callable[[], bool] = lambda: True) -> Iterator[RunLock]:
+def claim(
+    out: str, run_name: str, record: dict, *, force: bool = False, has_checkpoint: Callable[[], bool] = lambda: True
+) -> Iterator[RunLock]:
     """For the ``with`` block: hold the run's lock, its fingerprint checked (:func:`check_resume`)."""
     with RunLock(out, run_name, record["config"].get("job", "job")) as lock:
         check_resume(storage.join(out, run_name), record, force, has_checkpoint)

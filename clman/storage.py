@@ -94,16 +94,25 @@ REACHED_ENV = "CLMAN_S3_REACHED"  # "1": the job reached the endpoint already (r
 MULTIPART_THRESHOLD = 64 * 1024 * 1024  # bytes; larger writes use a multipart upload
 
 _THROTTLE_CODES = {
-    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-    "RequestThrottled", "ServiceUnavailable", "InternalError", "RequestTimeout",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequests",
+    "RequestThrottled",
+    "ServiceUnavailable",
+    "InternalError",
+    "RequestTimeout",
 }
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 _EXPIRED_CODES = {"ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired"}
 _SKEW_CODES = {"RequestTimeTooSkewed", "RequestExpired"}
 _TOKEN_VARIABLES = ("AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")  # botocore reads both
-_EXPIRED = ("the S3 session token has expired — refresh the credentials (aws sso login, or export new "
-            "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN)")
+_EXPIRED = (
+    "the S3 session token has expired — refresh the credentials (aws sso login, or export new "
+    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN)"
+)
 _INVALID_TOKEN = "the S3 session token is invalid — check AWS_SESSION_TOKEN (it must match AWS_ACCESS_KEY_ID)"
 
 
@@ -130,7 +139,7 @@ def _check_scheme(uri: str) -> None:
 
 def _split(uri: str) -> tuple[str, str]:
     """s3://bucket/a/b -> ("bucket", "a/b")."""
-    rest = str(uri)[len("s3://"):]
+    rest = str(uri)[len("s3://") :]
     bucket, _, key = rest.partition("/")
     if not bucket:
         raise StorageError(f"{uri}: no bucket name in S3 URI; expected s3://bucket/key")
@@ -140,7 +149,7 @@ def _split(uri: str) -> tuple[str, str]:
 def _local(uri: str) -> Path:
     uri = str(uri)
     _check_scheme(uri)
-    return Path(uri[len("file://"):] if uri.startswith("file://") else uri)
+    return Path(uri[len("file://") :] if uri.startswith("file://") else uri)
 
 
 def join(base: str, *parts: str) -> str:
@@ -214,8 +223,10 @@ def _credentials_hint() -> str:
 
 
 def _skew() -> str:
-    return (f"clock skew between this machine and {_endpoint_name()} — the request time is off by more than "
-            "the server allows: check NTP / the system clock")
+    return (
+        f"clock skew between this machine and {_endpoint_name()} — the request time is off by more than "
+        "the server allows: check NTP / the system clock"
+    )
 
 
 def _token_or_clock_cause(code: str) -> str | None:
@@ -237,7 +248,7 @@ def s3_problem(text: str) -> str | None:
     ExpiredToken ...", "AWS Error REQUEST_TIME_TOO_SKEWED ...", "AWS Error REQUEST_EXPIRED ...".
     """
     text = str(text)
-    text = text[text.find("AWS Error"):] if "AWS Error" in text else text  # not the key and bucket before it
+    text = text[text.find("AWS Error") :] if "AWS Error" in text else text  # not the key and bucket before it
     if re.search(r"expired_?token|token_?refresh_?required", text, re.IGNORECASE):
         return _EXPIRED
     if re.search(r"invalid_?token", text, re.IGNORECASE):
@@ -272,8 +283,13 @@ def endpoint_reached() -> bool:
 def _is_transient(exc: BaseException) -> bool:
     """Throttling, 5xx, a connection dropped mid-request, or an outage: worth retrying the operation."""
     from botocore.exceptions import (
-        ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError, IncompleteReadError,
-        ReadTimeoutError, ResponseStreamingError,
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
     )
 
     if isinstance(exc, ClientError):
@@ -305,8 +321,15 @@ def with_retries(
             if attempt == attempts or not _is_transient(exc):
                 raise
             delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-            logger.warning("%s: transient S3 error at %s (%s), retry %d/%d in %.1f s", what, _endpoint_name(),
-                           _scrub(type(exc).__name__ + ": " + str(exc))[:200], attempt, attempts - 1, delay)
+            logger.warning(
+                "%s: transient S3 error at %s (%s), retry %d/%d in %.1f s",
+                what,
+                _endpoint_name(),
+                _scrub(type(exc).__name__ + ": " + str(exc))[:200],
+                attempt,
+                attempts - 1,
+                delay,
+            )
             sleep(delay)
     raise AssertionError("unreachable")
 
@@ -315,16 +338,23 @@ def _translate(uri: str, exc: BaseException) -> StorageError:
     """A botocore / boto3 exception as a one-line StorageError naming `uri`."""
     from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import (
-        ClientError, ConnectTimeoutError, EndpointConnectionError, NoCredentialsError, PartialCredentialsError,
-        TokenRetrievalError, UnauthorizedSSOTokenError,
+        ClientError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        TokenRetrievalError,
+        UnauthorizedSSOTokenError,
     )
 
     bucket = _split(uri)[0] if is_s3(uri) else ""
     if isinstance(exc, (EndpointConnectionError, ConnectTimeoutError)):
         return StorageError(f"{uri}: cannot reach endpoint {_endpoint_name()}")
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-        return StorageError(f"{uri}: no S3 credentials — set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                            "(+ AWS_SESSION_TOKEN) or AWS_PROFILE")
+        return StorageError(
+            f"{uri}: no S3 credentials — set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+            "(+ AWS_SESSION_TOKEN) or AWS_PROFILE"
+        )
     if isinstance(exc, (UnauthorizedSSOTokenError, TokenRetrievalError)):  # the SSO session behind the profile
         return StorageError(f"{uri}: {_EXPIRED}")
     if isinstance(exc, ClientError):
@@ -435,8 +465,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         else:
             from boto3.s3.transfer import TransferConfig
 
-            config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD,
-                                    multipart_chunksize=MULTIPART_THRESHOLD)
+            config = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD, multipart_chunksize=MULTIPART_THRESHOLD)
             _s3_call(uri, lambda: client.upload_fileobj(io.BytesIO(data), bucket, key, Config=config))
         return
     path = _local(uri)

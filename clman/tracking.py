@@ -50,25 +50,44 @@ log = logging.getLogger(__name__)
 KINDS = ("mlflow", "tensorboard")
 STEP_KEY = "epoch"  # the metric whose value is the step of the others
 # Reported beside the metrics by Tune (``ray.tune.result.AUTO_RESULT_KEYS``) or our Tune callback: not metrics.
-NOT_METRICS = frozenset({STEP_KEY, "training_iteration", "time_total_s", "time_this_iter_s", "timestamp",
-                         "time_since_restore", "iterations_since_restore", "timesteps_since_restore",
-                         "timesteps_total", "episodes_total", "pid", "done", "epochs_done"})
+NOT_METRICS = frozenset(
+    {
+        STEP_KEY,
+        "training_iteration",
+        "time_total_s",
+        "time_this_iter_s",
+        "timestamp",
+        "time_since_restore",
+        "iterations_since_restore",
+        "timesteps_since_restore",
+        "timesteps_total",
+        "episodes_total",
+        "pid",
+        "done",
+        "epochs_done",
+    }
+)
 
 
 @dataclass(frozen=True)
 class Target:
     kind: str  # one of KINDS
-    uri: str   # MLflow tracking URI, or TensorBoard's local folder
+    uri: str  # MLflow tracking URI, or TensorBoard's local folder
 
     def describe(self) -> str:
         return f"{self.kind}:{self.uri}"
 
 
 def add_args(p) -> None:
-    p.add_argument("--track", action="append", default=[], metavar="KIND:WHERE",
-                   help="also log the config and every epoch's metrics to mlflow:<tracking URI> (e.g. "
-                        "mlflow:file:///data/mlruns, offline) or tensorboard:<folder>; repeatable; "
-                        "needs pip install 'clman[track]'")
+    p.add_argument(
+        "--track",
+        action="append",
+        default=[],
+        metavar="KIND:WHERE",
+        help="also log the config and every epoch's metrics to mlflow:<tracking URI> (e.g. "
+        "mlflow:file:///data/mlruns, offline) or tensorboard:<folder>; repeatable; "
+        "needs pip install 'clman[track]'",
+    )
 
 
 def parse_targets(specs: Iterable[str] | None) -> tuple[Target, ...]:
@@ -77,14 +96,18 @@ def parse_targets(specs: Iterable[str] | None) -> tuple[Target, ...]:
     for spec in specs or ():
         kind, sep, where = str(spec).partition(":")
         if not sep or kind not in KINDS or not where.strip():
-            raise C.ConfigError(f"--track {spec!r}: expected mlflow:<tracking URI> or tensorboard:<folder>, "
-                                f"e.g. mlflow:file:///tmp/mlruns")
+            raise C.ConfigError(
+                f"--track {spec!r}: expected mlflow:<tracking URI> or tensorboard:<folder>, "
+                f"e.g. mlflow:file:///tmp/mlruns"
+            )
         where = where.strip()
         if kind == "mlflow":
             parts = urllib.parse.urlsplit(where)
             if parts.password:
-                raise C.ConfigError(f"--track mlflow:{parts.scheme}://...: the URI holds a password; give it in "
-                                    "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead")
+                raise C.ConfigError(
+                    f"--track mlflow:{parts.scheme}://...: the URI holds a password; give it in "
+                    "MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD instead"
+                )
             if not parts.scheme or len(parts.scheme) == 1:  # a bare path (or a Windows drive): a file store
                 where = "file://" + os.path.abspath(os.path.expanduser(where))
         elif "://" in where:
@@ -118,8 +141,11 @@ def config_params(cfg) -> dict[str, str]:
 def metrics_of(result: Mapping) -> tuple[int | None, dict[str, float]]:
     """(step, {name: value}) of one report: its real-number metrics, the epoch as the step."""
     step = result.get(STEP_KEY)
-    values = {k: float(v) for k, v in result.items()
-              if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)}
+    values = {
+        k: float(v)
+        for k, v in result.items()
+        if k not in NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
     return (int(step) if isinstance(step, (int, float)) and math.isfinite(step) else None), values
 
 
@@ -127,8 +153,9 @@ def _mlflow():
     try:
         from mlflow.tracking import MlflowClient
     except ImportError:
-        raise JobError("--track mlflow:...: the mlflow package is missing: pip install 'clman[track]' "
-                       "(or mlflow-skinny)") from None
+        raise JobError(
+            "--track mlflow:...: the mlflow package is missing: pip install 'clman[track]' (or mlflow-skinny)"
+        ) from None
     return MlflowClient
 
 
@@ -136,8 +163,9 @@ def _summary_writer():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise JobError("--track tensorboard:...: the tensorboard package is missing: pip install 'clman[track]' "
-                       "(or tensorboard)") from None
+        raise JobError(
+            "--track tensorboard:...: the tensorboard package is missing: pip install 'clman[track]' (or tensorboard)"
+        ) from None
     return SummaryWriter
 
 
@@ -182,12 +210,14 @@ class Run:
             except JobError:
                 raise
             except Exception as e:
-                raise JobError(f"--track {target.describe()}: cannot start run {self.name!r}: "
-                               f"{type(e).__name__}: {_first_line(e)}") from None
+                raise JobError(
+                    f"--track {target.describe()}: cannot start run {self.name!r}: {type(e).__name__}: {_first_line(e)}"
+                ) from None
         return self
 
-    def _start_mlflow(self, target: Target, params: Mapping[str, str], config_yaml: str,
-                      tags: Mapping[str, str]) -> None:
+    def _start_mlflow(
+        self, target: Target, params: Mapping[str, str], config_yaml: str, tags: Mapping[str, str]
+    ) -> None:
         from mlflow.entities import Param, RunTag
 
         client = self._client(target)
@@ -195,8 +225,11 @@ class Run:
         experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
         run = client.create_run(experiment_id, run_name=self.name)
         run_id = self.run_ids[target.uri] = run.info.run_id
-        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in params.items()],
-                         tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        client.log_batch(
+            run_id,
+            params=[Param(k, v[:6000]) for k, v in params.items()],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
         client.log_text(run_id, config_yaml, "config.yaml")
 
     def log(self, result: Mapping) -> None:
@@ -212,8 +245,9 @@ class Run:
                     from mlflow.entities import Metric
 
                     now = int(time.time() * 1000)
-                    self._client(target).log_batch(self.run_ids[target.uri], metrics=[
-                        Metric(k, v, now, step or 0) for k, v in values.items()])
+                    self._client(target).log_batch(
+                        self.run_ids[target.uri], metrics=[Metric(k, v, now, step or 0) for k, v in values.items()]
+                    )
                 else:
                     writer = self._writer(target)
                     for k, v in values.items():
@@ -221,8 +255,13 @@ class Run:
                     writer.flush()
             except Exception as e:  # tracking is a view on the run: it never stops it
                 self._broken.add(target)
-                log.warning("--track %s: logging run %r failed (%s: %s); it goes on untracked there",
-                            target.describe(), self.name, type(e).__name__, _first_line(e))
+                log.warning(
+                    "--track %s: logging run %r failed (%s: %s); it goes on untracked there",
+                    target.describe(),
+                    self.name,
+                    type(e).__name__,
+                    _first_line(e),
+                )
 
     def finish(self, failed: bool = False) -> None:
         """Mark MLflow runs FINISHED / FAILED, close TensorBoard writers (never raises)."""
@@ -233,8 +272,13 @@ class Run:
                 elif target.kind == "tensorboard" and target in self._open:
                     self._open[target].close()
             except Exception as e:
-                log.warning("--track %s: closing run %r failed (%s: %s)", target.describe(), self.name,
-                            type(e).__name__, _first_line(e))
+                log.warning(
+                    "--track %s: closing run %r failed (%s: %s)",
+                    target.describe(),
+                    self.name,
+                    type(e).__name__,
+                    _first_line(e),
+                )
         self._open = {t: o for t, o in self._open.items() if t.kind == "mlflow"}
 
 
@@ -243,8 +287,9 @@ def start_run(targets: Iterable[Target], experiment: str, name: str, cfg, **tags
     targets = tuple(targets)
     if not targets:
         return None
-    run = Run(targets, experiment, name).start(config_params(cfg), C.to_yaml(cfg),
-                                               {f"clman.{k}": v for k, v in tags.items()})
+    run = Run(targets, experiment, name).start(
+        config_params(cfg), C.to_yaml(cfg), {f"clman.{k}": v for k, v in tags.items()}
+    )
     log.info("tracking run %s of %s: %s", name, experiment, ", ".join(t.describe() for t in targets))
     return run
 

@@ -36,17 +36,25 @@ log = logging.getLogger("jobs.demo")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     cli.add_config_args(p)
     p.add_argument("--workdir", default=".demo", help="local folder for the S3 data and the copied report")
     p.add_argument("--cases", type=int, default=268, help="synthetic sweeps (the paper has 268)")
-    p.add_argument("--difficulty", choices=sorted(DIFFICULTY_KNOBS), default="default",
-                   help="which phantom: default, or hard (overlapping classes, focal signs, five codecs; "
-                        "clman.data.synth)")
+    p.add_argument(
+        "--difficulty",
+        choices=sorted(DIFFICULTY_KNOBS),
+        default="default",
+        help="which phantom: default, or hard (overlapping classes, focal signs, five codecs; clman.data.synth)",
+    )
     p.add_argument("--frames", type=int, default=None, help="frames per synthetic sweep (default 24; hard: 30 +- 8)")
-    p.add_argument("--synth-size", type=int, default=None,
-                   help="synthetic frame size in pixels (default 64; hard: 96 high, 1.1-1.35x as wide)")
+    p.add_argument(
+        "--synth-size",
+        type=int,
+        default=None,
+        help="synthetic frame size in pixels (default 64; hard: 96 high, 1.1-1.35x as wide)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bucket", default="clman-demo")
     tracking.add_args(p)  # the three runs in MLflow experiment (TensorBoard folder) "demo"
@@ -66,8 +74,10 @@ def one_line_summary(result) -> str:
     outcomes = ", ".join(f"{v} {k}" for k, v in result.counts.items() if v)
     if not result.usable:
         return outcomes
-    splits = "; ".join(f"{split} {int(r.videos)} videos ({int(r.patients)} patients, {int(r.malignant)} malignant)"
-                       for split, r in M.summarize(result.manifest).iterrows())
+    splits = "; ".join(
+        f"{split} {int(r.videos)} videos ({int(r.patients)} patients, {int(r.malignant)} malignant)"
+        for split, r in M.summarize(result.manifest).iterrows()
+    )
     return f"{outcomes}: {splits}"
 
 
@@ -94,16 +104,25 @@ def run(args: argparse.Namespace) -> dict:
         raw, data, runs = f"{root}/raw", f"{root}/data", f"{root}/runs"
 
         synth = synth_config(args)
-        stage(2, f"making {args.cases} synthetic sweeps ({args.difficulty} phantom, {synth.frames} frames, "
-                 f"{synth.size}px) -> {raw}")
+        stage(
+            2,
+            f"making {args.cases} synthetic sweeps ({args.difficulty} phantom, {synth.frames} frames, "
+            f"{synth.size}px) -> {raw}",
+        )
         if not storage.exists(storage.join(raw, "labels.csv")):
             write_dataset(raw, args.cases, seed=args.seed, cfg=synth, workers=os.cpu_count())
         else:
             log.info("already there; skipping")
 
         stage(3, f"ingesting -> {data}/manifest.parquet")
-        result = ingest(labeled_items(raw, storage.join(raw, "labels.csv")), data, ratios=(0.6, 0.0, 0.4),
-                        seed=args.seed, workers=os.cpu_count() or 1, keep_ids=True)
+        result = ingest(
+            labeled_items(raw, storage.join(raw, "labels.csv")),
+            data,
+            ratios=(0.6, 0.0, 0.4),
+            seed=args.seed,
+            workers=os.cpu_count() or 1,
+            keep_ids=True,
+        )
         log.info("%s", one_line_summary(result))
         manifest = storage.join(data, "manifest.parquet")
 
@@ -114,10 +133,12 @@ def run(args: argparse.Namespace) -> dict:
         # Ray's own output (and the workers' warnings) to a file; stages, epochs, the table here.
         session.init_ray(log_file=str(workdir / "ray.log"))
         pre = pretrain.run(pre_cfg, manifest, runs, "pretrain", track=track, experiment="demo")
-        with_cl = finetune.run(fin_cfg, manifest, runs, "clman-cl", encoder=pre["encoder"], track=track,
-                               experiment="demo")
-        without_cl = finetune.run(fin_cfg, manifest, runs, "clman-scratch", encoder=None, track=track,
-                                  experiment="demo")
+        with_cl = finetune.run(
+            fin_cfg, manifest, runs, "clman-cl", encoder=pre["encoder"], track=track, experiment="demo"
+        )
+        without_cl = finetune.run(
+            fin_cfg, manifest, runs, "clman-scratch", encoder=None, track=track, experiment="demo"
+        )
 
         stage(5, "evaluating both on the test split")
         out = storage.join(runs, "demo-report")
@@ -133,12 +154,17 @@ def run(args: argparse.Namespace) -> dict:
         storage.write_bytes(storage.join(out, "roc.png"), report.roc_png(curves))
         paired = paired_difference(scored_of, eval_cfg)
         minutes = (time.time() - t0) / 60
-        notes = [f"Synthetic data ({args.difficulty} phantom): {args.cases} sweeps, {synth.frames} frames at "
-                 f"{synth.size}px, seed {args.seed}. "
-                 f"Config: `{args.config}`. Whole demo: {minutes:.1f} min.",
-                 f"{rows['With CL (CLMAN)']['scoring']}.", paired]
-        storage.write_text(storage.join(out, "report.md"),
-                           report.markdown(rows, title="CLMAN demo: effect of contrastive pretraining", notes=notes))
+        notes = [
+            f"Synthetic data ({args.difficulty} phantom): {args.cases} sweeps, {synth.frames} frames at "
+            f"{synth.size}px, seed {args.seed}. "
+            f"Config: `{args.config}`. Whole demo: {minutes:.1f} min.",
+            f"{rows['With CL (CLMAN)']['scoring']}.",
+            paired,
+        ]
+        storage.write_text(
+            storage.join(out, "report.md"),
+            report.markdown(rows, title="CLMAN demo: effect of contrastive pretraining", notes=notes),
+        )
         report.write_json(storage.join(out, "metrics.json"), {**rows, "paired_difference": paired})
         local = workdir / "report"
         local.mkdir(parents=True, exist_ok=True)
@@ -166,12 +192,19 @@ def paired_difference(scored: dict, eval_cfg) -> str:
     order = {v: i for i, v in enumerate(b["video_id"])}
     common = [i for i, v in enumerate(a["video_id"]) if v in order]  # both scored (a video may fail to decode)
     pick_b = [order[a["video_id"][i]] for i in common]
-    res = paired_bootstrap_auc(np.asarray(a["score"])[common], np.asarray(b["score"])[pick_b],
-                               np.asarray(a["label"])[common], groups=np.asarray(a["patient_id"])[common],
-                               n_boot=eval_cfg.bootstrap, seed=eval_cfg.seed)
-    return (f"AUC with CL - without CL: {100 * res.diff:+.2f} points (95% CI {100 * res.lo:+.2f} to "
-            f"{100 * res.hi:+.2f}), p = {res.p:.3f}: paired patient bootstrap, {res.resamples} resamples, "
-            f"{len(common)} test videos")
+    res = paired_bootstrap_auc(
+        np.asarray(a["score"])[common],
+        np.asarray(b["score"])[pick_b],
+        np.asarray(a["label"])[common],
+        groups=np.asarray(a["patient_id"])[common],
+        n_boot=eval_cfg.bootstrap,
+        seed=eval_cfg.seed,
+    )
+    return (
+        f"AUC with CL - without CL: {100 * res.diff:+.2f} points (95% CI {100 * res.lo:+.2f} to "
+        f"{100 * res.hi:+.2f}), p = {res.p:.3f}: paired patient bootstrap, {res.resamples} resamples, "
+        f"{len(common)} test videos"
+    )
 
 
 def main(argv=None) -> int:

@@ -30,8 +30,9 @@ from clman.launch import session
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="model.pt written by jobs.finetune")
     p.add_argument("--manifest", required=True, help="manifest.parquet written by jobs.ingest")
     p.add_argument("--split", default="test", help="train | val | test (default: test)")
@@ -42,8 +43,15 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig, out: str | None = None,
-        name: str = "CLMAN", address: str | None = None) -> dict:
+def run(
+    checkpoint: str,
+    manifest: str,
+    split: str,
+    cfg: C.EvaluateConfig,
+    out: str | None = None,
+    name: str = "CLMAN",
+    address: str | None = None,
+) -> dict:
     # A manifest of another version, a missing column, an unknown split or the unlabelled one (no
     # labels to score against) fails here, before Ray starts.
     check_labeled_split(split, manifest)
@@ -53,8 +61,9 @@ def run(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfig, out: 
     out = out or storage.join(checkpoint.rsplit("/", 1)[0], f"eval-{split}")
     scored = scoring.score_split(checkpoint, manifest, split, cfg)
     deployed = inference.stored_threshold(ckpt.load_checkpoint(checkpoint))  # chosen on validation, never here
-    result = report.write_evaluation(out, name, scored, cfg, deployed,
-                                     notes=[f"Deployed threshold: {inference.describe_threshold(deployed)}."])
+    result = report.write_evaluation(
+        out, name, scored, cfg, deployed, notes=[f"Deployed threshold: {inference.describe_threshold(deployed)}."]
+    )
     result["scoring"] = scored["scoring"]
     report.write_json(storage.join(out, "metrics.json"), result)  # again, saying how the videos were scored
     result["out"] = out
@@ -66,14 +75,18 @@ def main(argv=None) -> int:
     cfg = C.load("evaluate", args.config, args.overrides)
     result = run(args.checkpoint, args.manifest, args.split, cfg, args.out, args.name, args.address)
     print(report.table_rows({args.name: result}))
-    print(f"\nspecificity at {100 * cfg.target_sensitivity:.0f}% sensitivity: "
-          f"{report.fmt_pct(result['specificity_at_sensitivity']['specificity'])}%")
+    print(
+        f"\nspecificity at {100 * cfg.target_sensitivity:.0f}% sensitivity: "
+        f"{report.fmt_pct(result['specificity_at_sensitivity']['specificity'])}%"
+    )
     print(result["scoring"])
     op = result["operating_point"]
     print(inference.describe_threshold(op["validation"] if op else None))
     if op:
-        print(f"at it on split {args.split}: sensitivity {report.fmt_pct(op['sensitivity'])}%, "
-              f"specificity {report.fmt_pct(op['specificity'])}%")
+        print(
+            f"at it on split {args.split}: sensitivity {report.fmt_pct(op['sensitivity'])}%, "
+            f"specificity {report.fmt_pct(op['specificity'])}%"
+        )
     cal = result["calibration"]
     print(f"calibration: Brier {cal['brier']:.3f}, ECE {cal['ece']:.3f} ({cal['ece_bins']} bins)")
     print(f"outputs: {result['out']}/ (report.md, roc.png, reliability.png, metrics.json, predictions.parquet)")

@@ -22,13 +22,17 @@ from clman.export import FORMATS, check_format, export_model
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--model", required=True, help="model.pt written by jobs.finetune (path or s3:// URI)")
     p.add_argument("--out", required=True, help="output folder (path or s3:// URI)")
-    p.add_argument("--format", default="onnx",
-                   help=f"{' | '.join(FORMATS)} (default onnx: served by onnxruntime, TensorRT, Triton without "
-                        "PyTorch; torchscript needs libtorch, and PyTorch 2.14 warns that torch.jit is deprecated)")
+    p.add_argument(
+        "--format",
+        default="onnx",
+        help=f"{' | '.join(FORMATS)} (default onnx: served by onnxruntime, TensorRT, Triton without "
+        "PyTorch; torchscript needs libtorch, and PyTorch 2.14 warns that torch.jit is deprecated)",
+    )
     return p.parse_args(argv)
 
 

@@ -37,8 +37,9 @@ log = logging.getLogger("jobs.finetune")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.finetune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--manifest", required=True, help="manifest.parquet written by jobs.ingest")
     p.add_argument("--out", required=True, help="storage root for runs (path or s3:// URI)")
     p.add_argument("--encoder", help="encoder.pt from jobs.pretrain; omit to train from scratch")
@@ -64,12 +65,22 @@ def check_encoder(uri: str, cfg: C.FinetuneConfig) -> None:
     # Shapes too, in case the config was edited by hand.
     from clman.models.build import classifier_from
 
-    ckpt.load_model_state(classifier_from(cfg.model).encoder, ckpt.encoder_state_dict(state),
-                          what=f"encoder checkpoint {uri}")
+    ckpt.load_model_state(
+        classifier_from(cfg.model).encoder, ckpt.encoder_state_dict(state), what=f"encoder checkpoint {uri}"
+    )
 
 
-def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: str | None = None,
-        address: str | None = None, force_resume: bool = False, track=(), experiment: str = "finetune") -> dict:
+def run(
+    cfg: C.FinetuneConfig,
+    manifest: str,
+    out: str,
+    run_name: str,
+    encoder: str | None = None,
+    address: str | None = None,
+    force_resume: bool = False,
+    track=(),
+    experiment: str = "finetune",
+) -> dict:
     """Finetune; returns {"model": URI, "metrics": metrics of the kept checkpoint}.
 
     The run's lock is held from before Ray starts to the end; a resume must have the first start's
@@ -79,41 +90,69 @@ def run(cfg: C.FinetuneConfig, manifest: str, out: str, run_name: str, encoder: 
     """
     run_lock.check_run_name(run_name)
     train_rows, val_rows = finetune.check_data(manifest)
-    train_rows, val_rows, validation = finetune.validation_split(train_rows, val_rows, cfg.val_fraction,
-                                                                 cfg.seed, manifest)
+    train_rows, val_rows, validation = finetune.validation_split(
+        train_rows, val_rows, cfg.val_fraction, cfg.seed, manifest
+    )
     log.info("%s", validation["note"])
     # After the carve: the validation patients are the same at every label fraction
-    train_rows, labels = finetune.label_subset(train_rows, cfg.label_fraction, cfg.seed, manifest,
-                                               finetune.min_training_videos(cfg))
+    train_rows, labels = finetune.label_subset(
+        train_rows, cfg.label_fraction, cfg.seed, manifest, finetune.min_training_videos(cfg)
+    )
     if cfg.label_fraction < 1:
         log.info("%s", labels["note"])
     if cfg.patience and not len(val_rows):
         log.info("finetune.patience=%d unused: no validation to stop on", cfg.patience)
     if encoder and not is_clman(cfg.model):
-        raise JobError(f"--encoder {encoder}: contrastive pretraining applies to CLMAN only; model.arch="
-                       f"{cfg.model.arch} trains from the data alone (drop --encoder; model.weights loads "
-                       "weights of this arch)")
+        raise JobError(
+            f"--encoder {encoder}: contrastive pretraining applies to CLMAN only; model.arch="
+            f"{cfg.model.arch} trains from the data alone (drop --encoder; model.weights loads "
+            "weights of this arch)"
+        )
     if encoder:
         check_encoder(encoder, cfg)
     record = run_lock.fingerprint("finetune", cfg, manifest, encoder)
     with trainer.claim(out, run_name, record, force_resume):
-        return _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation, labels,
-                    track, experiment)
+        return _run(
+            cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation, labels, track, experiment
+        )
 
 
-def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, validation, labels=None,
-         track=(), experiment="finetune") -> dict:
+def _run(
+    cfg,
+    manifest,
+    out,
+    run_name,
+    encoder,
+    address,
+    train_rows,
+    val_rows,
+    validation,
+    labels=None,
+    track=(),
+    experiment="finetune",
+) -> dict:
     session.init_ray(address)
     resources.check_resources(cfg.scale, cfg.data)
     run_dir = storage.join(out, run_name)
     storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
     has_val = len(val_rows) > 0
-    log.info("finetune %s: %d train / %d val clips, T=%d, global batch %d, %d epochs, %s lr %g (%s), encoder %s",
-             run_name, len(train_rows), len(val_rows), cfg.data.num_frames, cfg.batch_size, cfg.epochs,
-             cfg.optimizer, cfg.lr, cfg.schedule, encoder or "from scratch")
+    log.info(
+        "finetune %s: %d train / %d val clips, T=%d, global batch %d, %d epochs, %s lr %g (%s), encoder %s",
+        run_name,
+        len(train_rows),
+        len(val_rows),
+        cfg.data.num_frames,
+        cfg.batch_size,
+        cfg.epochs,
+        cfg.optimizer,
+        cfg.lr,
+        cfg.schedule,
+        encoder or "from scratch",
+    )
     job = finetune.train_job(cfg, manifest, encoder, has_val, rows=(train_rows, val_rows))
-    tracked = tracking.start_run(track, experiment, run_name, cfg, job="finetune", manifest=manifest,
-                                 encoder=encoder or "")
+    tracked = tracking.start_run(
+        track, experiment, run_name, cfg, job="finetune", manifest=manifest, encoder=encoder or ""
+    )
     t0 = time.time()
     result = trainer.fit(job, cfg.scale, out, run_name, tracked)
     checkpoint, metrics = trainer.pick_checkpoint(result, job.score)
@@ -122,18 +161,32 @@ def _run(cfg, manifest, out, run_name, encoder, address, train_rows, val_rows, v
     last = result.metrics or {}
     window = finetune.selection_window(cfg)
     kept_by = f"best val_score (mean val AUC of {window} epochs)" if window > 1 else "best val_auc"
-    summary = {"model": model_uri, "kept": kept_by if has_val else "last", "metrics": metrics,
-               "last_metrics": last, "validation": validation, "labels": labels,
-               "stopped_early": bool(last.get("stopped_early")),
-               "warnings": [last["warning"]] if last.get("warning") else [],
-               "history": finetune.history(result.checkpoint), "seconds": time.time() - t0}
+    summary = {
+        "model": model_uri,
+        "kept": kept_by if has_val else "last",
+        "metrics": metrics,
+        "last_metrics": last,
+        "validation": validation,
+        "labels": labels,
+        "stopped_early": bool(last.get("stopped_early")),
+        "warnings": [last["warning"]] if last.get("warning") else [],
+        "history": finetune.history(result.checkpoint),
+        "seconds": time.time() - t0,
+    }
     report.write_json(storage.join(run_dir, "metrics.json"), summary)
     kept = f"epoch {metrics.get('epoch', -1) + 1}" + (f", val AUC {metrics['val_auc']:.3f}" if has_val else "")
     if has_val and "val_score" in metrics and window > 1:
         kept += f", val score {metrics['val_score']:.3f}"
-    log.info("finetune %s done in %.0f s -> %s (%s: %s)%s%s", run_name, summary["seconds"], model_uri,
-             summary["kept"], kept, ", stopped early" if summary["stopped_early"] else "",
-             ", NOT LEARNING: see metrics.json 'warnings'" if summary["warnings"] else "")
+    log.info(
+        "finetune %s done in %.0f s -> %s (%s: %s)%s%s",
+        run_name,
+        summary["seconds"],
+        model_uri,
+        summary["kept"],
+        kept,
+        ", stopped early" if summary["stopped_early"] else "",
+        ", NOT LEARNING: see metrics.json 'warnings'" if summary["warnings"] else "",
+    )
     return summary
 
 
@@ -142,8 +195,16 @@ def main(argv=None) -> int:
     cfg = C.load("finetune", args.config, cli.overrides(args))
     track = tracking.parse_targets(args.track)
     with session.quiet_terminal():  # on a terminal: a bar per run, Ray's lines in a file
-        run(cfg, args.manifest, args.out, args.run_name or "finetune", args.encoder, args.address,
-            args.force_resume, track)
+        run(
+            cfg,
+            args.manifest,
+            args.out,
+            args.run_name or "finetune",
+            args.encoder,
+            args.address,
+            args.force_resume,
+            track,
+        )
     return 0
 
 

@@ -47,46 +47,78 @@ log = logging.getLogger("jobs.ingest")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--videos", help="folder or s3:// prefix of videos (with --labels), or the BUV root")
     src.add_argument("--dicom", help="folder or s3:// prefix of multi-frame DICOM files (with --labels)")
     p.add_argument("--labels", help="labels.csv (path or s3:// URI)")
-    p.add_argument("--layout", choices=("labels", "buv"), default="labels",
-                   help="buv: --videos holds rawframes/{benign,malignant,unlabeled}/<video-id>/<frame>.png")
-    p.add_argument("--unlabeled", action="store_true",
-                   help="every video in --labels is unlabelled (split 'unlabeled', for pretraining); the file "
-                        "may then have no label column. Mixed files need no flag: leave those labels empty")
+    p.add_argument(
+        "--layout",
+        choices=("labels", "buv"),
+        default="labels",
+        help="buv: --videos holds rawframes/{benign,malignant,unlabeled}/<video-id>/<frame>.png",
+    )
+    p.add_argument(
+        "--unlabeled",
+        action="store_true",
+        help="every video in --labels is unlabelled (split 'unlabeled', for pretraining); the file "
+        "may then have no label column. Mixed files need no flag: leave those labels empty",
+    )
     how = p.add_mutually_exclusive_group()
-    how.add_argument("--split", help="train,val,test patient fractions (default 0.6,0.0,0.4, the "
-                                     "paper's 6:4); stratified by label")
-    how.add_argument("--folds", type=int, default=0,
-                     help="K-fold cross-validation instead: a fold 0..K-1 per patient, split 'train'")
+    how.add_argument(
+        "--split", help="train,val,test patient fractions (default 0.6,0.0,0.4, the paper's 6:4); stratified by label"
+    )
+    how.add_argument(
+        "--folds", type=int, default=0, help="K-fold cross-validation instead: a fold 0..K-1 per patient, split 'train'"
+    )
     p.add_argument("--seed", type=int, default=0, help="split seed; the same seed gives the same split")
-    p.add_argument("--salt", help=f"secret key of the id pseudonyms (default: ${I.SALT_ENV}); prefer the "
-                                  "variable, arguments show up in process lists; never written anywhere")
-    p.add_argument("--keep-ids", action="store_true",
-                   help="keep the labels' video and patient ids (only for ids that are already pseudonyms)")
-    p.add_argument("--id-map", metavar="URI",
-                   help="write the pseudonym <-> source file / patient mapping (CSV) here; it names "
-                        "patients: keep it with the source data, not with the outputs")
-    p.add_argument("--scan-region", default=None, metavar="auto|off|crop=x,y,w,h",
-                   help="crop frames to the scan region, cutting burned-in text and banners: auto = "
-                        "the area that changes over the sweep (default for DICOM; off otherwise)")
+    p.add_argument(
+        "--salt",
+        help=f"secret key of the id pseudonyms (default: ${I.SALT_ENV}); prefer the "
+        "variable, arguments show up in process lists; never written anywhere",
+    )
+    p.add_argument(
+        "--keep-ids",
+        action="store_true",
+        help="keep the labels' video and patient ids (only for ids that are already pseudonyms)",
+    )
+    p.add_argument(
+        "--id-map",
+        metavar="URI",
+        help="write the pseudonym <-> source file / patient mapping (CSV) here; it names "
+        "patients: keep it with the source data, not with the outputs",
+    )
+    p.add_argument(
+        "--scan-region",
+        default=None,
+        metavar="auto|off|crop=x,y,w,h",
+        help="crop frames to the scan region, cutting burned-in text and banners: auto = "
+        "the area that changes over the sweep (default for DICOM; off otherwise)",
+    )
     p.add_argument("--max-bytes", type=int, default=I.Limits.max_bytes, help="reject larger source files")
     p.add_argument("--max-frames", type=int, default=I.Limits.max_frames, help="reject longer videos")
-    p.add_argument("--max-side", type=int, default=I.Limits.max_side,
-                   help="reject frames wider or taller than this (pixels; read from the header)")
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
-                   help="videos transcoded in parallel (threads)")
-    p.add_argument("--gop", type=int, default=8,
-                   help="keyframe interval of the clips; small = cheap random access, larger files")
-    p.add_argument("--crf", type=int, default=18, help="x264 quality (lower = better, bigger); 18 is "
-                                                       "visually lossless for ultrasound")
-    p.add_argument("--fps", type=float, default=30.0,
-                   help="frame rate for frame folders and DICOM without timing tags")
+    p.add_argument(
+        "--max-side",
+        type=int,
+        default=I.Limits.max_side,
+        help="reject frames wider or taller than this (pixels; read from the header)",
+    )
+    p.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="videos transcoded in parallel (threads)"
+    )
+    p.add_argument(
+        "--gop", type=int, default=8, help="keyframe interval of the clips; small = cheap random access, larger files"
+    )
+    p.add_argument(
+        "--crf",
+        type=int,
+        default=18,
+        help="x264 quality (lower = better, bigger); 18 is visually lossless for ultrasound",
+    )
+    p.add_argument("--fps", type=float, default=30.0, help="frame rate for frame folders and DICOM without timing tags")
     return p.parse_args(argv)
 
 
@@ -102,8 +134,10 @@ def collect(args: argparse.Namespace) -> list[I.SourceItem]:
         if args.labels:
             raise I.IngestError("--layout buv takes labels from the folder names; drop --labels")
         if unlabeled:
-            raise I.IngestError("--layout buv takes labels from the folder names: put unlabelled videos in "
-                                "rawframes/unlabeled/ and drop --unlabeled")
+            raise I.IngestError(
+                "--layout buv takes labels from the folder names: put unlabelled videos in "
+                "rawframes/unlabeled/ and drop --unlabeled"
+            )
         return I.buv_items(args.videos)
     if not args.labels:
         raise I.IngestError("--videos needs --labels (or --layout buv)")
@@ -126,17 +160,28 @@ def main(argv=None) -> int:
         I.Pseudonyms(I.resolve_salt(args.salt), args.keep_ids)  # no salt: say so before reading anything
         items = collect(args)
         log.info("ingesting %d item(s) into %s", len(items), args.out)
-        result = I.ingest(items, args.out, ratios=ratios, folds=args.folds, seed=args.seed,
-                          salt=args.salt, keep_ids=args.keep_ids, id_map=args.id_map,
-                          scan_region=region, limits=limits, workers=args.workers, gop=args.gop,
-                          crf=args.crf, fps=args.fps)
+        result = I.ingest(
+            items,
+            args.out,
+            ratios=ratios,
+            folds=args.folds,
+            seed=args.seed,
+            salt=args.salt,
+            keep_ids=args.keep_ids,
+            id_map=args.id_map,
+            scan_region=region,
+            limits=limits,
+            workers=args.workers,
+            gop=args.gop,
+            crf=args.crf,
+            fps=args.fps,
+        )
     except (I.IngestError, ManifestError, ScanRegionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(I.summary_table(result))
     if not result.usable:
-        print(f"error: no usable video in {len(items)} item(s); see {args.out}/rejects.parquet",
-              file=sys.stderr)
+        print(f"error: no usable video in {len(items)} item(s); see {args.out}/rejects.parquet", file=sys.stderr)
         return 1
     return 0
 

@@ -36,35 +36,57 @@ from clman.config import ConfigError
 from clman.data.sampling import all_frame_indices, scoring_clips, segment_indices
 from clman.data.frames import to_stored
 from clman.data.video import VideoError, decode_frames_resized, probe_video
-from clman.evaluate.inference import (DEFAULT_THRESHOLD, describe_threshold, load_classifier, score_clips,
-                             stored_preprocessing, stored_threshold)
+from clman.evaluate.inference import (
+    DEFAULT_THRESHOLD,
+    describe_threshold,
+    load_classifier,
+    score_clips,
+    stored_preprocessing,
+    stored_threshold,
+)
 
 log = logging.getLogger("jobs.predict")
 LABELS = ("benign", "malignant")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.predict", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="model.pt written by jobs.finetune")
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="mp4 / avi / DICOM, paths or s3:// URIs")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="malignant when P >= threshold, in [0, 1]. Default: the one model.pt stores, chosen on "
-                        "the validation videos for evaluate.target_sensitivity (0.5 for a model.pt without one). "
-                        "To use another, choose it on validation data, never on the test split the model is "
-                        "judged on")
-    p.add_argument("--frames", choices=("model", "all", "clip"), default="model",
-                   help="model (default): as validation scored videos, the protocol model.pt stores (the mean "
-                        "of K clips of T frames), which is what its threshold was chosen on; all: one clip of "
-                        "every frame (up to --max-frames); clip: the T segment centres")
-    p.add_argument("--max-frames", type=int, default=512,
-                   help="at most this many frames (segment centres) per video, >= 1 (--frames all)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="malignant when P >= threshold, in [0, 1]. Default: the one model.pt stores, chosen on "
+        "the validation videos for evaluate.target_sensitivity (0.5 for a model.pt without one). "
+        "To use another, choose it on validation data, never on the test split the model is "
+        "judged on",
+    )
+    p.add_argument(
+        "--frames",
+        choices=("model", "all", "clip"),
+        default="model",
+        help="model (default): as validation scored videos, the protocol model.pt stores (the mean "
+        "of K clips of T frames), which is what its threshold was chosen on; all: one clip of "
+        "every frame (up to --max-frames); clip: the T segment centres",
+    )
+    p.add_argument(
+        "--max-frames",
+        type=int,
+        default=512,
+        help="at most this many frames (segment centres) per video, >= 1 (--frames all)",
+    )
     p.add_argument("--top", type=int, default=3, help="how many most-weighted frames to list, >= 0")
     p.add_argument("--json", default="predictions.json", help="where to write the JSON (path or s3:// URI)")
-    p.add_argument("--show-paths", action="store_true",
-                   help="also print and write each video's path or URI. Off by default because the "
-                        "file names of clinical videos often carry patient names or ids; without it "
-                        "a video is named by its position (\"video 3\") and the SHA-256 of its bytes")
+    p.add_argument(
+        "--show-paths",
+        action="store_true",
+        help="also print and write each video's path or URI. Off by default because the "
+        "file names of clinical videos often carry patient names or ids; without it "
+        'a video is named by its position ("video 3") and the SHA-256 of its bytes',
+    )
     return p.parse_args(argv)
 
 
@@ -104,7 +126,7 @@ def read_frames(data: bytes, indices_for, size: int, name: str = "video") -> tup
 def _without(message: str, uri: str, name: str) -> str:
     """``message`` with ``uri`` replaced by ``name`` (storage errors begin with the URI they failed on)."""
     if message.startswith(uri):
-        message = name + message[len(uri):]
+        message = name + message[len(uri) :]
     return message.replace(uri, name) if len(uri) >= 6 else message
 
 
@@ -121,12 +143,15 @@ def main(argv=None) -> int:
         threshold = {"value": stored["value"] if stored else DEFAULT_THRESHOLD, "source": describe_threshold(stored)}
     print(threshold["source"] if args.threshold is None else f"threshold {args.threshold:g}: from --threshold")
     if args.frames == "model":
+
         def indices_for(n):  # (K, T), as validation and jobs.evaluate scored the video
             return scoring_clips(n, prep["num_frames"], prep["frames"], prep["clips"], args.max_frames)
     elif args.frames == "all":
+
         def indices_for(n):
             return all_frame_indices(n, args.max_frames)[None]
     else:
+
         def indices_for(n):
             return segment_indices(n, prep["num_frames"], train=False)[None]
 
@@ -152,13 +177,24 @@ def main(argv=None) -> int:
         pred = score_clips(model, torch.from_numpy(frames), idx, prep["size"], device)
         label = LABELS[int(pred.score >= threshold["value"])]
         top = pred.top_frames(args.top)
-        print(f"{f'{name} {uri}' if args.show_paths else name}: P(malignant) = {pred.score:.3f} -> {label} "
-              f"(threshold {threshold['value']:.4g}); frames that weighed most: {top}")
-        results.append({**entry, "probability_malignant": pred.score, "label": label,
-                        "threshold": threshold["value"], "frames_scored": int(len(pred.frame_index)),
-                        "top_frames": top})
-    storage.write_text(args.json, json.dumps({"checkpoint": args.checkpoint, "threshold": threshold,
-                                              "predictions": results}, indent=2) + "\n")
+        print(
+            f"{f'{name} {uri}' if args.show_paths else name}: P(malignant) = {pred.score:.3f} -> {label} "
+            f"(threshold {threshold['value']:.4g}); frames that weighed most: {top}"
+        )
+        results.append(
+            {
+                **entry,
+                "probability_malignant": pred.score,
+                "label": label,
+                "threshold": threshold["value"],
+                "frames_scored": int(len(pred.frame_index)),
+                "top_frames": top,
+            }
+        )
+    storage.write_text(
+        args.json,
+        json.dumps({"checkpoint": args.checkpoint, "threshold": threshold, "predictions": results}, indent=2) + "\n",
+    )
     print(f"wrote {args.json}")
     return 1 if failed == len(args.videos) else 0
 

@@ -31,12 +31,16 @@ log = logging.getLogger("jobs.pretrain")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.pretrain", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--manifest", required=True, help="manifest.parquet written by jobs.ingest (path or s3:// URI)")
     p.add_argument("--out", required=True, help="storage root for runs (path or s3:// URI)")
-    p.add_argument("--splits", help="comma list of manifest splits whose frames are used, e.g. train,unlabeled "
-                                    "(default: every split but test); each named split must hold videos")
+    p.add_argument(
+        "--splits",
+        help="comma list of manifest splits whose frames are used, e.g. train,unlabeled "
+        "(default: every split but test); each named split must hold videos",
+    )
     p.add_argument("--split", dest="legacy_split", help=argparse.SUPPRESS)  # deprecated: one split, --splits
     cli.add_config_args(p)
     cli.add_scale_args(p)
@@ -44,8 +48,17 @@ def parse(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run(cfg: C.PretrainConfig, manifest: str, out: str, run_name: str, splits=None,
-        address: str | None = None, force_resume: bool = False, track=(), experiment: str = "pretrain") -> dict:
+def run(
+    cfg: C.PretrainConfig,
+    manifest: str,
+    out: str,
+    run_name: str,
+    splits=None,
+    address: str | None = None,
+    force_resume: bool = False,
+    track=(),
+    experiment: str = "pretrain",
+) -> dict:
     """Pretrain; returns {"encoder": URI, "metrics": last epoch's metrics, "splits": the splits read}.
 
     ``splits``: a comma list or sequence of manifest splits; None = every split but test. The run's
@@ -68,11 +81,20 @@ def _run(cfg, manifest, out, run_name, splits, address, rows, track=(), experime
     storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
     job = pretrain.train_job(cfg, manifest, list(splits), len(rows))
     per_split = ", ".join(f"{int((rows['split'] == s).sum())} {s}" for s in splits)
-    log.info("pretrain %s: %d clips (%s) x %d frames, global batch %d, %d steps/epoch, %d epochs, %d worker(s)",
-             run_name, len(rows), per_split, cfg.data.frames_per_clip, cfg.batch_size,
-             pretrain.steps_per_epoch(cfg, len(rows)), cfg.epochs, cfg.scale.num_workers)
-    tracked = tracking.start_run(track, experiment, run_name, cfg, job="pretrain", manifest=manifest,
-                                 splits=",".join(splits))
+    log.info(
+        "pretrain %s: %d clips (%s) x %d frames, global batch %d, %d steps/epoch, %d epochs, %d worker(s)",
+        run_name,
+        len(rows),
+        per_split,
+        cfg.data.frames_per_clip,
+        cfg.batch_size,
+        pretrain.steps_per_epoch(cfg, len(rows)),
+        cfg.epochs,
+        cfg.scale.num_workers,
+    )
+    tracked = tracking.start_run(
+        track, experiment, run_name, cfg, job="pretrain", manifest=manifest, splits=",".join(splits)
+    )
     t0 = time.time()
     result = trainer.fit(job, cfg.scale, out, run_name, tracked)
     checkpoint, metrics = trainer.pick_checkpoint(result, None)
@@ -80,8 +102,13 @@ def _run(cfg, manifest, out, run_name, splits, address, rows, track=(), experime
     trainer.export_checkpoint(checkpoint, encoder_uri)
     summary = {"encoder": encoder_uri, "metrics": metrics, "splits": list(splits), "seconds": time.time() - t0}
     report.write_json(storage.join(run_dir, "metrics.json"), summary)
-    log.info("pretrain %s done in %.0f s: loss %.4f -> %s", run_name, summary["seconds"],
-             metrics.get("loss", float("nan")), encoder_uri)
+    log.info(
+        "pretrain %s done in %.0f s: loss %.4f -> %s",
+        run_name,
+        summary["seconds"],
+        metrics.get("loss", float("nan")),
+        encoder_uri,
+    )
     return summary
 
 
@@ -96,8 +123,7 @@ def main(argv=None) -> int:
         splits = args.legacy_split
     track = tracking.parse_targets(args.track)
     with session.quiet_terminal():  # on a terminal: a bar per run, Ray's lines in a file
-        run(cfg, args.manifest, args.out, args.run_name or "pretrain", splits, args.address, args.force_resume,
-            track)
+        run(cfg, args.manifest, args.out, args.run_name or "pretrain", splits, args.address, args.force_resume, track)
     return 0
 
 

@@ -35,40 +35,66 @@ log = logging.getLogger("jobs.study")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.study", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--manifest", required=True, help="manifest.parquet written by jobs.ingest (path or s3:// URI)")
     p.add_argument("--out", required=True, help="storage root for studies (path or s3:// URI)")
     p.add_argument("--run-name", required=True, help="study folder under --out; with --resume, the study to continue")
-    p.add_argument("--tables", help="tables whose rows to train, e.g. 1,2 (default: 1,2,3,4 = 20 rows; "
-                                    "Table 4 alone is 10 rows, most of the cost)")
+    p.add_argument(
+        "--tables",
+        help="tables whose rows to train, e.g. 1,2 (default: 1,2,3,4 = 20 rows; "
+        "Table 4 alone is 10 rows, most of the cost)",
+    )
     p.add_argument("--rows", help="only these rows of those tables, e.g. gn_nl,clman,tsm_18 (default: all)")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--folds", type=int, metavar="K",
-                     help="K-fold cross-validation by patient on the manifest's fold column "
-                          "(jobs.ingest --folds K); 5 gives every video an out-of-fold score from "
-                          "models trained on 80%% of the patients")
-    how.add_argument("--holdout", action="store_true",
-                     help="the manifest's fixed train/test split: the paper's protocol (one split, "
-                          "wide CIs: 107 test videos give an AUC CI about 0.1 wide)")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="training seeds per fold (default: 1); 3 separates a row's seed noise from its "
-                        "fold noise, at 3x the cost")
-    p.add_argument("--label-fractions", metavar="F,F,...",
-                   help="label efficiency: train CLMAN (with CL), gn_nl (without CL) and linear_probe (CL encoder "
-                        "frozen) on each share of the training patients, per class, nested (0.1 inside 0.25 ...), "
-                        "e.g. 0.1,0.25,0.5,1 (must include 1); SimCLR still runs once per (fold, seed). --rows "
-                        "picks among those three; at 10%% of a small fold a class has 1-2 patients: expect wide CIs")
-    p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted study (same arguments): finished trials and encoders are "
-                        "kept, an interrupted Train run continues from its last checkpoint")
+    how.add_argument(
+        "--folds",
+        type=int,
+        metavar="K",
+        help="K-fold cross-validation by patient on the manifest's fold column "
+        "(jobs.ingest --folds K); 5 gives every video an out-of-fold score from "
+        "models trained on 80%% of the patients",
+    )
+    how.add_argument(
+        "--holdout",
+        action="store_true",
+        help="the manifest's fixed train/test split: the paper's protocol (one split, "
+        "wide CIs: 107 test videos give an AUC CI about 0.1 wide)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="training seeds per fold (default: 1); 3 separates a row's seed noise from its fold noise, at 3x the cost",
+    )
+    p.add_argument(
+        "--label-fractions",
+        metavar="F,F,...",
+        help="label efficiency: train CLMAN (with CL), gn_nl (without CL) and linear_probe (CL encoder "
+        "frozen) on each share of the training patients, per class, nested (0.1 inside 0.25 ...), "
+        "e.g. 0.1,0.25,0.5,1 (must include 1); SimCLR still runs once per (fold, seed). --rows "
+        "picks among those three; at 10%% of a small fold a class has 1-2 patients: expect wide CIs",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted study (same arguments): finished trials and encoders are "
+        "kept, an interrupted Train run continues from its last checkpoint",
+    )
     p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else start Ray here")
     p.add_argument("--config", help="preset YAML (jobs/configs/paper.yaml, jobs/configs/demo-cpu.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="[ROW:]SECTION.KEY=VALUE",
-                   help="override a config field for every row (--set finetune.lr=3e-4) or one row "
-                        "(--set timesformer:model.tf_depth=4); keys that define the rows (model.arch, "
-                        "norm, nonlocal_stages, aggregator) and the seeds are refused; CLMAN-only model "
-                        "keys (model.width) belong in the preset, as baselines do not read them")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="[ROW:]SECTION.KEY=VALUE",
+        help="override a config field for every row (--set finetune.lr=3e-4) or one row "
+        "(--set timesformer:model.tf_depth=4); keys that define the rows (model.arch, "
+        "norm, nonlocal_stages, aggregator) and the seeds are refused; CLMAN-only model "
+        "keys (model.width) belong in the preset, as baselines do not read them",
+    )
     tracking.add_args(p)
     return p.parse_args(argv)
 
@@ -78,12 +104,30 @@ def main(argv=None) -> int:
     run_lock.check_run_name(args.run_name)
     track = tracking.parse_targets(args.track)
     command = "python -m jobs.study " + shlex.join(sys.argv[1:] if argv is None else argv)
-    run = S.plan_study(args.manifest, args.out, args.run_name, tables=args.tables, rows=args.rows,
-                       folds=args.folds, holdout=args.holdout, seeds=args.seeds, config=args.config,
-                       sets=args.overrides, command=command, label_fractions=args.label_fractions)
-    log.info("study %s: %d row(s) x %d fold(s) x %d seed(s) x %d label fraction(s) = %d trial(s); %s", run.run_name,
-             len(run.rows), len(run.plan.folds), run.seeds, len(run.label_fractions), len(run.grid),
-             run.plan.describe())
+    run = S.plan_study(
+        args.manifest,
+        args.out,
+        args.run_name,
+        tables=args.tables,
+        rows=args.rows,
+        folds=args.folds,
+        holdout=args.holdout,
+        seeds=args.seeds,
+        config=args.config,
+        sets=args.overrides,
+        command=command,
+        label_fractions=args.label_fractions,
+    )
+    log.info(
+        "study %s: %d row(s) x %d fold(s) x %d seed(s) x %d label fraction(s) = %d trial(s); %s",
+        run.run_name,
+        len(run.rows),
+        len(run.plan.folds),
+        run.seeds,
+        len(run.label_fractions),
+        len(run.grid),
+        run.plan.describe(),
+    )
     with run_lock.RunLock(args.out, run.run_name, "study"):  # a second study of this name is refused
         uris = S.run_study(run, args.address, resume=args.resume, track=track)
     print(f"study: {uris['study.md']} (also {', '.join(n for n in uris if n != 'study.md')})")

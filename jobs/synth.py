@@ -25,29 +25,46 @@ log = logging.getLogger("jobs.synth")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.synth", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.synth", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="output folder or s3://bucket/prefix")
-    p.add_argument("--cases", type=int, default=PAPER_CASES,
-                   help=f"number of sweeps (default {PAPER_CASES}, as the paper)")
+    p.add_argument(
+        "--cases", type=int, default=PAPER_CASES, help=f"number of sweeps (default {PAPER_CASES}, as the paper)"
+    )
     p.add_argument("--seed", type=int, default=0, help="the same seed gives the same bytes")
-    p.add_argument("--difficulty", choices=sorted(DIFFICULTY_KNOBS), default="default",
-                   help="default: the project's phantom (128 px square, 48 frames, H.264 mp4). hard: "
-                        "overlapping classes (aspect, margin, shadowing each only partly telling), focal "
-                        "signs in half the malignant cases, clutter, electronic noise and gain drift, "
-                        "~96x118 px frames varying per case, 22-38 frames, mp4/avi/mkv in H.264, MJPEG, "
-                        "MPEG-4 and FFV1, two sweeps per patient. Tune presets on both")
-    p.add_argument("--size", type=int, default=None,
-                   help="frame height (even, >= 32; default 128, hard 96 and varying +-10%% with width "
-                        "1.1-1.35x)")
+    p.add_argument(
+        "--difficulty",
+        choices=sorted(DIFFICULTY_KNOBS),
+        default="default",
+        help="default: the project's phantom (128 px square, 48 frames, H.264 mp4). hard: "
+        "overlapping classes (aspect, margin, shadowing each only partly telling), focal "
+        "signs in half the malignant cases, clutter, electronic noise and gain drift, "
+        "~96x118 px frames varying per case, 22-38 frames, mp4/avi/mkv in H.264, MJPEG, "
+        "MPEG-4 and FFV1, two sweeps per patient. Tune presets on both",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=None,
+        help="frame height (even, >= 32; default 128, hard 96 and varying +-10%% with width 1.1-1.35x)",
+    )
     p.add_argument("--frames", type=int, default=None, help="frames per sweep (default 48, hard 30 +- 8)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="processes (default: all cores)")
-    p.add_argument("--malignant-fraction", type=float, default=SynthConfig().malignant_fraction,
-                   help="share of malignant patients (default 152/268, the paper's balance)")
-    p.add_argument("--focal-fraction", type=float, default=None,
-                   help="share of malignant cases whose signs show only in a few frames (default 0.3, "
-                        "hard 0.5); higher makes frame aggregation matter more (0 = every malignant "
-                        "frame is telling)")
+    p.add_argument(
+        "--malignant-fraction",
+        type=float,
+        default=SynthConfig().malignant_fraction,
+        help="share of malignant patients (default 152/268, the paper's balance)",
+    )
+    p.add_argument(
+        "--focal-fraction",
+        type=float,
+        default=None,
+        help="share of malignant cases whose signs show only in a few frames (default 0.3, "
+        "hard 0.5); higher makes frame aggregation matter more (0 = every malignant "
+        "frame is telling)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -57,13 +74,19 @@ def main(argv=None) -> int:
     if args.cases < 1:
         raise cli.C.ConfigError(f"--cases must be >= 1, got {args.cases}")
     try:
-        cfg = SynthConfig(difficulty=args.difficulty, size=args.size, frames=args.frames,
-                          malignant_fraction=args.malignant_fraction, focal_fraction=args.focal_fraction)
+        cfg = SynthConfig(
+            difficulty=args.difficulty,
+            size=args.size,
+            frames=args.frames,
+            malignant_fraction=args.malignant_fraction,
+            focal_fraction=args.focal_fraction,
+        )
     except ValueError as e:
         raise cli.C.ConfigError(str(e)) from None
     t0 = time.perf_counter()
-    rows = write_dataset(args.out, args.cases, seed=args.seed, cfg=cfg, workers=args.workers,
-                         progress=not args.no_progress)
+    rows = write_dataset(
+        args.out, args.cases, seed=args.seed, cfg=cfg, workers=args.workers, progress=not args.no_progress
+    )
     seconds = time.perf_counter() - t0
     malignant = sum(r["label"] for r in rows)
     focal = sum(bool(r["focal"]) for r in rows)

@@ -28,30 +28,52 @@ log = logging.getLogger("jobs.tune")
 
 
 def parse(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.tune", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", required=True, help="storage root for sweeps (path or s3:// URI)")
-    p.add_argument("--resume", metavar="RUN_NAME",
-                   help="continue the interrupted sweep <out>/RUN_NAME: finished trials are kept, "
-                        "unfinished ones continue from their last checkpoint; takes no other sweep flags")
-    p.add_argument("--restart-errored", action="store_true",
-                   help="with --resume: run errored trials again from scratch (default: keep them as errors)")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_NAME",
+        help="continue the interrupted sweep <out>/RUN_NAME: finished trials are kept, "
+        "unfinished ones continue from their last checkpoint; takes no other sweep flags",
+    )
+    p.add_argument(
+        "--restart-errored",
+        action="store_true",
+        help="with --resume: run errored trials again from scratch (default: keep them as errors)",
+    )
     p.add_argument("--job", choices=sweeps.JOBS, help="which job each trial runs")
     p.add_argument("--space", help="search-space YAML, e.g. tune_spaces/finetune_lr_depth.yaml")
-    p.add_argument("--samples", type=int,
-                   help="trials to sample (times the size of any 'grid' entries); ASHA needs a few "
-                        "per rung to prune: 8+ is a useful sweep")
-    p.add_argument("--scheduler", choices=sweeps.SCHEDULERS, default="asha",
-                   help="asha: stop trials whose validation AUC (pretrain: loss) trails the others at "
-                        "each rung; fifo: run every trial to the end (default: asha)")
-    p.add_argument("--search", choices=sweeps.SEARCHES, default="random",
-                   help="random sampling, or optuna (TPE, learns from finished trials; no 'grid') "
-                        "(default: random)")
-    p.add_argument("--grace-period", type=int, default=1,
-                   help="ASHA: epochs every trial runs before it can be stopped; raise it when early "
-                        "epochs are noisy (default: 1)")
-    p.add_argument("--reduction-factor", type=int, default=2,
-                   help="ASHA: keep the best 1/N of trials at each rung (default: 2)")
+    p.add_argument(
+        "--samples",
+        type=int,
+        help="trials to sample (times the size of any 'grid' entries); ASHA needs a few "
+        "per rung to prune: 8+ is a useful sweep",
+    )
+    p.add_argument(
+        "--scheduler",
+        choices=sweeps.SCHEDULERS,
+        default="asha",
+        help="asha: stop trials whose validation AUC (pretrain: loss) trails the others at "
+        "each rung; fifo: run every trial to the end (default: asha)",
+    )
+    p.add_argument(
+        "--search",
+        choices=sweeps.SEARCHES,
+        default="random",
+        help="random sampling, or optuna (TPE, learns from finished trials; no 'grid') (default: random)",
+    )
+    p.add_argument(
+        "--grace-period",
+        type=int,
+        default=1,
+        help="ASHA: epochs every trial runs before it can be stopped; raise it when early "
+        "epochs are noisy (default: 1)",
+    )
+    p.add_argument(
+        "--reduction-factor", type=int, default=2, help="ASHA: keep the best 1/N of trials at each rung (default: 2)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the search (which values are sampled)")
     p.add_argument("--manifest", help="manifest.parquet written by jobs.ingest")
     p.add_argument("--encoder", help="finetune sweeps: encoder.pt from jobs.pretrain (default: from scratch)")
@@ -62,9 +84,15 @@ def parse(argv=None) -> argparse.Namespace:
     tracking.add_args(p)
     args = p.parse_args(argv)
     if args.resume:
-        given = [f for f in ("job", "space", "samples", "manifest", "encoder", "config", "run_name")
-                 if getattr(args, f) is not None] + (["set"] if args.overrides else []) \
+        given = (
+            [
+                f
+                for f in ("job", "space", "samples", "manifest", "encoder", "config", "run_name")
+                if getattr(args, f) is not None
+            ]
+            + (["set"] if args.overrides else [])
             + (["track"] if args.track else [])
+        )
         if given:
             p.error(f"--resume takes the sweep's saved arguments; drop --{given[0].replace('_', '-')}")
     else:
@@ -83,12 +111,26 @@ def main(argv=None) -> int:
         sweep = sweeps.load_sweep(args.out, args.resume)
     else:
         sweep = sweeps.new_sweep(
-            args.job, args.space, args.samples, args.manifest, args.out, args.run_name, args.config,
-            args.overrides, scheduler=args.scheduler, search=args.search, grace_period=args.grace_period,
-            reduction_factor=args.reduction_factor, seed=args.seed, encoder=args.encoder, split=args.split)
+            args.job,
+            args.space,
+            args.samples,
+            args.manifest,
+            args.out,
+            args.run_name,
+            args.config,
+            args.overrides,
+            scheduler=args.scheduler,
+            search=args.search,
+            grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
+            seed=args.seed,
+            encoder=args.encoder,
+            split=args.split,
+        )
     with run_lock.RunLock(args.out, sweep.run_name, "tune"):  # a second sweep of this name is refused
-        uris = driver.run_sweep(sweep, args.address, resume=bool(args.resume), restart_errored=args.restart_errored,
-                                track=track)
+        uris = driver.run_sweep(
+            sweep, args.address, resume=bool(args.resume), restart_errored=args.restart_errored, track=track
+        )
     log.info("sweep %s done: %s", sweep.run_name, uris["summary.md"])
     return 0
 

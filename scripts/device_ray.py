@@ -75,8 +75,11 @@ DROP = (
     ("ray/serve", "model serving; only `ray serve` CLI and the dashboard's serve module import it, lazily"),
     ("ray/llm", "LLM batch/serving; only ray.data.llm imports it"),
     ("ray/data/llm.py", "entry point of ray.llm (dropped above); ray.data does not import it"),
-    ("ray/dashboard/client/build", "the dashboard's web UI (JS, CSS, a 6.6 MB source map); the dashboard's "
-                                   "Python stays (job server; Train V2's state schema imports it)"),
+    (
+        "ray/dashboard/client/build",
+        "the dashboard's web UI (JS, CSS, a 6.6 MB source map); the dashboard's "
+        "Python stays (job server; Train V2's state schema imports it)",
+    ),
     ("ray/tune/examples", "example scripts"),
     ("ray/train/examples", "example scripts"),
     ("ray/**/tests", "test suites (none in 2.60's wheel)"),
@@ -97,8 +100,20 @@ def _run(cmd: list[str]) -> None:
 
 
 def _pip_download(specs: list[str], dest: Path, py: str, *, deps: bool, constraints: Path | None = None) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:", "--python-version", py,
-           "--implementation", "cp", "-d", str(dest)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--only-binary=:all:",
+        "--python-version",
+        py,
+        "--implementation",
+        "cp",
+        "-d",
+        str(dest),
+    ]
     for plat in PLATFORMS:
         cmd += ["--platform", plat]
     if not deps:
@@ -242,15 +257,23 @@ def build(args: argparse.Namespace) -> None:
         n_elf, elf_before, elf_after = _strip(stage)
         has_clip = _test_clip(stage / "check.mp4")
         manifest = {
-            "python": py, "ray": ray_ver, "decord": decord_ver,
-            "wheels": [ray_whl.name, decord_whl.name], "deps": deps,
+            "python": py,
+            "ray": ray_ver,
+            "decord": decord_ver,
+            "wheels": [ray_whl.name, decord_whl.name],
+            "deps": deps,
             "dropped": [{"path": p, "why": w, "bytes": b} for p, w, b in dropped],
-            "not_bundled": NOT_BUNDLED, "tools": TOOLS, "check_clip": has_clip,
+            "not_bundled": NOT_BUNDLED,
+            "tools": TOOLS,
+            "check_clip": has_clip,
         }
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
 
-        out = Path(args.out) if args.out else ROOT / ".device" / (
-            "ray-bundle.tar.xz" if py == "3.12" else f"ray-bundle-{tag}.tar.xz")
+        out = (
+            Path(args.out)
+            if args.out
+            else ROOT / ".device" / ("ray-bundle.tar.xz" if py == "3.12" else f"ray-bundle-{tag}.tar.xz")
+        )
         out.parent.mkdir(parents=True, exist_ok=True)
         raw = _size(stage)
         _write_tar_xz(stage, out)
@@ -263,12 +286,15 @@ def build(args: argparse.Namespace) -> None:
     print(f"  strip --strip-unneeded: {n_elf} ELF files {elf_before / mb:.1f} -> {elf_after / mb:.1f} MB")
     print("  deps: " + ", ".join(f"{n} {d['version']}" for n, d in deps.items()))
     print(f"  bundle unpacked                {raw / mb:7.1f} MB")
-    print(f"  {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}  {out.stat().st_size / mb:.1f} MB "
-          f"({out.stat().st_size / 2**20:.1f} MiB of the 64 MiB carry)")
+    print(
+        f"  {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}  {out.stat().st_size / mb:.1f} MB "
+        f"({out.stat().st_size / 2**20:.1f} MiB of the 64 MiB carry)"
+    )
 
 
 def _write_tar_xz(stage: Path, out: Path) -> None:
     """Reproducible tar (sorted, root-owned, fixed mtime) at xz -9e; written atomically."""
+
     def norm(ti: tarfile.TarInfo) -> tarfile.TarInfo:
         ti.uid = ti.gid = 0
         ti.uname = ti.gname = ""
@@ -338,24 +364,33 @@ def _needed_deps(dest: Path, manifest: dict) -> tuple[list[str], list[str]]:
 def unpack(args: argparse.Namespace) -> None:
     bundle, dest = Path(args.bundle), Path(args.dest)
     if not bundle.is_file():
-        raise SystemExit(f"unpack: no bundle at {bundle} -- build it with `bash scripts/device_ray.sh build` "
-                         f"and carry it (carry=[\".device/ray-bundle.tar.xz\"])")
+        raise SystemExit(
+            f"unpack: no bundle at {bundle} -- build it with `bash scripts/device_ray.sh build` "
+            f'and carry it (carry=[".device/ray-bundle.tar.xz"])'
+        )
     _extract(bundle, dest)
     manifest = json.loads((dest / MANIFEST).read_text())
     want = f"{sys.version_info.major}.{sys.version_info.minor}"
     if manifest["python"] != want:
-        raise SystemExit(f"unpack: the bundle is for Python {manifest['python']}, this is {want}: "
-                         f"rebuild with `scripts/device_ray.sh build --python {want}`")
+        raise SystemExit(
+            f"unpack: the bundle is for Python {manifest['python']}, this is {want}: "
+            f"rebuild with `scripts/device_ray.sh build --python {want}`"
+        )
     if args.no_prune:
         keep, skip = [f"{n} {d['version']}" for n, d in sorted(manifest["deps"].items())], []
     else:
         keep, skip = _needed_deps(dest, manifest)
     dirs = [dest / "site"] + [dest / manifest["deps"][k.split()[0]]["dir"] for k in keep]
     print(f"# ray {manifest['ray']} + decord {manifest['decord']} from {dest}", file=sys.stderr)
-    print(f"# bundled deps used: {', '.join(keep) or 'none'}; the device's own: {', '.join(skip) or 'none'}",
-          file=sys.stderr)
-    old = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
-           if p and not os.path.abspath(p).startswith(str(dest.resolve()))]
+    print(
+        f"# bundled deps used: {', '.join(keep) or 'none'}; the device's own: {', '.join(skip) or 'none'}",
+        file=sys.stderr,
+    )
+    old = [
+        p
+        for p in os.environ.get("PYTHONPATH", "").split(os.pathsep)
+        if p and not os.path.abspath(p).startswith(str(dest.resolve()))
+    ]
     path = os.pathsep.join([str(d.resolve()) for d in dirs] + old)
     print(f"export PYTHONPATH='{path}'")
     print("export RAY_USAGE_STATS_ENABLED=0")  # no network on the GPU machine: don't try to report
@@ -365,8 +400,12 @@ def unpack(args: argparse.Namespace) -> None:
 def check(args: argparse.Namespace) -> None:
     """ray.init, a task, a one-worker TorchTrainer, a Ray Data map_batches, a decord read -- from the bundle."""
     # as clman/launch/session.py's LOCAL_TRAIN_ENV: a one-node Train run without the watchers it does not need
-    for key, value in {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                       "RAY_TRAIN_METRICS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}.items():
+    for key, value in {
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        "RAY_TRAIN_METRICS_ENABLED": "0",
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    }.items():
         os.environ.setdefault(key, value)
     import ray
 
@@ -375,6 +414,7 @@ def check(args: argparse.Namespace) -> None:
     assert bundle_root and ray.__file__.startswith(bundle_root), f"ray is not the bundle's ({bundle_root})"
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     try:
+
         @ray.remote
         def square(x):
             return x * x
@@ -382,6 +422,7 @@ def check(args: argparse.Namespace) -> None:
         print("task:", ray.get([square.remote(i) for i in range(4)]))
 
         import ray.data
+
         ds = ray.data.range(10).map_batches(lambda b: {"id": b["id"] * 2}, batch_size=4)
         print("data:", sorted(r["id"] for r in ds.take_all()))
 
@@ -402,18 +443,26 @@ def check(args: argparse.Namespace) -> None:
                 opt.step()
                 with tempfile.TemporaryDirectory() as d:  # Train V2 keeps metrics with a checkpoint only
                     torch.save(model.state_dict(), os.path.join(d, "model.pt"))
-                    ray.train.report({"epoch": epoch, "loss": loss.item(), "device": str(device)},
-                                     checkpoint=ray.train.Checkpoint.from_directory(d))
+                    ray.train.report(
+                        {"epoch": epoch, "loss": loss.item(), "device": str(device)},
+                        checkpoint=ray.train.Checkpoint.from_directory(d),
+                    )
 
         with tempfile.TemporaryDirectory() as tmp:
             trainer = ray.train.torch.TorchTrainer(
-                loop, scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=args.gpu),
-                run_config=ray.train.RunConfig(name="bundle-check", storage_path=tmp))
+                loop,
+                scaling_config=ray.train.ScalingConfig(num_workers=1, use_gpu=args.gpu),
+                run_config=ray.train.RunConfig(name="bundle-check", storage_path=tmp),
+            )
             result = trainer.fit()
             metrics = result.metrics or {}
             assert result.error is None and metrics.get("epoch") == 1, (result.error, metrics)
-            print("train:", {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
-                  "checkpoint:", sorted(os.listdir(result.checkpoint.path)))
+            print(
+                "train:",
+                {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()},
+                "checkpoint:",
+                sorted(os.listdir(result.checkpoint.path)),
+            )
     finally:
         ray.shutdown()
 
@@ -434,14 +483,20 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="download, slim, strip and pack (here; needs PyPI and .venv)")
-    b.add_argument("--python", default="3.12", help="target CPython X.Y; 3.12 = the GPU machine, "
-                                                     "3.11 = this machine (to check the bundle here)")
+    b.add_argument(
+        "--python",
+        default="3.12",
+        help="target CPython X.Y; 3.12 = the GPU machine, 3.11 = this machine (to check the bundle here)",
+    )
     b.add_argument("--out", help="default .device/ray-bundle.tar.xz (3.12) or .device/ray-bundle-cpXY.tar.xz")
     u = sub.add_parser("unpack", help="extract (once) and print the exports that put it on PYTHONPATH")
     u.add_argument("--bundle", default=str(DEFAULT_BUNDLE))
     u.add_argument("--dest", default=str(ROOT / ".device" / "ray"))
-    u.add_argument("--no-prune", action="store_true",
-                   help="put every bundled dep on PYTHONPATH, even where this Python has its own (to test them)")
+    u.add_argument(
+        "--no-prune",
+        action="store_true",
+        help="put every bundled dep on PYTHONPATH, even where this Python has its own (to test them)",
+    )
     c = sub.add_parser("check", help="smoke test of the unpacked bundle (run under `device_ray.sh run`)")
     c.add_argument("--num-cpus", type=int, default=1)
     c.add_argument("--gpu", action="store_true", help="the Train worker on a GPU (the device machine)")

@@ -96,12 +96,15 @@ def _decode_to(cache: Path, workdir: str, splits: tuple[str, ...], size: int, en
         out: dict = {}
         for split in splits:
             rows = read_manifest(f"{BUCKET}/data/manifest.parquet", split=split)
-            frames = [torch.from_numpy(FR.decode_stored(r.uri, FR.whole_video_indices(int(r.num_frames)), size))
-                      for r in rows.itertuples(index=False)]
+            frames = [
+                torch.from_numpy(FR.decode_stored(r.uri, FR.whole_video_indices(int(r.num_frames)), size))
+                for r in rows.itertuples(index=False)
+            ]
             out[split] = {"rows": rows.to_json(orient="records"), "frames": frames}
         if encoder:
-            out["encoder"] = torch.frombuffer(bytearray(storage.read_bytes(f"{BUCKET}/runs/pretrain/encoder.pt")),
-                                              dtype=torch.uint8)
+            out["encoder"] = torch.frombuffer(
+                bytearray(storage.read_bytes(f"{BUCKET}/runs/pretrain/encoder.pt")), dtype=torch.uint8
+            )
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, cache)
 
@@ -152,13 +155,18 @@ def main(argv=None) -> int:
     def auc_of(videos: list[torch.Tensor], y: np.ndarray, whole: bool) -> float:
         model.eval()
         if whole and a.frame_train:  # all frames of each video, each alone, averaged
-            scores = [torch.softmax(model(augment.resize_clips(v[:, None], data.size)), 1)[:, 1].mean().item()
-                      for v in videos]
+            scores = [
+                torch.softmax(model(augment.resize_clips(v[:, None], data.size)), 1)[:, 1].mean().item() for v in videos
+            ]
         elif whole:  # as jobs.evaluate: all frames of each video
             scores = [score_frames(model, v, np.arange(v.shape[0]), data.size).score for v in videos]
         else:
-            scores = torch.cat([logits_of(augment.resize_clips(centre_clips(videos[j:j + 50], T), data.size))
-                                for j in range(0, len(videos), 50)]).tolist()
+            scores = torch.cat(
+                [
+                    logits_of(augment.resize_clips(centre_clips(videos[j : j + 50], T), data.size))
+                    for j in range(0, len(videos), 50)
+                ]
+            ).tolist()
         return compute_metrics(np.asarray(scores), y)["auc"] if len(scores) else math.nan
 
     history, step, t0 = [], 0, time.time()
@@ -169,10 +177,22 @@ def main(argv=None) -> int:
         prefix = augment.epoch_prefix(cfg.seed, epoch, "cpu")
         loss_sum, scores, targets = 0.0, [], []
         for s in range(steps_per_epoch):
-            batch = items[s * B:(s + 1) * B]
-            clips = torch.stack([frames[i][torch.as_tensor(segment_indices(
-                frames[i].shape[0], T, train=True, rng=FR.draw_rng(cfg.seed, epoch * 97 + k, i, FR.CLIP_FRAMES)))]
-                for i, k in batch])
+            batch = items[s * B : (s + 1) * B]
+            clips = torch.stack(
+                [
+                    frames[i][
+                        torch.as_tensor(
+                            segment_indices(
+                                frames[i].shape[0],
+                                T,
+                                train=True,
+                                rng=FR.draw_rng(cfg.seed, epoch * 97 + k, i, FR.CLIP_FRAMES),
+                            )
+                        )
+                    ]
+                    for i, k in batch
+                ]
+            )
             y = labels[[i for i, _ in batch]]
             video = torch.tensor([i * 16 + k for i, k in batch])
             lr = optim.schedule(cfg.schedule, step, total, cfg.lr, warmup)
@@ -194,8 +214,9 @@ def main(argv=None) -> int:
                 loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
                 if a.frame_loss:
                     per_frame = model.head(feats.flatten(0, 1))
-                    loss = loss + a.frame_loss * F.cross_entropy(per_frame, y.repeat_interleave(x.shape[1]),
-                                                                 weight=weight, label_smoothing=cfg.label_smoothing)
+                    loss = loss + a.frame_loss * F.cross_entropy(
+                        per_frame, y.repeat_interleave(x.shape[1]), weight=weight, label_smoothing=cfg.label_smoothing
+                    )
             opt.zero_grad()
             loss.backward()
             if cfg.grad_clip > 0:
@@ -208,18 +229,26 @@ def main(argv=None) -> int:
         train_auc = compute_metrics(torch.cat(scores).numpy(), torch.cat(targets).numpy())["auc"]
         val = auc_of([frames[i] for i in val_idx], labels[val_idx].numpy(), whole=False)
         test = auc_of(D["test"]["frames"], D["test"]["rows"]["label"].to_numpy().astype(int), whole=True)
-        out = (auc_of(held["frames"], held["rows"]["label"].to_numpy().astype(int), whole=False)
-               if held is not None else math.nan)
+        out = (
+            auc_of(held["frames"], held["rows"]["label"].to_numpy().astype(int), whole=False)
+            if held is not None
+            else math.nan
+        )
         history.append((val, test, out))
-        print(f"epoch {epoch + 1:2d}  loss {loss_sum / steps_per_epoch:.4f}  train AUC {train_auc:.3f}  "
-              f"val {val:.3f}  test {test:.3f}  held-out {out:.3f}  {time.time() - t0:.0f} s", flush=True)
+        print(
+            f"epoch {epoch + 1:2d}  loss {loss_sum / steps_per_epoch:.4f}  train AUC {train_auc:.3f}  "
+            f"val {val:.3f}  test {test:.3f}  held-out {out:.3f}  {time.time() - t0:.0f} s",
+            flush=True,
+        )
 
     vals = [h[0] for h in history]
     for window in sorted({min(int(w), len(vals)) for w in a.windows.split(",")}):
-        score = [loop.val_score(vals[:e + 1], window) for e in range(len(vals))]
+        score = [loop.val_score(vals[: e + 1], window) for e in range(len(vals))]
         kept = max((e for e in range(len(vals)) if score[e] == score[e]), key=lambda e: score[e], default=len(vals) - 1)
-        print(f"kept by the mean val AUC of {window} epoch(s): epoch {kept + 1}  val score {score[kept]:.3f}  "
-              f"test {history[kept][1]:.3f}  held-out {history[kept][2]:.3f}")
+        print(
+            f"kept by the mean val AUC of {window} epoch(s): epoch {kept + 1}  val score {score[kept]:.3f}  "
+            f"test {history[kept][1]:.3f}  held-out {history[kept][2]:.3f}"
+        )
     print(f"last epoch: test {history[-1][1]:.3f}  held-out {history[-1][2]:.3f}")
     return 0
 

@@ -20,7 +20,7 @@ def frames(n: int = 12, h: int = 32, w: int = 32, seed: int = 0, gray: bool = Fa
     for t in range(n):
         base = 40 + 120 * x / max(w - 1, 1) + 20 * np.sin((y + 3 * seed) / 5.0)
         top = (2 * t + 5 * seed) % max(h - 8, 1)
-        base[top:top + 8, w // 4:w // 4 + 8] = 230
+        base[top : top + 8, w // 4 : w // 4 + 8] = 230
         out[t] = np.clip(base, 0, 255).astype(np.uint8)
     if gray:
         return out
@@ -44,8 +44,7 @@ def pyav_mp4(video: np.ndarray, fps: int = 10, gop: int = 250) -> bytes:
     """Encode (T, H, W, 3) uint8 with PyAV directly (a 'camera' file: long GOP by default)."""
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=Fraction(fps),
-                                options={"crf": "18", "g": str(gop), "preset": "fast"})
+        stream = out.add_stream("libx264", rate=Fraction(fps), options={"crf": "18", "g": str(gop), "preset": "fast"})
         stream.height, stream.width = video.shape[1:3]
         stream.pix_fmt = "yuv420p"
         for i, frame in enumerate(video):
@@ -67,8 +66,14 @@ def keyframe_positions(data: bytes) -> list[int]:
         return [i for i, p in enumerate(p for p in c.demux(video=0) if p.size) if p.is_keyframe]
 
 
-def dicom_cine(video: np.ndarray, patient_name: str, patient_id: str, frame_time_ms: float = 40.0,
-               birth_date: str = "19800101", institution: str = "St Example Hospital") -> bytes:
+def dicom_cine(
+    video: np.ndarray,
+    patient_name: str,
+    patient_id: str,
+    frame_time_ms: float = 40.0,
+    birth_date: str = "19800101",
+    institution: str = "St Example Hospital",
+) -> bytes:
     """A multi-frame ultrasound DICOM (Explicit VR Little Endian) with identifying tags set."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid

@@ -130,13 +130,18 @@ def test_gradients_reach_every_row(mode):
     a1, a2, _ = batch(4)
     a1, a2 = a1.double().requires_grad_(True), a2.double().requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda x, y: nt_xent(x, y, temperature=0.2, groups=groups, same_video=mode).double(), (a1, a2),
-        eps=1e-3, atol=1e-3, rtol=1e-2)
+        lambda x, y: nt_xent(x, y, temperature=0.2, groups=groups, same_video=mode).double(),
+        (a1, a2),
+        eps=1e-3,
+        atol=1e-3,
+        rtol=1e-2,
+    )
 
 
 def test_what_each_mode_does_with_a_videos_other_frame():
     """Frames 0 and 1 of one video at angle theta, two other videos orthogonal to both (similarity 0):
     bringing frame 1 closer costs under negative, pays under positive, and does not matter under mask."""
+
     def loss(theta: float, mode: str) -> float:
         z = torch.zeros(4, 8)
         z[0, 0] = 1.0
@@ -157,7 +162,8 @@ def test_float32_under_autocast_in_every_mode():
             loss = nt_xent(z1.bfloat16(), z2.bfloat16(), temperature=0.1, groups=groups, same_video=m)
         assert loss.dtype == torch.float32
         assert float(loss) == pytest.approx(
-            loop_nt_xent(z1.bfloat16().float(), z2.bfloat16().float(), groups.tolist(), 0.1, m), rel=1e-5)
+            loop_nt_xent(z1.bfloat16().float(), z2.bfloat16().float(), groups.tolist(), 0.1, m), rel=1e-5
+        )
 
 
 def test_bad_same_video_or_groups_fail_in_one_line():
@@ -326,11 +332,14 @@ def test_mma_none_is_eq4_without_the_last_tanh():
 # ---------------------------------------------------------------- config and the Table 3 row
 
 
-@pytest.mark.parametrize("job, key, allowed", [
-    ("pretrain", "pretrain.same_video", r"\['negative', 'mask', 'positive'\]"),
-    ("finetune", "model.mma_bound", r"\['tanh', 'none'\]"),
-    ("pretrain", "model.mma_bound", r"\['tanh', 'none'\]"),
-])
+@pytest.mark.parametrize(
+    "job, key, allowed",
+    [
+        ("pretrain", "pretrain.same_video", r"\['negative', 'mask', 'positive'\]"),
+        ("finetune", "model.mma_bound", r"\['tanh', 'none'\]"),
+        ("pretrain", "model.mma_bound", r"\['tanh', 'none'\]"),
+    ],
+)
 def test_config_rejects_bad_values_naming_key_and_allowed(job, key, allowed):
     with pytest.raises(C.ConfigError, match=rf"^{key}: 'sometimes' is not one of {allowed}$"):
         C.load(job, None, [f"{key}=sometimes"])
@@ -407,10 +416,23 @@ def test_pretrain_loop_passes_video_ids_and_reports_chance(monkeypatch, mode):
     monkeypatch.setattr(worker, "restore", lambda model, opt: None)
     monkeypatch.setattr(worker, "prepare", lambda model, scale: (model, torch.device("cpu"), "fp32"))
     monkeypatch.setattr(worker, "report", lambda metrics, *a, **k: reports.append(metrics))
-    cfg = C.load("pretrain", None, [
-        "model.width=0.125", "model.gn_groups=8", "model.nonlocal_stages=[]", "model.proj_dim=16",
-        "data.size=16", "data.store_size=20", "data.frames_per_clip=3", "pretrain.batch_size=6",
-        "pretrain.epochs=2", "pretrain.lr=0.5", f"pretrain.same_video={mode}"])
+    cfg = C.load(
+        "pretrain",
+        None,
+        [
+            "model.width=0.125",
+            "model.gn_groups=8",
+            "model.nonlocal_stages=[]",
+            "model.proj_dim=16",
+            "data.size=16",
+            "data.store_size=20",
+            "data.frames_per_clip=3",
+            "pretrain.batch_size=6",
+            "pretrain.epochs=2",
+            "pretrain.lr=0.5",
+            f"pretrain.same_video={mode}",
+        ],
+    )
     pretrain.train_loop_per_worker(worker.LoopInputs(cfg, {"videos": videos, "cache": cache}))
 
     assert len(reports) == 2 and len(seen) == 2 * 3  # 6 videos x 3 frames / 6 per batch = 3 steps per epoch

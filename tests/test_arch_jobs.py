@@ -21,13 +21,25 @@ from clman.data.synth import SynthConfig, write_dataset
 from jobs import evaluate, finetune, predict
 
 TINY = [
-    "data.size=32", "data.num_frames=4", "scale.num_workers=1", "scale.cpus_per_worker=0.5",
-    "finetune.epochs=1", "finetune.batch_size=4", "finetune.lr=0.01", "evaluate.bootstrap=20",
+    "data.size=32",
+    "data.num_frames=4",
+    "scale.num_workers=1",
+    "scale.cpus_per_worker=0.5",
+    "finetune.epochs=1",
+    "finetune.batch_size=4",
+    "finetune.lr=0.01",
+    "evaluate.bootstrap=20",
 ]
 ARCHS = {
     "r3d_18": [],
-    "timesformer": ["model.tf_dim=32", "model.tf_depth=1", "model.tf_heads=2", "model.tf_patch=8",
-                    "model.tf_size=32", "model.tf_frames=4"],
+    "timesformer": [
+        "model.tf_dim=32",
+        "model.tf_depth=1",
+        "model.tf_heads=2",
+        "model.tf_patch=8",
+        "model.tf_size=32",
+        "model.tf_frames=4",
+    ],
 }
 
 
@@ -36,8 +48,14 @@ def dataset(s3):
     name = "arch-data"
     s3.make_bucket(name)
     write_dataset(f"s3://{name}/raw", 16, seed=2, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
-    ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
-           ratios=(0.5, 0.25, 0.25), seed=0, workers=2, keep_ids=True)
+    ingest(
+        labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"),
+        f"s3://{name}/data",
+        ratios=(0.5, 0.25, 0.25),
+        seed=0,
+        workers=2,
+        keep_ids=True,
+    )
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield f"s3://{name}/data/manifest.parquet"

@@ -17,7 +17,7 @@ def pattern(n: int = 1, s: int = 40, channels: int = 1) -> torch.Tensor:
     """(n, C, s, s) uint8: a diagonal gradient with a bright off-centre square (asymmetric on purpose)."""
     y, x = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
     img = (x * 3 + y).float() / (4 * (s - 1)) * 160 + 20
-    img[s // 6: s // 2, s // 5: s // 2] = 235
+    img[s // 6 : s // 2, s // 5 : s // 2] = 235
     return img.round().to(torch.uint8).expand(n, channels, s, s).contiguous()
 
 
@@ -49,9 +49,11 @@ def test_keys_separate_seed_epoch_video_view_and_frame():
     video = torch.tensor([3, 3, 4])
     base = A.sample_keys(0, 1, video, 1, torch.tensor([7, 8, 7]))
     assert len(set(base.tolist())) == 3
-    for other in (A.sample_keys(1, 1, video, 1, torch.tensor([7, 8, 7])),
-                  A.sample_keys(0, 2, video, 1, torch.tensor([7, 8, 7])),
-                  A.sample_keys(0, 1, video, 2, torch.tensor([7, 8, 7]))):
+    for other in (
+        A.sample_keys(1, 1, video, 1, torch.tensor([7, 8, 7])),
+        A.sample_keys(0, 2, video, 1, torch.tensor([7, 8, 7])),
+        A.sample_keys(0, 1, video, 2, torch.tensor([7, 8, 7])),
+    ):
         assert not (other == base).any()
 
 
@@ -70,8 +72,7 @@ def test_keys_from_an_epoch_key_are_the_sample_keys():
 def test_simclr_views_are_two_independent_views_of_every_image():
     x, video, slot = pattern(6), torch.arange(6) + 10, torch.arange(6) % 3
     spec = A.AugmentSpec.simclr(DataConfig(size=32))
-    want = A.augment(x.repeat(2, 1, 1, 1),
-                     torch.cat([A.sample_keys(1, 4, video, view, slot) for view in (1, 2)]), spec)
+    want = A.augment(x.repeat(2, 1, 1, 1), torch.cat([A.sample_keys(1, 4, video, view, slot) for view in (1, 2)]), spec)
     assert torch.equal(A.simclr_views(x, torch.tensor([A.epoch_key(1, 4)]), video, slot, spec), want)
 
 
@@ -131,8 +132,9 @@ def test_values_are_normalised_like_before():
 def test_intensity_pass_equals_torchvision_brightness_then_contrast():
     """With the crop pinned to the whole frame, the output is torchvision's adjust_brightness then
     adjust_contrast with the factors this sample drew."""
-    spec = A.AugmentSpec(40, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, elastic_p=0.0, brightness=0.4,
-                         contrast=0.4)
+    spec = A.AugmentSpec(
+        40, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, elastic_p=0.0, brightness=0.4, contrast=0.4
+    )
     x, k = pattern(6), keys(6)
     out = A.augment(x, k, spec)[:, :1]
     u = A.uniform(k, spec.draws)
@@ -170,8 +172,9 @@ def test_elastic_displacement_matches_torchvision_in_size():
     size = 64
     ramp = torch.arange(size, dtype=torch.float32).expand(size, size)  # x coordinate as the value
     x = (ramp * 2.0)[None, None].expand(128, 1, size, size)  # 0..126: inside [0, 255], no clamping
-    spec = A.AugmentSpec(size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, brightness=0.0, contrast=0.0,
-                         elastic_p=1.0)
+    spec = A.AugmentSpec(
+        size, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, brightness=0.0, contrast=0.0, elastic_p=1.0
+    )
     ours = (A.augment(x, keys(128), spec)[:, 0] * A.STD + A.MEAN) * 255 / 2.0  # back to x in px
     torch.manual_seed(0)
     tv = torch.stack([v2.ElasticTransform(alpha=30.0, sigma=5.0)(ramp[None])[0] for _ in range(128)])

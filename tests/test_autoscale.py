@@ -37,8 +37,9 @@ class FakeCluster:
         self.asked.append(bundles)
 
     def wait(self, need, bundles, timeout, **kw):
-        return resources.wait_for_resources(need, bundles, timeout, read=self.read, ask=self.ask, clock=self.clock,
-                                         sleep=self.sleep, **kw)
+        return resources.wait_for_resources(
+            need, bundles, timeout, read=self.read, ask=self.ask, clock=self.clock, sleep=self.sleep, **kw
+        )
 
 
 GPU_SCALE = C.ScaleConfig(num_workers=2, gpus_per_worker=1.0, cpus_per_worker=4.0)
@@ -48,7 +49,10 @@ DATA = C.DataConfig(decode_tasks=2, decode_cpus=0.5)
 def test_needs_and_bundles():
     assert resources.resource_needs(GPU_SCALE, DATA, extra_cpus=0.01) == {"CPU": pytest.approx(9.01), "GPU": 2.0}
     assert resources.resource_bundles(GPU_SCALE, DATA, extra_cpus=0.01) == [
-        {"CPU": 4.0, "GPU": 1.0}, {"CPU": 4.0, "GPU": 1.0}, {"CPU": pytest.approx(1.01)}]
+        {"CPU": 4.0, "GPU": 1.0},
+        {"CPU": 4.0, "GPU": 1.0},
+        {"CPU": pytest.approx(1.01)},
+    ]
     assert resources.resource_needs(C.ScaleConfig(), DATA) == {"CPU": 1.5}  # no GPU key for CPU workers
 
 
@@ -122,11 +126,14 @@ def test_resource_timeout_config():
         C.load("finetune", None, ["scale.resource_timeout=-1"])
 
 
-@pytest.mark.parametrize("address, message", [
-    ("127.0.0.1:1", "cannot reach the Ray cluster at 127.0.0.1:1 (--address / RAY_ADDRESS): Connection refused"),
-    ("http://127.0.0.1:8265", "is a dashboard URL: ray.init needs the cluster's GCS address host:6379"),
-    ("headnode", "expected host:port (e.g. 10.0.0.1:6379) or 'auto'"),
-])
+@pytest.mark.parametrize(
+    "address, message",
+    [
+        ("127.0.0.1:1", "cannot reach the Ray cluster at 127.0.0.1:1 (--address / RAY_ADDRESS): Connection refused"),
+        ("http://127.0.0.1:8265", "is a dashboard URL: ray.init needs the cluster's GCS address host:6379"),
+        ("headnode", "expected host:port (e.g. 10.0.0.1:6379) or 'auto'"),
+    ],
+)
 def test_wrong_address_is_one_line_before_ray_init(address, message):
     with pytest.raises(JobError) as info:
         session.check_address(address, timeout=2.0)

@@ -52,8 +52,9 @@ def run_job(module, argv: list[str], capsys) -> str:
 
 def run_subprocess(job: str, *args: str) -> str:
     """``python -m jobs.<job> ...`` as a user runs it: exit 2, one error line, no traceback."""
-    proc = subprocess.run([sys.executable, "-m", f"jobs.{job}", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"jobs.{job}", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 2, proc.stderr
     return _one_error_line(proc.stderr)
 
@@ -71,7 +72,8 @@ def _takes_float(tp) -> bool:
         return True
     origin = typing.get_origin(tp)
     return origin in (typing.Union, getattr(__import__("types"), "UnionType", None), tuple) and any(
-        _takes_float(a) for a in typing.get_args(tp) if a is not Ellipsis)
+        _takes_float(a) for a in typing.get_args(tp) if a is not Ellipsis
+    )
 
 
 def _float_keys() -> list[tuple[str, str, str, bool]]:
@@ -96,15 +98,24 @@ FLOAT_KEYS = _float_keys()
 def test_the_float_keys_are_found():
     keys = {f"{s}.{k}" for _, s, k, _ in FLOAT_KEYS}
     # the ones the issue names, and one of each section
-    assert {"finetune.lr", "finetune.grad_clip", "finetune.encoder_lr_scale", "scale.resource_timeout",
-            "pretrain.temperature", "evaluate.threshold", "model.width", "data.cache_fraction"} <= keys
+    assert {
+        "finetune.lr",
+        "finetune.grad_clip",
+        "finetune.encoder_lr_scale",
+        "scale.resource_timeout",
+        "pretrain.temperature",
+        "evaluate.threshold",
+        "model.width",
+        "data.cache_fraction",
+    } <= keys
     assert len(FLOAT_KEYS) >= 30
 
 
-@pytest.mark.parametrize("text,shown", [("nan", "nan"), ("inf", "inf"), ("-inf", "-inf"), ("1e999", "inf"),
-                                        (".nan", "nan"), ("-.inf", "-inf")])
-@pytest.mark.parametrize("job,section,key,is_tuple", FLOAT_KEYS,
-                         ids=[f"{j}:{s}.{k}" for j, s, k, _ in FLOAT_KEYS])
+@pytest.mark.parametrize(
+    "text,shown",
+    [("nan", "nan"), ("inf", "inf"), ("-inf", "-inf"), ("1e999", "inf"), (".nan", "nan"), ("-.inf", "-inf")],
+)
+@pytest.mark.parametrize("job,section,key,is_tuple", FLOAT_KEYS, ids=[f"{j}:{s}.{k}" for j, s, k, _ in FLOAT_KEYS])
 def test_every_float_key_refuses_nan_and_inf(job, section, key, is_tuple, text, shown):
     value = f"[{text}]" if is_tuple else text
     with pytest.raises(C.ConfigError) as e:
@@ -113,8 +124,7 @@ def test_every_float_key_refuses_nan_and_inf(job, section, key, is_tuple, text, 
     assert str(e.value).lower() == f"{name}: must be a finite number, got {shown}".lower()
 
 
-@pytest.mark.parametrize("job,section,key,is_tuple", FLOAT_KEYS,
-                         ids=[f"{j}:{s}.{k}" for j, s, k, _ in FLOAT_KEYS])
+@pytest.mark.parametrize("job,section,key,is_tuple", FLOAT_KEYS, ids=[f"{j}:{s}.{k}" for j, s, k, _ in FLOAT_KEYS])
 def test_every_float_key_refuses_nan_and_inf_from_yaml(job, section, key, is_tuple, tmp_path):
     for text in (".nan", ".inf", "-.inf", "1e999", "1.0e999"):
         value = f"[{text}]" if is_tuple else text
@@ -129,31 +139,41 @@ def test_finite_numbers_still_load():
     assert (cfg.lr, cfg.grad_clip, cfg.scale.resource_timeout) == (3e-4, 1.0, 0.0)
     assert C.load("finetune", None, ["finetune.lr=1e300"]).lr == 1e300
     with pytest.raises(C.ConfigError, match=r"^finetune\.lr: must be a finite number, got an integer of 401"):
-        C.build(C.FinetuneConfig, {"lr": 10 ** 400}, "finetune")
+        C.build(C.FinetuneConfig, {"lr": 10**400}, "finetune")
 
 
 def test_tune_space_refuses_nan_and_inf():
     from clman.tune.space import SpaceError, parse_yaml, space_from_dict
 
-    for text in ("finetune.lr: {loguniform: [1.0e-5, .inf]}", "finetune.lr: {uniform: [.nan, 1.0]}",
-                 "finetune.lr: {uniform: [1.0e-5, 1e999]}", "finetune.lr: {choice: [.nan, 1.0e-3]}",
-                 "finetune.grad_clip: {grid: [0.0, .inf]}"):
+    for text in (
+        "finetune.lr: {loguniform: [1.0e-5, .inf]}",
+        "finetune.lr: {uniform: [.nan, 1.0]}",
+        "finetune.lr: {uniform: [1.0e-5, 1e999]}",
+        "finetune.lr: {choice: [.nan, 1.0e-3]}",
+        "finetune.grad_clip: {grid: [0.0, .inf]}",
+    ):
         with pytest.raises(SpaceError, match=r"finite"):
             space_from_dict(parse_yaml(text, "s.yaml"), "finetune", source="s.yaml")
 
 
-@pytest.mark.parametrize("override,line", [
-    ("finetune.lr=nan", "error: finetune.lr: must be a finite number, got nan"),
-    ("finetune.grad_clip=.nan", "error: finetune.grad_clip: must be a finite number, got nan"),
-    ("finetune.encoder_lr_scale=inf", "error: finetune.encoder_lr_scale: must be a finite number, got inf"),
-    ("scale.resource_timeout=.nan", "error: scale.resource_timeout: must be a finite number, got nan"),
-    ("finetune.lr=1e999", "error: finetune.lr: must be a finite number, got inf"),
-])
+@pytest.mark.parametrize(
+    "override,line",
+    [
+        ("finetune.lr=nan", "error: finetune.lr: must be a finite number, got nan"),
+        ("finetune.grad_clip=.nan", "error: finetune.grad_clip: must be a finite number, got nan"),
+        ("finetune.encoder_lr_scale=inf", "error: finetune.encoder_lr_scale: must be a finite number, got inf"),
+        ("scale.resource_timeout=.nan", "error: scale.resource_timeout: must be a finite number, got nan"),
+        ("finetune.lr=1e999", "error: finetune.lr: must be a finite number, got inf"),
+    ],
+)
 def test_job_with_nan_set_exits_2(override, line, capsys, tmp_path):
     from jobs import finetune
 
-    got = run_job(finetune, ["--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "runs"),
-                             "--set", override], capsys)
+    got = run_job(
+        finetune,
+        ["--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "runs"), "--set", override],
+        capsys,
+    )
     assert got == line
     assert not _ray_started()
 
@@ -161,19 +181,30 @@ def test_job_with_nan_set_exits_2(override, line, capsys, tmp_path):
 def test_job_with_nan_in_yaml_exits_2_subprocess(tmp_path):
     preset = tmp_path / "bad.yaml"
     preset.write_text("finetune:\n  lr: 1.0e-3\n  grad_clip: .nan\n")
-    line = run_subprocess("finetune", "--config", str(preset), "--manifest", str(tmp_path / "m.parquet"),
-                          "--out", str(tmp_path / "runs"))
+    line = run_subprocess(
+        "finetune", "--config", str(preset), "--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "runs")
+    )
     assert line == "error: finetune.grad_clip: must be a finite number, got nan"
-    line = run_subprocess("evaluate", "--checkpoint", str(tmp_path / "model.pt"), "--manifest",
-                          str(tmp_path / "m.parquet"), "--set", "evaluate.threshold=nan")
+    line = run_subprocess(
+        "evaluate",
+        "--checkpoint",
+        str(tmp_path / "model.pt"),
+        "--manifest",
+        str(tmp_path / "m.parquet"),
+        "--set",
+        "evaluate.threshold=nan",
+    )
     assert line == "error: evaluate.threshold: must be a finite number, got nan"
 
 
 def test_gpus_per_worker_flag_nan_exits_2(capsys, tmp_path):
     from jobs import finetune
 
-    got = run_job(finetune, ["--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "runs"),
-                             "--gpus-per-worker", "nan"], capsys)
+    got = run_job(
+        finetune,
+        ["--manifest", str(tmp_path / "m.parquet"), "--out", str(tmp_path / "runs"), "--gpus-per-worker", "nan"],
+        capsys,
+    )
     assert got == "error: scale.gpus_per_worker: must be a finite number, got nan"
 
 
@@ -181,12 +212,22 @@ def test_gpus_per_worker_flag_nan_exits_2(capsys, tmp_path):
 
 
 def _rows(n: int = 4) -> pd.DataFrame:
-    return pd.DataFrame({
-        "video_id": [f"v{i}" for i in range(n)], "patient_id": [f"p{i}" for i in range(n)],
-        "label": [i % 2 for i in range(n)], "split": ["train", "train", "test", "test"][:n],
-        "fold": [-1] * n, "uri": [f"s3://b/clips/v{i}.mp4" for i in range(n)], "num_frames": [10] * n,
-        "fps": [30.0] * n, "height": [32] * n, "width": [32] * n, "sha256": ["0" * 64] * n, "source": ["x"] * n,
-    })
+    return pd.DataFrame(
+        {
+            "video_id": [f"v{i}" for i in range(n)],
+            "patient_id": [f"p{i}" for i in range(n)],
+            "label": [i % 2 for i in range(n)],
+            "split": ["train", "train", "test", "test"][:n],
+            "fold": [-1] * n,
+            "uri": [f"s3://b/clips/v{i}.mp4" for i in range(n)],
+            "num_frames": [10] * n,
+            "fps": [30.0] * n,
+            "height": [32] * n,
+            "width": [32] * n,
+            "sha256": ["0" * 64] * n,
+            "source": ["x"] * n,
+        }
+    )
 
 
 def _write(table: pa.Table, path: Path, version: str | None) -> str:
@@ -218,14 +259,16 @@ def test_manifest_of_another_version_is_refused(tmp_path):
     uri = _write(M.to_table(_rows()), tmp_path / "new.parquet", version="999")
     with pytest.raises(M.ManifestError) as e:
         M.read_manifest(uri)
-    assert str(e.value).startswith(f"{uri}: manifest version '999', this clman reads version "
-                                   f"'{M.MANIFEST_VERSION}'")
+    assert str(e.value).startswith(f"{uri}: manifest version '999', this clman reads version '{M.MANIFEST_VERSION}'")
 
 
 def test_manifest_missing_a_column_names_it(tmp_path):
     uri = _write(M.to_table(_rows()).drop_columns(["fps"]), tmp_path / "m.parquet", version=None)
-    with pytest.raises(M.ManifestError, match=rf"missing columns \['fps'\]; manifest version "
-                                              rf"{M.MANIFEST_VERSION} has \["):
+    with pytest.raises(
+        M.ManifestError,
+        match=rf"missing columns \['fps'\]; manifest version "
+        rf"{M.MANIFEST_VERSION} has \[",
+    ):
         M.read_manifest(uri)
 
 
@@ -234,8 +277,10 @@ def test_finetune_on_a_manifest_of_another_version_exits_2_before_ray(tmp_path, 
 
     uri = _write(M.to_table(_rows()), tmp_path / "manifest.parquet", version="999")
     line = run_job(finetune, ["--manifest", uri, "--out", str(tmp_path / "runs")], capsys)
-    assert line == (f"error: {uri}: manifest version '999', this clman reads version '{M.MANIFEST_VERSION}'; "
-                    "write it again with this clman's jobs.ingest, or use the clman that wrote it")
+    assert line == (
+        f"error: {uri}: manifest version '999', this clman reads version '{M.MANIFEST_VERSION}'; "
+        "write it again with this clman's jobs.ingest, or use the clman that wrote it"
+    )
     assert not _ray_started() and not (tmp_path / "runs").exists()
 
 
@@ -258,8 +303,10 @@ def test_a_message_with_line_breaks_is_printed_on_one_line(capsys):
     def main(argv):
         raise C.ConfigError("model.arch: 'x' is not one of\n  ['clman', 'r3d_18']\n")
 
-    assert run_job(type("job", (), {"main": staticmethod(main)}), [], capsys) == \
-        "error: model.arch: 'x' is not one of ['clman', 'r3d_18']"
+    assert (
+        run_job(type("job", (), {"main": staticmethod(main)}), [], capsys)
+        == "error: model.arch: 'x' is not one of ['clman', 'r3d_18']"
+    )
 
 
 def test_user_errors_cover_the_data_errors():
@@ -272,14 +319,17 @@ def test_user_errors_cover_the_data_errors():
 # ---------------------------------------------------------------- predict
 
 
-@pytest.mark.parametrize("args,line", [
-    (["--threshold", "nan"], "error: --threshold: must be a number in [0, 1], got nan"),
-    (["--threshold", "inf"], "error: --threshold: must be a number in [0, 1], got inf"),
-    (["--threshold", "1.5"], "error: --threshold: must be a number in [0, 1], got 1.5"),
-    (["--threshold=-0.1"], "error: --threshold: must be a number in [0, 1], got -0.1"),
-    (["--max-frames", "0"], "error: --max-frames: must be >= 1, got 0"),
-    (["--top", "-1"], "error: --top: must be >= 0, got -1"),
-])
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["--threshold", "nan"], "error: --threshold: must be a number in [0, 1], got nan"),
+        (["--threshold", "inf"], "error: --threshold: must be a number in [0, 1], got inf"),
+        (["--threshold", "1.5"], "error: --threshold: must be a number in [0, 1], got 1.5"),
+        (["--threshold=-0.1"], "error: --threshold: must be a number in [0, 1], got -0.1"),
+        (["--max-frames", "0"], "error: --max-frames: must be >= 1, got 0"),
+        (["--top", "-1"], "error: --top: must be >= 0, got -1"),
+    ],
+)
 def test_predict_bad_numbers_exit_2(args, line, capsys, tmp_path):
     from jobs import predict
 
@@ -298,8 +348,7 @@ def tiny_classifier(tmp_path_factory) -> str:
     from clman.checkpoint import save_checkpoint
     from clman.models.build import classifier_from
 
-    cfg = C.load("finetune", None, ["model.width=0.125", "model.gn_groups=4", "data.size=32",
-                                    "data.num_frames=4"])
+    cfg = C.load("finetune", None, ["model.width=0.125", "model.gn_groups=4", "data.size=32", "data.num_frames=4"])
     path = str(tmp_path_factory.mktemp("ckpt") / "model.pt")
     save_checkpoint(path, classifier_from(cfg.model), kind="classifier", config=C.to_dict(cfg), step=0)
     return path
@@ -347,8 +396,9 @@ def full_disk(tmp_path):
     where.mkdir()
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("mounting a tmpfs needs root; test_disk_full_simulated covers the code path")
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(where)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}); test_disk_full_simulated covers it")
     try:
@@ -393,10 +443,12 @@ def test_predict_on_a_full_disk_exits_2(full_disk, tiny_classifier, tmp_path, ca
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
 
 
-@pytest.mark.parametrize("code,reason", [(errno.ENOSPC, "no space left on device"),
-                                         (errno.EDQUOT, "disk quota exceeded")])
+@pytest.mark.parametrize(
+    "code,reason", [(errno.ENOSPC, "no space left on device"), (errno.EDQUOT, "disk quota exceeded")]
+)
 def test_disk_full_simulated(code, reason, tmp_path, monkeypatch):
     """Where no tmpfs can be mounted: the same path with fsync failing as NFS / quotas report it."""
+
     def fsync(fd):
         raise OSError(code, os.strerror(code))
 
@@ -408,4 +460,3 @@ def test_disk_full_simulated(code, reason, tmp_path, monkeypatch):
     assert str(e.value) == f"{uri}: {reason}"
     monkeypatch.undo()
     assert Path(uri).read_text() == "old\n" and os.listdir(tmp_path / "out") == ["metrics.json"]
-

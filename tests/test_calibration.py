@@ -104,19 +104,34 @@ def test_finetune_validate_returns_the_threshold_of_its_scores():
 
 def test_write_evaluation_reports_calibration_and_the_validation_operating_point(tmp_path):
     s, y, patients = _scores(60, seed=2)
-    scored = {"video_id": [f"v{i}" for i in range(60)], "patient_id": list(patients), "label": y.tolist(),
-              "score": s.tolist(), "top_frames": [[0, 1]] * 60}
-    record = {"value": 0.41, "chosen_on": "validation", "target_sensitivity": 0.95, "videos": 20, "malignant": 9,
-              "sensitivity": 1.0, "specificity": 0.55}
+    scored = {
+        "video_id": [f"v{i}" for i in range(60)],
+        "patient_id": list(patients),
+        "label": y.tolist(),
+        "score": s.tolist(),
+        "top_frames": [[0, 1]] * 60,
+    }
+    record = {
+        "value": 0.41,
+        "chosen_on": "validation",
+        "target_sensitivity": 0.95,
+        "videos": 20,
+        "malignant": 9,
+        "sensitivity": 1.0,
+        "specificity": 0.55,
+    }
     cfg = C.load("evaluate", None, ["evaluate.bootstrap=100"])
     out = str(tmp_path / "eval")
-    result = report.write_evaluation(out, "CLMAN", scored, cfg, record,
-                                     notes=[f"Deployed threshold: {inference.describe_threshold(record)}."])
+    result = report.write_evaluation(
+        out, "CLMAN", scored, cfg, record, notes=[f"Deployed threshold: {inference.describe_threshold(record)}."]
+    )
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     at = compute_metrics(s, y, threshold=0.41)
     op = metrics["operating_point"]
     assert op["threshold"] == 0.41 and op["validation"] == record
-    assert op["sensitivity"] == pytest.approx(at["sensitivity"]) and op["specificity"] == pytest.approx(at["specificity"])
+    assert op["sensitivity"] == pytest.approx(at["sensitivity"]) and op["specificity"] == pytest.approx(
+        at["specificity"]
+    )
     cal = metrics["calibration"]
     assert cal["brier"] == pytest.approx(K.brier_score(s, y)) and cal["ece"] == pytest.approx(K.calibration_error(s, y))
     assert cal["ci95"]["brier"][0] < cal["brier"] < cal["ci95"]["brier"][1]
@@ -132,5 +147,7 @@ def test_write_evaluation_reports_calibration_and_the_validation_operating_point
 
     # no stored threshold: no operating point from validation; the ROC marks evaluate.threshold's
     result = report.write_evaluation(str(tmp_path / "old"), "CLMAN", scored, cfg)
-    assert result["operating_point"] is None and "deployed operating point" not in (
-        tmp_path / "old" / "report.md").read_text()
+    assert (
+        result["operating_point"] is None
+        and "deployed operating point" not in (tmp_path / "old" / "report.md").read_text()
+    )

@@ -39,7 +39,13 @@ def test_round_trip_loads_with_weights_only(tmp_path):
     raw = torch.load(path, weights_only=True)  # the contract: plain tensors and Python values only
     assert raw["format"] == FORMAT
     ckpt = load_checkpoint(path)
-    assert (ckpt["kind"], ckpt["step"], ckpt["epoch"], ckpt["config"], ckpt["extra"]) == ("simclr", 7, 2, config, {"loss": 1.5})
+    assert (ckpt["kind"], ckpt["step"], ckpt["epoch"], ckpt["config"], ckpt["extra"]) == (
+        "simclr",
+        7,
+        2,
+        config,
+        {"loss": 1.5},
+    )
     assert ckpt["optimizer"]["state"]  # momentum buffers came along
 
     fresh = TinySimCLR()

@@ -33,9 +33,17 @@ from clman.data.synth import SynthConfig, write_dataset
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
 TINY = [
-    "model.width=0.125", "model.gn_groups=4", "data.size=32", "data.num_frames=4", "data.frames_per_clip=2",
-    "scale.num_workers=1", "scale.cpus_per_worker=0.5", "finetune.batch_size=4", "finetune.lr=0.01",
-    "finetune.epochs=3", "finetune.checkpoint_every=1",
+    "model.width=0.125",
+    "model.gn_groups=4",
+    "data.size=32",
+    "data.num_frames=4",
+    "data.frames_per_clip=2",
+    "scale.num_workers=1",
+    "scale.cpus_per_worker=0.5",
+    "finetune.batch_size=4",
+    "finetune.lr=0.01",
+    "finetune.epochs=3",
+    "finetune.checkpoint_every=1",
 ]
 
 
@@ -63,20 +71,57 @@ def head(s3):
     temp = tempfile.mkdtemp(prefix="clman-rc-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     # Every port named: the defaults (the agent's 52365, ...) may be taken by another Ray on this machine.
     gcs_port, dash_port, client_port, agent_port, agent_grpc, env_agent, metrics = _free_ports(7)
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=os.path.join(temp, "auth_token"),
-               RAY_USAGE_STATS_ENABLED="0", RAY_ADDRESS="")
+    env = dict(
+        os.environ,
+        RAY_AUTH_MODE="token",
+        RAY_AUTH_TOKEN_PATH=os.path.join(temp, "auth_token"),
+        RAY_USAGE_STATS_ENABLED="0",
+        RAY_ADDRESS="",
+    )
     fd = os.open(env["RAY_AUTH_TOKEN_PATH"], os.O_WRONLY | os.O_CREAT, 0o600)  # what `ray start` would make
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32))
     log = open(os.path.join(temp, "head.log"), "wb")
     proc = subprocess.Popen(
-        [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(gcs_port),
-         "--ray-client-server-port", str(client_port), "--num-cpus", "2", "--num-gpus", "0",
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash_port),
-         "--dashboard-agent-listen-port", str(agent_port), "--dashboard-agent-grpc-port", str(agent_grpc),
-         "--runtime-env-agent-port", str(env_agent), "--metrics-export-port", str(metrics),
-         "--temp-dir", temp, "--disable-usage-stats"],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs_port),
+            "--ray-client-server-port",
+            str(client_port),
+            "--num-cpus",
+            "2",
+            "--num-gpus",
+            "0",
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dash_port),
+            "--dashboard-agent-listen-port",
+            str(agent_port),
+            "--dashboard-agent-grpc-port",
+            str(agent_grpc),
+            "--runtime-env-agent-port",
+            str(env_agent),
+            "--metrics-export-port",
+            str(metrics),
+            "--temp-dir",
+            temp,
+            "--disable-usage-stats",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     address = f"http://127.0.0.1:{dash_port}"
     try:
         deadline = time.time() + 180
@@ -106,16 +151,37 @@ def head(s3):
 def manifest(s3):
     s3.make_bucket("cluster-data")
     write_dataset("s3://cluster-data/raw", 16, seed=2, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
-    ingest(labeled_items("s3://cluster-data/raw", "s3://cluster-data/raw/labels.csv"), "s3://cluster-data/data",
-           ratios=(0.5, 0.25, 0.25), seed=0, workers=2, keep_ids=True)
+    ingest(
+        labeled_items("s3://cluster-data/raw", "s3://cluster-data/raw/labels.csv"),
+        "s3://cluster-data/data",
+        ratios=(0.5, 0.25, 0.25),
+        seed=0,
+        workers=2,
+        keep_ids=True,
+    )
     return "s3://cluster-data/data/manifest.parquet"
 
 
 def _submit(head: dict, submission_id: str, args: list[str], wait: bool) -> subprocess.CompletedProcess:
     # The README's command: --working-dir . --runtime-env infra/runtime_env.yaml -- python -m jobs.finetune ...
-    cmd = ["job", "submit", "--address", head["address"], "--submission-id", submission_id,
-           "--working-dir", ".", "--runtime-env", "infra/runtime_env.yaml", *([] if wait else ["--no-wait"]),
-           "--", "python", "-m", "jobs.finetune", *args]
+    cmd = [
+        "job",
+        "submit",
+        "--address",
+        head["address"],
+        "--submission-id",
+        submission_id,
+        "--working-dir",
+        ".",
+        "--runtime-env",
+        "infra/runtime_env.yaml",
+        *([] if wait else ["--no-wait"]),
+        "--",
+        "python",
+        "-m",
+        "jobs.finetune",
+        *args,
+    ]
     deadline = time.time() + 120
     while True:
         proc = _ray(*cmd, env=head["env"], timeout=900, check=False)
@@ -144,8 +210,15 @@ def _registered_checkpoint(run_uri: str) -> bool:
 def test_job_submit_stop_and_resume_on_a_real_cluster(head, manifest, bucket):
     runs = f"{bucket}/runs"
     # 8 epochs: the stop lands mid-run (at 3 the first job had trained them all before it was stopped)
-    args = ["--manifest", manifest, "--out", runs, "--run-name", "submitted",
-            *sum((["--set", o] for o in TINY + ["finetune.epochs=8"]), [])]
+    args = [
+        "--manifest",
+        manifest,
+        "--out",
+        runs,
+        "--run-name",
+        "submitted",
+        *sum((["--set", o] for o in TINY + ["finetune.epochs=8"]), []),
+    ]
     t0 = time.time()
 
     first = _submit(head, "clman-first", args, wait=False)
@@ -153,7 +226,8 @@ def test_job_submit_stop_and_resume_on_a_real_cluster(head, manifest, bucket):
     deadline = time.time() + 420
     while not _registered_checkpoint(f"{runs}/submitted") and time.time() < deadline:
         assert _status(head, "clman-first") in ("PENDING", "RUNNING"), _ray(
-            "job", "logs", "--address", head["address"], "clman-first", env=head["env"]).stdout[-3000:]
+            "job", "logs", "--address", head["address"], "clman-first", env=head["env"]
+        ).stdout[-3000:]
         time.sleep(1)
     assert _registered_checkpoint(f"{runs}/submitted"), "the submitted job registered no checkpoint"
     _ray("job", "stop", "--address", head["address"], "clman-first", env=head["env"])
@@ -177,9 +251,26 @@ def test_missing_token_is_one_line(head, manifest):
     """A driver attaching in token mode without the cluster's token: one line saying what to fix."""
     env = dict(head["env"], RAY_AUTH_TOKEN_PATH=os.path.join(tempfile.gettempdir(), "clman-no-such-token"))
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.finetune", "--manifest", manifest, "--out", "s3://cluster-data/runs",
-         "--address", head["gcs"], *sum((["--set", o] for o in TINY), [])],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "jobs.finetune",
+            "--manifest",
+            manifest,
+            "--out",
+            "s3://cluster-data/runs",
+            "--address",
+            head["gcs"],
+            *sum((["--set", o] for o in TINY), []),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the Ray cluster at 127.0.0.1:") and "RAY_AUTH_MODE=token" in last, proc.stderr[-2000:]
+    assert last.startswith("error: the Ray cluster at 127.0.0.1:") and "RAY_AUTH_MODE=token" in last, proc.stderr[
+        -2000:
+    ]

@@ -25,9 +25,11 @@ from clman import storage
 from clman.storage import StorageError
 
 KEY_ID, SECRET, TOKEN = "AKIDCLMANMARKER01", "secret-marker-5f3a9c1e77", "session-token-marker-0b8d2e"
-EMPTY_LISTING = (b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/'
-                 b'2006-03-01/"><Name>bkt</Name><Prefix></Prefix><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys>'
-                 b'<IsTruncated>false</IsTruncated></ListBucketResult>')
+EMPTY_LISTING = (
+    b'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="http://s3.amazonaws.com/doc/'
+    b'2006-03-01/"><Name>bkt</Name><Prefix></Prefix><KeyCount>0</KeyCount><MaxKeys>1000</MaxKeys>'
+    b"<IsTruncated>false</IsTruncated></ListBucketResult>"
+)
 
 
 class FakeEndpoint:
@@ -48,8 +50,10 @@ class FakeEndpoint:
                 self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if endpoint.error:
                     status, code = endpoint.error
-                    body = (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-                            f"<Message>{endpoint.message}</Message><RequestId>r1</RequestId></Error>").encode()
+                    body = (
+                        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
+                        f"<Message>{endpoint.message}</Message><RequestId>r1</RequestId></Error>"
+                    ).encode()
                 else:
                     status, body = 200, EMPTY_LISTING
                 self.send_response(status)
@@ -70,17 +74,23 @@ class FakeEndpoint:
 
     def arrow_fs(self) -> pafs.S3FileSystem:
         """A filesystem on this endpoint with one retry: the SDK retries skew answers (51 s at ARROW_RETRIES)."""
-        return storage.RetryingS3FileSystem(retries=1, region="us-east-1", scheme="http",
-                                            endpoint_override=self.url[len("http://"):])
+        return storage.RetryingS3FileSystem(
+            retries=1, region="us-east-1", scheme="http", endpoint_override=self.url[len("http://") :]
+        )
 
 
 @pytest.fixture
 def fake(monkeypatch):
     """A FakeEndpoint that AWS_ENDPOINT_URL points at, with marker credentials and session token in the env."""
     endpoint = FakeEndpoint()
-    for name, value in {"AWS_ENDPOINT_URL": endpoint.url, "AWS_ACCESS_KEY_ID": KEY_ID, "AWS_SECRET_ACCESS_KEY": SECRET,
-                        "AWS_SESSION_TOKEN": TOKEN, "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                        }.items():
+    for name, value in {
+        "AWS_ENDPOINT_URL": endpoint.url,
+        "AWS_ACCESS_KEY_ID": KEY_ID,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_SESSION_TOKEN": TOKEN,
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     yield endpoint
@@ -104,8 +114,9 @@ def test_pickled_filesystem_holds_no_credential(fake):
     _assert_no_credential(ray.cloudpickle.dumps(RunConfig(storage_filesystem=fs, storage_path=path)))
     _assert_no_credential(repr(list(storage._clients)))  # the client cache is keyed by a digest
     # Credentials given explicitly stay out of the pickle as well.
-    explicit = storage.RetryingS3FileSystem(region="us-east-1", access_key=KEY_ID, secret_key=SECRET,
-                                            session_token=TOKEN)
+    explicit = storage.RetryingS3FileSystem(
+        region="us-east-1", access_key=KEY_ID, secret_key=SECRET, session_token=TOKEN
+    )
     _assert_no_credential(pickle.dumps(explicit))
 
 
@@ -120,33 +131,52 @@ def test_session_token_reaches_boto3_and_pyarrow(fake):
         assert f"Credential={KEY_ID}/" in headers["authorization"]
 
 
-_EXPIRED = "the S3 session token has expired — refresh the credentials (aws sso login, or export new " \
-           "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN)"
+_EXPIRED = (
+    "the S3 session token has expired — refresh the credentials (aws sso login, or export new "
+    "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN)"
+)
 _DENIED_HINT = "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY/AWS_SESSION_TOKEN"
 _INVALID = "the S3 session token is invalid — check AWS_SESSION_TOKEN (it must match AWS_ACCESS_KEY_ID)"
 
 
 def _skew(url: str) -> str:
-    return (f"clock skew between this machine and {url} — the request time is off by more than the server "
-            "allows: check NTP / the system clock")
+    return (
+        f"clock skew between this machine and {url} — the request time is off by more than the server "
+        "allows: check NTP / the system clock"
+    )
 
 
-@pytest.mark.parametrize(("status", "code"), [
-    (400, "ExpiredToken"), (403, "ExpiredToken"), (400, "ExpiredTokenException"), (400, "TokenRefreshRequired"),
-    (400, "InvalidToken"), (403, "RequestTimeTooSkewed"), (400, "RequestExpired"),
-])
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, "ExpiredToken"),
+        (403, "ExpiredToken"),
+        (400, "ExpiredTokenException"),
+        (400, "TokenRefreshRequired"),
+        (400, "InvalidToken"),
+        (403, "RequestTimeTooSkewed"),
+        (400, "RequestExpired"),
+    ],
+)
 def test_token_and_clock_errors_are_named(fake, status, code):
     from ray.train import ControllerError
 
     from clman.launch import trainer
 
-    expected = {"InvalidToken": _INVALID, "RequestTimeTooSkewed": _skew(fake.url),
-                "RequestExpired": _skew(fake.url)}.get(code, _EXPIRED)
+    expected = {
+        "InvalidToken": _INVALID,
+        "RequestTimeTooSkewed": _skew(fake.url),
+        "RequestExpired": _skew(fake.url),
+    }.get(code, _EXPIRED)
     fake.error = (status, code)
     uri = "s3://bkt/k.bin"
     # GET and PUT answers carry the code; HEAD answers (exists, the bucket check of arrow_fs) do not.
-    for call in (lambda: storage.read_bytes(uri), lambda: storage.write_bytes(uri, b"x"),
-                 lambda: storage.exists(uri), lambda: storage.arrow_fs(uri)):
+    for call in (
+        lambda: storage.read_bytes(uri),
+        lambda: storage.write_bytes(uri, b"x"),
+        lambda: storage.exists(uri),
+        lambda: storage.arrow_fs(uri),
+    ):
         with pytest.raises(StorageError) as info:
             call()
         assert str(info.value) == f"{uri}: {expected}"
@@ -210,8 +240,9 @@ def test_unpickled_filesystem_uses_the_credentials_of_its_process(bucket, s3):
         import os
 
         child_env = {**os.environ, **changes}
-        done = subprocess.run([sys.executable, "-c", _CHILD, path], input=data, env=child_env, capture_output=True,
-                              timeout=120)
+        done = subprocess.run(
+            [sys.executable, "-c", _CHILD, path], input=data, env=child_env, capture_output=True, timeout=120
+        )
         assert done.returncode == 0, done.stderr.decode()[-2000:]
         return done.stdout.decode().strip()
 

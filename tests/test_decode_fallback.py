@@ -63,12 +63,15 @@ def test_pyav_gives_decords_frames(clip, size):
         assert np.array_equal(a, b), f"{clip} size {size} {indices}: max diff {np.abs(a.astype(int) - b).max()}"
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", V.EMPTY),
-    (b"this is a text file, not a video\n" * 20, V.NOT_A_VIDEO),
-    (bytes(range(256)) * 8, V.NOT_A_VIDEO),
-    (CLIPS["camera-long-gop"][: len(CLIPS["camera-long-gop"]) // 2], V.TRUNCATED),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", V.EMPTY),
+        (b"this is a text file, not a video\n" * 20, V.NOT_A_VIDEO),
+        (bytes(range(256)) * 8, V.NOT_A_VIDEO),
+        (CLIPS["camera-long-gop"][: len(CLIPS["camera-long-gop"]) // 2], V.TRUNCATED),
+    ],
+)
 def test_pyav_rejects_bad_bytes_as_decord_does(monkeypatch, data, reason):
     monkeypatch.setattr(V, "Reader", V.PyAVReader)
     for fn in (V.probe_video, V.decode_frames):
@@ -104,8 +107,13 @@ def test_worker_decode_with_decord_hidden_matches_decord(bucket, tmp_path):
     storage.write_bytes(uri, CLIPS["phantom-h264"])
     n, size, some_idx = 48, 74, [40, 3, 3, 17]
     out = tmp_path / "frames.npz"
-    run = subprocess.run([sys.executable, "-c", _WORKER_DECODE, uri, str(size), str(out), str(n), json.dumps(some_idx)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", _WORKER_DECODE, uri, str(size), str(out), str(n), json.dumps(some_idx)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["bad"] is None and result["reason"].startswith(f"{uri}.missing")  # a StorageError line

@@ -23,16 +23,24 @@ from tests.media import frames, pyav_mp4
 
 TINY = ["model.width=0.125", "model.gn_groups=4", "data.size=32", "data.num_frames=4", "evaluate.clips=2"]
 # what the finetune loop stores for a validated epoch (clman.evaluate.inference.choose_threshold's record)
-RECORD = {"value": 0.4321, "chosen_on": "validation", "target_sensitivity": 0.95, "videos": 6, "malignant": 3,
-          "sensitivity": 1.0, "specificity": 0.667}
+RECORD = {
+    "value": 0.4321,
+    "chosen_on": "validation",
+    "target_sensitivity": 0.95,
+    "videos": 6,
+    "malignant": 3,
+    "sensitivity": 1.0,
+    "specificity": 0.667,
+}
 
 
 def _checkpoint(path, threshold: dict | None, seed: int = 0) -> str:
     cfg = C.load("finetune", None, TINY)
     torch.manual_seed(seed)
     extra = {"preprocessing": inference.preprocessing(cfg)} | ({"threshold": threshold} if threshold else {})
-    save_checkpoint(str(path), classifier_from(cfg.model), kind="classifier", config=C.to_dict(cfg), step=1,
-                    extra=extra)
+    save_checkpoint(
+        str(path), classifier_from(cfg.model), kind="classifier", config=C.to_dict(cfg), step=1, extra=extra
+    )
     return str(path)
 
 
@@ -90,10 +98,13 @@ def test_export_check_catches_a_program_that_scores_otherwise(model_pt):
         E.check_program(program, "torchscript", module, [(2, 4, 3, 32, 32)])
 
 
-@pytest.mark.parametrize("args,line", [
-    (["--format", "tflite"], "error: --format: 'tflite' is not one of onnx, torchscript"),
-    ([], "error: checkpoint not found: {missing}"),
-])
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["--format", "tflite"], "error: --format: 'tflite' is not one of onnx, torchscript"),
+        ([], "error: checkpoint not found: {missing}"),
+    ],
+)
 def test_export_bad_input_is_one_line_exit_2(tmp_path, capsys, args, line):
     missing = str(tmp_path / "nope.pt")
     with pytest.raises(SystemExit) as exit_:

@@ -45,9 +45,22 @@ def rows(s3, ray_local):
             storage.write_bytes(uri, b"\x00\x00\x00\x18ftypmp42" + b"\x07" * 500)
         elif vid != "gone":
             storage.write_bytes(uri, encode_mp4(frames(n, 32, 40, seed=i, gray=True), fps=10))
-        out.append({"video_id": vid, "patient_id": vid, "label": i % 2, "split": "train", "fold": -1,
-                    "uri": uri, "num_frames": n, "fps": 10.0, "height": 32, "width": 40,
-                    "sha256": f"{i:064d}", "source": "test"})
+        out.append(
+            {
+                "video_id": vid,
+                "patient_id": vid,
+                "label": i % 2,
+                "split": "train",
+                "fold": -1,
+                "uri": uri,
+                "num_frames": n,
+                "fps": 10.0,
+                "height": 32,
+                "width": 40,
+                "sha256": f"{i:064d}",
+                "source": "test",
+            }
+        )
     M.write_manifest(pd.DataFrame(out), f"{root}/manifest.parquet")
     return M.read_manifest(f"{root}/manifest.parquet")
 
@@ -100,8 +113,10 @@ def test_cache_and_stream_give_the_same_frames(rows):
     for cache in ("memory", "off"):
         source = trainer.frame_source(rows, cfg(cache))
         keep = [i for i, v in enumerate(source["videos"]) if "bad" not in v.uri and "gone" not in v.uri]
-        source = {"videos": [source["videos"][i] for i in keep],
-                  "cache": None if source["cache"] is None else [source["cache"][i] for i in keep]}
+        source = {
+            "videos": [source["videos"][i] for i in keep],
+            "cache": None if source["cache"] is None else [source["cache"][i] for i in keep],
+        }
         got[cache] = epoch_batches(source, cfg(cache), "clips", epoch=3)[0]
     for a, b in zip(got["memory"], got["off"], strict=True):
         assert torch.equal(a["video"], b["video"]) and torch.equal(a["frame_idx"], b["frame_idx"])
@@ -118,7 +133,8 @@ def test_order_and_frames_change_by_epoch_and_repeat_by_seed(rows):
     assert order == [b["video"].tolist() for b in e0_again]
     assert all(torch.equal(a["frames"], b["frames"]) for a, b in zip(e0, e0_again))
     assert order != [b["video"].tolist() for b in e1] or any(
-        not torch.equal(a["frame_idx"], b["frame_idx"]) for a, b in zip(e0, e1))
+        not torch.equal(a["frame_idx"], b["frame_idx"]) for a, b in zip(e0, e1)
+    )
     other_seed, _ = epoch_batches(source, data, "clips", epoch=0, seed=1)
     assert order != [b["video"].tolist() for b in other_seed]
 
@@ -137,8 +153,9 @@ def test_ranks_run_equal_steps_when_a_streamed_clip_fails(rows):
     data = cfg("off")
     source = trainer.frame_source(rows, data)
     for epoch in range(3):
-        steps = [len(epoch_batches(source, data, "clips", epoch=epoch, batch_size=2, rank=r, world=2)[0])
-                 for r in (0, 1)]
+        steps = [
+            len(epoch_batches(source, data, "clips", epoch=epoch, batch_size=2, rank=r, world=2)[0]) for r in (0, 1)
+        ]
         assert steps == [2, 2], (epoch, steps)
 
 
@@ -193,6 +210,8 @@ def test_stack_frames_gathers_straight_into_the_batch():
     assert torch.equal(mixed[0], torch.from_numpy(np.repeat(grey[rows], 3, axis=1)))
     assert torch.equal(mixed[1], torch.from_numpy(colour[rows]))
     frames = stack_frames([(grey, 2), (colour, 5), grey[7]])  # SimCLR: single frames
-    assert torch.equal(frames[1], torch.from_numpy(colour[5])) and torch.equal(frames[2, 0], torch.from_numpy(grey[7, 0]))
+    assert torch.equal(frames[1], torch.from_numpy(colour[5])) and torch.equal(
+        frames[2, 0], torch.from_numpy(grey[7, 0])
+    )
     with pytest.raises(ValueError, match="shape"):
         stack_frames([grey[:2], grey[:3]])

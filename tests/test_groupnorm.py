@@ -29,8 +29,15 @@ from clman.models.groupnorm import (
 
 ROOT = Path(__file__).resolve().parents[1]
 # (N, C, H, W, G): the encoder's (stem, 32 groups of 2, 1x1 at layer 4) and odd ones
-SHAPES = [(2, 8, 5, 7, 4), (3, 6, 4, 4, 3), (1, 64, 3, 3, 32), (2, 12, 1, 1, 3), (2, 5, 3, 2, 5),
-          (4, 32, 9, 11, 8), (2, 30, 2, 13, 2)]
+SHAPES = [
+    (2, 8, 5, 7, 4),
+    (3, 6, 4, 4, 3),
+    (1, 64, 3, 3, 32),
+    (2, 12, 1, 1, 3),
+    (2, 5, 3, 2, 5),
+    (4, 32, 9, 11, 8),
+    (2, 30, 2, 13, 2),
+]
 LAYOUTS = ("contiguous", "channels_last")
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -140,7 +147,7 @@ def test_set_cuda_impl_checks_the_name():
 
 def _with_plain_groupnorm(encoder: nn.Module) -> nn.Module:
     """The same encoder with every ChannelsLastGroupNorm swapped for an nn.GroupNorm (same weights)."""
-    for name, m in list(encoder.named_modules()):
+    for _name, m in list(encoder.named_modules()):
         for child_name, child in list(m.named_children()):
             if isinstance(child, ChannelsLastGroupNorm):
                 plain = nn.GroupNorm(child.num_groups, child.num_channels, child.eps)
@@ -223,7 +230,8 @@ def test_channels_last_ops_compile_without_graph_breaks():
 
 needs_triton_run = pytest.mark.skipif(
     not HAS_TRITON or not (INTERPRET or torch.cuda.is_available()),
-    reason="needs triton and a GPU, or TRITON_INTERPRET=1 (test_triton_kernels_in_the_interpreter sets it)")
+    reason="needs triton and a GPU, or TRITON_INTERPRET=1 (test_triton_kernels_in_the_interpreter sets it)",
+)
 
 
 @needs_triton_run
@@ -262,8 +270,24 @@ def test_triton_without_affine_with_a_far_off_mean_and_a_contiguous_gradient():
 def test_triton_kernels_in_the_interpreter():
     """The Triton tests above, in a process where TRITON_INTERPRET=1 makes triton run them on CPU."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                           "-k", "triton_matches or triton_without", str(Path(__file__))], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-k",
+            "triton_matches or triton_without",
+            str(Path(__file__)),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-1000:]
 

@@ -27,10 +27,22 @@ def _videos(n_patients: int = 20, per_patient: int = 2, seed: int = 0) -> pd.Dat
     for p in range(n_patients):
         label = int(p % 3 == 0)  # ~1/3 malignant patients
         for v in range(int(rng.integers(1, per_patient + 1))):
-            rows.append({"video_id": f"p{p:02d}v{v}", "patient_id": f"p{p:02d}", "label": label,
-                         "split": "train", "fold": -1, "uri": f"s3://b/clips/p{p:02d}v{v}.mp4",
-                         "num_frames": 12, "fps": 10.0, "height": 32, "width": 32,
-                         "sha256": f"{p:02d}{v}" * 8, "source": "x"})
+            rows.append(
+                {
+                    "video_id": f"p{p:02d}v{v}",
+                    "patient_id": f"p{p:02d}",
+                    "label": label,
+                    "split": "train",
+                    "fold": -1,
+                    "uri": f"s3://b/clips/p{p:02d}v{v}.mp4",
+                    "num_frames": 12,
+                    "fps": 10.0,
+                    "height": 32,
+                    "width": 32,
+                    "sha256": f"{p:02d}{v}" * 8,
+                    "source": "x",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -61,12 +73,15 @@ def test_assign_folds_balances_labels():
         assert counts.max() - counts.min() <= 1
 
 
-@pytest.mark.parametrize("ratios, match", [
-    ("0.5,0.2,0.2", "sum to 1"),
-    ("0.6,0.4", "three numbers"),
-    ("a,b,c", "three numbers"),
-    ("1.2,-0.2,0", ">= 0"),
-])
+@pytest.mark.parametrize(
+    "ratios, match",
+    [
+        ("0.5,0.2,0.2", "sum to 1"),
+        ("0.6,0.4", "three numbers"),
+        ("a,b,c", "three numbers"),
+        ("1.2,-0.2,0", ">= 0"),
+    ],
+)
 def test_bad_ratios_fail_clearly(ratios, match):
     with pytest.raises(M.ManifestError, match=match):
         M.assign_splits(_videos(), ratios)
@@ -102,16 +117,29 @@ def test_write_manifest_rejects_a_patient_in_two_splits(tmp_path):
 
 # -- ingest from a folder with good and bad files ------------------------------
 # video, label, patient: 3 benign and 3 malignant patients, 8 good videos.
-GOOD = [("b1a.mp4", "benign", "P1"), ("b1b.mp4", "benign", "P1"), ("b2.mp4", "0", "P2"),
-        ("b3.mp4", "Benign", "P3"), ("m4a.mp4", "malignant", "P4"), ("m4b.mp4", "1", "P4"),
-        ("m5.mp4", "malignant", "P5"), ("sub/m6.avi", "malignant", "P6")]
-BAD = [("zero.mp4", "benign", "P7", "empty"), ("cut.mp4", "benign", "P8", "truncated"),
-       ("notes.mp4", "benign", "P9", "not_a_video"), ("copy.mp4", "malignant", "P10", "duplicate"),
-       ("odd.mp4", "maybe", "P11", "unknown_label"), ("ghost.mp4", "benign", "P12", "missing_file")]
+GOOD = [
+    ("b1a.mp4", "benign", "P1"),
+    ("b1b.mp4", "benign", "P1"),
+    ("b2.mp4", "0", "P2"),
+    ("b3.mp4", "Benign", "P3"),
+    ("m4a.mp4", "malignant", "P4"),
+    ("m4b.mp4", "1", "P4"),
+    ("m5.mp4", "malignant", "P5"),
+    ("sub/m6.avi", "malignant", "P6"),
+]
+BAD = [
+    ("zero.mp4", "benign", "P7", "empty"),
+    ("cut.mp4", "benign", "P8", "truncated"),
+    ("notes.mp4", "benign", "P9", "not_a_video"),
+    ("copy.mp4", "malignant", "P10", "duplicate"),
+    ("odd.mp4", "maybe", "P11", "unknown_label"),
+    ("ghost.mp4", "benign", "P12", "missing_file"),
+]
 
 
 def _avi(video: np.ndarray) -> bytes:
     import av
+
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="avi") as out:
         s = out.add_stream("mpeg4", rate=10)
@@ -156,7 +184,7 @@ class WriteCounter:
 
 def _objects(s3, bucket: str) -> dict[str, bytes]:
     client = s3.client()
-    name = bucket[len("s3://"):]
+    name = bucket[len("s3://") :]
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=name).get("Contents", [])]
     return {k: client.get_object(Bucket=name, Key=k)["Body"].read() for k in keys}
 
@@ -170,8 +198,19 @@ def test_ingest_folder_with_bad_files(s3, bucket, source, monkeypatch, capsys):
 
     def vid(name: str) -> str:
         return I.Pseudonyms(SALT).video(I.SourceItem(name="", kind="video", uris=(), entry=name))
-    argv = ["--out", out, "--videos", str(source), "--labels", str(source / "labels.csv"),
-            "--workers", "2", "--seed", "0"]
+
+    argv = [
+        "--out",
+        out,
+        "--videos",
+        str(source),
+        "--labels",
+        str(source / "labels.csv"),
+        "--workers",
+        "2",
+        "--seed",
+        "0",
+    ]
     assert job.main(argv) == 0
     printed = capsys.readouterr().out
     assert "ingested" in printed and "rejected: truncated" in printed
@@ -260,14 +299,20 @@ NAME, MRN = "Doe^Jane", "MRN0042917"
 
 def test_dicom_ingest_leaves_no_identifying_value(s3, bucket, monkeypatch, caplog):
     src = f"{bucket}/incoming"
-    files = {"DOE_JANE_left.dcm": dicom_cine(sweep(10, 32, 32, gray=True), NAME, MRN),
-             "DOE_JANE_right.dcm": dicom_cine(sweep(8, 32, 32, seed=3), NAME, MRN, frame_time_ms=50.0),
-             "DOE_JANE_bad.dcm": b"not a dicom at all " * 20,
-             "SMITH_JOHN.dcm": dicom_cine(sweep(9, 32, 32, seed=5, gray=True), "Smith^John", "MRN777")}
+    files = {
+        "DOE_JANE_left.dcm": dicom_cine(sweep(10, 32, 32, gray=True), NAME, MRN),
+        "DOE_JANE_right.dcm": dicom_cine(sweep(8, 32, 32, seed=3), NAME, MRN, frame_time_ms=50.0),
+        "DOE_JANE_bad.dcm": b"not a dicom at all " * 20,
+        "SMITH_JOHN.dcm": dicom_cine(sweep(9, 32, 32, seed=5, gray=True), "Smith^John", "MRN777"),
+    }
     for name, data in files.items():
         storage.write_bytes(f"{src}/{name}", data)
-    labels = pd.DataFrame({"video": list(files) + ["DOE_JANE_missing.dcm"],
-                           "label": ["malignant", "malignant", "benign", "benign", "benign"]})
+    labels = pd.DataFrame(
+        {
+            "video": list(files) + ["DOE_JANE_missing.dcm"],
+            "label": ["malignant", "malignant", "benign", "benign", "benign"],
+        }
+    )
     storage.write_text(f"{src}/labels.csv", labels.to_csv(index=False))
     items = I.dicom_items(src, f"{src}/labels.csv")
 
@@ -290,8 +335,21 @@ def test_dicom_ingest_leaves_no_identifying_value(s3, bucket, monkeypatch, caplo
     assert rej == {"labels.csv line 4": "not_a_video", "labels.csv line 6": "missing_file"}
 
     # Grep every output object, the log and the rejects for any identifying value.
-    secrets = [b"Doe", b"Jane", b"DOE", b"JANE", MRN.encode(), b"19800101", b"Example Hospital",
-               b"ACCMRN", b"Referrer", b"20240102", b"s3cret-salt", b"Smith", b"MRN777"]
+    secrets = [
+        b"Doe",
+        b"Jane",
+        b"DOE",
+        b"JANE",
+        MRN.encode(),
+        b"19800101",
+        b"Example Hospital",
+        b"ACCMRN",
+        b"Referrer",
+        b"20240102",
+        b"s3cret-salt",
+        b"Smith",
+        b"MRN777",
+    ]
     outputs = {k: v for k, v in _objects(s3, bucket).items() if k.startswith("out/")}
     assert {k.split("/")[1] for k in outputs} == {"clips", "manifest.parquet", "rejects.parquet"}
     for key, blob in outputs.items():
@@ -326,8 +384,24 @@ def test_buv_layout(s3, bucket, tmp_path):
             # Brightness rises with the frame number: natural order 1, 2, ..., 10 (not 1, 10, 2).
             Image.fromarray(np.full((24, 32), 20 + 18 * t, np.uint8)).save(d / f"{t + 1}.png")
     (tmp_path / "rawframes" / "benign" / "x001" / "Thumbs.db").write_bytes(b"junk")
-    assert job.main(["--out", f"{bucket}/buv", "--layout", "buv", "--videos", str(tmp_path), "--keep-ids",
-                     "--split", "0.5,0,0.5", "--fps", "15"]) == 0
+    assert (
+        job.main(
+            [
+                "--out",
+                f"{bucket}/buv",
+                "--layout",
+                "buv",
+                "--videos",
+                str(tmp_path),
+                "--keep-ids",
+                "--split",
+                "0.5,0,0.5",
+                "--fps",
+                "15",
+            ]
+        )
+        == 0
+    )
     m = M.read_manifest(f"{bucket}/buv/manifest.parquet").set_index("video_id")
     assert m["label"].to_dict() == {"x001": 0, "y002": 1}
     assert m["num_frames"].to_dict() == {"x001": 12, "y002": 11}
@@ -348,9 +422,13 @@ def _folder(root: Path, names: list[str], n: int = 10, size: int = 32) -> Path:
 
 def test_pseudonyms_are_keyed_and_stable(s3, bucket, tmp_path):
     src = _folder(tmp_path / "v", ["DOE_JANE_MRN0042917.mp4", "ROE_RICHARD_MRN0042918.mp4"])
-    labels = pd.DataFrame({"video": ["DOE_JANE_MRN0042917.mp4", "ROE_RICHARD_MRN0042918.mp4"],
-                           "label": ["benign", "malignant"],
-                           "patient_id": ["Doe^Jane MRN0042917", "Roe^Richard MRN0042918"]})
+    labels = pd.DataFrame(
+        {
+            "video": ["DOE_JANE_MRN0042917.mp4", "ROE_RICHARD_MRN0042918.mp4"],
+            "label": ["benign", "malignant"],
+            "patient_id": ["Doe^Jane MRN0042917", "Roe^Richard MRN0042918"],
+        }
+    )
     labels.to_csv(src / "labels.csv", index=False)
     items = I.labeled_items(str(src), str(src / "labels.csv"))
     a = I.ingest(items, f"{bucket}/a", ratios=(0.5, 0, 0.5), salt="one", workers=1).manifest
@@ -360,6 +438,7 @@ def test_pseudonyms_are_keyed_and_stable(s3, bucket, tmp_path):
     assert not set(a["video_id"]) & set(c["video_id"]) and not set(a["patient_id"]) & set(c["patient_id"])
     import hashlib
     import hmac
+
     expect = "p" + hmac.new(b"one", b"patient\x00Doe^Jane MRN0042917", hashlib.sha256).hexdigest()[:16]
     assert expect in set(a["patient_id"])  # a keyed HMAC, not sha256(salt + id)
     assert set(a["source"]) == {"labels"} and all(u.rsplit("/", 1)[1][0] == "v" for u in a["uri"])
@@ -369,22 +448,49 @@ def test_bad_rows_each_named_by_line(s3, bucket, tmp_path, capsys):
     outside = _folder(tmp_path / "outside", ["x.mp4"])
     src = _folder(tmp_path / "v", ["a.mp4", "b.mp4", "c.mp4", "张三.mp4", "李四.mp4", "big.mp4"], size=32)
     (src / "tall.mp4").write_bytes(pyav_mp4(frames(30, 32, 32, seed=9)))
-    rows = [("a.mp4", "benign", "P1"),                      # line 2
-            ("../outside/x.mp4", "benign", "P2"),           # 3: outside --videos
-            (str(outside / "x.mp4"), "benign", "P3"),       # 4: absolute
-            ("b.mp4", "benign", "P4"), ("b.mp4", "malignant", "P4"),  # 5, 6: conflicting
-            ("c.mp4", "benign", "P5"), ("./c.mp4", "benign", "P5"),   # 7, 8: the same row twice
-            ("张三.mp4", "benign", "P6"), ("李四.mp4", "malignant", "P7"),  # 9, 10: distinct
-            ("tall.mp4", "benign", "P8")]                  # 11: 30 frames > --max-frames 20
+    rows = [
+        ("a.mp4", "benign", "P1"),  # line 2
+        ("../outside/x.mp4", "benign", "P2"),  # 3: outside --videos
+        (str(outside / "x.mp4"), "benign", "P3"),  # 4: absolute
+        ("b.mp4", "benign", "P4"),
+        ("b.mp4", "malignant", "P4"),  # 5, 6: conflicting
+        ("c.mp4", "benign", "P5"),
+        ("./c.mp4", "benign", "P5"),  # 7, 8: the same row twice
+        ("张三.mp4", "benign", "P6"),
+        ("李四.mp4", "malignant", "P7"),  # 9, 10: distinct
+        ("tall.mp4", "benign", "P8"),
+    ]  # 11: 30 frames > --max-frames 20
     pd.DataFrame(rows, columns=["video", "label", "patient_id"]).to_csv(src / "labels.csv", index=False)
     out = f"{bucket}/rows"
-    assert job.main(["--out", out, "--videos", str(src), "--labels", str(src / "labels.csv"), "--keep-ids",
-                     "--split", "0.5,0,0.5", "--max-frames", "20", "--workers", "1"]) == 0
+    assert (
+        job.main(
+            [
+                "--out",
+                out,
+                "--videos",
+                str(src),
+                "--labels",
+                str(src / "labels.csv"),
+                "--keep-ids",
+                "--split",
+                "0.5,0,0.5",
+                "--max-frames",
+                "20",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     rejects = storage.read_parquet(f"{out}/rejects.parquet").to_pandas().set_index("video")
     assert rejects["reason"].to_dict() == {
-        "labels.csv line 3": "outside_videos", "labels.csv line 4": "outside_videos",
-        "labels.csv line 5": "conflicting_rows", "labels.csv line 6": "conflicting_rows",
-        "labels.csv line 8": "duplicate", "labels.csv line 11": "over_limit"}
+        "labels.csv line 3": "outside_videos",
+        "labels.csv line 4": "outside_videos",
+        "labels.csv line 5": "conflicting_rows",
+        "labels.csv line 6": "conflicting_rows",
+        "labels.csv line 8": "duplicate",
+        "labels.csv line 11": "over_limit",
+    }
     assert "line 6" in rejects.loc["labels.csv line 5", "detail"]
     assert "line 5" in rejects.loc["labels.csv line 6", "detail"]
     assert "30 frames, over the limit of 20" in rejects.loc["labels.csv line 11", "detail"]
@@ -395,14 +501,32 @@ def test_bad_rows_each_named_by_line(s3, bucket, tmp_path, capsys):
         assert str(tmp_path) not in detail
 
     # Size limit from the header; a labels.csv that is not UTF-8 is one line.
-    assert job.main(["--out", f"{bucket}/side", "--videos", str(src), "--labels", str(src / "labels.csv"),
-                     "--keep-ids", "--max-side", "16", "--workers", "1"]) == 1
+    assert (
+        job.main(
+            [
+                "--out",
+                f"{bucket}/side",
+                "--videos",
+                str(src),
+                "--labels",
+                str(src / "labels.csv"),
+                "--keep-ids",
+                "--max-side",
+                "16",
+                "--workers",
+                "1",
+            ]
+        )
+        == 1
+    )
     side = storage.read_parquet(f"{bucket}/side/rejects.parquet").to_pandas().set_index("video")
     assert "32x32 pixels, over the limit of 16" in side.loc["labels.csv line 2", "detail"]
     (src / "latin1.csv").write_bytes("video,label\nJosé.mp4,benign\n".encode("latin-1"))
     capsys.readouterr()
-    assert job.main(["--out", f"{bucket}/l1", "--videos", str(src), "--labels", str(src / "latin1.csv"),
-                     "--keep-ids"]) == 2
+    assert (
+        job.main(["--out", f"{bucket}/l1", "--videos", str(src), "--labels", str(src / "latin1.csv"), "--keep-ids"])
+        == 2
+    )
     assert "line 2 is not UTF-8 (byte 0xe9)" in capsys.readouterr().err
 
 
@@ -415,8 +539,12 @@ def _png_bomb(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     body = zlib.compress(b"\x00" * (width + 1) * 64, 9)  # a few rows; the rest would decompress from nothing
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-            + chunk(b"IDAT", body) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", body)
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_buv_decompression_bomb_is_rejected_rest_ingested(s3, bucket, tmp_path):
@@ -432,8 +560,22 @@ def test_buv_decompression_bomb_is_rejected_rest_ingested(s3, bucket, tmp_path):
         bomb.mkdir(parents=True)
         shutil.copy(tmp_path / "rawframes" / "benign" / "ok1" / "0.png", bomb / "0.png")
         (bomb / "1.png").write_bytes(_png_bomb(side, side))
-    assert job.main(["--out", f"{bucket}/buv", "--layout", "buv", "--videos", str(tmp_path), "--keep-ids",
-                     "--split", "0.5,0,0.5"]) == 0
+    assert (
+        job.main(
+            [
+                "--out",
+                f"{bucket}/buv",
+                "--layout",
+                "buv",
+                "--videos",
+                str(tmp_path),
+                "--keep-ids",
+                "--split",
+                "0.5,0,0.5",
+            ]
+        )
+        == 0
+    )
     rejects = storage.read_parquet(f"{bucket}/buv/rejects.parquet").to_pandas().set_index("video_id")
     assert rejects["reason"].tolist() == ["over_limit", "over_limit"]
     assert "frame 2: 3600000000 pixels, a decompression bomb" in rejects.loc["bomb", "detail"]
@@ -445,8 +587,9 @@ def test_ingest_into_an_existing_manifest_merges(s3, bucket, tmp_path, capsys, m
     monkeypatch.setenv(I.SALT_ENV, "merge-salt")
     src = _folder(tmp_path / "v", [f"{c}{i}.mp4" for c in "ab" for i in range(4)])
     first = pd.DataFrame({"video": [f"a{i}.mp4" for i in range(4)], "label": ["benign", "malignant"] * 2})
-    second = pd.DataFrame({"video": [f"b{i}.mp4" for i in range(4)] + ["a0.mp4"],
-                           "label": ["benign", "malignant"] * 2 + ["benign"]})
+    second = pd.DataFrame(
+        {"video": [f"b{i}.mp4" for i in range(4)] + ["a0.mp4"], "label": ["benign", "malignant"] * 2 + ["benign"]}
+    )
     first.to_csv(src / "first.csv", index=False)
     second.to_csv(src / "second.csv", index=False)
     out = f"{bucket}/merge"
@@ -476,10 +619,12 @@ def test_dicom_banner_text_is_cut_by_default_and_videos_on_request(s3, bucket, t
     pd.DataFrame({"video": ["DOE_JANE.mp4"], "label": ["benign"]}).to_csv(src / "v.csv", index=False)
     caplog.set_level(logging.INFO)
     patch = text_patch(video, text)
-    runs = {"dicom": ["--dicom", str(src), "--labels", str(src / "d.csv")],
-            "dicom-off": ["--dicom", str(src), "--labels", str(src / "d.csv"), "--scan-region", "off"],
-            "video-auto": ["--videos", str(src), "--labels", str(src / "v.csv"), "--scan-region", "auto"],
-            "video": ["--videos", str(src), "--labels", str(src / "v.csv")]}
+    runs = {
+        "dicom": ["--dicom", str(src), "--labels", str(src / "d.csv")],
+        "dicom-off": ["--dicom", str(src), "--labels", str(src / "d.csv"), "--scan-region", "off"],
+        "video-auto": ["--videos", str(src), "--labels", str(src / "v.csv"), "--scan-region", "auto"],
+        "video": ["--videos", str(src), "--labels", str(src / "v.csv")],
+    }
     cut = {}
     for name, args in runs.items():
         assert job.main(["--out", f"{bucket}/{name}", "--split", "1,0,0", *args]) == 0

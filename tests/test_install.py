@@ -46,8 +46,12 @@ def _lock(path: Path) -> dict[str, list[tuple[str, Requirement]]]:
 # -- dependencies ---------------------------------------------------------------------------------
 def test_decord_only_where_it_has_wheels_and_pyav_everywhere():
     decord = _declared("decord")
-    for machine, platform, wanted in [("x86_64", "linux", True), ("aarch64", "linux", False),
-                                      ("arm64", "darwin", False), ("x86_64", "darwin", False)]:
+    for machine, platform, wanted in [
+        ("x86_64", "linux", True),
+        ("aarch64", "linux", False),
+        ("arm64", "darwin", False),
+        ("x86_64", "darwin", False),
+    ]:
         env = {**default_environment(), "platform_machine": machine, "sys_platform": platform}
         assert decord.marker.evaluate(env) is wanted, (machine, platform)
     runtime = _requirements()
@@ -75,8 +79,11 @@ def test_only_torch_torchvision_and_ray_are_pinned_exactly():
 def test_lock_pins_every_requirement_within_its_range(lock, extra):
     """A lock made before pyproject.toml's last edit fails here: run `make lock`."""
     pins = _lock(ROOT / lock)
-    wanted = {**_requirements(extra), **(_requirements("track") if extra else {}),
-              **(_requirements("export") if extra else {})}
+    wanted = {
+        **_requirements(extra),
+        **(_requirements("track") if extra else {}),
+        **(_requirements("export") if extra else {}),
+    }
     wanted.pop("clman", None)
     for name, req in wanted.items():
         assert name in pins, f"{lock} lacks {name}: run make lock"
@@ -106,13 +113,19 @@ def _fake_pythons(tmp_path: Path, real: dict[str, str], failing: list[str]) -> P
 def _make(args: list[str], path: Path, tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": str(path)}
     env.pop("PY", None)
-    return subprocess.run([shutil.which("make"), "-C", str(ROOT), *args, f"VENV={tmp_path / 'venv'}"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [shutil.which("make"), "-C", str(ROOT), *args, f"VENV={tmp_path / 'venv'}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_makefile_takes_the_newest_python_that_is_at_least_3_10(tmp_path):
-    bin_dir = _fake_pythons(tmp_path, {"python3.11": sys.executable, "python3": sys.executable},
-                            failing=["python3.13", "python3.12"])
+    bin_dir = _fake_pythons(
+        tmp_path, {"python3.11": sys.executable, "python3": sys.executable}, failing=["python3.13", "python3.12"]
+    )
     out = _make(["-n", "-B", "venv"], bin_dir, tmp_path)  # -n: prints the recipe, runs none of it
     assert out.returncode == 0, out.stderr
     assert f"python3.11 -m venv {tmp_path / 'venv'}" in out.stdout
@@ -149,8 +162,7 @@ def test_clman_runs_the_job_with_its_arguments():
 def test_clman_unknown_job_is_one_line_and_exit_2():
     out = subprocess.run([str(CLMAN), "trian", "--config", "x.yaml"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == [
-        "error: unknown job 'trian'; valid: " + ", ".join(cli.JOBS)]
+    assert out.stderr.strip().splitlines() == ["error: unknown job 'trian'; valid: " + ", ".join(cli.JOBS)]
     assert out.stdout == ""
 
 

@@ -34,10 +34,21 @@ from jobs import evaluate, finetune, predict, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
-    "model.width=0.125", "model.gn_groups=4", "data.size=32", "data.num_frames=4", "data.frames_per_clip=2",
-    "scale.num_workers=2", "scale.cpus_per_worker=0.5", "scale.max_failures=2",
-    "pretrain.epochs=2", "pretrain.batch_size=8", "pretrain.lr=0.5",
-    "finetune.epochs=2", "finetune.batch_size=4", "finetune.lr=0.01", "evaluate.bootstrap=50",
+    "model.width=0.125",
+    "model.gn_groups=4",
+    "data.size=32",
+    "data.num_frames=4",
+    "data.frames_per_clip=2",
+    "scale.num_workers=2",
+    "scale.cpus_per_worker=0.5",
+    "scale.max_failures=2",
+    "pretrain.epochs=2",
+    "pretrain.batch_size=8",
+    "pretrain.lr=0.5",
+    "finetune.epochs=2",
+    "finetune.batch_size=4",
+    "finetune.lr=0.01",
+    "evaluate.bootstrap=50",
 ]
 
 
@@ -55,8 +66,14 @@ def dataset(s3, tmp_path_factory):
     name = "jobs-data"
     s3.make_bucket(name)
     write_dataset(f"s3://{name}/raw", 24, seed=1, cfg=SynthConfig(size=32, frames=10), workers=1, progress=False)
-    ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
-           ratios=(0.5, 0.25, 0.25), seed=0, workers=2, keep_ids=True)
+    ingest(
+        labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"),
+        f"s3://{name}/data",
+        ratios=(0.5, 0.25, 0.25),
+        seed=0,
+        workers=2,
+        keep_ids=True,
+    )
     return f"s3://{name}/data/manifest.parquet"
 
 
@@ -84,7 +101,11 @@ def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path
     assert threshold["chosen_on"] == "validation" and threshold["videos"] == n_val
     assert threshold["sensitivity"] >= threshold["target_sensitivity"] == 0.95
     assert threshold["value"] == fin["metrics"]["val_threshold"]
-    assert (kept["preprocessing"]["size"], kept["preprocessing"]["num_frames"], kept["preprocessing"]["clips"]) == (32, 4, 4)
+    assert (kept["preprocessing"]["size"], kept["preprocessing"]["num_frames"], kept["preprocessing"]["clips"]) == (
+        32,
+        4,
+        4,
+    )
 
     result = evaluate.run(fin["model"], dataset, "test", C.load("evaluate", None, TINY))
     out = result["out"]
@@ -106,8 +127,9 @@ def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path
     video = test_rows["uri"].iloc[0]
     out_json = str(tmp_path / "pred.json")
     with pytest.raises(SystemExit) as exit_:
-        predict.cli.run_main(predict.main, ["--checkpoint", fin["model"], video, "s3://nope-bucket/x.mp4",
-                                            "--json", out_json])
+        predict.cli.run_main(
+            predict.main, ["--checkpoint", fin["model"], video, "s3://nope-bucket/x.mp4", "--json", out_json]
+        )
     assert exit_.value.code == 0  # one unreadable video does not stop the others
     preds = json.load(open(out_json))["predictions"]
     assert 0.0 <= preds[0]["probability_malignant"] <= 1.0 and preds[0]["top_frames"]
@@ -131,7 +153,9 @@ def _no_new_runs(bucket):
 
 def test_missing_encoder_checkpoint(dataset, bucket):
     with pytest.raises(ckpt.CheckpointError, match="nope/encoder.pt"):
-        finetune.run(C.load("finetune", None, TINY), dataset, f"{bucket}/runs", "x", encoder=f"{bucket}/nope/encoder.pt")
+        finetune.run(
+            C.load("finetune", None, TINY), dataset, f"{bucket}/runs", "x", encoder=f"{bucket}/nope/encoder.pt"
+        )
     assert _no_new_runs(bucket)
 
 
@@ -169,9 +193,22 @@ def test_gpu_asked_where_none(local_ray):
 def test_unknown_config_key_is_one_line_before_work(dataset, bucket):
     env = dict(os.environ)
     proc = subprocess.run(
-        [sys.executable, "-m", "jobs.finetune", "--manifest", dataset, "--out", f"{bucket}/runs",
-         "--set", "finetune.lrr=0.1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "jobs.finetune",
+            "--manifest",
+            dataset,
+            "--out",
+            f"{bucket}/runs",
+            "--set",
+            "finetune.lrr=0.1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: finetune: unknown key 'lrr'")
@@ -199,8 +236,9 @@ def _train_worker_pids() -> list[int]:
     # The GCS actor table: works without the dashboard (ray.util.state needs it).
     from ray._private import state
 
-    return [a["Pid"] for a in state.actors().values()
-            if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"]
+    return [
+        a["Pid"] for a in state.actors().values() if a["ActorClassName"] == "RayTrainWorker" and a["State"] == "ALIVE"
+    ]
 
 
 def test_killed_worker_resumes_bit_for_bit_and_the_seed_decides(dataset, bucket, local_ray):
@@ -248,8 +286,12 @@ def test_killed_worker_resumes_bit_for_bit_and_the_seed_decides(dataset, bucket,
     assert all(math.isfinite(last[k]) for k in keys if not isinstance(last[k], str)), last  # val_scoring: text
     assert final["history"]["train_loss"] == baseline["history"]["train_loss"]
 
-    other = finetune.run(C.load("finetune", None, TINY + ["finetune.epochs=1", "data.cache=off", "finetune.seed=1"]),
-                         dataset, runs, "other-seed")
+    other = finetune.run(
+        C.load("finetune", None, TINY + ["finetune.epochs=1", "data.cache=off", "finetune.seed=1"]),
+        dataset,
+        runs,
+        "other-seed",
+    )
     assert other["history"]["train_loss"][0] != baseline["history"]["train_loss"][0], "finetune.seed changed nothing"
 
 
@@ -286,11 +328,22 @@ def test_restarted_driver_continues_the_run(dataset, bucket):
     # 16 epochs of ~0.2 s: the kill lands mid-run (with 4, the first driver had sometimes trained them
     # all between the poll that saw its first checkpoint and the kill, and the second had nothing to resume)
     epochs = 16
-    cmd = [sys.executable, "-m", "jobs.finetune", "--manifest", dataset, "--out", runs, "--run-name", "driver",
-           *sum((["--set", o] for o in TINY + [f"finetune.epochs={epochs}", "scale.num_workers=1"]), [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.finetune",
+        "--manifest",
+        dataset,
+        "--out",
+        runs,
+        "--run-name",
+        "driver",
+        *sum((["--set", o] for o in TINY + [f"finetune.epochs={epochs}", "scale.num_workers=1"]), []),
+    ]
     env = dict(os.environ, RAY_ADDRESS="")  # each driver starts its own local Ray
-    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    first = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     while not _registered_checkpoint(f"{runs}/driver") and time.time() < deadline and first.poll() is None:
         time.sleep(0.5)
@@ -307,4 +360,5 @@ def test_restarted_driver_continues_the_run(dataset, bucket):
     assert final["last_metrics"]["epoch"] == epochs - 1
     assert final["last_metrics"]["start_epoch"] == registered + 1, (
         f"the restarted driver started at epoch {final['last_metrics']['start_epoch']}, not after the last "
-        f"registered checkpoint (epoch {registered})")
+        f"registered checkpoint (epoch {registered})"
+    )

@@ -36,9 +36,22 @@ def _manifest(n_patients=40, malignant_every=3, folds=2, seed=0) -> pd.DataFrame
     rows = []
     for p in range(n_patients):
         for v in range(1 + p % 3):
-            rows.append({"video_id": f"v{p:03d}-{v}", "patient_id": f"p{p:03d}", "label": int(p % malignant_every == 0),
-                         "split": "train", "fold": -1, "uri": f"clips/v{p}-{v}.mp4", "num_frames": 20, "fps": 30.0,
-                         "height": 64, "width": 64, "sha256": "0" * 64, "source": "test"})
+            rows.append(
+                {
+                    "video_id": f"v{p:03d}-{v}",
+                    "patient_id": f"p{p:03d}",
+                    "label": int(p % malignant_every == 0),
+                    "split": "train",
+                    "fold": -1,
+                    "uri": f"clips/v{p}-{v}.mp4",
+                    "num_frames": 20,
+                    "fps": 30.0,
+                    "height": 64,
+                    "width": 64,
+                    "sha256": "0" * 64,
+                    "source": "test",
+                }
+            )
     return assign_splits(pd.DataFrame(rows), folds=folds, seed=seed)
 
 
@@ -61,7 +74,8 @@ def test_subsets_are_nested_patient_level_and_stratified():
             assert sorted(rows["video_id"]) == sorted(train.loc[train["patient_id"].isin(kept), "video_id"])
             # stratified: ceil(f n) patients of each class, so both classes at any f > 0
             assert {y: int((labels[sorted(kept)] == y).sum()) for y in (0, 1)} == {
-                y: math.ceil(f * n[y]) for y in (0, 1)}, (seed, f)
+                y: math.ceil(f * n[y]) for y in (0, 1)
+            }, (seed, f)
         for small, large in zip(subsets, subsets[1:]):
             assert _patients(small) < _patients(large), seed  # 10 % inside 25 % inside 50 % inside 100 %
         assert subsets[-1] is train  # 1: every patient, the rows as they came
@@ -80,25 +94,34 @@ def test_subsets_are_nested_patient_level_and_stratified():
 def test_a_class_or_batch_left_empty_fails_in_one_line():
     train = _manifest()
     benign = train[train["label"] == 0]
-    with pytest.raises(JobError, match=r"^m.parquet: finetune.label_fraction=0.5 leaves a class out of training "
-                                       r"\(\d+ benign \+ 0 malignant of \d+ \+ 0 training patients") as e:
+    with pytest.raises(
+        JobError,
+        match=r"^m.parquet: finetune.label_fraction=0.5 leaves a class out of training "
+        r"\(\d+ benign \+ 0 malignant of \d+ \+ 0 training patients",
+    ) as e:
         finetune.label_subset(benign, 0.5, 0, "m.parquet")
     assert "\n" not in str(e.value)
-    with pytest.raises(JobError, match=r"videos: fewer than one batch \(64 videos\); raise finetune.label_fraction or "
-                                       r"lower finetune.batch_size$"):
+    with pytest.raises(
+        JobError,
+        match=r"videos: fewer than one batch \(64 videos\); raise finetune.label_fraction or "
+        r"lower finetune.batch_size$",
+    ):
         finetune.label_subset(train, 0.1, 0, "m.parquet", min_videos=64)
     cfg = C.load("finetune", None, ["finetune.batch_size=8", "scale.num_workers=3"])
     assert finetune.min_training_videos(cfg) == 6  # 3 workers x 2 clips: each worker fills its batch
     assert finetune.min_training_videos(C.load("finetune", None, ["finetune.batch_size=4"])) == 4
 
 
-@pytest.mark.parametrize("value, match", [
-    ("0", r"finetune.label_fraction: must be in \(0, 1\] \(1 = every labelled training patient\), got 0.0"),
-    ("1.5", r"finetune.label_fraction: must be in \(0, 1\]"),
-    ("-0.25", r"finetune.label_fraction: must be in \(0, 1\]"),
-    (".nan", r"finetune.label_fraction: must be a finite number"),
-    ("half", r"finetune.label_fraction: expected a number"),
-])
+@pytest.mark.parametrize(
+    "value, match",
+    [
+        ("0", r"finetune.label_fraction: must be in \(0, 1\] \(1 = every labelled training patient\), got 0.0"),
+        ("1.5", r"finetune.label_fraction: must be in \(0, 1\]"),
+        ("-0.25", r"finetune.label_fraction: must be in \(0, 1\]"),
+        (".nan", r"finetune.label_fraction: must be a finite number"),
+        ("half", r"finetune.label_fraction: expected a number"),
+    ],
+)
 def test_bad_label_fraction_fails_naming_the_key(value, match):
     with pytest.raises(C.ConfigError, match=match) as e:
         C.load("finetune", None, [f"finetune.label_fraction={value}"])
@@ -121,8 +144,16 @@ def test_train_job_never_ignores_a_label_fraction():
 def test_linear_probe_freezes_the_encoder_weights_and_norm_statistics():
     from clman.models.build import classifier_from
 
-    cfg = C.load("finetune", None, [*study.ROWS[[r.name for r in study.ROWS].index("linear_probe")].sets,
-                                    "model.width=0.125", "model.gn_groups=4", "model.norm=batch"])
+    cfg = C.load(
+        "finetune",
+        None,
+        [
+            *study.ROWS[[r.name for r in study.ROWS].index("linear_probe")].sets,
+            "model.width=0.125",
+            "model.gn_groups=4",
+            "model.norm=batch",
+        ],
+    )
     assert cfg.encoder_lr_scale == 0 and cfg.model.nonlocal_stages == (3, 4)
     torch.manual_seed(0)
     model = classifier_from(cfg.model)
@@ -154,10 +185,15 @@ def test_linear_probe_freezes_the_encoder_weights_and_norm_statistics():
 def test_parse_fractions():
     assert curve.parse_fractions("1, 0.5,0.1,0.25,0.5") == FRACTIONS
     assert curve.parse_fractions([1, 0.5]) == (0.5, 1.0)
-    for text, match in [("0.1,x,1", r"'x' is not a number in \(0, 1\]"), ("0,1", r"'0' is not a number in \(0, 1\]"),
-                        ("0.5,1.5", r"'1.5' is not a number"), ("nan,1", "'nan' is not a number"),
-                        ("", "no fraction given"), ("0.1,0.5", r"^--label-fractions 0.1,0.5: must include 1 "),
-                        ("0.1234561,0.1234562,1", "too close to tell apart")]:
+    for text, match in [
+        ("0.1,x,1", r"'x' is not a number in \(0, 1\]"),
+        ("0,1", r"'0' is not a number in \(0, 1\]"),
+        ("0.5,1.5", r"'1.5' is not a number"),
+        ("nan,1", "'nan' is not a number"),
+        ("", "no fraction given"),
+        ("0.1,0.5", r"^--label-fractions 0.1,0.5: must include 1 "),
+        ("0.1234561,0.1234562,1", "too close to tell apart"),
+    ]:
         with pytest.raises(StudyError, match=match) as e:
             curve.parse_fractions(text)
         assert "\n" not in str(e.value)
@@ -168,11 +204,19 @@ def test_curve_rows_and_conflicting_rows_or_tables():
     assert names(curve.curve_rows()) == ["gn_nl", "linear_probe", "clman"]  # ROWS order
     assert names(curve.curve_rows("2", "gn_nl")) == ["gn_nl", "clman"]  # CLMAN: always (the reference)
     for tables, rows, match in [
-        ("4", None, r"^--label-fractions: --tables 4 asks for other rows than the curve's \(Table 2: clman, gn_nl, "
-                    r"linear_probe\); drop --tables"),
+        (
+            "4",
+            None,
+            r"^--label-fractions: --tables 4 asks for other rows than the curve's \(Table 2: clman, gn_nl, "
+            r"linear_probe\); drop --tables",
+        ),
         ("2,4", None, "--tables 2,4 asks for other rows"),
-        (None, "clman,tsm_18", r"^--label-fractions: row 'tsm_18' is not on the label-efficiency curve; its rows: "
-                               r"clman, gn_nl, linear_probe"),
+        (
+            None,
+            "clman,tsm_18",
+            r"^--label-fractions: row 'tsm_18' is not on the label-efficiency curve; its rows: "
+            r"clman, gn_nl, linear_probe",
+        ),
     ]:
         with pytest.raises(StudyError, match=match) as e:
             curve.curve_rows(tables, rows)
@@ -196,8 +240,12 @@ def test_grid_of_a_label_fraction_study(manifest_uri, tmp_path):
     assert run.fractions == FRACTIONS and run.tables == (2,)
     grid = run.grid
     assert len(grid) == 3 * 2 * 2 * 4 and len({t.id for t in grid}) == len(grid)
-    assert [t.id for t in grid[:4]] == ["gn_nl-f0-s0-lf0.1", "linear_probe-f0-s0-lf0.1", "clman-f0-s0-lf0.1",
-                                        "gn_nl-f0-s0-lf0.25"]
+    assert [t.id for t in grid[:4]] == [
+        "gn_nl-f0-s0-lf0.1",
+        "linear_probe-f0-s0-lf0.1",
+        "clman-f0-s0-lf0.1",
+        "gn_nl-f0-s0-lf0.25",
+    ]
     assert "clman-f1-s1" in {t.id for t in grid}  # fraction 1: the ids of a study without fractions
     assert study.pretrain_cells(grid) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # SimCLR once per (fold, seed)
     assert run.spec()["label_fractions"] == list(FRACTIONS) and run.spec()["tables"] == [2]
@@ -241,14 +289,20 @@ def test_bad_label_fraction_studies_fail_in_one_line_before_any_work(manifest_ur
         (dict(label_fractions="0.1,1", tables="1,2"), "--tables 1,2 asks for other rows"),
         (dict(label_fractions="0.1,1", rows="clman,mean"), "row 'mean' is not on the label-efficiency curve"),
         # 10 % of a fold's training patients: 2 + 1 patients, too few videos for one batch of 8
-        (dict(label_fractions="0.1,1", sets=["finetune.batch_size=8"]),
-         r"trial gn_nl-f0-s0-lf0.1: finetune.label_fraction=0.1 leaves \d+ benign \+ \d+ malignant of \d+ \+ \d+ "
-         r"training patients, \d of \d+ videos: fewer than one batch \(8 videos\); raise finetune.label_fraction"),
-        (dict(label_fractions="0.1,1", sets=["finetune.label_fraction=0.5"]),
-         r"the study sets finetune.label_fraction itself \(from --label-fractions\)"),
+        (
+            dict(label_fractions="0.1,1", sets=["finetune.batch_size=8"]),
+            r"trial gn_nl-f0-s0-lf0.1: finetune.label_fraction=0.1 leaves \d+ benign \+ \d+ malignant of \d+ \+ \d+ "
+            r"training patients, \d of \d+ videos: fewer than one batch \(8 videos\); raise finetune.label_fraction",
+        ),
+        (
+            dict(label_fractions="0.1,1", sets=["finetune.label_fraction=0.5"]),
+            r"the study sets finetune.label_fraction itself \(from --label-fractions\)",
+        ),
         (dict(sets=["clman:finetune.label_fraction=0.5"]), "the study sets finetune.label_fraction itself"),
-        (dict(label_fractions="0.1,1", sets=["finetune.encoder_lr_scale=0.1"]),
-         r"the study sets finetune.encoder_lr_scale itself \(it defines rows linear_probe\)"),
+        (
+            dict(label_fractions="0.1,1", sets=["finetune.encoder_lr_scale=0.1"]),
+            r"the study sets finetune.encoder_lr_scale itself \(it defines rows linear_probe\)",
+        ),
     ]
     for kw, match in cases:
         with pytest.raises(StudyError, match=match) as e:
@@ -266,8 +320,10 @@ def test_cli_flag_and_one_line_errors(manifest_uri, tmp_path, capsys):
     args = study_job.parse(base + ["--label-fractions", "0.1,0.25,0.5,1"])
     assert curve.parse_fractions(args.label_fractions) == FRACTIONS
     assert study_job.parse(base).label_fractions is None
-    for extra, want in [(["--label-fractions", "0.1,2"], "'2' is not a number in (0, 1]"),
-                        (["--label-fractions", "0.5,1", "--tables", "4"], "--tables 4 asks for other rows")]:
+    for extra, want in [
+        (["--label-fractions", "0.1,2"], "'2' is not a number in (0, 1]"),
+        (["--label-fractions", "0.5,1", "--tables", "4"], "--tables 4 asks for other rows"),
+    ]:
         with pytest.raises(SystemExit) as e:
             cli.run_main(study_job.main, base + extra)
         err = capsys.readouterr().err.strip()
@@ -283,16 +339,43 @@ def _hand_made_curve(seed=1):
     row better with more labels."""
     rng = np.random.default_rng(seed)
     y = np.repeat(np.arange(24) % 2, 2)
-    sep = {("clman", 1.0): 0.5, ("gn_nl", 1.0): 0.3, ("linear_probe", 1.0): 0.35,
-           ("clman", 0.25): 0.35, ("gn_nl", 0.25): 0.1, ("linear_probe", 0.25): 0.3}
+    sep = {
+        ("clman", 1.0): 0.5,
+        ("gn_nl", 1.0): 0.3,
+        ("linear_probe", 1.0): 0.35,
+        ("clman", 0.25): 0.35,
+        ("gn_nl", 0.25): 0.1,
+        ("linear_probe", 0.25): 0.3,
+    }
     preds, results = [], []
     for (row, f), d in sep.items():
         s = np.clip(0.3 + d * y + rng.normal(0, 0.15, len(y)), 0, 1)
-        preds += [{"row": row, "fold": (i // 2) % 3, "seed": 0, "fraction": f, "video_id": f"v{i:02d}",
-                   "patient_id": f"p{i // 2:02d}", "label": int(y[i]), "score": float(s[i])} for i in range(len(y))]
+        preds += [
+            {
+                "row": row,
+                "fold": (i // 2) % 3,
+                "seed": 0,
+                "fraction": f,
+                "video_id": f"v{i:02d}",
+                "patient_id": f"p{i // 2:02d}",
+                "label": int(y[i]),
+                "score": float(s[i]),
+            }
+            for i in range(len(y))
+        ]
         for fold in range(3):
-            results.append({"row": row, "fold": fold, "seed": 0, "fraction": f, **{k: 0.5 for k in METRIC_NAMES},
-                            "n_train": 32, "n_test": 16, "n_labelled": 24 if f == 1 else 6})
+            results.append(
+                {
+                    "row": row,
+                    "fold": fold,
+                    "seed": 0,
+                    "fraction": f,
+                    **{k: 0.5 for k in METRIC_NAMES},
+                    "n_train": 32,
+                    "n_test": 16,
+                    "n_labelled": 24 if f == 1 else 6,
+                }
+            )
     return pd.DataFrame(results), pd.DataFrame(preds)
 
 
@@ -307,13 +390,22 @@ def test_curve_table_plot_and_paired_tests_from_hand_made_results(tmp_path):
     out = str(tmp_path / "run")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        summary = study.write_study(out, results, preds, tables_shown=(2,), n_boot=200, seed=3,
-                                    label_fractions=(0.25, 1.0))
+        summary = study.write_study(
+            out, results, preds, tables_shown=(2,), n_boot=200, seed=3, label_fractions=(0.25, 1.0)
+        )
     md = storage.read_text(f"{out}/study.md")
     table = _curve_table(md)
-    assert table[0] == ["Labelled share", "Labelled videos per run", "With CL (CLMAN): AUC", "Without CL: AUC",
-                        "Linear probe (CL encoder frozen): AUC", "CLMAN − Without CL", "p",
-                        "CLMAN − Linear probe (CL encoder frozen)", "p"]
+    assert table[0] == [
+        "Labelled share",
+        "Labelled videos per run",
+        "With CL (CLMAN): AUC",
+        "Without CL: AUC",
+        "Linear probe (CL encoder frozen): AUC",
+        "CLMAN − Without CL",
+        "p",
+        "CLMAN − Linear probe (CL encoder frozen)",
+        "p",
+    ]
     body = table[1:]  # (the |---| rule is not a '| ' line)
     assert [r[0] for r in body] == ["0.25", "1"] and [r[1] for r in body] == ["6.0", "24.0"]
     for line, f in zip(body, (0.25, 1.0)):
@@ -340,7 +432,8 @@ def test_curve_table_plot_and_paired_tests_from_hand_made_results(tmp_path):
     full = preds[preds["fraction"] == 1.0]
     pooled = full[full["row"] == "clman"].sort_values("video_id")
     assert summary["clman"].pooled["auc"] == pytest.approx(
-        compute_metrics(pooled["score"].to_numpy(), pooled["label"].to_numpy())["auc"])
+        compute_metrics(pooled["score"].to_numpy(), pooled["label"].to_numpy())["auc"]
+    )
     assert "| Linear probe (CL encoder frozen) |" in md
     # summary.json: the curve's points with their CIs and paired tests
     record = json.loads(storage.read_text(f"{out}/summary.json"))
@@ -350,8 +443,14 @@ def test_curve_table_plot_and_paired_tests_from_hand_made_results(tmp_path):
     at = preds[preds["fraction"] == 0.25]
     ref = at[at["row"] == "clman"].sort_values("video_id")
     gn = at[at["row"] == "gn_nl"].sort_values("video_id")
-    test = paired_bootstrap_auc(gn["score"].to_numpy(), ref["score"].to_numpy(), ref["label"].to_numpy(),
-                                groups=ref["patient_id"].to_numpy(), n_boot=200, seed=3)
+    test = paired_bootstrap_auc(
+        gn["score"].to_numpy(),
+        ref["score"].to_numpy(),
+        ref["label"].to_numpy(),
+        groups=ref["patient_id"].to_numpy(),
+        n_boot=200,
+        seed=3,
+    )
     assert point["reference_minus_row"]["auc_diff"] == pytest.approx(-test.diff)
     assert point["reference_minus_row"]["auc_diff_ci95"] == pytest.approx([-test.hi, -test.lo])
     assert point["reference_minus_row"]["p_auc"] == pytest.approx(test.p) and point["labelled_videos_per_run"] == 6
@@ -374,8 +473,10 @@ def test_summarize_curve_reuses_the_study_statistics():
         for name in alone:
             assert summary[name].pooled == alone[name].pooled and summary[name].p_auc == alone[name].p_auc
         diff, (lo, hi), p = curve.versus_reference(summary["gn_nl"])
-        assert diff == -alone["gn_nl"].auc_diff and (lo, hi) == (-alone["gn_nl"].auc_diff_ci[1],
-                                                                 -alone["gn_nl"].auc_diff_ci[0])
+        assert diff == -alone["gn_nl"].auc_diff and (lo, hi) == (
+            -alone["gn_nl"].auc_diff_ci[1],
+            -alone["gn_nl"].auc_diff_ci[0],
+        )
     with pytest.raises(StudyError, match="no trial at label fraction 0.5; present: 0.25, 1"):
         curve.summarize_curve(results, preds, fractions=(0.5, 1.0), n_boot=0)
     # a table without a fraction column is all at 1 (a study without --label-fractions)

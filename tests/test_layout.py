@@ -29,9 +29,28 @@ PACKAGE = ROOT / "clman"
 
 # (rank, room, module prefixes): the longest matching prefix names a module's room.
 ROOMS = [
-    (0, "base", ("clman", "clman.errors", "clman.config", "clman.storage", "clman.checkpoint", "clman.metrics",
-                 "clman.losses", "clman.optim", "clman.amp", "clman.distributed", "clman.local_s3", "clman.run_lock",
-                 "clman.progress", "clman.tracking", "clman.data", "clman.models")),
+    (
+        0,
+        "base",
+        (
+            "clman",
+            "clman.errors",
+            "clman.config",
+            "clman.storage",
+            "clman.checkpoint",
+            "clman.metrics",
+            "clman.losses",
+            "clman.optim",
+            "clman.amp",
+            "clman.distributed",
+            "clman.local_s3",
+            "clman.run_lock",
+            "clman.progress",
+            "clman.tracking",
+            "clman.data",
+            "clman.models",
+        ),
+    ),
     (1, "evaluate", ("clman.evaluate",)),
     (2, "worker", ("clman.train", "clman.train.decode", "clman.train.feed", "clman.train.worker")),
     (3, "launch", ("clman.launch",)),
@@ -41,8 +60,13 @@ ROOMS = [
     (5, "export", ("clman.export",)),
     (6, "cli", ("clman.cli",)),
 ]
-RAY_PLACES = ("clman/launch/", "clman/train/", "clman/evaluate/scoring.py", "clman/tune/driver.py",
-              "clman/study/driver.py")
+RAY_PLACES = (
+    "clman/launch/",
+    "clman/train/",
+    "clman/evaluate/scoring.py",
+    "clman/tune/driver.py",
+    "clman/study/driver.py",
+)
 IMPORT_RAY = re.compile(r"^\s*(import ray\b|from ray\b)", re.MULTILINE)
 
 
@@ -61,8 +85,15 @@ MODULES = _modules()
 
 
 def _room(name: str) -> tuple[int, str]:
-    best = max(((len(p), rank, room) for rank, room, prefixes in ROOMS for p in prefixes
-                if name == p or name.startswith(p + ".")), default=None)
+    best = max(
+        (
+            (len(p), rank, room)
+            for rank, room, prefixes in ROOMS
+            for p in prefixes
+            if name == p or name.startswith(p + ".")
+        ),
+        default=None,
+    )
     assert best is not None, f"{name}: in no room of tests/test_layout.py's ROOMS; add it there"
     return best[1], best[2]
 
@@ -91,8 +122,10 @@ def _imports(name: str) -> list[tuple[str, int]]:
                 pkg = _package_of(name, path).split(".")
                 base = ".".join(pkg[: len(pkg) - node.level + 1] + ([base] if base else []))
             # "from clman.launch import trainer" loads clman.launch.trainer; "from x import func" loads x
-            found += [(f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base, node.lineno)
-                      for alias in node.names]
+            found += [
+                (f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base, node.lineno)
+                for alias in node.names
+            ]
     return [(_target(mod), line) for mod, line in found if mod == "clman" or mod.startswith("clman.")]
 
 
@@ -117,15 +150,18 @@ def _upward(graph: dict[str, list[tuple[str, int]]]) -> list[str]:
         for target, line in targets:
             t_rank, t_room = _room(target)
             if t_rank > rank or t_rank == rank and t_room != room:
-                offenders.append(f"{_where(name, line)}: {name} ({room}, rank {rank}) imports {target} "
-                                 f"({t_room}, rank {t_rank})")
+                offenders.append(
+                    f"{_where(name, line)}: {name} ({room}, rank {rank}) imports {target} ({t_room}, rank {t_rank})"
+                )
     return offenders
 
 
 def test_no_import_from_a_higher_room():
     offenders = _upward(_graph())
-    assert not offenders, ("imports against the room order of tests/test_layout.py (move the code down, or "
-                           "pass what it needs in):\n  " + "\n  ".join(offenders))
+    assert not offenders, (
+        "imports against the room order of tests/test_layout.py (move the code down, or "
+        "pass what it needs in):\n  " + "\n  ".join(offenders)
+    )
 
 
 def _cycle(graph: dict[str, list[tuple[str, int]]]) -> list[str] | None:
@@ -144,7 +180,7 @@ def _cycle(graph: dict[str, list[tuple[str, int]]]) -> list[str] | None:
                 continue
             target = step[0]
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if not state.get(target):
                 state[target] = 1
                 path.append(target)
@@ -156,8 +192,9 @@ def test_no_import_cycle():
     graph = _graph()
     cycle = _cycle(graph)
     if cycle:
-        lines = [f"{a} -> {b} ({_where(a, next(line for t, line in graph[a] if t == b))})"
-                 for a, b in zip(cycle, cycle[1:])]
+        lines = [
+            f"{a} -> {b} ({_where(a, next(line for t, line in graph[a] if t == b))})" for a, b in zip(cycle, cycle[1:])
+        ]
         raise AssertionError("import cycle among clman modules:\n  " + "\n  ".join(lines))
 
 
@@ -167,10 +204,14 @@ def test_the_checks_catch_what_they_guard():
     assert _room("clman.launch.session") == (3, "launch") and _room("clman.train.feed") == (2, "worker")
     assert _room("clman.train.finetune") == (4, "loops") and _room("clman.study.driver") == (5, "study")
     assert _cycle(graph) is None
-    assert _cycle({**graph, "clman.storage": [("clman.config", 1)]}) == ["clman.config", "clman.storage",
-                                                                         "clman.config"]
+    assert _cycle({**graph, "clman.storage": [("clman.config", 1)]}) == [
+        "clman.config",
+        "clman.storage",
+        "clman.config",
+    ]
     assert _upward({"clman.storage": [("clman.launch.session", 7)]}) == [
-        "clman/storage.py:7: clman.storage (base, rank 0) imports clman.launch.session (launch, rank 3)"]
+        "clman/storage.py:7: clman.storage (base, rank 0) imports clman.launch.session (launch, rank 3)"
+    ]
     assert _upward({"clman.tune.results": [("clman.study.stats", 3)]})  # siblings of one rank
     assert any(t == "clman.launch.trainer" for t, _ in graph["clman.train.finetune"])  # imports are seen
     assert any(t == "clman.train.finetune" for t, _ in graph["clman.tune.driver"])  # inside functions too
@@ -194,10 +235,12 @@ def test_ray_is_imported_only_in_its_places():
 def test_ray_free_modules_import_without_ray():
     """Not only the text: importing every other module must not pull Ray in through another."""
     names = [name for name, path in MODULES.items() if not _rel(path).startswith(RAY_PLACES)]
-    code = ("import importlib, sys\n"
-            f"for name in {names!r}:\n"
-            "    importlib.import_module(name)\n"
-            "    assert 'ray' not in sys.modules, f'importing {name} imported Ray'\n")
+    code = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    importlib.import_module(name)\n"
+        "    assert 'ray' not in sys.modules, f'importing {name} imported Ray'\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -215,10 +258,12 @@ def test_drivers_do_not_import_the_model_zoo_or_torchmetrics():
     """A job's driver, a Tune trial and a study trial import these modules in a fresh process each;
     torchvision (with torch._dynamo) and torchmetrics (with scipy.signal) cost ~3.5 s of CPU there and
     only the Train workers and scoring actors use them."""
-    code = ("import sys\n"
-            "import jobs.finetune, jobs.pretrain, jobs.study, jobs.tune, clman.study.driver, clman.tune.driver\n"
-            "heavy = sorted(m for m in ('torchvision', 'torchmetrics', 'scipy.signal') if m in sys.modules)\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys\n"
+        "import jobs.finetune, jobs.pretrain, jobs.study, jobs.tune, clman.study.driver, clman.tune.driver\n"
+        "heavy = sorted(m for m in ('torchvision', 'torchmetrics', 'scipy.signal') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
 
@@ -248,3 +293,37 @@ def test_the_package_ray_workers_import_stays_empty():
     top = [a.name for n in compat.body if isinstance(n, ast.Import) for a in n.names]
     top += [n.module for n in compat.body if isinstance(n, ast.ImportFrom)]
     assert all(m.split(".")[0] in sys.stdlib_module_names or m == "__future__" for m in top), top
+
+
+MAX_FUNCTION_LINES = 60
+SHORT_ROOMS = ("clman/train", "clman/launch", "clman/evaluate")
+
+
+def long_functions(paths) -> list[str]:
+    """``file:line name (N lines)`` of every function (method, nested one) longer than MAX_FUNCTION_LINES."""
+    found = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                length = node.end_lineno - node.lineno + 1
+                if length > MAX_FUNCTION_LINES:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_over_sixty_lines_in_the_run_rooms():
+    """The worker loops, the driver side and evaluation read in one screen a function (ruff-formatted)."""
+    paths = [p for room in SHORT_ROOMS for p in sorted((ROOT / room).rglob("*.py"))]
+    assert paths, SHORT_ROOMS
+    assert not long_functions(paths), "split these:\n" + "\n".join(long_functions(paths))
+
+
+def test_long_functions_finds_one(tmp_path):
+    body = "\n".join(f"    x{i} = {i}" for i in range(MAX_FUNCTION_LINES))
+    (tmp_path / "m.py").write_text(f"def short():\n    return 1\n\n\ndef long():\n{body}\n")
+    global ROOT
+    root, ROOT = ROOT, tmp_path
+    try:
+        assert long_functions([tmp_path / "m.py"]) == [f"m.py:5 long ({MAX_FUNCTION_LINES + 1} lines)"]
+    finally:
+        ROOT = root

@@ -48,8 +48,13 @@ def _run(job, monkeypatch, saved=None, resume_at=None):
     def report(metrics, model, optimizer, *, step, epoch, save, extra=None, **kw):
         reports.append(({k: v for k, v in metrics.items() if k not in TIMING}, save, repr(extra), _digest(model)))
         if saved is not None:
-            saved[epoch] = {"epoch": epoch, "step": step, "model": copy.deepcopy(model.state_dict()),
-                            "optimizer": copy.deepcopy(optimizer.state_dict()), "extra": copy.deepcopy(extra)}
+            saved[epoch] = {
+                "epoch": epoch,
+                "step": step,
+                "model": copy.deepcopy(model.state_dict()),
+                "optimizer": copy.deepcopy(optimizer.state_dict()),
+                "extra": copy.deepcopy(extra),
+            }
 
     def restore(model, optimizer):
         if resume_at is None:
@@ -78,9 +83,21 @@ def _same(a, b):
 
 
 def test_finetune_resumes_bit_for_bit_and_keeps_its_selection(monkeypatch):
-    cfg = C.load("finetune", None, TINY + [
-        "finetune.epochs=5", "finetune.batch_size=2", "finetune.select_window=2", "finetune.patience=2",
-        "finetune.lr=0.05", "finetune.optimizer=adamw", "evaluate.clips=2", "finetune.checkpoint_every=2"])
+    cfg = C.load(
+        "finetune",
+        None,
+        TINY
+        + [
+            "finetune.epochs=5",
+            "finetune.batch_size=2",
+            "finetune.select_window=2",
+            "finetune.patience=2",
+            "finetune.lr=0.05",
+            "finetune.optimizer=adamw",
+            "evaluate.clips=2",
+            "finetune.checkpoint_every=2",
+        ],
+    )
     sources = {"train": _source(8, 8, 1), "val": _source(6, 8, 2)}
     saved: dict = {}
     whole = _run(finetune.train_job(cfg, "mem://m", None, True, sources=sources), monkeypatch, saved)
@@ -89,15 +106,28 @@ def test_finetune_resumes_bit_for_bit_and_keeps_its_selection(monkeypatch):
     assert [r[1] for r in whole[:2]] == [False, True]  # epoch 0: no score yet (window 2), not the 2nd epoch
     for k in range(len(whole) - 1):
         again = _run(finetune.train_job(cfg, "mem://m", None, True, sources=sources), monkeypatch, saved, k)
-        _same(again, whole[k + 1:])
+        _same(again, whole[k + 1 :])
 
 
 @pytest.mark.parametrize("same_video", ["negative", "mask"])
 def test_pretrain_resumes_bit_for_bit(monkeypatch, same_video):
-    cfg = C.load("pretrain", None, [
-        "model.width=0.125", "model.gn_groups=8", "model.nonlocal_stages=[]", "model.proj_dim=16",
-        "data.size=16", "data.store_size=20", "data.frames_per_clip=3", "pretrain.batch_size=6",
-        "pretrain.epochs=3", "pretrain.lr=0.5", f"pretrain.same_video={same_video}"])
+    cfg = C.load(
+        "pretrain",
+        None,
+        [
+            "model.width=0.125",
+            "model.gn_groups=8",
+            "model.nonlocal_stages=[]",
+            "model.proj_dim=16",
+            "data.size=16",
+            "data.store_size=20",
+            "data.frames_per_clip=3",
+            "pretrain.batch_size=6",
+            "pretrain.epochs=3",
+            "pretrain.lr=0.5",
+            f"pretrain.same_video={same_video}",
+        ],
+    )
     source, saved = _source(6, 6, 3), {}
     whole = _run(pretrain.train_job(cfg, "mem://m", "train", source=source), monkeypatch, saved)
     assert len(whole) == 3

@@ -7,7 +7,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from clman.distributed import all_gather_object, all_gather_with_grad, all_reduce_mean, get_rank, get_world_size, is_main_process
+from clman.distributed import (
+    all_gather_object,
+    all_gather_with_grad,
+    all_reduce_mean,
+    get_rank,
+    get_world_size,
+    is_main_process,
+)
 from clman.losses import nt_xent
 
 

@@ -14,7 +14,6 @@ Where the vendored schemas come from: ``infra/schemas/README.md``. No network, n
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 import importlib.util
 import json
@@ -61,8 +60,11 @@ def _closed(node):
     if not isinstance(node, dict):
         return node
     out = {k: _closed(v) for k, v in node.items()}
-    if "properties" in node and "additionalProperties" not in node \
-            and not node.get("x-kubernetes-preserve-unknown-fields"):
+    if (
+        "properties" in node
+        and "additionalProperties" not in node
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
         out["additionalProperties"] = False
     return out
 
@@ -91,14 +93,21 @@ def _containers(pod_template: dict) -> list[dict]:
 
 # --- one dependency source --------------------------------------------------------------------------
 
+
 def test_generated_files_match_pyproject():
     behind = [str(p.relative_to(ROOT)) for p in sync_deps.stale(ROOT)]
     assert not behind, f"{behind} differ from pyproject.toml: run python scripts/sync_deps.py"
 
 
 def _copy_tree(dst: Path) -> None:
-    for rel in ("pyproject.toml", "Dockerfile", "infra/requirements.txt", "infra/runtime_env.yaml",
-                "infra/ray-cluster.yaml", "infra/kuberay-rayjob.yaml"):
+    for rel in (
+        "pyproject.toml",
+        "Dockerfile",
+        "infra/requirements.txt",
+        "infra/runtime_env.yaml",
+        "infra/ray-cluster.yaml",
+        "infra/kuberay-rayjob.yaml",
+    ):
         (dst / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / rel, dst / rel)
 
@@ -119,8 +128,13 @@ def test_a_drift_is_caught_and_synced(tmp_path, capsys):
 
     assert sync_deps.main(["--check", "--root", str(tmp_path)]) == 1
     stale = sorted(p.relative_to(tmp_path).as_posix() for p in sync_deps.stale(tmp_path))
-    assert stale == ["Dockerfile", "infra/kuberay-rayjob.yaml", "infra/ray-cluster.yaml",
-                     "infra/requirements.txt", "infra/runtime_env.yaml"]
+    assert stale == [
+        "Dockerfile",
+        "infra/kuberay-rayjob.yaml",
+        "infra/ray-cluster.yaml",
+        "infra/requirements.txt",
+        "infra/runtime_env.yaml",
+    ]
     assert "infra/runtime_env.yaml: out of date with pyproject.toml" in capsys.readouterr().err
 
     assert sync_deps.main(["--root", str(tmp_path)]) == 0
@@ -133,8 +147,11 @@ def test_a_drift_is_caught_and_synced(tmp_path, capsys):
     assert env["pip"]["packages"][0] == "newdep>=1.2"
     launcher = yaml.safe_load((tmp_path / "infra/ray-cluster.yaml").read_text())
     assert "'newdep>=1.2'" in launcher["setup_commands"][-1]
-    reqs = [Requirement(r) for r in (tmp_path / "infra/requirements.txt").read_text().splitlines()
-            if r and not r.startswith("#")]
+    reqs = [
+        Requirement(r)
+        for r in (tmp_path / "infra/requirements.txt").read_text().splitlines()
+        if r and not r.startswith("#")
+    ]
     assert str(next(r for r in reqs if r.name == "ray").specifier) == "==9.8.7" and reqs[0].name == "newdep"
 
 
@@ -162,6 +179,7 @@ def test_cluster_lists_are_pyprojects_with_ray_default():
 
 
 # --- KubeRay RayJob ---------------------------------------------------------------------------------
+
 
 def test_rayjob_matches_the_kuberay_crd():
     doc = _rayjob()
@@ -191,13 +209,17 @@ def _env_from(doc):
     _containers(head)[0]["envFrom"] = [{"secretRef": "clman-s3"}]
 
 
-@pytest.mark.parametrize("breaks, where", [
-    (_misspelt, "'enableInTreeAutoscalling' was unexpected"),
-    (_backoff_text, "'two' is not of type 'integer'"),
-    (_auth_mode, "'tokens' is not one of ['disabled', 'token']"),
-    (_toleration_key, "'efect' was unexpected"),
-    (_env_from, "'clman-s3' is not of type 'object'"),
-], ids=["misspelt-field", "wrong-type", "bad-enum", "misspelt-pod-field", "secretRef-not-object"])
+@pytest.mark.parametrize(
+    "breaks, where",
+    [
+        (_misspelt, "'enableInTreeAutoscalling' was unexpected"),
+        (_backoff_text, "'two' is not of type 'integer'"),
+        (_auth_mode, "'tokens' is not one of ['disabled', 'token']"),
+        (_toleration_key, "'efect' was unexpected"),
+        (_env_from, "'clman-s3' is not of type 'object'"),
+    ],
+    ids=["misspelt-field", "wrong-type", "bad-enum", "misspelt-pod-field", "secretRef-not-object"],
+)
 def test_crd_schema_rejects_a_broken_rayjob(breaks, where):
     doc = _rayjob()
     breaks(doc)
@@ -270,18 +292,26 @@ def test_rayjob_entrypoint_is_a_job_its_workers_fit():
 
 # --- Ray cluster launcher ---------------------------------------------------------------------------
 
+
 def test_cluster_yaml_matches_the_launcher_schema():
     doc = _launcher()
     assert _errors(LAUNCHER, doc) == []
     assert doc["head_node_type"] in doc["available_node_types"]
 
 
-@pytest.mark.parametrize("breaks, where", [
-    (lambda d: d.update(max_worker=d.pop("max_workers")), "'max_worker' was unexpected"),
-    (lambda d: d["available_node_types"]["gpu_worker"].pop("resources"), "'resources' is a required property"),
-    (lambda d: d["available_node_types"]["gpu_worker"]["resources"].update(GPU="1"), "'1' is not of type 'integer'"),
-    (lambda d: d.update(setup_commands="pip install ray"), "'pip install ray' is not of type 'array'"),
-], ids=["misspelt-field", "missing-field", "wrong-type", "commands-not-a-list"])
+@pytest.mark.parametrize(
+    "breaks, where",
+    [
+        (lambda d: d.update(max_worker=d.pop("max_workers")), "'max_worker' was unexpected"),
+        (lambda d: d["available_node_types"]["gpu_worker"].pop("resources"), "'resources' is a required property"),
+        (
+            lambda d: d["available_node_types"]["gpu_worker"]["resources"].update(GPU="1"),
+            "'1' is not of type 'integer'",
+        ),
+        (lambda d: d.update(setup_commands="pip install ray"), "'pip install ray' is not of type 'array'"),
+    ],
+    ids=["misspelt-field", "missing-field", "wrong-type", "commands-not-a-list"],
+)
 def test_launcher_schema_rejects_a_broken_cluster_yaml(breaks, where):
     doc = _launcher()
     breaks(doc)
@@ -322,6 +352,7 @@ def test_vendored_launcher_schema_is_the_pinned_rays():
 
 # --- runtime env --------------------------------------------------------------------------------------
 
+
 def test_runtime_env_parses_as_ray_reads_it(monkeypatch):
     from ray.runtime_env import RuntimeEnv
 
@@ -337,6 +368,7 @@ def test_runtime_env_parses_as_ray_reads_it(monkeypatch):
 
 # --- Dockerfile --------------------------------------------------------------------------------------
 
+
 def _instructions() -> list[tuple[str, str]]:
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
     return [tuple(line.split(None, 1)) for line in text.splitlines() if line.strip() and not line.startswith("#")]
@@ -345,8 +377,9 @@ def _instructions() -> list[tuple[str, str]]:
 def _ignored(rel: str, patterns: list[str]) -> bool:
     parts = rel.split("/")
     prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    return any(fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat.removeprefix("**/")) for p in prefixes
-               for pat in patterns)
+    return any(
+        fnmatch.fnmatch(p, pat) or fnmatch.fnmatch(p, pat.removeprefix("**/")) for p in prefixes for pat in patterns
+    )
 
 
 def test_dockerfile_builds_from_the_pinned_ray_with_the_generated_list():
@@ -363,10 +396,18 @@ def test_dockerfile_builds_from_the_pinned_ray_with_the_generated_list():
     assert "pip install --no-cache-dir --no-deps /app" in runs  # the code itself, its deps already in
     assert ("WORKDIR", "/app") in steps
 
-    patterns = [p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines()
-                if p.strip() and not p.startswith("#")]
-    copied = ["infra/requirements.txt", "requirements.lock", "pyproject.toml", "README.md", "jobs/finetune.py",
-              "jobs/configs/paper.yaml", "clman/__init__.py"]
+    patterns = [
+        p.strip() for p in (ROOT / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
+    copied = [
+        "infra/requirements.txt",
+        "requirements.lock",
+        "pyproject.toml",
+        "README.md",
+        "jobs/finetune.py",
+        "jobs/configs/paper.yaml",
+        "clman/__init__.py",
+    ]
     for rel in copied:
         assert (ROOT / rel).is_file(), rel
         assert not _ignored(rel, patterns), f"{rel} is left out of the build context by .dockerignore"

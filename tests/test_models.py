@@ -159,8 +159,12 @@ def test_nonlocal_encoder_equals_vanilla_encoder_at_init(norm):
 def test_encoder_width_input_size_and_channels():
     enc = tiny_encoder()
     assert enc.out_dim == D
-    assert [enc.layer1[0].conv1.out_channels, enc.layer2[0].conv1.out_channels,
-            enc.layer3[0].conv1.out_channels, enc.layer4[0].conv1.out_channels] == [8, 16, 32, 64]
+    assert [
+        enc.layer1[0].conv1.out_channels,
+        enc.layer2[0].conv1.out_channels,
+        enc.layer3[0].conv1.out_channels,
+        enc.layer4[0].conv1.out_channels,
+    ] == [8, 16, 32, 64]
     for h, w in [(32, 32), (45, 61), (17, 100)]:
         out = enc(torch.randn(3, 3, h, w))
         assert out.shape == (3, D) and torch.isfinite(out).all()
@@ -481,7 +485,12 @@ def test_paper_size_model_forward_backward_on_cpu():
     assert logits.shape == (2, 2) and w.shape == (2, 16, 512) and torch.isfinite(logits).all()
     assert (w[1, 12:] == 0).all()
     F.cross_entropy(logits, torch.tensor([0, 1])).backward()
-    for name in ("encoder.conv1.weight", "encoder.nonlocal3.norm.weight", "encoder.nonlocal4.norm.weight",
-                 "aggregator.layers.0.weight", "head.weight"):
+    for name in (
+        "encoder.conv1.weight",
+        "encoder.nonlocal3.norm.weight",
+        "encoder.nonlocal4.norm.weight",
+        "aggregator.layers.0.weight",
+        "head.weight",
+    ):
         grad = model.get_parameter(name).grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name

@@ -25,13 +25,23 @@ from clman.data.synth import SynthConfig, write_dataset
 from clman.local_s3 import LocalS3
 
 TINY = [
-    "model.width=0.125", "model.gn_groups=4", "data.size=32", "data.num_frames=4", "data.frames_per_clip=2",
-    "scale.num_workers=2", "scale.cpus_per_worker=0.5", "scale.max_failures=0",
-    "finetune.batch_size=4", "finetune.lr=0.01",
+    "model.width=0.125",
+    "model.gn_groups=4",
+    "data.size=32",
+    "data.num_frames=4",
+    "data.frames_per_clip=2",
+    "scale.num_workers=2",
+    "scale.cpus_per_worker=0.5",
+    "scale.max_failures=0",
+    "finetune.batch_size=4",
+    "finetune.lr=0.01",
     # Streamed, one decode task in flight per worker: decode tasks read S3 all through every
     # epoch, so the outage hits them as well as Ray Train's checkpoint writes. 8 epochs: with one
     # torch thread per worker an epoch takes ~1 s, and 3 were over before the outage began.
-    "data.cache=off", "data.decode_tasks=1", "finetune.epochs=8", "finetune.checkpoint_every=1",
+    "data.cache=off",
+    "data.decode_tasks=1",
+    "finetune.epochs=8",
+    "finetune.checkpoint_every=1",
 ]
 OUTAGE_S = 20.0
 
@@ -78,20 +88,26 @@ def test_retry_budget_rides_out_20_seconds():
     assert len(sleeps) == storage.RETRY_ATTEMPTS - 1
     assert sum(sleeps) > 30.0  # the least the jitter allows: 31.75 s
     # The arrow filesystem's default strategy: 25 ms x 2^k for k < ARROW_RETRIES.
-    assert 0.025 * (2 ** storage.ARROW_RETRIES - 1) > 50.0
+    assert 0.025 * (2**storage.ARROW_RETRIES - 1) > 50.0
 
 
 def test_arrow_filesystem_keeps_its_retries_when_pickled(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    fs = storage.RetryingS3FileSystem(region="us-east-1", endpoint_override="127.0.0.1:9", scheme="http",
-                                      access_key="k", secret_key="s")
+    fs = storage.RetryingS3FileSystem(
+        region="us-east-1", endpoint_override="127.0.0.1:9", scheme="http", access_key="k", secret_key="s"
+    )
     copy = pickle.loads(pickle.dumps(fs))  # what Ray Train's controller and workers get
     assert isinstance(copy, storage.RetryingS3FileSystem) and isinstance(copy, pafs.S3FileSystem)
     assert copy.retries == storage.ARROW_RETRIES
     # pyarrow's own pickle drops the strategy (why the subclass exists): when this fails,
     # pyarrow keeps it and RetryingS3FileSystem can go.
-    plain = pafs.S3FileSystem(retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=11),
-                              endpoint_override="127.0.0.1:9", scheme="http", access_key="k", secret_key="s")
+    plain = pafs.S3FileSystem(
+        retry_strategy=pafs.AwsDefaultS3RetryStrategy(max_attempts=11),
+        endpoint_override="127.0.0.1:9",
+        scheme="http",
+        access_key="k",
+        secret_key="s",
+    )
     assert "retry_strategy" not in plain.__reduce__()[1][0]
 
 
@@ -101,9 +117,11 @@ def test_failed_run_is_one_line_naming_the_endpoint(monkeypatch):
     from clman.launch import trainer
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://10.1.2.3:9000")
-    cause = OSError("When uploading part for key 'runs/x/checkpoint_manager_snapshot.json' in bucket 'b': "
-                    "AWS Error NETWORK_CONNECTION during UploadPart operation: curlCode: 7, Couldn't connect\n"
-                    "Traceback (most recent call last):\n  File ...")
+    cause = OSError(
+        "When uploading part for key 'runs/x/checkpoint_manager_snapshot.json' in bucket 'b': "
+        "AWS Error NETWORK_CONNECTION during UploadPart operation: curlCode: 7, Couldn't connect\n"
+        "Traceback (most recent call last):\n  File ..."
+    )
     line = trainer.failure_line("x", ControllerError(cause))
     assert "\n" not in line
     assert line.startswith("run 'x' failed: OSError: When uploading part for key 'runs/x/checkpoint_manager_")
@@ -139,8 +157,14 @@ def test_finetune_rides_out_a_20_second_s3_outage(tmp_path, monkeypatch, capfd):
         monkeypatch.delenv(storage.REACHED_ENV, raising=False)
         root = server.make_bucket("outage")
         write_dataset(f"{root}/raw", 24, seed=1, cfg=SynthConfig(size=32, frames=10), workers=1, progress=False)
-        ingest(labeled_items(f"{root}/raw", f"{root}/raw/labels.csv"), f"{root}/data",
-               ratios=(0.5, 0.25, 0.25), seed=0, workers=2, keep_ids=True)
+        ingest(
+            labeled_items(f"{root}/raw", f"{root}/raw/labels.csv"),
+            f"{root}/data",
+            ratios=(0.5, 0.25, 0.25),
+            seed=0,
+            workers=2,
+            keep_ids=True,
+        )
         manifest, runs = f"{root}/data/manifest.parquet", f"{root}/runs"
         cfg = C.load("finetune", None, TINY)
         done: dict = {}
@@ -193,8 +217,10 @@ def test_failed_worker_is_its_exception_in_one_line():
 
     from clman.launch import trainer
 
-    tb = ("Traceback (most recent call last):\n  File \"/x/finetune.py\", line 3, in loop\n    check_finite(loss)\n"
-          "FloatingPointError: non-finite loss nan by epoch 2, step 7: lower the learning rate\n")
+    tb = (
+        'Traceback (most recent call last):\n  File "/x/finetune.py", line 3, in loop\n    check_finite(loss)\n'
+        "FloatingPointError: non-finite loss nan by epoch 2, step 7: lower the learning rate\n"
+    )
 
     class Wrapped(Exception):  # what Ray Train hands back: the worker's traceback as the message
         def __str__(self):
@@ -202,4 +228,5 @@ def test_failed_worker_is_its_exception_in_one_line():
 
     error = WorkerGroupError("worker 0 failed", {1: RuntimeError("later rank"), 0: Wrapped()})
     assert trainer.failure_line("r", error) == (
-        "run 'r' failed: FloatingPointError: non-finite loss nan by epoch 2, step 7: lower the learning rate")
+        "run 'r' failed: FloatingPointError: non-finite loss nan by epoch 2, step 7: lower the learning rate"
+    )

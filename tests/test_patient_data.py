@@ -30,9 +30,18 @@ from clman.data.synth import SynthConfig, write_dataset
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = "jobs/configs/demo-cpu.yaml"
 SALT = "hospital-secret-salt-0042"
-TINY = ["scale.num_workers=1", "scale.cpus_per_worker=0.45", "data.decode_cpus=0.45", "data.size=32",
-        "data.num_frames=4", "model.width=0.125", "model.gn_groups=4", "finetune.batch_size=4",
-        "finetune.epochs=1", "evaluate.bootstrap=20"]
+TINY = [
+    "scale.num_workers=1",
+    "scale.cpus_per_worker=0.45",
+    "data.decode_cpus=0.45",
+    "data.size=32",
+    "data.num_frames=4",
+    "model.width=0.125",
+    "model.gn_groups=4",
+    "finetune.batch_size=4",
+    "finetune.epochs=1",
+    "evaluate.bootstrap=20",
+]
 SURNAMES = ["DOE", "ROE", "POE", "MOE", "LOWE", "KNOWLES", "BLACK", "WHITE", "GREEN", "BROWN", "STONE", "WOOD"]
 
 
@@ -60,8 +69,9 @@ def _phi_source(tmp: Path) -> tuple[Path, list[str]]:
 
 def _run(args: list[str], log: Path, env: dict) -> None:
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=f,
-                              stderr=subprocess.STDOUT, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, "-m", *args], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=900
+        )
     assert proc.returncode == 0, log.read_text()[-4000:]
 
 
@@ -91,36 +101,99 @@ def test_no_patient_identifier_or_secret_anywhere(s3, tmp_path):
     # Each job's Ray writes its session (logs, runtime-env records) here, to be searched too; short,
     # for Ray's unix socket paths.
     ray_tmp = Path(tempfile.mkdtemp(prefix="phi-ray-", dir="/tmp"))
-    env = {**os.environ, "CLMAN_PATIENT_SALT": SALT, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-           "PYTHONUNBUFFERED": "1", "RAY_TMPDIR": str(ray_tmp)}
+    env = {
+        **os.environ,
+        "CLMAN_PATIENT_SALT": SALT,
+        "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "RAY_TMPDIR": str(ray_tmp),
+    }
     secret_key = os.environ["AWS_SECRET_ACCESS_KEY"]
     data, runs = f"{bucket}/data", f"{bucket}/runs"
     id_map = private / "id-map.csv"
 
-    _run(["jobs.ingest", "--out", data, "--videos", str(raw), "--labels", str(raw / "labels.csv"),
-          "--split", "0.5,0.25,0.25", "--id-map", str(id_map)], outputs / "ingest.log", env)
+    _run(
+        [
+            "jobs.ingest",
+            "--out",
+            data,
+            "--videos",
+            str(raw),
+            "--labels",
+            str(raw / "labels.csv"),
+            "--split",
+            "0.5,0.25,0.25",
+            "--id-map",
+            str(id_map),
+        ],
+        outputs / "ingest.log",
+        env,
+    )
     manifest = f"{data}/manifest.parquet"
-    _run(["jobs.finetune", "--manifest", manifest, "--out", runs, "--run-name", "fin", "--config", DEMO,
-          *_sets(TINY)], outputs / "finetune.log", env)
-    _run(["jobs.evaluate", "--checkpoint", f"{runs}/fin/model.pt", "--manifest", manifest, "--config", DEMO,
-          *_sets(TINY)], outputs / "evaluate.log", env)
+    _run(
+        ["jobs.finetune", "--manifest", manifest, "--out", runs, "--run-name", "fin", "--config", DEMO, *_sets(TINY)],
+        outputs / "finetune.log",
+        env,
+    )
+    _run(
+        [
+            "jobs.evaluate",
+            "--checkpoint",
+            f"{runs}/fin/model.pt",
+            "--manifest",
+            manifest,
+            "--config",
+            DEMO,
+            *_sets(TINY),
+        ],
+        outputs / "evaluate.log",
+        env,
+    )
     videos = sorted(str(p) for p in raw.glob("*.mp4"))[:2]
-    _run(["jobs.predict", "--checkpoint", f"{runs}/fin/model.pt", *videos, "--json", f"{bucket}/predict/p.json"],
-         outputs / "predict.log", env)
-    _run(["jobs.predict", "--checkpoint", f"{runs}/fin/model.pt", *videos, "--json",
-          str(outputs / "predictions.json")], outputs / "predict-local.log", env)
+    _run(
+        ["jobs.predict", "--checkpoint", f"{runs}/fin/model.pt", *videos, "--json", f"{bucket}/predict/p.json"],
+        outputs / "predict.log",
+        env,
+    )
+    _run(
+        ["jobs.predict", "--checkpoint", f"{runs}/fin/model.pt", *videos, "--json", str(outputs / "predictions.json")],
+        outputs / "predict-local.log",
+        env,
+    )
     space = outputs / "space.yaml"
     space.write_text("finetune.lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
-    _run(["jobs.tune", "--job", "finetune", "--space", str(space), "--samples", "1", "--manifest", manifest,
-          "--out", f"{bucket}/sweeps", "--run-name", "one", "--config", DEMO, *_sets(TINY)],
-         outputs / "tune.log", env)
+    _run(
+        [
+            "jobs.tune",
+            "--job",
+            "finetune",
+            "--space",
+            str(space),
+            "--samples",
+            "1",
+            "--manifest",
+            manifest,
+            "--out",
+            f"{bucket}/sweeps",
+            "--run-name",
+            "one",
+            "--config",
+            DEMO,
+            *_sets(TINY),
+        ],
+        outputs / "tune.log",
+        env,
+    )
 
     needles = [s.encode() for s in secrets] + [SALT.encode(), secret_key.encode()]
     leaks: list[str] = []
     client = s3.client()
-    name = bucket[len("s3://"):]
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=name)
-            for o in page.get("Contents", [])]
+    name = bucket[len("s3://") :]
+    keys = [
+        o["Key"]
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=name)
+        for o in page.get("Contents", [])
+    ]
     assert any(k.endswith("tuner.pkl") for k in keys), keys  # the sweep's pickled state is there to check
     assert any(k.endswith("predictions.parquet") for k in keys) and "predict/p.json" in keys
     for key in keys:

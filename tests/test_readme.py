@@ -67,7 +67,7 @@ def job_commands(text: str) -> list[tuple[str, list[str]]]:
         for line in snippet.splitlines():
             line = re.split(r"\s#", line)[0]  # a trailing shell comment
             for m in JOB.finditer(line):
-                rest = re.split(r"\s(?:\||&&|;|python -m)\s", line[m.end():])[0]
+                rest = re.split(r"\s(?:\||&&|;|python -m)\s", line[m.end() :])[0]
                 commands.append((m.group(1), [f.split("=")[0] for f in FLAG.findall(rest)]))
     return commands
 
@@ -79,6 +79,7 @@ class _Built(Exception):
 
 def job_flags(job: str, monkeypatch) -> set[str]:
     """The --flags the job's parser accepts, read from its usage line (suppressed ones left out)."""
+
     def stop(parser, *args, **kwargs):
         raise _Built(parser)
 
@@ -136,5 +137,7 @@ def test_flag_check_catches_an_unknown_flag(monkeypatch):
 def test_readme_keeps_the_cluster_command():
     """tests/test_cluster.py submits the README's command: keep it in the README as it runs there."""
     flat = " ".join(README.read_text().replace("\\\n", " ").split())
-    assert ("ray job submit --address http://<head>:8265 --runtime-env infra/runtime_env.yaml --working-dir . -- "
-            "python -m jobs.finetune") in flat
+    assert (
+        "ray job submit --address http://<head>:8265 --runtime-env infra/runtime_env.yaml --working-dir . -- "
+        "python -m jobs.finetune"
+    ) in flat

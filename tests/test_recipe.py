@@ -29,8 +29,17 @@ from clman.errors import JobError
 
 def _rows(patients: int, videos_per_patient: int = 2, malignant_every: int = 3) -> pd.DataFrame:
     """A training split: patient p malignant when p % malignant_every == 0, a few videos each."""
-    rows = [{"video_id": f"v{p:03d}_{k}", "patient_id": f"p{p:03d}", "label": int(p % malignant_every == 0),
-             "split": "train", "fold": -1} for p in range(patients) for k in range(videos_per_patient)]
+    rows = [
+        {
+            "video_id": f"v{p:03d}_{k}",
+            "patient_id": f"p{p:03d}",
+            "label": int(p % malignant_every == 0),
+            "split": "train",
+            "fold": -1,
+        }
+        for p in range(patients)
+        for k in range(videos_per_patient)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -63,8 +72,11 @@ def test_manifest_val_split_is_used_and_fraction_0_keeps_todays_behaviour():
 
 
 def test_carve_that_leaves_a_class_out_names_the_counts():
-    with pytest.raises(JobError, match=r"finetune.val_fraction=0.2 leaves a class out: the 2 benign and 1 "
-                                       r"malignant training patients would split into .* for validation"):
+    with pytest.raises(
+        JobError,
+        match=r"finetune.val_fraction=0.2 leaves a class out: the 2 benign and 1 "
+        r"malignant training patients would split into .* for validation",
+    ):
         loop.validation_split(_rows(3), _rows(3).iloc[:0], 0.2, seed=0)
     one_class_val = _rows(4).assign(split="val", label=0)
     with pytest.raises(JobError, match=r"split 'val' holds 8 benign and 0 malignant videos"):
@@ -103,8 +115,17 @@ def test_optimizers_and_lr_groups():
     base = C.load("finetune", None, ["model.width=0.125", "model.gn_groups=4", "finetune.encoder_lr_scale=0.1"])
     sgd = loop.make_optimizer(classifier_from(base.model), base)
     assert isinstance(sgd, torch.optim.SGD) and [g["lr"] for g in sgd.param_groups] == pytest.approx([1e-4, 1e-5])
-    cfg = C.load("finetune", None, ["model.width=0.125", "model.gn_groups=4", "finetune.optimizer=adamw",
-                                    "finetune.lr=1e-3", "finetune.weight_decay=0.05"])
+    cfg = C.load(
+        "finetune",
+        None,
+        [
+            "model.width=0.125",
+            "model.gn_groups=4",
+            "finetune.optimizer=adamw",
+            "finetune.lr=1e-3",
+            "finetune.weight_decay=0.05",
+        ],
+    )
     adamw = loop.make_optimizer(classifier_from(cfg.model), cfg)
     assert isinstance(adamw, torch.optim.AdamW) and adamw.param_groups[0]["weight_decay"] == 0.05
 
@@ -131,9 +152,17 @@ def test_recipe_config_errors_name_the_key_and_the_valid_values(override, messag
 
 def test_presets_keep_the_papers_recipe_and_the_demo_recipe_is_valid():
     paper = C.load("finetune", "jobs/configs/paper.yaml")
-    assert (paper.optimizer, paper.lr, paper.momentum, paper.weight_decay, paper.schedule, paper.warmup_epochs,
-            paper.grad_clip, paper.label_smoothing, paper.class_weights) == \
-        ("sgd", 1e-4, 0.9, 5e-4, "constant", 0, 0.0, 0.0, "none")
+    assert (
+        paper.optimizer,
+        paper.lr,
+        paper.momentum,
+        paper.weight_decay,
+        paper.schedule,
+        paper.warmup_epochs,
+        paper.grad_clip,
+        paper.label_smoothing,
+        paper.class_weights,
+    ) == ("sgd", 1e-4, 0.9, 5e-4, "constant", 0, 0.0, 0.0, "none")
     assert C.load("finetune", None, ["finetune.lr=0"]).lr == 0.0
     C.load("finetune", "jobs/configs/demo-cpu.yaml")
 
@@ -141,11 +170,15 @@ def test_presets_keep_the_papers_recipe_and_the_demo_recipe_is_valid():
 def test_val_score_is_the_mean_val_auc_of_the_last_window_epochs():
     aucs = [0.70, 0.99, 0.75, 0.85, 0.90, 0.92]
     assert math.isnan(loop.val_score(aucs[:2], 3)), "no score before the window is full"
-    assert loop.val_score(aucs[:3], 3) == pytest.approx(0.8133, abs=1e-4) and loop.val_score(aucs, 3) == pytest.approx(0.89)
+    assert loop.val_score(aucs[:3], 3) == pytest.approx(0.8133, abs=1e-4) and loop.val_score(aucs, 3) == pytest.approx(
+        0.89
+    )
     assert loop.val_score(aucs, 1) == 0.92 and loop.val_score(aucs[:2], 1) == 0.99  # 1 = that epoch's AUC
-    assert math.isnan(loop.val_score([0.8, float("nan"), 0.9], 2)) and loop.val_score([0.8, float("nan"), 0.9], 1) == 0.9
+    assert (
+        math.isnan(loop.val_score([0.8, float("nan"), 0.9], 2)) and loop.val_score([0.8, float("nan"), 0.9], 1) == 0.9
+    )
     # the spike of epoch 2 (0.99) wins by one epoch's AUC and loses to the later, steadier epochs by a mean of 3
-    best = max(range(2, len(aucs)), key=lambda e: loop.val_score(aucs[:e + 1], 3))
+    best = max(range(2, len(aucs)), key=lambda e: loop.val_score(aucs[: e + 1], 3))
     assert best == 5 and max(range(len(aucs)), key=lambda e: aucs[e]) == 1
     # what a resumed run recomputes from the val AUCs in its checkpoint (the first of equal scores wins)
     assert loop.best_score(aucs, 3) == (pytest.approx(0.89), 5) and loop.best_score(aucs, 1) == (0.99, 1)
@@ -171,8 +204,7 @@ def test_not_learning_fires_on_a_flat_loss_or_chance_val_auc_only():
 
 HARD_CASES = 200  # 120 train (24 of them carved for validation) / 80 test videos, 100 patients
 # The demo recipe's finetune section as it is; only the model is made small (and T = 8 at 64 px, as the demo).
-SMALL = ["model.width=0.125", "model.gn_groups=4", "data.size=64", "scale.num_workers=2",
-         "scale.cpus_per_worker=0.5"]
+SMALL = ["model.width=0.125", "model.gn_groups=4", "data.size=64", "scale.num_workers=2", "scale.cpus_per_worker=0.5"]
 # What is stable here (README "Finetuning recipes"). The 10-epoch recipe before, on the first hard phantom:
 # training loss 16-18 % below its first epoch's (0.73 -> 0.60 and 0.61), test AUC 0.65-0.72 on this draw
 # but 0.39-0.45 on another (that phantom could not be learnt at this size). The 40-epoch recipe with
@@ -199,10 +231,17 @@ def hard_manifest(s3):
 
     name = "recipe-hard"
     s3.make_bucket(name)
-    write_dataset(f"s3://{name}/raw", HARD_CASES, seed=0, cfg=SynthConfig(difficulty="hard", size=64),
-                  workers=2, progress=False)
-    ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
-           ratios=(0.6, 0.0, 0.4), seed=0, workers=2, keep_ids=True)
+    write_dataset(
+        f"s3://{name}/raw", HARD_CASES, seed=0, cfg=SynthConfig(difficulty="hard", size=64), workers=2, progress=False
+    )
+    ingest(
+        labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"),
+        f"s3://{name}/data",
+        ratios=(0.6, 0.0, 0.4),
+        seed=0,
+        workers=2,
+        keep_ids=True,
+    )
     return f"s3://{name}/data/manifest.parquet"
 
 
@@ -225,15 +264,21 @@ def test_demo_recipe_learns_the_hard_phantom(hard_manifest, bucket, local_ray):
     assert saved["validation"]["source"] == "carved" and saved["validation"]["videos"] > 0
     assert saved["kept"] == "best val_score (mean val AUC of 5 epochs)", saved["kept"]
     kept, aucs = saved["metrics"], saved["history"]["val_auc"]
-    assert kept["val_score"] == kept["best_val_score"] == pytest.approx(np.mean(aucs[kept["epoch"] - 4:kept["epoch"] + 1]))
+    assert (
+        kept["val_score"]
+        == kept["best_val_score"]
+        == pytest.approx(np.mean(aucs[kept["epoch"] - 4 : kept["epoch"] + 1]))
+    )
     assert kept["epoch"] >= 4 and kept["best_epoch"] == kept["epoch"]
     assert saved["warnings"] == [] and saved["last_metrics"]["warning"] == "", saved["warnings"]  # it learns
     last, losses = saved["last_metrics"], saved["history"]["train_loss"]
     assert len(losses) == last["epoch"] + 1 and 0.0 <= last["train_auc"] <= 1.0
     auc, videos = _scored_auc(fin["model"], hard_manifest)
-    print(f"demo recipe on the hard phantom: training loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
-          f"train AUC {last['train_auc']:.3f}, test AUC {auc:.3f} ({videos} videos), "
-          f"kept epoch {fin['metrics']['epoch']}, {time.time() - t0:.0f} s")
+    print(
+        f"demo recipe on the hard phantom: training loss {losses[0]:.3f} -> {losses[-1]:.3f}, "
+        f"train AUC {last['train_auc']:.3f}, test AUC {auc:.3f} ({videos} videos), "
+        f"kept epoch {fin['metrics']['epoch']}, {time.time() - t0:.0f} s"
+    )
     assert min(losses) <= (1 - MIN_LOSS_FALL) * losses[0], f"training loss {losses}"
     assert auc >= MIN_TEST_AUC, f"test AUC {auc:.3f} < {MIN_TEST_AUC}"
 
@@ -245,10 +290,19 @@ def test_lr_zero_warns_once_and_stops_early_with_a_checkpoint(hard_manifest, buc
     from jobs import finetune
 
     # 32 px, T = 4: what is checked does not depend on the size
-    cfg = C.load("finetune", "jobs/configs/demo-cpu.yaml", SMALL + ["data.size=32", "data.num_frames=4",
-                                                                     "finetune.lr=0", "finetune.epochs=4",
-                                                                     "finetune.patience=1",
-                                                                     "finetune.select_window=1"])
+    cfg = C.load(
+        "finetune",
+        "jobs/configs/demo-cpu.yaml",
+        SMALL
+        + [
+            "data.size=32",
+            "data.num_frames=4",
+            "finetune.lr=0",
+            "finetune.epochs=4",
+            "finetune.patience=1",
+            "finetune.select_window=1",
+        ],
+    )
     fin = finetune.run(cfg, hard_manifest, f"{bucket}/runs", "lr0")
     saved = json.loads(storage.read_text(f"{bucket}/runs/lr0/metrics.json"))
     assert saved["stopped_early"] and saved["last_metrics"]["epoch"] == 1 and saved["metrics"]["epoch"] == 0

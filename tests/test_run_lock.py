@@ -44,8 +44,17 @@ def _dead_pid() -> int:
 
 def _plant(out: str, run: str, **info) -> None:
     """A lock left by another job (written as the holder would, outside RunLock)."""
-    body = {"run": run, "job": "finetune", "host": socket.gethostname(), "pid": os.getpid(), "pid_start": None,
-            "boot_id": run_lock._boot_id(), "started": "2030-01-01T00:00:00Z", "token": "theirs", **info}
+    body = {
+        "run": run,
+        "job": "finetune",
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "pid_start": None,
+        "boot_id": run_lock._boot_id(),
+        "started": "2030-01-01T00:00:00Z",
+        "token": "theirs",
+        **info,
+    }
     storage.write_text(storage.join(out, run, run_lock.LOCK_FILE), json.dumps(body))
 
 
@@ -68,9 +77,23 @@ def test_a_run_name_is_one_plain_folder(name):
 
 @pytest.mark.parametrize("job,name", [("finetune", "../x"), ("finetune", "a/b"), ("pretrain", "a\\b")])
 def test_job_refuses_a_run_name_with_a_path_in_one_line(job, name, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", f"jobs.{job}", "--manifest", str(tmp_path / "m.parquet"),
-                           "--out", str(tmp_path / "runs"), "--run-name", name],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            f"jobs.{job}",
+            "--manifest",
+            str(tmp_path / "m.parquet"),
+            "--out",
+            str(tmp_path / "runs"),
+            "--run-name",
+            name,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: --run-name {name!r}: must be one folder name"), lines
@@ -91,7 +114,7 @@ def test_conditional_put_on_seaweedfs(bucket):
     """What the lock relies on, measured on the test server: If-None-Match: * and If-Match answer 412."""
     from botocore.exceptions import ClientError
 
-    client, name = storage.s3_client(), bucket[len("s3://"):]
+    client, name = storage.s3_client(), bucket[len("s3://") :]
     etag = client.put_object(Bucket=name, Key="k", Body=b"a", IfNoneMatch="*")["ETag"]
     for condition in ({"IfNoneMatch": "*"}, {"IfMatch": '"0123"'}):
         with pytest.raises(ClientError) as e:
@@ -110,8 +133,10 @@ def test_acquire_refuse_release(out):
             RunLock(out, "r", "pretrain").acquire()
         message = str(e.value)
         assert "\n" not in message
-        assert message.startswith(f"run 'r' is in use: {lock.uri} is held by host {socket.gethostname()} "
-                                  f"pid {os.getpid()} (finetune started {held['started']}")
+        assert message.startswith(
+            f"run 'r' is in use: {lock.uri} is held by host {socket.gethostname()} "
+            f"pid {os.getpid()} (finetune started {held['started']}"
+        )
         assert "choose another --run-name" in message
         assert _lock(out, "r")["token"] == lock.info["token"]  # the refused job left it alone
     assert _lock(out, "r") is None
@@ -207,8 +232,10 @@ def test_resume_with_other_inputs_is_refused_unless_forced(tmp_path, caplog):
     other = C.load("finetune", None, TINY + ["finetune.lr=0.02"])
     with pytest.raises(JobError) as e:
         run_lock.check_resume(run_dir, run_lock.fingerprint("finetune", other, str(manifest), str(encoder)))
-    assert str(e.value) == ("run 'fp' was started with another config (finetune.lr 0.01 -> 0.02); rerun with its "
-                            "first inputs, choose another --run-name, or pass --force-resume to continue it anyway")
+    assert str(e.value) == (
+        "run 'fp' was started with another config (finetune.lr 0.01 -> 0.02); rerun with its "
+        "first inputs, choose another --run-name, or pass --force-resume to continue it anyway"
+    )
     manifest.write_bytes(b"manifest 2")
     with pytest.raises(JobError, match=r"another manifest \(.*m.parquet: its bytes changed\)"):
         run_lock.check_resume(run_dir, run_lock.fingerprint("finetune", cfg, str(manifest), str(encoder)))
@@ -232,8 +259,14 @@ def dataset(s3):
     name = "lock-data"
     s3.make_bucket(name)
     write_dataset(f"s3://{name}/raw", 24, seed=1, cfg=SynthConfig(size=32, frames=10), workers=1, progress=False)
-    ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
-           ratios=(0.5, 0.25, 0.25), seed=0, workers=2, keep_ids=True)
+    ingest(
+        labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"),
+        f"s3://{name}/data",
+        ratios=(0.5, 0.25, 0.25),
+        seed=0,
+        workers=2,
+        keep_ids=True,
+    )
     return f"s3://{name}/data/manifest.parquet"
 
 
@@ -242,8 +275,10 @@ def test_second_job_with_the_same_run_name_is_refused_before_ray(job, dataset, b
     runs, started = f"{bucket}/runs", ray.is_initialized()
     with RunLock(runs, "busy", "finetune"):
         with pytest.raises(SystemExit) as exit_:
-            cli.run_main(job.main, ["--manifest", dataset, "--out", runs, "--run-name", "busy",
-                                    *sum((["--set", o] for o in TINY), [])])
+            cli.run_main(
+                job.main,
+                ["--manifest", dataset, "--out", runs, "--run-name", "busy", *sum((["--set", o] for o in TINY), [])],
+            )
         assert storage.list_uris(f"{runs}/busy") == [f"{runs}/busy/.lock"]  # no config.yaml, no run.json
     assert exit_.value.code == 2
     err = capsys.readouterr().err
@@ -274,9 +309,23 @@ def test_second_sweep_with_the_same_run_name_is_refused_before_ray(tmp_path, cap
     runs, started = str(tmp_path / "sweeps"), ray.is_initialized()
     with RunLock(runs, "busy", "tune"):
         with pytest.raises(SystemExit) as exit_:
-            cli.run_main(tune.main, ["--job", "finetune", "--space", os.path.join(ROOT, "tune_spaces",
-                                     "finetune_lr_depth.yaml"), "--samples", "2", "--manifest",
-                                     str(tmp_path / "m.parquet"), "--out", runs, "--run-name", "busy"])
+            cli.run_main(
+                tune.main,
+                [
+                    "--job",
+                    "finetune",
+                    "--space",
+                    os.path.join(ROOT, "tune_spaces", "finetune_lr_depth.yaml"),
+                    "--samples",
+                    "2",
+                    "--manifest",
+                    str(tmp_path / "m.parquet"),
+                    "--out",
+                    runs,
+                    "--run-name",
+                    "busy",
+                ],
+            )
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1].startswith("error: run 'busy' is in use: ") and "Traceback" not in err

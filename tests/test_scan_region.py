@@ -9,8 +9,16 @@ import pytest
 from PIL import Image, ImageDraw
 
 from clman.data.ingest import read_dicom
-from clman.data.scan_region import (NO_SCAN_REGION, ScanRegion, ScanRegionError, TemporalStd,
-                                    apply_scan_region, find_scan_region, parse_scan_region, temporal_std)
+from clman.data.scan_region import (
+    NO_SCAN_REGION,
+    ScanRegion,
+    ScanRegionError,
+    TemporalStd,
+    apply_scan_region,
+    find_scan_region,
+    parse_scan_region,
+    temporal_std,
+)
 from clman.data.video import Mp4Writer, VideoError, decode_frames, encode_mp4, transcode_cropped, transcode_with_info
 from tests.media import dicom_cine, pyav_mp4
 
@@ -22,21 +30,28 @@ def speckle(n: int, h: int, w: int, seed: int = 0, step: int = 3) -> np.ndarray:
     """(n, h, w) uint8 blurred Rayleigh speckle sliding ``step`` rows per frame (a probe sweep)."""
     rng = np.random.default_rng(seed)
     tall = rng.rayleigh(1.0, (h + step * n + 2, w + 2))
-    tall = sum(tall[i:i + h + step * n, j:j + w] for i in range(3) for j in range(3)) / 9  # 3x3 box blur
+    tall = sum(tall[i : i + h + step * n, j : j + w] for i in range(3) for j in range(3)) / 9  # 3x3 box blur
     tall = np.clip(tall / tall.mean() * 90, 0, 255).astype(np.uint8)
-    return np.stack([tall[step * t:step * t + h] for t in range(n)])
+    return np.stack([tall[step * t : step * t + h] for t in range(n)])
 
 
-def sweep(top: int = 16, bottom: int = 0, left: int = 0, right: int = 0, clock: bool = False,
-          hole: bool = False, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def sweep(
+    top: int = 16,
+    bottom: int = 0,
+    left: int = 0,
+    right: int = 0,
+    clock: bool = False,
+    hole: bool = False,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
     """(frames (T, H, W) uint8, text mask (T, H, W) bool): speckle in the scan box, burned-in text
     around it — a top banner with a patient line, depth marks in a left panel, a bottom line (a
     clock that changes every frame when ``clock``); ``hole``: a static black patch inside the scan."""
     video = np.zeros((T, H, W), np.uint8)
     sh, sw = H - top - bottom, W - left - right
-    video[:, top:top + sh, left:left + sw] = speckle(T, sh, sw, seed)
+    video[:, top : top + sh, left : left + sw] = speckle(T, sh, sw, seed)
     if hole:
-        video[:, top + sh // 3:top + sh // 3 + sh // 4, left + 4:left + sw // 3] = 0
+        video[:, top + sh // 3 : top + sh // 3 + sh // 4, left + 4 : left + sw // 3] = 0
     text = np.zeros((T, H, W), bool)
     for t in range(T):
         img = Image.new("L", (W, H), 0)
@@ -66,33 +81,52 @@ def best_match(frames: np.ndarray, patch: np.ndarray) -> float:
     best = 0.0
     for f in frames.astype(np.float64):
         num = fftconvolve(f, p[::-1, ::-1], mode="valid")
+
         # Window sums of f and f^2 from integral images.
         def box(a):
             c = np.pad(a.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
             return c[h:, w:] - c[:-h, w:] - c[h:, :-w] + c[:-h, :-w]
+
         var = np.maximum(box(f * f) - box(f) ** 2 / p.size, 0.0)
-        best = max(best, float((num / (np.sqrt(var * (p ** 2).sum()) + 1e-6)).max()))
+        best = max(best, float((num / (np.sqrt(var * (p**2).sum()) + 1e-6)).max()))
     return best
 
 
 def text_patch(frames: np.ndarray, text: np.ndarray) -> np.ndarray:
     """The banner's text from frame 0, cut to the ink's bounding box (plus a pixel)."""
     ys, xs = np.nonzero(text[0, :16])
-    return frames[0, max(ys.min() - 1, 0):ys.max() + 2, max(xs.min() - 1, 0):xs.max() + 2]
+    return frames[0, max(ys.min() - 1, 0) : ys.max() + 2, max(xs.min() - 1, 0) : xs.max() + 2]
 
 
 # -- parsing ------------------------------------------------------------------
-@pytest.mark.parametrize("text, want", [
-    ("off", ScanRegion("off")), ("auto", ScanRegion("auto")), (" AUTO ", ScanRegion("auto")),
-    ("crop=0,40,128,88", ScanRegion("crop", (0, 40, 128, 88))),
-    ("crop=0, 40, 128, 88", ScanRegion("crop", (0, 40, 128, 88))),
-])
+@pytest.mark.parametrize(
+    "text, want",
+    [
+        ("off", ScanRegion("off")),
+        ("auto", ScanRegion("auto")),
+        (" AUTO ", ScanRegion("auto")),
+        ("crop=0,40,128,88", ScanRegion("crop", (0, 40, 128, 88))),
+        ("crop=0, 40, 128, 88", ScanRegion("crop", (0, 40, 128, 88))),
+    ],
+)
 def test_parse_scan_region(text, want):
     assert parse_scan_region(text) == want
 
 
-@pytest.mark.parametrize("text", ["", "on", "crop", "crop=1,2,3", "crop=-1,0,10,10", "crop=0,0,0,10",
-                                  "crop=a,b,c,d", "crop=1.5,0,10,10", "auto,off"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "on",
+        "crop",
+        "crop=1,2,3",
+        "crop=-1,0,10,10",
+        "crop=0,0,0,10",
+        "crop=a,b,c,d",
+        "crop=1.5,0,10,10",
+        "auto,off",
+    ],
+)
 def test_parse_scan_region_errors_name_the_text_and_the_valid_forms(text):
     with pytest.raises(ScanRegionError) as err:
         parse_scan_region(text)
@@ -133,29 +167,33 @@ def test_a_static_text_banner_is_cut(codec):
     assert box == (0, 16, W, H - 16)
     cropped, used, note = apply_scan_region(frames, parse_scan_region("auto"))
     assert used == box and cropped.shape[1:3] == (H - 16, W)
-    assert note == f"scan region x=0 y=16 w={W} h={H - 16} of {W}x{H}: cut 16 rows above, 0 below, " \
-                   "0 columns left, 0 right"
+    assert (
+        note == f"scan region x=0 y=16 w={W} h={H - 16} of {W}x{H}: cut 16 rows above, 0 below, 0 columns left, 0 right"
+    )
     x, y, w, h = box
-    assert not text[:, y:y + h, x:x + w].any()  # no text pixel inside the crop
+    assert not text[:, y : y + h, x : x + w].any()  # no text pixel inside the crop
     # None of the banner's rows survives: each cropped row differs from every banner row.
     banner = frames[0, :16].reshape(16, -1).astype(int)
     rows = cropped[0].reshape(h, -1).astype(int)
     assert np.abs(rows[:, None] - banner[None]).mean(axis=-1).min() > 20
 
 
-@pytest.mark.parametrize("layout", [
-    dict(top=13),  # odd banner: the box is rounded in to even
-    dict(top=14, bottom=12, clock=True),  # the clock changes every frame, but is no scan
-    dict(top=16, left=14),  # a static side panel with depth marks
-    dict(top=10, bottom=9, left=11, right=7, clock=True, hole=True),  # static black patch inside the scan
-])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        dict(top=13),  # odd banner: the box is rounded in to even
+        dict(top=14, bottom=12, clock=True),  # the clock changes every frame, but is no scan
+        dict(top=16, left=14),  # a static side panel with depth marks
+        dict(top=10, bottom=9, left=11, right=7, clock=True, hole=True),  # static black patch inside the scan
+    ],
+)
 @pytest.mark.parametrize("codec", ["raw", "crf23"])
 def test_text_on_any_side_is_cut(layout, codec):
     video, text = sweep(**layout)
     frames = video if codec == "raw" else decode_frames(encode_mp4(video, fps=10, crf=23))
     x, y, w, h = find_scan_region(frames)
     assert w % 2 == 0 and h % 2 == 0
-    assert not text[:, y:y + h, x:x + w].any()
+    assert not text[:, y : y + h, x : x + w].any()
     # All of the scan is kept but for the one line that even sizes cost.
     top, left = layout.get("top", 0), layout.get("left", 0)
     scan_h = H - top - layout.get("bottom", 0)
@@ -219,8 +257,7 @@ def test_a_crop_of_one_pixel_cannot_be_encoded():
 @pytest.mark.parametrize("color", [False, True])
 def test_dicom_burned_in_text_is_gone_from_the_clip(color):
     video, text = sweep(top=16, bottom=12, clock=True)
-    source = np.stack([video, video, np.clip(video.astype(int) + 20, 0, 255).astype(np.uint8)], -1) \
-        if color else video
+    source = np.stack([video, video, np.clip(video.astype(int) + 20, 0, 255).astype(np.uint8)], -1) if color else video
     ds, frames = read_dicom(dicom_cine(source, "Doe^Jane", "MRN0042917"), "labels.csv line 2")
     assert frames.shape == source.shape
     cropped, (x, y, w, h), note = apply_scan_region(frames, parse_scan_region("auto"))
@@ -260,12 +297,14 @@ def test_transcode_crops_to_the_scan_region(caplog):
     assert (info.height, info.width) == (H, W) and note.startswith("scan region off")
 
 
-@pytest.mark.parametrize("spec, match", [("crop=0,0,400,10", f"outside the {W}x{H} frame"),
-                                         ("auto", "nothing changes")])
+@pytest.mark.parametrize(
+    "spec, match", [("crop=0,0,400,10", f"outside the {W}x{H} frame"), ("auto", "nothing changes")]
+)
 def test_transcode_rejects_a_region_it_cannot_use(spec, match):
     video, _ = sweep()
-    still = np.repeat(np.stack([video[:1]] * 3, axis=-1), 6, axis=0) if spec == "auto" else \
-        np.stack([video] * 3, axis=-1)
+    still = (
+        np.repeat(np.stack([video[:1]] * 3, axis=-1), 6, axis=0) if spec == "auto" else np.stack([video] * 3, axis=-1)
+    )
     with pytest.raises(VideoError, match=f"labels.csv line 4: .*{match}") as err:
         transcode_with_info(pyav_mp4(still), name="labels.csv line 4", scan_region=parse_scan_region(spec))
     assert err.value.reason == NO_SCAN_REGION

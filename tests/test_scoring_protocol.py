@@ -108,8 +108,11 @@ def test_finetune_validates_with_the_evaluate_section():
     assert C.load("finetune", None, TINY + ["evaluate.frames=all"]).val_frames == "all"  # CLMAN takes any length
     same = C.load("finetune", None, TINY + ["evaluate.clips=2", "finetune.val_clips=2"])
     assert same.val_clips == 2
-    with pytest.raises(C.ConfigError, match=r"^finetune.val_clips=2 differs from evaluate.clips=4: validation "
-                                            r"scores videos as evaluation does; set evaluate.clips alone$"):
+    with pytest.raises(
+        C.ConfigError,
+        match=r"^finetune.val_clips=2 differs from evaluate.clips=4: validation "
+        r"scores videos as evaluation does; set evaluate.clips alone$",
+    ):
         C.load("finetune", None, TINY + ["finetune.val_clips=2"])
     with pytest.raises(C.ConfigError, match=r"^evaluate.frames: 'clip' is now 'clips' with evaluate.clips=1"):
         C.load("finetune", None, ["evaluate.frames=clip"])
@@ -172,8 +175,10 @@ def test_validate_averages_k_clips_as_test_scoring_does(clips_dir, clips):
     for u, n in zip(uris, counts):  # the batch the ScoredClips feed assembles: clip-major (K * T) frames per video
         idx = scoring.scored_indices(n, cfg.data.num_frames, "clips", clips).ravel()
         stacked.append(F.decode_stored(u, idx, cfg.data.stored_size))
-    batches = [{"frames": torch.from_numpy(np.stack(stacked[i:i + 2])), "label": torch.tensor(labels[i:i + 2])}
-               for i in (0, 2)]
+    batches = [
+        {"frames": torch.from_numpy(np.stack(stacked[i : i + 2])), "label": torch.tensor(labels[i : i + 2])}
+        for i in (0, 2)
+    ]
     got = loop.validate(model, batches, torch.device("cpu"), cfg.data.size, "fp32", clips)
     assert got["val_loss"] == pytest.approx(want["val_loss"], abs=1e-5)
     assert got["val_auc"] == pytest.approx(want["val_auc"])
@@ -184,8 +189,12 @@ class _TrainFeed:
 
     def __init__(self, clips_dir, data):
         self.videos = [feed.Video(i, clips_dir["uri"][i], clips_dir["frames"][i], i % 2) for i in range(2)]
-        self.frames = np.stack([F.decode_stored(v.uri, segment_indices(v.num_frames, data.num_frames, train=False),
-                                                data.stored_size) for v in self.videos])
+        self.frames = np.stack(
+            [
+                F.decode_stored(v.uri, segment_indices(v.num_frames, data.num_frames, train=False), data.stored_size)
+                for v in self.videos
+            ]
+        )
 
     def steps(self, epoch: int = 0) -> int:
         return 1
@@ -202,8 +211,18 @@ def test_finetune_loop_validates_with_evaluates_protocol(clips_dir, monkeypatch)
     val loss / AUC it reports are those of test scoring's scores of the same videos (lr 0: the model stays)."""
     from clman.train import worker
 
-    cfg = C.load("finetune", None, TINY + ["evaluate.clips=3", "finetune.epochs=1", "finetune.lr=0",
-                                           "finetune.batch_size=2", "finetune.optimizer=adamw"])
+    cfg = C.load(
+        "finetune",
+        None,
+        TINY
+        + [
+            "evaluate.clips=3",
+            "finetune.epochs=1",
+            "finetune.lr=0",
+            "finetune.batch_size=2",
+            "finetune.optimizer=adamw",
+        ],
+    )
     made, reported = [], []
 
     real_validation_feed = loop.validation_feed
@@ -218,8 +237,9 @@ def test_finetune_loop_validates_with_evaluates_protocol(clips_dir, monkeypatch)
             v, want = self.videos[p], self.indices(self.videos[p], epoch)
             yield v, (F.decode_stored(v.uri, want, self.data.stored_size), None), want
 
-    val_videos = [feed.Video(i, clips_dir["uri"][i], clips_dir["frames"][i], y)
-                  for i, y in zip(range(2, 6), (0, 1, 1, 0))]
+    val_videos = [
+        feed.Video(i, clips_dir["uri"][i], clips_dir["frames"][i], y) for i, y in zip(range(2, 6), (0, 1, 1, 0))
+    ]
     monkeypatch.setattr(loop, "validation_feed", validation_feed)
     monkeypatch.setattr(feed.Feed, "_fetch", local_fetch)
     monkeypatch.setattr(worker, "restore", lambda model, optimizer: None)
@@ -228,10 +248,11 @@ def test_finetune_loop_validates_with_evaluates_protocol(clips_dir, monkeypatch)
     monkeypatch.setattr(worker, "report", lambda metrics, model, *a, **kw: reported.append((metrics, model)))
     loop.train_loop_per_worker(worker.LoopInputs(cfg, {}, {"videos": val_videos, "cache": None}))
     assert made == [("clips", 3)]
-    (metrics, model), = reported
+    ((metrics, model),) = reported
     assert metrics["val_scoring"] == "clips: mean of 3 clip(s) of T=4"
-    scores = _scored_by_test(model.eval(), cfg, [v.uri for v in val_videos], [v.num_frames for v in val_videos],
-                             "clips", 3)
+    scores = _scored_by_test(
+        model.eval(), cfg, [v.uri for v in val_videos], [v.num_frames for v in val_videos], "clips", 3
+    )
     want = _expected(scores, [v.label for v in val_videos])
     assert metrics["val_loss"] == pytest.approx(want["val_loss"], abs=1e-5)
     assert metrics["val_auc"] == pytest.approx(want["val_auc"])
@@ -240,22 +261,44 @@ def test_finetune_loop_validates_with_evaluates_protocol(clips_dir, monkeypatch)
 # ---------------------------------------------------------------- all: CLMAN only
 
 
-ALL_FOR_BASELINE = (r"evaluate.frames=all: model.arch=timesformer is trained on clips of data.num_frames=4 frames "
-                    r"spread over the video and is scored on such clips; use evaluate.frames=clips \('all', every "
-                    r"frame at stride 1, is for CLMAN only\)")
-TINY_TIMESFORMER = ["model.arch=timesformer", "model.tf_dim=16", "model.tf_depth=1", "model.tf_heads=1",
-                    "model.tf_patch=8", "model.tf_size=32", "model.tf_frames=4", "data.size=32", "data.num_frames=4"]
+ALL_FOR_BASELINE = (
+    r"evaluate.frames=all: model.arch=timesformer is trained on clips of data.num_frames=4 frames "
+    r"spread over the video and is scored on such clips; use evaluate.frames=clips \('all', every "
+    r"frame at stride 1, is for CLMAN only\)"
+)
+TINY_TIMESFORMER = [
+    "model.arch=timesformer",
+    "model.tf_dim=16",
+    "model.tf_depth=1",
+    "model.tf_heads=1",
+    "model.tf_patch=8",
+    "model.tf_size=32",
+    "model.tf_frames=4",
+    "data.size=32",
+    "data.num_frames=4",
+]
 
 
 def _manifest(tmp_path, clips_dir) -> str:
     from clman.data.manifest import write_manifest
 
     n = len(clips_dir["uri"])
-    rows = pd.DataFrame({
-        "video_id": [f"v{i}" for i in range(n)], "patient_id": [f"p{i}" for i in range(n)],
-        "label": [i % 2 for i in range(n)], "split": ["train", "train", "val", "val", "test", "test"],
-        "fold": [-1] * n, "uri": clips_dir["uri"], "num_frames": clips_dir["frames"], "fps": [10.0] * n,
-        "height": [32] * n, "width": [32] * n, "sha256": ["0" * 64] * n, "source": ["test"] * n})
+    rows = pd.DataFrame(
+        {
+            "video_id": [f"v{i}" for i in range(n)],
+            "patient_id": [f"p{i}" for i in range(n)],
+            "label": [i % 2 for i in range(n)],
+            "split": ["train", "train", "val", "val", "test", "test"],
+            "fold": [-1] * n,
+            "uri": clips_dir["uri"],
+            "num_frames": clips_dir["frames"],
+            "fps": [10.0] * n,
+            "height": [32] * n,
+            "width": [32] * n,
+            "sha256": ["0" * 64] * n,
+            "source": ["test"] * n,
+        }
+    )
     uri = str(tmp_path / "manifest.parquet")
     write_manifest(rows, uri)
     return uri
@@ -270,8 +313,19 @@ def test_all_frames_for_a_fixed_t_baseline_is_refused_in_one_line_before_any_wor
     with pytest.raises(C.ConfigError, match=f"^{ALL_FOR_BASELINE}$"):
         C.load("finetune", None, TINY_TIMESFORMER + ["evaluate.frames=all"])
     manifest = _manifest(tmp_path, clips_dir)
-    line = run_job(finetune, ["--manifest", manifest, "--out", str(tmp_path / "runs"), "--set", "evaluate.frames=all",
-                              *[a for s in TINY_TIMESFORMER for a in ("--set", s)]], capsys)
+    line = run_job(
+        finetune,
+        [
+            "--manifest",
+            manifest,
+            "--out",
+            str(tmp_path / "runs"),
+            "--set",
+            "evaluate.frames=all",
+            *[a for s in TINY_TIMESFORMER for a in ("--set", s)],
+        ],
+        capsys,
+    )
     assert line == "error: " + ALL_FOR_BASELINE.replace("\\", "")
     # evaluate: the checkpoint says which arch; refused before Ray starts
     cfg = C.load("finetune", None, TINY_TIMESFORMER)
@@ -290,5 +344,12 @@ def test_a_study_with_all_frames_and_a_baseline_row_fails_at_planning(tmp_path, 
 
     manifest = _manifest(tmp_path, clips_dir)
     with pytest.raises(StudyError, match=r"^row timesformer: evaluate.frames=all: model.arch=timesformer is trained"):
-        plan_study(manifest, str(tmp_path / "out"), "s", tables="4", rows="timesformer", holdout=True,
-                   sets=["evaluate.frames=all", "data.num_frames=4"])
+        plan_study(
+            manifest,
+            str(tmp_path / "out"),
+            "s",
+            tables="4",
+            rows="timesformer",
+            holdout=True,
+            sets=["evaluate.frames=all", "data.num_frames=4"],
+        )

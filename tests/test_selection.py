@@ -87,8 +87,13 @@ def test_a_resumed_run_decides_as_the_uninterrupted_one(seed):
     n = rng.randint(3, 12)
     aucs = [rng.choice([float("nan"), round(rng.random(), 2), 0.9]) for _ in range(n)]
     losses = [0.7 + rng.uniform(-0.05, 0.02) for _ in range(n)]
-    kw = {"epochs": n + rng.randint(0, 3), "window": rng.randint(1, 3), "patience": rng.randint(0, 3),
-          "every": rng.randint(1, 3), "has_val": rng.random() < 0.8}
+    kw = {
+        "epochs": n + rng.randint(0, 3),
+        "window": rng.randint(1, 3),
+        "patience": rng.randint(0, 3),
+        "every": rng.randint(1, 3),
+        "has_val": rng.random() < 0.8,
+    }
     whole, sel = _run(aucs, losses, **kw)
     for k in range(len(whole) - 1):
         resumed, again = _run(aucs, losses, resume_at=k, **kw)
@@ -97,15 +102,31 @@ def test_a_resumed_run_decides_as_the_uninterrupted_one(seed):
 
 
 def test_state_round_trips_and_the_best_is_derived_never_trusted():
-    sel = Selection(10, 2, 0, 1, 0.01, True, {"val_aucs": [0.5, 0.7, 0.9], "best_val_score": 0.1, "best_epoch": 0,
-                                              "losses": [0.7] * 3, "train_aucs": [0.5] * 3, "problems": []})
+    sel = Selection(
+        10,
+        2,
+        0,
+        1,
+        0.01,
+        True,
+        {
+            "val_aucs": [0.5, 0.7, 0.9],
+            "best_val_score": 0.1,
+            "best_epoch": 0,
+            "losses": [0.7] * 3,
+            "train_aucs": [0.5] * 3,
+            "problems": [],
+        },
+    )
     assert sel.best == (pytest.approx(0.8), 2) and sel.state()["best_epoch"] == 2
     assert Selection(10, 2, 0, 1, 0.01, True, sel.state()).state() == sel.state()
     assert val_score([0.5, 0.7], 2) == pytest.approx(0.6) and best_score([0.5, 0.7, 0.6], 1) == (0.7, 1)
 
 
 def test_selection_imports_neither_torch_nor_ray():
-    code = ("import sys, clman.train.selection; "
-            "print(sorted(m for m in ('torch', 'ray', 'numpy', 'pandas') if m in sys.modules))")
+    code = (
+        "import sys, clman.train.selection; "
+        "print(sorted(m for m in ('torch', 'ray', 'numpy', 'pandas') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

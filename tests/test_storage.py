@@ -88,7 +88,7 @@ def test_s3_multipart_write(bucket, monkeypatch):
 def test_arrow_fs_s3_write(bucket):
     """pyarrow's S3FileSystem (what Ray Train writes checkpoints with) works on the same env."""
     fs, path = storage.arrow_fs(storage.join(bucket, "runs", "r1"))
-    assert path == f"{bucket[len('s3://'):]}/runs/r1"
+    assert path == f"{bucket[len('s3://') :]}/runs/r1"
     data = np.random.default_rng(1).integers(0, 256, 12 * 1024 * 1024, dtype=np.uint8).tobytes()
     with fs.open_output_stream(f"{path}/ckpt.bin") as f:  # > 5 MiB: pyarrow uploads it in parts
         f.write(data)
@@ -108,8 +108,13 @@ def test_arrow_fs_local(tmp_path):
 def test_missing_bucket(s3):
     uri = "s3://no-such-bucket-clman/key.bin"
     expected = f"{uri}: bucket 'no-such-bucket-clman' does not exist"
-    for call in (lambda: storage.read_bytes(uri), lambda: storage.write_bytes(uri, b"x"),
-                 lambda: storage.exists(uri), lambda: storage.list_uris(uri), lambda: storage.arrow_fs(uri)):
+    for call in (
+        lambda: storage.read_bytes(uri),
+        lambda: storage.write_bytes(uri, b"x"),
+        lambda: storage.exists(uri),
+        lambda: storage.list_uris(uri),
+        lambda: storage.arrow_fs(uri),
+    ):
         with pytest.raises(StorageError) as info:
             call()
         assert str(info.value) == expected

@@ -75,9 +75,29 @@ def test_tables_have_the_papers_rows():
     by = {r.name: r for r in study.ROWS}
     assert by["gn_nl"].tables == (1, 2) and by["clman"].tables == (2, 3, 4)
     assert [r.title(4) for r in study.table_rows(4)] == [
-        "R3D", "TimeSformer", "MC3", "P3D", "R(2+1)D", "TIN Res34", "TIN Res50", "TIN Res18", "TSM", "CLMAN (ours)"]
+        "R3D",
+        "TimeSformer",
+        "MC3",
+        "P3D",
+        "R(2+1)D",
+        "TIN Res34",
+        "TIN Res50",
+        "TIN Res18",
+        "TSM",
+        "CLMAN (ours)",
+    ]
     assert {r.arch for r in study.table_rows(4)} == {
-        "r3d_18", "timesformer", "mc3_18", "p3d", "r2plus1d_18", "tin_18", "tin_34", "tin_50", "tsm_18", "clman"}
+        "r3d_18",
+        "timesformer",
+        "mc3_18",
+        "p3d",
+        "r2plus1d_18",
+        "tin_18",
+        "tin_34",
+        "tin_50",
+        "tsm_18",
+        "clman",
+    }
     assert by["clman"].paper == (88.79, 92.78, 94.44, 85.92, 91.04, 92.64)
     assert by["vanilla"].paper_metrics["auc"] == pytest.approx(0.7175)
     assert by["tin_18"].paper == (85.24, 89.52, 82.50, 87.11, 87.52, 87.30)
@@ -90,11 +110,17 @@ def test_row_overrides_build_the_intended_models():
     from clman.models.build import ignored_fields
 
     want = {  # name: (norm, nonlocal, aggregator)
-        "vanilla": ("batch", (), "mma"), "gn": ("group", (), "mma"), "nl": ("batch", (3, 4), "mma"),
-        "gn_nl": ("group", (3, 4), "mma"), "clman": ("group", (3, 4), "mma"),
-        "external_attention": ("group", (3, 4), "external_attention"), "emsa": ("group", (3, 4), "emsa"),
-        "self_attention": ("group", (3, 4), "self_attention"), "lstm": ("group", (3, 4), "lstm"),
-        "mean": ("group", (3, 4), "mean"), "max": ("group", (3, 4), "max"),
+        "vanilla": ("batch", (), "mma"),
+        "gn": ("group", (), "mma"),
+        "nl": ("batch", (3, 4), "mma"),
+        "gn_nl": ("group", (3, 4), "mma"),
+        "clman": ("group", (3, 4), "mma"),
+        "external_attention": ("group", (3, 4), "external_attention"),
+        "emsa": ("group", (3, 4), "emsa"),
+        "self_attention": ("group", (3, 4), "self_attention"),
+        "lstm": ("group", (3, 4), "lstm"),
+        "mean": ("group", (3, 4), "mean"),
+        "max": ("group", (3, 4), "max"),
         "mma_unbounded": ("group", (3, 4), "mma"),  # with model.mma_bound=none (tests/test_ablations.py)
         "linear_probe": ("group", (3, 4), "mma"),  # with finetune.encoder_lr_scale=0 (tests/test_label_fraction.py)
     }
@@ -117,13 +143,20 @@ def test_select_rows_by_table_and_name():
     assert study.parse_tables(" 4, 1,1 ") == (1, 4)
 
 
-@pytest.mark.parametrize("tables, names, match", [
-    ("1,5", None, r"^--tables: unknown table '5'; valid: 1, 2, 3, 4$"),
-    ("x", None, "unknown table 'x'"),
-    ("", None, "no table given"),
-    ("1", "gn,lstm", r"^--rows: unknown row 'lstm' for tables 1; valid: vanilla, gn, nl, gn_nl$"),
-    ("3,4", "tsm", "valid: external_attention, self_attention, emsa, lstm, mean, max, mma_unbounded, r3d_18, .*tsm_18, clman$"),
-])
+@pytest.mark.parametrize(
+    "tables, names, match",
+    [
+        ("1,5", None, r"^--tables: unknown table '5'; valid: 1, 2, 3, 4$"),
+        ("x", None, "unknown table 'x'"),
+        ("", None, "no table given"),
+        ("1", "gn,lstm", r"^--rows: unknown row 'lstm' for tables 1; valid: vanilla, gn, nl, gn_nl$"),
+        (
+            "3,4",
+            "tsm",
+            "valid: external_attention, self_attention, emsa, lstm, mean, max, mma_unbounded, r3d_18, .*tsm_18, clman$",
+        ),
+    ],
+)
 def test_bad_tables_and_rows_fail_in_one_line(tables, names, match):
     with pytest.raises(StudyError, match=match) as e:
         study.select_rows(tables, names)
@@ -133,21 +166,27 @@ def test_bad_tables_and_rows_fail_in_one_line(tables, names, match):
 # ---------------------------------------------------------------- --set checks, grid
 
 
-@pytest.mark.parametrize("sets, match", [
-    (["model.width=0.25"], r"--set model.width=0.25: row r3d_18 \(model.arch=r3d_18\) does not read model.width; "
-                           r"scope it .*--set vanilla:model.width=0.25"),
-    (["r3d_18:model.gn_groups=8"], "--set r3d_18:model.gn_groups=8: row r3d_18 .* does not read model.gn_groups"),
-    (["model.tf_depth=2"], "row vanilla .* does not read model.tf_depth.*--set timesformer:model.tf_depth=2"),
-    (["model.aggregator=mean"], "the study sets model.aggregator itself"),
-    (["model.arch=p3d"], "the study sets model.arch itself"),
-    (["finetune.seed=1"], r"finetune.seed itself \(from --seeds\)"),
-    (["clman:model.width=0.5"], "share one SimCLR run per"),
-    (["clman:pretrain.epochs=3"], "share one SimCLR run per"),
-    (["lstm:finetune.lr=0.1"], r"'lstm' is not a row of this study; rows: vanilla, .*clman"),
-    (["finetune.lrr=1"], "unknown key 'lrr' in finetune"),
-    (["finetune.lr"], "expected key=value"),
-    (["timesformer:model.tf_heads=5"], "row timesformer: model.tf_heads: must divide tf_dim"),
-])
+@pytest.mark.parametrize(
+    "sets, match",
+    [
+        (
+            ["model.width=0.25"],
+            r"--set model.width=0.25: row r3d_18 \(model.arch=r3d_18\) does not read model.width; "
+            r"scope it .*--set vanilla:model.width=0.25",
+        ),
+        (["r3d_18:model.gn_groups=8"], "--set r3d_18:model.gn_groups=8: row r3d_18 .* does not read model.gn_groups"),
+        (["model.tf_depth=2"], "row vanilla .* does not read model.tf_depth.*--set timesformer:model.tf_depth=2"),
+        (["model.aggregator=mean"], "the study sets model.aggregator itself"),
+        (["model.arch=p3d"], "the study sets model.arch itself"),
+        (["finetune.seed=1"], r"finetune.seed itself \(from --seeds\)"),
+        (["clman:model.width=0.5"], "share one SimCLR run per"),
+        (["clman:pretrain.epochs=3"], "share one SimCLR run per"),
+        (["lstm:finetune.lr=0.1"], r"'lstm' is not a row of this study; rows: vanilla, .*clman"),
+        (["finetune.lrr=1"], "unknown key 'lrr' in finetune"),
+        (["finetune.lr"], "expected key=value"),
+        (["timesformer:model.tf_heads=5"], "row timesformer: model.tf_heads: must divide tf_dim"),
+    ],
+)
 def test_bad_sets_fail_in_one_line(sets, match):
     rows = study.select_rows("1,4")
     with pytest.raises(StudyError, match=match) as e:
@@ -166,8 +205,13 @@ def test_trial_and_pretrain_sets():
     tf = next(t for t in grid if t.row.name == "timesformer" and t.seed == 1)
     tree = {"data": {"size": 64, "num_frames": 8}}
     assert study.trial_sets(tf, sets, tree) == [
-        "finetune.lr=0.01", "model.arch=timesformer", "model.tf_depth=2", "model.tf_size=64", "model.tf_frames=8",
-        "finetune.seed=1"]
+        "finetune.lr=0.01",
+        "model.arch=timesformer",
+        "model.tf_depth=2",
+        "model.tf_size=64",
+        "model.tf_frames=8",
+        "finetune.seed=1",
+    ]
     cfg = C.load("finetune", None, study.trial_sets(tf, sets, tree))
     assert (cfg.model.tf_size, cfg.model.tf_frames, cfg.model.tf_depth, cfg.seed) == (64, 8, 2, 1)
     gn = C.load("finetune", None, study.trial_sets(grid[0], sets, tree))
@@ -185,9 +229,22 @@ def _manifest(n_patients=30, videos_per_patient=2, malignant_every=3, folds=0, s
     rows = []
     for p in range(n_patients):
         for v in range(videos_per_patient):
-            rows.append({"video_id": f"v{p:03d}-{v}", "patient_id": f"p{p:03d}", "label": int(p % malignant_every == 0),
-                         "split": "train", "fold": -1, "uri": f"clips/v{p}-{v}.mp4", "num_frames": 20, "fps": 30.0,
-                         "height": 64, "width": 64, "sha256": "0" * 64, "source": "test"})
+            rows.append(
+                {
+                    "video_id": f"v{p:03d}-{v}",
+                    "patient_id": f"p{p:03d}",
+                    "label": int(p % malignant_every == 0),
+                    "split": "train",
+                    "fold": -1,
+                    "uri": f"clips/v{p}-{v}.mp4",
+                    "num_frames": 20,
+                    "fps": 30.0,
+                    "height": 64,
+                    "width": 64,
+                    "sha256": "0" * 64,
+                    "source": "test",
+                }
+            )
     df = pd.DataFrame(rows)
     return assign_splits(df, folds=folds, seed=seed) if folds else assign_splits(df, (0.6, 0.0, 0.4), seed=seed)
 
@@ -214,7 +271,10 @@ def test_folds_by_patient_stratified_with_validation_from_training_folds():
             for y in (0, 1):
                 assert abs((val_pats == y).sum() - 0.2 * (train_pats == y).sum()) <= 1
             assert sp.manifest()["split"].value_counts().to_dict() == {
-                "train": len(sp.train), "test": len(sp.test), "val": len(sp.val)}
+                "train": len(sp.train),
+                "test": len(sp.test),
+                "val": len(sp.val),
+            }
             assert set(sp.training_folds["video_id"]) == set(sp.train["video_id"]) | set(sp.val["video_id"])
             if seed == 0:
                 tested += list(sp.test["video_id"])
@@ -243,10 +303,14 @@ def test_fold_count_and_one_class_fold_fail_in_one_line():
     # fold 0 holds the benign patients only
     one = m.copy()
     one.loc[one["label"] == 0, "fold"] = 0
-    one.loc[(one["label"] == 1), "fold"] = one.loc[one["label"] == 1, "patient_id"].map(
-        lambda p: 1 + int(p[1:]) % 2).astype("int8")
-    with pytest.raises(StudyError, match=r"fold 0 holds only benign videos \(40 benign \+ 0 malignant videos of 20 "
-                                         r"patients\), so its AUC is undefined") as e:
+    one.loc[(one["label"] == 1), "fold"] = (
+        one.loc[one["label"] == 1, "patient_id"].map(lambda p: 1 + int(p[1:]) % 2).astype("int8")
+    )
+    with pytest.raises(
+        StudyError,
+        match=r"fold 0 holds only benign videos \(40 benign \+ 0 malignant videos of 20 "
+        r"patients\), so its AUC is undefined",
+    ) as e:
         study.plan_folds(one, folds=3)
     assert "\n" not in str(e.value)
     with pytest.raises(StudyError, match="either --folds K or --holdout"):
@@ -282,8 +346,10 @@ def test_holdout_uses_the_fixed_split():
 
 def _delong_reference(a, b, y):
     """DeLong et al. 1988 directly: placement values from every (positive, negative) pair, O(m n)."""
+
     def psi(x, z):
         return (x[:, None] > z[None, :]) + 0.5 * (x[:, None] == z[None, :])
+
     comps = []
     for s in (a, b):
         pos, neg = s[y == 1], s[y == 0]
@@ -388,18 +454,45 @@ def test_mean_ci_is_the_t_interval():
 
 def _hand_made():
     """Results of gn and CLMAN on 3 folds x 1 seed, and pooled predictions on the DeLong known case."""
-    gn = {"accuracy": [0.6, 0.6, 0.6], "ap": [0.5, 0.6, 0.7], "sensitivity": [1.0, 1.0, 1.0],
-          "specificity": [0.0, 0.5, 1.0], "f1": [0.75, 0.8, 0.85], "auc": [0.7, 0.8, 0.9]}
-    cl = {"accuracy": [0.9, 0.9, 0.9], "ap": [0.9, 0.9, 0.9], "sensitivity": [0.9, 0.9, 0.9],
-          "specificity": [0.9, 0.9, 0.9], "f1": [0.8, float("nan"), 0.9], "auc": [0.9, 0.9, 0.9]}
-    results = [{"row": row, "fold": f, "seed": 0, **{k: v[f] for k, v in vals.items()}, "val_auc": 0.5}
-               for row, vals in (("clman", cl), ("gn", gn)) for f in range(3)]
+    gn = {
+        "accuracy": [0.6, 0.6, 0.6],
+        "ap": [0.5, 0.6, 0.7],
+        "sensitivity": [1.0, 1.0, 1.0],
+        "specificity": [0.0, 0.5, 1.0],
+        "f1": [0.75, 0.8, 0.85],
+        "auc": [0.7, 0.8, 0.9],
+    }
+    cl = {
+        "accuracy": [0.9, 0.9, 0.9],
+        "ap": [0.9, 0.9, 0.9],
+        "sensitivity": [0.9, 0.9, 0.9],
+        "specificity": [0.9, 0.9, 0.9],
+        "f1": [0.8, float("nan"), 0.9],
+        "auc": [0.9, 0.9, 0.9],
+    }
+    results = [
+        {"row": row, "fold": f, "seed": 0, **{k: v[f] for k, v in vals.items()}, "val_auc": 0.5}
+        for row, vals in (("clman", cl), ("gn", gn))
+        for f in range(3)
+    ]
     y = [1, 1, 1, 0, 0]
     fold = [0, 1, 2, 0, 1]
     scores = {"clman": [0.9, 0.6, 0.4, 0.5, 0.1], "gn": [0.3, 0.8, 0.7, 0.2, 0.75]}
-    predictions = pd.DataFrame([
-        {"row": row, "fold": fold[i], "seed": 0, "video_id": f"v{i}", "patient_id": f"p{i}", "label": y[i],
-         "score": s[i]} for row, s in scores.items() for i in range(5)])
+    predictions = pd.DataFrame(
+        [
+            {
+                "row": row,
+                "fold": fold[i],
+                "seed": 0,
+                "video_id": f"v{i}",
+                "patient_id": f"p{i}",
+                "label": y[i],
+                "score": s[i],
+            }
+            for row, s in scores.items()
+            for i in range(5)
+        ]
+    )
     return results, predictions
 
 
@@ -408,8 +501,16 @@ def test_study_md_cells_from_hand_made_results(tmp_path):
     out = str(tmp_path / "run")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UndefinedMetricWarning)
-        summary = study.write_study(out, results, predictions, protocol="3 folds", command="python -m jobs.study ...",
-                                    config={"model": {"width": 0.25}}, run_time_s=125.4, n_boot=0)
+        summary = study.write_study(
+            out,
+            results,
+            predictions,
+            protocol="3 folds",
+            command="python -m jobs.study ...",
+            config={"model": {"width": 0.25}},
+            run_time_s=125.4,
+            n_boot=0,
+        )
     md = storage.read_text(f"{out}/study.md")
     lines = md.splitlines()
     # gn is a Table 1 row; CLMAN, the reference, is in no shown table: "Other rows"
@@ -417,15 +518,19 @@ def test_study_md_cells_from_hand_made_results(tmp_path):
     assert not any(line.startswith("## Table 2") for line in lines)
     # 3 folds x 1 seed: the corrected resampled t, m +- t(0.975, 2) sqrt((1/3 + 1/2) s^2), n_test/n_train = 1/(K-1);
     # AP 0.5 0.6 0.7: s = 0.1, half 4.3027 * 0.91287 * 0.1 = 0.39278. n_boot=0: no bootstrap, so p is n/a
-    i = lines.index("| ResNet18 + GN | 60.00 (60.00–60.00) | 60.00 (20.72–99.28) | 100.00 (100.00–100.00) | "
-                    "50.00 (0.00–100.00) | 80.00 (60.36–99.64) | 80.00 (40.72–100.00) | n/a |")
+    i = lines.index(
+        "| ResNet18 + GN | 60.00 (60.00–60.00) | 60.00 (20.72–99.28) | 100.00 (100.00–100.00) | "
+        "50.00 (0.00–100.00) | 80.00 (60.36–99.64) | 80.00 (40.72–100.00) | n/a |"
+    )
     # pooled, by hand: calls 0.3 0.8 0.7 0.2 0.75 >= 0.5 on labels 1 1 1 0 0; AP = (1 + 2/3 + 3/4) / 3;
     # ΔAUC: 2/3 - 5/6 (the DeLong known case's AUCs)
     assert lines[i + 1] == "| ↳ pooled | 60.00 | 80.56 | 66.67 | 50.00 | 66.67 | 66.67 | ΔAUC -16.67 |"
     assert lines[i + 2] == "| ↳ paper | 74.77 | 77.01 | 74.29 | 75.00 | 80.00 | 74.93 | |"
     assert "## Other rows" in lines
-    cells = ("| 90.00 (90.00–90.00) | 90.00 (90.00–90.00) | 90.00 (90.00–90.00) | 90.00 (90.00–90.00) | "
-             "85.00 (0.00–100.00) † | 90.00 (90.00–90.00) | ref. |")  # F1 undefined in one fold: the mean of two
+    cells = (
+        "| 90.00 (90.00–90.00) | 90.00 (90.00–90.00) | 90.00 (90.00–90.00) | 90.00 (90.00–90.00) | "
+        "85.00 (0.00–100.00) † | 90.00 (90.00–90.00) | ref. |"
+    )  # F1 undefined in one fold: the mean of two
     j = lines.index("| CLMAN (ours) " + cells)
     assert lines[j + 1] == "| ↳ pooled | 60.00 | 91.67 | 66.67 | 50.00 | 66.67 | 83.33 | |"
     assert lines[j + 2] == "| ↳ paper | 88.79 | 92.78 | 94.44 | 85.92 | 91.04 | 92.64 | |"
@@ -460,29 +565,59 @@ def test_pooled_ci_by_patient_and_reproducible(tmp_path):
     for row, sep in (("clman", 0.4), ("r3d_18", 0.1)):
         for seed in (0, 1):
             s = np.clip(0.3 + sep * y + rng.normal(0, 0.15, len(y)), 0, 1)
-            preds += [{"row": row, "fold": i % 3, "seed": seed, "video_id": f"v{i}", "patient_id": f"p{i // 2}",
-                       "label": int(y[i]), "score": float(s[i])} for i in range(len(y))]
+            preds += [
+                {
+                    "row": row,
+                    "fold": i % 3,
+                    "seed": seed,
+                    "video_id": f"v{i}",
+                    "patient_id": f"p{i // 2}",
+                    "label": int(y[i]),
+                    "score": float(s[i]),
+                }
+                for i in range(len(y))
+            ]
     preds = pd.DataFrame(preds)
-    results = [{"row": r, "fold": f, "seed": s, **{k: 0.5 for k in METRIC_NAMES},
-                "op_threshold": 0.4, "op_accuracy": 0.5, "op_sensitivity": 0.9, "op_specificity": 0.2, "op_f1": 0.6}
-               for r in ("clman", "r3d_18") for f in range(3) for s in (0, 1)]
+    results = [
+        {
+            "row": r,
+            "fold": f,
+            "seed": s,
+            **{k: 0.5 for k in METRIC_NAMES},
+            "op_threshold": 0.4,
+            "op_accuracy": 0.5,
+            "op_sensitivity": 0.9,
+            "op_specificity": 0.2,
+            "op_f1": 0.6,
+        }
+        for r in ("clman", "r3d_18")
+        for f in range(3)
+        for s in (0, 1)
+    ]
     a = study.write_study(str(tmp_path / "a"), results, preds, n_boot=200, seed=3)
     study.write_study(str(tmp_path / "b"), results, preds, n_boot=200, seed=3)
     md = storage.read_text(str(tmp_path / "a/study.md"))
     assert md == storage.read_text(str(tmp_path / "b/study.md"))  # same inputs, same seed: same numbers
     pooled = study.stats.pooled_scores(preds, "clman")
     assert len(pooled) == 48 and (pooled["seeds"] == 2).all()  # one score per video: the mean over seeds
-    want = bootstrap_ci(pooled["score"].to_numpy(), pooled["label"].to_numpy(), n_boot=200, seed=3,
-                        groups=pooled["patient_id"].to_numpy())
+    want = bootstrap_ci(
+        pooled["score"].to_numpy(),
+        pooled["label"].to_numpy(),
+        n_boot=200,
+        seed=3,
+        groups=pooled["patient_id"].to_numpy(),
+    )
     assert a["clman"].pooled_ci == want and a["clman"].videos == 48 and a["clman"].patients == 24
     ref = preds[preds["row"] == "clman"].groupby("video_id")["score"].mean()
     other = preds[preds["row"] == "r3d_18"].groupby("video_id")["score"].mean()
     labels = preds.groupby("video_id")["label"].first()
     assert a["r3d_18"].p_auc_delong_per_video == pytest.approx(
-        delong_test(other.to_numpy(), ref.to_numpy(), labels.to_numpy()))
+        delong_test(other.to_numpy(), ref.to_numpy(), labels.to_numpy())
+    )
     patients = preds.groupby("video_id")["patient_id"].first().to_numpy()
-    boot = paired_bootstrap_auc(other.to_numpy(), ref.to_numpy(), labels.to_numpy(), groups=patients, n_boot=200,
-                                seed=3)
+    boot = paired_bootstrap_auc(
+        other.to_numpy(), ref.to_numpy(), labels.to_numpy(), groups=patients, n_boot=200, seed=3
+    )
     assert a["r3d_18"].p_auc == boot.p and a["r3d_18"].auc_diff_ci == (boot.lo, boot.hi)
     assert "## Table 4 — other video classifiers (from scratch) and CLMAN" in md
     assert "| R3D | 50.00 (50.00–50.00) |" in md
@@ -508,7 +643,8 @@ def test_trial_metrics_with_a_validation_operating_point():
     s = np.array([0.1, 0.3, 0.6, 0.4, 0.7, 0.9])
     out = study.trial_metrics(s, y)
     assert set(out) == set(METRIC_NAMES) and out["accuracy"] == pytest.approx(4 / 6)
-    out = study.trial_metrics(s, y, val_scores=np.array([0.2, 0.5, 0.35, 0.8]), val_labels=np.array([0, 0, 1, 1]),
-                              target_sensitivity=1.0)
+    out = study.trial_metrics(
+        s, y, val_scores=np.array([0.2, 0.5, 0.35, 0.8]), val_labels=np.array([0, 0, 1, 1]), target_sensitivity=1.0
+    )
     assert out["op_threshold"] == 0.35  # the highest threshold that calls every malignant val video
     assert out["op_sensitivity"] == 1.0 and out["op_specificity"] == pytest.approx(2 / 3)  # 0.1, 0.3 < 0.35 <= 0.6

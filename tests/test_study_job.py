@@ -45,9 +45,22 @@ def data(s3, tmp_path_factory):
     from clman.data.synth import SynthConfig, write_dataset
 
     root = s3.make_bucket(f"study-{uuid.uuid4().hex[:8]}")
-    write_dataset(f"{root}/videos", 32, seed=0, cfg=SynthConfig(size=32, frames=8, videos_per_patient=2),
-                  workers=1, progress=False)
-    ingest(labeled_items(f"{root}/videos", f"{root}/videos/labels.csv"), f"{root}/data", folds=2, seed=0, workers=2, keep_ids=True)
+    write_dataset(
+        f"{root}/videos",
+        32,
+        seed=0,
+        cfg=SynthConfig(size=32, frames=8, videos_per_patient=2),
+        workers=1,
+        progress=False,
+    )
+    ingest(
+        labeled_items(f"{root}/videos", f"{root}/videos/labels.csv"),
+        f"{root}/data",
+        folds=2,
+        seed=0,
+        workers=2,
+        keep_ids=True,
+    )
     preset = tmp_path_factory.mktemp("study") / "tiny.yaml"
     preset.write_text(PRESET)
     return f"{root}/data/manifest.parquet", root, str(preset)
@@ -78,8 +91,9 @@ def test_bad_input_fails_in_one_line_before_any_trial(data, capsys, tmp_path):
     assert "unknown table '5'" in err and "valid: 1, 2, 3, 4" in err
     err = _one_line_error(base + ["--folds", "2", "--tables", "4", "--rows", "tsm_18,i3d"], capsys)
     assert "unknown row 'i3d'" in err and "tsm_18" in err and "r3d_18" in err
-    err = _one_line_error(base + ["--folds", "2", "--tables", "4", "--rows", "tsm_18",
-                                  "--set", "model.width=0.25"], capsys)
+    err = _one_line_error(
+        base + ["--folds", "2", "--tables", "4", "--rows", "tsm_18", "--set", "model.width=0.25"], capsys
+    )
     assert "row tsm_18 (model.arch=tsm_18) does not read model.width" in err
     assert "seeds" in _one_line_error(base + ["--folds", "2", "--set", "finetune.seed=3"], capsys)
 
@@ -102,8 +116,9 @@ def _env():
 def _run_cli(argv, log_path, timeout=900) -> float:
     t0 = time.time()
     with open(log_path, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "jobs.study", *argv], env=_env(), stdout=f,
-                              stderr=subprocess.STDOUT, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.study", *argv], env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=timeout
+        )
     text = open(log_path, errors="replace").read()
     assert proc.returncode == 0, text[-6000:]
     return time.time() - t0
@@ -113,8 +128,9 @@ def _run_cli(argv, log_path, timeout=900) -> float:
 def tiny_study(data, tmp_path_factory):
     manifest, root, preset = data
     out, name = f"{root}/studies", "tiny"
-    argv = _args(manifest, out, name, preset, "--folds", "2", "--seeds", "1", "--tables", "2,4",
-                 "--rows", ",".join(ROWS))
+    argv = _args(
+        manifest, out, name, preset, "--folds", "2", "--seeds", "1", "--tables", "2,4", "--rows", ",".join(ROWS)
+    )
     log_path = tmp_path_factory.mktemp("study-log") / "study.log"
     seconds = _run_cli(argv, log_path)
     print(f"tiny study (2 rows x 2 folds + 2 SimCLR runs): {seconds:.0f} s")
@@ -187,7 +203,8 @@ def test_tiny_study_fills_every_cell_of_its_tables(tiny_study):
 
     # The grid: every (row, fold, seed) once; each fold's test videos are that fold's, scored once per row.
     assert sorted(zip(results["row"], results["fold"], results["seed"])) == sorted(
-        (r, f, 0) for r in ROWS for f in (0, 1))
+        (r, f, 0) for r in ROWS for f in (0, 1)
+    )
     for row in ROWS:
         p = preds[preds["row"] == row]
         assert sorted(p["video_id"]) == sorted(manifest["video_id"])
@@ -214,7 +231,7 @@ def test_tiny_study_fills_every_cell_of_its_tables(tiny_study):
         rows = [r for r in table_rows(table) if r.name in ROWS]
         assert len(cells) == 3 * len(rows)
         for i, row in enumerate(rows):
-            mean_line, pooled_line, paper_line = cells[3 * i: 3 * i + 3]
+            mean_line, pooled_line, paper_line = cells[3 * i : 3 * i + 3]
             assert mean_line[0] == row.title(table) and pooled_line[0] == "↳ pooled" and paper_line[0] == "↳ paper"
             runs = results[results["row"] == row.name]
             for j, (key, _) in enumerate(PAPER_COLUMNS, start=1):
@@ -223,7 +240,8 @@ def test_tiny_study_fills_every_cell_of_its_tables(tiny_study):
             pooled = preds[preds["row"] == row.name].sort_values("video_id")
             scores, labels = pooled["score"].to_numpy(), pooled["label"].to_numpy()
             assert pooled_line[PAPER_COLUMNS.index(("auc", "AUC")) + 1].startswith(
-                _pct(_auc_mann_whitney(scores, labels)))
+                _pct(_auc_mann_whitney(scores, labels))
+            )
             m = compute_metrics(scores, labels)
             ci = bootstrap_ci(scores, labels, n_boot=200, seed=0, groups=pooled["patient_id"].to_numpy())
             for j, (key, _) in enumerate(PAPER_COLUMNS, start=1):
@@ -239,7 +257,8 @@ def test_tiny_study_fills_every_cell_of_its_tables(tiny_study):
                 vs = summary[row.name]["vs_reference"]
                 assert p_cell == ("<0.001" if vs["p_auc"] < 0.001 else f"{vs['p_auc']:.3f}"), (row.name, p_cell)
                 assert vs["auc_diff"] == pytest.approx(
-                    _auc_mann_whitney(scores, labels) - _auc_mann_whitney(ref["score"].to_numpy(), labels))
+                    _auc_mann_whitney(scores, labels) - _auc_mann_whitney(ref["score"].to_numpy(), labels)
+                )
                 assert vs["auc_diff_ci95"][0] <= vs["auc_diff"] <= vs["auc_diff_ci95"][1]
                 p = _delong_reference(scores, ref["score"].to_numpy(), labels)
                 assert vs["p_auc_delong_per_video"] == pytest.approx(p, rel=1e-6), row.name
@@ -279,8 +298,19 @@ def test_resume_reruns_only_unfinished_trials_and_reproduces_them(tiny_study, tm
 
     # The trial trained anew gives the same numbers again: the same study.md tables.
     again = storage.read_parquet(f"{d}/study.parquet").to_pandas()
-    metrics = ["row", "fold", "seed", *METRIC_NAMES, "op_threshold", "op_accuracy", "op_sensitivity",
-               "op_specificity", "op_f1", "val_auc", "kept_epoch"]
+    metrics = [
+        "row",
+        "fold",
+        "seed",
+        *METRIC_NAMES,
+        "op_threshold",
+        "op_accuracy",
+        "op_sensitivity",
+        "op_specificity",
+        "op_f1",
+        "val_auc",
+        "kept_epoch",
+    ]
     pd.testing.assert_frame_equal(again[metrics], results[metrics])
     tables = lambda text: text.split("## ROC")[0]  # noqa: E731 (the run section holds the run time)
     assert tables(storage.read_text(f"{d}/study.md")) == tables(md)
@@ -289,6 +319,11 @@ def test_resume_reruns_only_unfinished_trials_and_reproduces_them(tiny_study, tm
     # Without --resume the same run name is refused, in one line, before Ray starts.
     log_path = tmp_path / "again.log"
     with open(log_path, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "jobs.study", *tiny_study["argv"]], env=_env(), stdout=f,
-                              stderr=subprocess.STDOUT, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "jobs.study", *tiny_study["argv"]],
+            env=_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            timeout=120,
+        )
     assert proc.returncode == 2 and "continue it with --resume" in log_path.read_text()

@@ -176,8 +176,18 @@ def _study_tables(folds=(0, 1, 2), seeds=(0, 1), sizes=True):
     for row, sep in (("clman", 0.4), ("r3d_18", 0.15)):
         for seed in seeds:
             s = np.clip(0.3 + sep * y + rng.normal(0, 0.15, len(y)), 0, 1)
-            preds += [{"row": row, "fold": patient_fold[f"p{i // 2}"], "seed": seed, "video_id": f"v{i:02d}",
-                       "patient_id": f"p{i // 2}", "label": int(y[i]), "score": float(s[i])} for i in range(len(y))]
+            preds += [
+                {
+                    "row": row,
+                    "fold": patient_fold[f"p{i // 2}"],
+                    "seed": seed,
+                    "video_id": f"v{i:02d}",
+                    "patient_id": f"p{i // 2}",
+                    "label": int(y[i]),
+                    "score": float(s[i]),
+                }
+                for i in range(len(y))
+            ]
     results = []
     for r in ("clman", "r3d_18"):
         for f in folds:
@@ -229,9 +239,12 @@ def test_summarize_cells_paired_test_and_outputs(tmp_path):
     assert line.endswith(f"| {fmt_p(r3d.p_auc)} |")
     pooled = md.splitlines()[md.splitlines().index(line) + 1]
     assert pooled.startswith("| ↳ pooled |") and pooled.endswith(
-        f"| ΔAUC {100 * diff:+.2f} ({100 * lo:+.2f}, {100 * hi:+.2f}) |")
-    assert ("Interval of the means (these tables and the operating point): the corrected resampled t of Nadeau & "
-            "Bengio (2003) over the 3 fold means") in md
+        f"| ΔAUC {100 * diff:+.2f} ({100 * lo:+.2f}, {100 * hi:+.2f}) |"
+    )
+    assert (
+        "Interval of the means (these tables and the operating point): the corrected resampled t of Nadeau & "
+        "Bengio (2003) over the 3 fold means"
+    ) in md
     assert "n_test/n_train = 0.500 (from the trials' n_test / n_train)" in md
     assert "DeLong" not in md and "seeds only" not in md
 
@@ -270,8 +283,10 @@ def test_holdout_interval_is_labelled_seeds_only(tmp_path):
     assert s.cells["auc"][:3] == pytest.approx(mean_ci(v))  # over the seeds: training noise only
     md = storage.read_text(f"{out}/study.md")
     assert "| Method (interval: seeds only, see below) |" in md
-    assert ("one fixed test split, so the t-interval over the 3 seeds: the seed-to-seed variation of training "
-            "only, not the sampling variability of the test set (for that, see ↳ pooled's patient-bootstrap CI)") in md
+    assert (
+        "one fixed test split, so the t-interval over the 3 seeds: the seed-to-seed variation of training "
+        "only, not the sampling variability of the test set (for that, see ↳ pooled's patient-bootstrap CI)"
+    ) in md
     js = json.loads(storage.read_text(f"{out}/summary.json"))
     means = next(r for r in js["rows"] if r["row"] == "r3d_18")["means"]
     assert means["interval"] == "seeds_t_one_split" and means["test_train_ratio"] is None

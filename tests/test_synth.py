@@ -196,7 +196,13 @@ def test_hard_second_sweep_is_the_same_lesion_in_the_other_plane():
     pa, pb = a.params, b.params
     assert pa.label == pb.label and pa.focal == pb.focal
     assert (pa.level, pa.posterior, pa.sign_posterior, pa.heterogeneity, pa.halo, len(pa.spicules)) == (
-        pb.level, pb.posterior, pb.sign_posterior, pb.heterogeneity, pb.halo, len(pb.spicules))
+        pb.level,
+        pb.posterior,
+        pb.sign_posterior,
+        pb.heterogeneity,
+        pb.halo,
+        len(pb.spicules),
+    )
     assert (pb.a, pb.c) == (pa.c, pa.a) and math.isclose(pa.a * pa.aspect, pb.a * pb.aspect)
     assert a.frames.shape[1:] == b.frames.shape[1:], "one scanner preset per patient"
     c = generate_case(4, 1, 1, HARD_TINY)
@@ -281,8 +287,14 @@ def test_hard_dataset_formats_decode_and_ingest(tmp_path):
     assert labels.groupby("patient_id").label.nunique().max() == 1 and labels.patient_id.nunique() == 6
     stats = pd.read_csv(tmp_path / "one" / "synth_cases.csv")
     assert {"format", "frames", "height", "width"} <= set(stats.columns)
-    result = ingest(labeled_items(one, one + "/labels.csv"), str(tmp_path / "ingested"), ratios=(0.6, 0, 0.4),
-                    seed=0, workers=1, keep_ids=True)
+    result = ingest(
+        labeled_items(one, one + "/labels.csv"),
+        str(tmp_path / "ingested"),
+        ratios=(0.6, 0, 0.4),
+        seed=0,
+        workers=1,
+        keep_ids=True,
+    )
     assert result.rejects.empty and len(result.manifest) == 12
 
 
@@ -291,7 +303,25 @@ def test_synth_job_hard(tmp_path):
 
     assert job.parse(["--out", "x"]).difficulty == "default"
     out = str(tmp_path / "hard")
-    assert job.main(["--out", out, "--cases", "3", "--difficulty", "hard", "--size", "40", "--frames", "12",
-                     "--workers", "1", "--no-progress"]) == 0
+    assert (
+        job.main(
+            [
+                "--out",
+                out,
+                "--cases",
+                "3",
+                "--difficulty",
+                "hard",
+                "--size",
+                "40",
+                "--frames",
+                "12",
+                "--workers",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     labels = pd.read_csv(tmp_path / "hard" / "labels.csv")
     assert len(labels) == 3 and labels.patient_id.tolist()[:2] == ["P0001", "P0001"]

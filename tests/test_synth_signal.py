@@ -105,9 +105,9 @@ def _scores(model: VideoClassifier, frames: np.ndarray, pooled: bool) -> np.ndar
     t = frames.shape[1]
     out = []
     for i in range(0, len(frames), 25):
-        x = _to_input(frames[i:i + 25])  # (B, T, 1, H, W)
+        x = _to_input(frames[i : i + 25])  # (B, T, 1, H, W)
         if not pooled:
-            x = x[:, t // 2:t // 2 + 1]  # (B, 1, 1, H, W)
+            x = x[:, t // 2 : t // 2 + 1]  # (B, 1, 1, H, W)
         out.append(torch.softmax(model(x), dim=1)[:, 1])
     return torch.cat(out).numpy()
 

@@ -22,9 +22,18 @@ from clman.data.ingest import ingest, labeled_items
 from clman.data.synth import SynthConfig, write_dataset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["model.width=0.125", "model.gn_groups=4", "data.size=32", "data.num_frames=4", "data.frames_per_clip=2",
-        "scale.num_workers=1", "scale.cpus_per_worker=0.5", "finetune.epochs=2", "finetune.batch_size=4",
-        "finetune.lr=0.01"]
+TINY = [
+    "model.width=0.125",
+    "model.gn_groups=4",
+    "data.size=32",
+    "data.num_frames=4",
+    "data.frames_per_clip=2",
+    "scale.num_workers=1",
+    "scale.cpus_per_worker=0.5",
+    "finetune.epochs=2",
+    "finetune.batch_size=4",
+    "finetune.lr=0.01",
+]
 
 
 def _mlflow_client(uri: str):
@@ -48,18 +57,39 @@ def manifest(s3):
     name = "tracking-data"
     s3.make_bucket(name)
     write_dataset(f"s3://{name}/raw", 16, seed=3, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
-    ingest(labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"), f"s3://{name}/data",
-           ratios=(0.5, 0.25, 0.25), seed=0, workers=2, keep_ids=True)
+    ingest(
+        labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"),
+        f"s3://{name}/data",
+        ratios=(0.5, 0.25, 0.25),
+        seed=0,
+        workers=2,
+        keep_ids=True,
+    )
     return f"s3://{name}/data/manifest.parquet"
 
 
 def test_standalone_finetune_tracked_without_ray_report_lines(manifest, bucket, tmp_path):
     mlruns, tb = f"file://{tmp_path / 'mlruns'}", str(tmp_path / "tb")
     runs = f"{bucket}/runs"
-    cmd = [sys.executable, "-m", "jobs.finetune", "--manifest", manifest, "--out", runs, "--run-name", "tracked",
-           "--track", f"mlflow:{mlruns}", "--track", f"tensorboard:{tb}", *sum((["--set", o] for o in TINY), [])]
-    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, RAY_ADDRESS=""), capture_output=True, text=True,
-                          timeout=400)
+    cmd = [
+        sys.executable,
+        "-m",
+        "jobs.finetune",
+        "--manifest",
+        manifest,
+        "--out",
+        runs,
+        "--run-name",
+        "tracked",
+        "--track",
+        f"mlflow:{mlruns}",
+        "--track",
+        f"tensorboard:{tb}",
+        *sum((["--set", o] for o in TINY), []),
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env=dict(os.environ, RAY_ADDRESS=""), capture_output=True, text=True, timeout=400
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
 
@@ -75,15 +105,23 @@ def test_standalone_finetune_tracked_without_ray_report_lines(manifest, bucket, 
     cfg = C.from_dict("finetune", yaml.safe_load(storage.read_text(f"{runs}/tracked/config.yaml")))
     assert run.data.params == tracking.config_params(cfg)  # the whole config, named as --set names it
     assert run.data.params["finetune.epochs"] == "2" and run.data.params["model.width"] == "0.125"
-    shown = " ".join([*run.data.params.values(), *run.data.params, *run.data.tags.values(), open(
-        client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "a"))).read()])
+    shown = " ".join(
+        [
+            *run.data.params.values(),
+            *run.data.params,
+            *run.data.tags.values(),
+            open(client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path / "a"))).read(),
+        ]
+    )
     # (the local server's key id is "clman", also model.arch's value: only the secret can be checked)
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in shown
     artifact = client.download_artifacts(run.info.run_id, "config.yaml", str(tmp_path))
     assert open(artifact).read() == C.to_yaml(cfg)
 
-    history = {k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)]
-               for k in ("train_loss", "train_auc", "val_auc", "val_loss", "lr")}
+    history = {
+        k: [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, k)]
+        for k in ("train_loss", "train_auc", "val_auc", "val_loss", "lr")
+    }
     for key, points in history.items():
         assert [step for step, _ in points] == [0, 1], (key, points)
     last = storage.read_text(f"{runs}/tracked/metrics.json")
@@ -103,14 +141,25 @@ def test_tune_callback_logs_a_run_per_trial(tmp_path):
     mlruns, tb = f"file://{tmp_path / 'mlruns'}", str(tmp_path / "tb")
     targets = tracking.parse_targets([f"mlflow:{mlruns}", f"tensorboard:{tb}"])
     base = C.load("finetune", None, TINY)
-    callback = TrackTrials(targets, "sweep-1", lambda config: C.load("finetune", None, TINY + [
-        f"finetune.lr={config['finetune.lr']}"]))
+    callback = TrackTrials(
+        targets, "sweep-1", lambda config: C.load("finetune", None, TINY + [f"finetune.lr={config['finetune.lr']}"])
+    )
     trials = [SimpleNamespace(trial_id=f"t{i}", config={"finetune.lr": lr}) for i, lr in enumerate((0.1, 0.01))]
     for epoch in range(3):
         for i, trial in enumerate(trials):
-            callback.on_trial_result(epoch, trials, trial, {"epoch": epoch, "val_auc": 0.5 + 0.1 * epoch + i,
-                                                             "training_iteration": epoch + 1, "trial_id": trial.trial_id,
-                                                             "val_scoring": "3 clips", "done": False})
+            callback.on_trial_result(
+                epoch,
+                trials,
+                trial,
+                {
+                    "epoch": epoch,
+                    "val_auc": 0.5 + 0.1 * epoch + i,
+                    "training_iteration": epoch + 1,
+                    "trial_id": trial.trial_id,
+                    "val_scoring": "3 clips",
+                    "done": False,
+                },
+            )
     callback.on_trial_result(3, trials, trials[0], {"auc": 0.9})  # a study trial's closing line
     callback.on_trial_complete(3, trials, trials[0])
     callback.on_trial_error(3, trials, trials[1])
@@ -128,12 +177,15 @@ def test_tune_callback_logs_a_run_per_trial(tmp_path):
     assert [s for s, _ in _scalars(os.path.join(tb, "sweep-1", "t0"))["val_auc"]] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("spec, error", [
-    ("wandb:x", "expected mlflow:<tracking URI> or tensorboard:<folder>"),
-    ("mlflow:", "expected mlflow"),
-    ("mlflow:https://me:hunter2@mlflow.example", "MLFLOW_TRACKING_PASSWORD"),
-    ("tensorboard:s3://bucket/tb", "a local folder"),
-])
+@pytest.mark.parametrize(
+    "spec, error",
+    [
+        ("wandb:x", "expected mlflow:<tracking URI> or tensorboard:<folder>"),
+        ("mlflow:", "expected mlflow"),
+        ("mlflow:https://me:hunter2@mlflow.example", "MLFLOW_TRACKING_PASSWORD"),
+        ("tensorboard:s3://bucket/tb", "a local folder"),
+    ],
+)
 def test_bad_track_targets_are_one_line(spec, error):
     with pytest.raises(C.ConfigError, match=error) as e:
         tracking.parse_targets([spec])
@@ -143,13 +195,16 @@ def test_bad_track_targets_are_one_line(spec, error):
 def test_config_params_are_named_like_set_keys():
     params = tracking.config_params(C.load("finetune", None, TINY))
     assert params["finetune.lr"] == "0.01" and params["model.width"] == "0.125" and params["scale.num_workers"] == "1"
-    assert params["model.nonlocal_stages"].startswith("[") and len(params) == len(tracking.flatten(
-        C.to_dict(C.load("finetune", None, TINY))))
+    assert params["model.nonlocal_stages"].startswith("[") and len(params) == len(
+        tracking.flatten(C.to_dict(C.load("finetune", None, TINY)))
+    )
 
 
 def test_track_targets(tmp_path):
     assert tracking.parse_targets([f"mlflow:{tmp_path}", "tensorboard:tb"]) == (
-        tracking.Target("mlflow", f"file://{tmp_path}"), tracking.Target("tensorboard", os.path.abspath("tb")))
+        tracking.Target("mlflow", f"file://{tmp_path}"),
+        tracking.Target("tensorboard", os.path.abspath("tb")),
+    )
     assert tracking.parse_targets(["mlflow:http://mlflow:5000"])[0].uri == "http://mlflow:5000"
     assert tracking.flatten({"a": {"b": 1, "c": (1, 2)}, "d": "x"}) == {"a.b": "1", "a.c": "[1, 2]", "d": "x"}
 

@@ -55,12 +55,15 @@ def test_randint_includes_both_ends():
 def test_space_converts_to_ray_domains():
     from ray.tune.search.sample import Categorical, Float
 
-    space = space_from_dict({
-        "finetune.lr": {"loguniform": [1e-5, 1e-2]},
-        "finetune.momentum": {"uniform": [0.8, 0.99]},
-        "model.aggregator": {"choice": ["mma", "mean"]},
-        "finetune.batch_size": {"grid": [4, 8]},
-    }, "finetune")
+    space = space_from_dict(
+        {
+            "finetune.lr": {"loguniform": [1e-5, 1e-2]},
+            "finetune.momentum": {"uniform": [0.8, 0.99]},
+            "model.aggregator": {"choice": ["mma", "mean"]},
+            "finetune.batch_size": {"grid": [4, 8]},
+        },
+        "finetune",
+    )
     d = driver.param_space(space)
     assert isinstance(d["finetune.lr"], Float) and isinstance(d["finetune.lr"].get_sampler(), Float._LogUniform)
     assert isinstance(d["finetune.momentum"].get_sampler(), Float._Uniform)
@@ -77,36 +80,45 @@ def test_space_converts_to_ray_domains():
     assert space_from_dict(parsed, "finetune").get("finetune.lr").args == (1e-5, 1e-2)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("finetune.lrr: {loguniform: [1.0e-5, 1.0e-2]}", r"space.yaml: finetune.lrr: unknown key.*'lr'"),
-    ("modell.mma_depth: {randint: [1, 4]}", r"space.yaml: modell.mma_depth: unknown key: section 'modell'"),
-    ("pretrain.lr: {loguniform: [1.0e-5, 1.0e-2]}", r"space.yaml: pretrain.lr: unknown key: section 'pretrain'"),
-    ("lr: {loguniform: [1.0e-5, 1.0e-2]}", r"space.yaml: key 'lr': expected <section>.<field>"),
-    ("model.mma_depth: {choice: [one, two]}", r"space.yaml: model.mma_depth: choice value 'one' is not valid"
-                                               r".*expected an integer"),
-    ("model.mma_depth: {uniform: [1, 4]}", r"space.yaml: model.mma_depth: uniform value 1.0 is not valid"),
-    ("model.mma_depth: {randint: [0, 3]}", r"space.yaml: model.mma_depth: randint value 0 is not valid.*>= 1"),
-    ("model.aggregator: {choice: [mma, transformer]}", r"model.aggregator: choice value 'transformer'.*one of"),
-    ("model.mma_depth: {choice: []}", r"space.yaml: model.mma_depth: empty choice"),
-    ("finetune.batch_size: {grid: []}", r"space.yaml: finetune.batch_size: empty grid"),
-    ("finetune.lr: {loguniform: [1.0e-2, 1.0e-5]}", r"space.yaml: finetune.lr: loguniform lo > hi"),
-    ("model.mma_depth: {randint: [4, 1]}", r"space.yaml: model.mma_depth: randint lo > hi"),
-    ("finetune.lr: {loguniform: [-1.0e-3, 1.0e-2]}", r"space.yaml: finetune.lr: loguniform needs 0 < lo"),
-    ("finetune.lr: {uniform: [-1.0e-3, 1.0e-2]}", r"space.yaml: finetune.lr: uniform value -0.001 is not valid.*> 0"),
-    ("finetune.lr: {choice: [1.0e-3, -1.0e-3]}", r"finetune.lr: choice value -0.001 is not valid.*> 0"),
-    ("finetune.lr: {uniform: [1.0e-3, 1.0e-3]}", r"single value; fix it with --set finetune.lr"),
-    ("finetune.lr: {loguniform: [1.0e-3]}", r"finetune.lr: loguniform takes \[lo, hi\]"),
-    ("finetune.lr: {loguniform: [a, b]}", r"finetune.lr: bounds must be numbers"),
-    ("model.mma_depth: {randint: [1.5, 4]}", r"randint bounds must be integers"),
-    ("finetune.lr: {normal: [0, 1]}", r"finetune.lr: unknown distribution 'normal'"),
-    ("finetune.lr: 1.0e-3", r"finetune.lr: expected one of \['loguniform'"),
-    ("scale.num_workers: {choice: [1, 2]}", r"scale.num_workers: sets the resources of every trial"),
-    ("data.decode_cpus: {choice: [0.5, 1.0]}", r"data.decode_cpus: sets the resources"),
-    ("finetune.lr: {loguniform: [1.0e-5, 1.0e-2]}\nfinetune.lr: {choice: [1.0e-3]}", r"space.yaml: duplicate key"),
-    ("[1, 2]", r"space.yaml: expected a mapping"),
-    ("", r"space.yaml: expected a mapping"),
-    ("finetune.lr: {loguniform: [1.0e-5, 1.0e-2]", r"space.yaml: not valid YAML"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("finetune.lrr: {loguniform: [1.0e-5, 1.0e-2]}", r"space.yaml: finetune.lrr: unknown key.*'lr'"),
+        ("modell.mma_depth: {randint: [1, 4]}", r"space.yaml: modell.mma_depth: unknown key: section 'modell'"),
+        ("pretrain.lr: {loguniform: [1.0e-5, 1.0e-2]}", r"space.yaml: pretrain.lr: unknown key: section 'pretrain'"),
+        ("lr: {loguniform: [1.0e-5, 1.0e-2]}", r"space.yaml: key 'lr': expected <section>.<field>"),
+        (
+            "model.mma_depth: {choice: [one, two]}",
+            r"space.yaml: model.mma_depth: choice value 'one' is not valid"
+            r".*expected an integer",
+        ),
+        ("model.mma_depth: {uniform: [1, 4]}", r"space.yaml: model.mma_depth: uniform value 1.0 is not valid"),
+        ("model.mma_depth: {randint: [0, 3]}", r"space.yaml: model.mma_depth: randint value 0 is not valid.*>= 1"),
+        ("model.aggregator: {choice: [mma, transformer]}", r"model.aggregator: choice value 'transformer'.*one of"),
+        ("model.mma_depth: {choice: []}", r"space.yaml: model.mma_depth: empty choice"),
+        ("finetune.batch_size: {grid: []}", r"space.yaml: finetune.batch_size: empty grid"),
+        ("finetune.lr: {loguniform: [1.0e-2, 1.0e-5]}", r"space.yaml: finetune.lr: loguniform lo > hi"),
+        ("model.mma_depth: {randint: [4, 1]}", r"space.yaml: model.mma_depth: randint lo > hi"),
+        ("finetune.lr: {loguniform: [-1.0e-3, 1.0e-2]}", r"space.yaml: finetune.lr: loguniform needs 0 < lo"),
+        (
+            "finetune.lr: {uniform: [-1.0e-3, 1.0e-2]}",
+            r"space.yaml: finetune.lr: uniform value -0.001 is not valid.*> 0",
+        ),
+        ("finetune.lr: {choice: [1.0e-3, -1.0e-3]}", r"finetune.lr: choice value -0.001 is not valid.*> 0"),
+        ("finetune.lr: {uniform: [1.0e-3, 1.0e-3]}", r"single value; fix it with --set finetune.lr"),
+        ("finetune.lr: {loguniform: [1.0e-3]}", r"finetune.lr: loguniform takes \[lo, hi\]"),
+        ("finetune.lr: {loguniform: [a, b]}", r"finetune.lr: bounds must be numbers"),
+        ("model.mma_depth: {randint: [1.5, 4]}", r"randint bounds must be integers"),
+        ("finetune.lr: {normal: [0, 1]}", r"finetune.lr: unknown distribution 'normal'"),
+        ("finetune.lr: 1.0e-3", r"finetune.lr: expected one of \['loguniform'"),
+        ("scale.num_workers: {choice: [1, 2]}", r"scale.num_workers: sets the resources of every trial"),
+        ("data.decode_cpus: {choice: [0.5, 1.0]}", r"data.decode_cpus: sets the resources"),
+        ("finetune.lr: {loguniform: [1.0e-5, 1.0e-2]}\nfinetune.lr: {choice: [1.0e-3]}", r"space.yaml: duplicate key"),
+        ("[1, 2]", r"space.yaml: expected a mapping"),
+        ("", r"space.yaml: expected a mapping"),
+        ("finetune.lr: {loguniform: [1.0e-5, 1.0e-2]", r"space.yaml: not valid YAML"),
+    ],
+)
 def test_bad_space_files_fail_with_one_line_naming_file_and_key(tmp_path, text, match):
     path = _space_file(tmp_path, text)
     with pytest.raises(SpaceError, match=match) as info:
@@ -130,8 +142,9 @@ def test_missing_space_file_is_a_clear_error(tmp_path):
 
 # -- the sweep's arguments --------------------------------------------------------
 def _sweep(tmp_path, job="finetune", space="tune_spaces/finetune_lr_depth.yaml", **kw) -> sweeps.Sweep:
-    return sweeps.new_sweep(job, space, 4, "manifest.parquet", str(tmp_path), kw.pop("run_name", "s1"),
-                            DEMO, ["finetune.epochs=4"], **kw)
+    return sweeps.new_sweep(
+        job, space, 4, "manifest.parquet", str(tmp_path), kw.pop("run_name", "s1"), DEMO, ["finetune.epochs=4"], **kw
+    )
 
 
 def test_sweep_round_trips_through_json(tmp_path):
@@ -144,8 +157,19 @@ def test_sweep_round_trips_through_json(tmp_path):
     # trials keep checkpoints by each epoch's val_auc, what the sweep ranks and ASHA compares; said once
     assert again.base_config().select_window == 5 and cfg.select_window == 1
     assert again.window_note().startswith("finetune.select_window=5 is not used by the trials")
-    assert sweeps.new_sweep("finetune", "tune_spaces/finetune_lr_depth.yaml", 4, "m", str(tmp_path), "s2", DEMO,
-                            ["finetune.select_window=1"]).window_note() == ""
+    assert (
+        sweeps.new_sweep(
+            "finetune",
+            "tune_spaces/finetune_lr_depth.yaml",
+            4,
+            "m",
+            str(tmp_path),
+            "s2",
+            DEMO,
+            ["finetune.select_window=1"],
+        ).window_note()
+        == ""
+    )
 
 
 def test_sweep_checks_its_options(tmp_path):
@@ -169,7 +193,9 @@ def test_max_concurrent_trials_from_cluster_resources():
     gpu = C.load("finetune", DEMO, ["scale.num_workers=2", "scale.gpus_per_worker=1", "scale.cpus_per_worker=2"])
     assert resources.max_concurrent_trials({"CPU": 64.0, "GPU": 8.0}, gpu) == 4  # GPUs limit: 8 / 2
     assert resources.max_concurrent_trials({"CPU": 10.0, "GPU": 8.0}, gpu) == 2  # CPUs limit: 10 / 4.51
-    with pytest.raises(JobError, match=r"one trial needs 4.51 CPU\(s\) and 2 GPU\(s\) but the Ray cluster has 64 CPU\(s\) and 1 GPU"):
+    with pytest.raises(
+        JobError, match=r"one trial needs 4.51 CPU\(s\) and 2 GPU\(s\) but the Ray cluster has 64 CPU\(s\) and 1 GPU"
+    ):
         resources.max_concurrent_trials({"CPU": 64.0, "GPU": 1.0}, gpu)
 
 
@@ -177,14 +203,36 @@ def test_max_concurrent_trials_from_cluster_resources():
 def _history(aucs, lr, depth, t0=1000.0, ckpt_every=2):
     rows = []
     for e, auc in enumerate(aucs):
-        rows.append({"epoch": e, "epochs_done": e + 1, "step": 3 * (e + 1), "train_loss": 0.7 - 0.01 * e,
-                     "lr": lr, "clips_per_s": 5.0, "val_auc": auc, "val_accuracy": 0.6 + 0.01 * e,
-                     "val_ap": auc - 0.05, "val_sensitivity": 0.5, "val_specificity": 0.7, "val_f1": 0.55,
-                     "val_loss": 0.69 - 0.02 * e, "time_this_iter_s": 2.0, "time_total_s": 2.0 * (e + 1),
-                     "timestamp": t0 + e, "training_iteration": e + 1, "done": False, "trial_id": "x",
-                     "pid": 1, "hostname": "h", "node_ip": "1", "date": "d",
-                     "checkpoint_path": f"/ck/{e}" if (e + 1) % ckpt_every == 0 else None,
-                     "config/finetune.lr": lr, "config/model.mma_depth": depth})
+        rows.append(
+            {
+                "epoch": e,
+                "epochs_done": e + 1,
+                "step": 3 * (e + 1),
+                "train_loss": 0.7 - 0.01 * e,
+                "lr": lr,
+                "clips_per_s": 5.0,
+                "val_auc": auc,
+                "val_accuracy": 0.6 + 0.01 * e,
+                "val_ap": auc - 0.05,
+                "val_sensitivity": 0.5,
+                "val_specificity": 0.7,
+                "val_f1": 0.55,
+                "val_loss": 0.69 - 0.02 * e,
+                "time_this_iter_s": 2.0,
+                "time_total_s": 2.0 * (e + 1),
+                "timestamp": t0 + e,
+                "training_iteration": e + 1,
+                "done": False,
+                "trial_id": "x",
+                "pid": 1,
+                "hostname": "h",
+                "node_ip": "1",
+                "date": "d",
+                "checkpoint_path": f"/ck/{e}" if (e + 1) % ckpt_every == 0 else None,
+                "config/finetune.lr": lr,
+                "config/model.mma_depth": depth,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -194,10 +242,19 @@ def _records():
         R("t1", "TERMINATED", {"finetune.lr": 1e-3, "model.mma_depth": 1}, _history([0.6, 0.7, 0.8, 0.75], 1e-3, 1)),
         R("t2", "TERMINATED", {"finetune.lr": 1e-2, "model.mma_depth": 2}, _history([0.5, 0.55], 1e-2, 2)),
         # Restarted after a driver failure: epochs 1-2 reported twice, the last report wins.
-        R("t3", "TERMINATED", {"finetune.lr": 1e-4, "model.mma_depth": 4},
-          pd.concat([_history([0.7, 0.9, 0.85], 1e-4, 4), _history([0.7, 0.91, 0.88, 0.86], 1e-4, 4).iloc[1:]])),
-        R("t4", "ERROR", {"finetune.lr": 9e-3, "model.mma_depth": 3}, _history([0.4], 9e-3, 3),
-          "FloatingPointError: non-finite loss nan at epoch 1, step 4: lower the learning rate"),
+        R(
+            "t3",
+            "TERMINATED",
+            {"finetune.lr": 1e-4, "model.mma_depth": 4},
+            pd.concat([_history([0.7, 0.9, 0.85], 1e-4, 4), _history([0.7, 0.91, 0.88, 0.86], 1e-4, 4).iloc[1:]]),
+        ),
+        R(
+            "t4",
+            "ERROR",
+            {"finetune.lr": 9e-3, "model.mma_depth": 3},
+            _history([0.4], 9e-3, 3),
+            "FloatingPointError: non-finite loss nan at epoch 1, step 4: lower the learning rate",
+        ),
         R("t5", "PENDING", {"finetune.lr": 5e-5, "model.mma_depth": 1}, None),
     ]
 
@@ -274,8 +331,9 @@ def test_cli_requires_sweep_args_or_resume(capsys):
 
 
 def test_resumed_asha_replays_stored_results_into_its_rungs(tmp_path):
-    sched = driver.ResumableASHA(str(tmp_path), "none", time_attr="epochs_done", max_t=4, grace_period=1,
-                                 reduction_factor=2)
+    sched = driver.ResumableASHA(
+        str(tmp_path), "none", time_attr="epochs_done", max_t=4, grace_period=1, reduction_factor=2
+    )
     sched.set_search_properties("val_auc", "max")
     assert sched.replay(_records()) == 11  # t1..t4's stored epochs (t5 never reported)
     new = driver._StoredTrial("t9")
@@ -293,9 +351,17 @@ def test_resumed_asha_replays_stored_results_into_its_rungs(tmp_path):
 
 # -- real sweeps: jobs.tune in a subprocess (its own local Ray), data on the real local S3 --
 # 0.45 + 0.45 + 0.01 CPUs a trial: two trials at once on a 2-CPU Ray.
-TINY = ["scale.num_workers=1", "scale.cpus_per_worker=0.45", "data.decode_cpus=0.45", "data.size=32",
-        "data.num_frames=4", "model.width=0.125", "model.gn_groups=4", "finetune.batch_size=4",
-        "finetune.checkpoint_every=1"]
+TINY = [
+    "scale.num_workers=1",
+    "scale.cpus_per_worker=0.45",
+    "data.decode_cpus=0.45",
+    "data.size=32",
+    "data.num_frames=4",
+    "model.width=0.125",
+    "model.gn_groups=4",
+    "finetune.batch_size=4",
+    "finetune.checkpoint_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -306,8 +372,14 @@ def tiny_data(s3):
 
     root = s3.make_bucket(f"tune-{uuid.uuid4().hex[:8]}")
     write_dataset(f"{root}/videos", 24, seed=0, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
-    I.ingest(I.labeled_items(f"{root}/videos", f"{root}/videos/labels.csv"), f"{root}/data",
-             ratios=(0.5, 0.5, 0.0), seed=0, workers=2, keep_ids=True)
+    I.ingest(
+        I.labeled_items(f"{root}/videos", f"{root}/videos/labels.csv"),
+        f"{root}/data",
+        ratios=(0.5, 0.5, 0.0),
+        seed=0,
+        workers=2,
+        keep_ids=True,
+    )
     manifest = f"{root}/data/manifest.parquet"
     rows = storage.read_parquet(manifest).to_pandas()
     assert set(rows["split"]) == {"train", "val"} and rows.groupby("split")["label"].nunique().min() == 2
@@ -341,16 +413,39 @@ def test_asha_sweep_records_every_metric_of_every_trial(tiny_data, tmp_path):
     # 0.46, 0.23 for depths 3, 4, 2, 1 at the time of writing. Two trials run at once, so depths 2
     # and 1 report after 3 or 4 has, and ASHA (keeping the top quarter) stops them. Should a model
     # change reorder these AUCs, put the grid back in decreasing order of its epoch-1 AUC.
-    space = _space_file(tmp_path, "finetune.lr: {loguniform: [1.0e-8, 1.0e-7]}\n"
-                                  "model.mma_depth: {grid: [3, 4, 2, 1]}\n")
+    space = _space_file(
+        tmp_path, "finetune.lr: {loguniform: [1.0e-8, 1.0e-7]}\nmodel.mma_depth: {grid: [3, 4, 2, 1]}\n"
+    )
     log_path = tmp_path / "tune.log"
     t0 = time.time()
     with open(log_path, "w") as logf:
         proc = subprocess.run(
-            _tune_cmd("--job", "finetune", "--space", space, "--samples", "1", "--reduction-factor", "4",
-                      "--grace-period", "1", "--manifest", manifest, "--out", out, "--run-name", "asha",
-                      "--config", DEMO, *_sets(TINY + ["finetune.epochs=2"])),
-            env=_env(), stdout=logf, stderr=subprocess.STDOUT, timeout=900)
+            _tune_cmd(
+                "--job",
+                "finetune",
+                "--space",
+                space,
+                "--samples",
+                "1",
+                "--reduction-factor",
+                "4",
+                "--grace-period",
+                "1",
+                "--manifest",
+                manifest,
+                "--out",
+                out,
+                "--run-name",
+                "asha",
+                "--config",
+                DEMO,
+                *_sets(TINY + ["finetune.epochs=2"]),
+            ),
+            env=_env(),
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            timeout=900,
+        )
     seconds = time.time() - t0
     assert proc.returncode == 0, _tail(log_path)
     print(f"4-trial ASHA sweep: {seconds:.0f} s")
@@ -398,11 +493,31 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_p
     logf = open(log_path, "w")
     # Its own session: the driver's local Ray (GCS, raylet) shares its process group.
     proc = subprocess.Popen(
-        _tune_cmd("--job", "finetune", "--space", space, "--samples", "1", "--scheduler", "fifo",
-                  "--manifest", manifest, "--out", out, "--run-name", name, "--config", DEMO,
-                  # One trial at a time, so the second is still running when the first has finished.
-                  *_sets(TINY + ["finetune.epochs=1", "scale.cpus_per_worker=0.5", "data.decode_cpus=0.5"])),
-        env=_env(), stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+        _tune_cmd(
+            "--job",
+            "finetune",
+            "--space",
+            space,
+            "--samples",
+            "1",
+            "--scheduler",
+            "fifo",
+            "--manifest",
+            manifest,
+            "--out",
+            out,
+            "--run-name",
+            name,
+            "--config",
+            DEMO,
+            # One trial at a time, so the second is still running when the first has finished.
+            *_sets(TINY + ["finetune.epochs=1", "scale.cpus_per_worker=0.5", "data.decode_cpus=0.5"]),
+        ),
+        env=_env(),
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 600
         finished: set[str] = set()
@@ -426,8 +541,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_p
 
     resume_log = tmp_path / "resume.log"
     with open(resume_log, "w") as f:
-        again = subprocess.run(_tune_cmd("--resume", name, "--out", out), env=_env(), stdout=f,
-                               stderr=subprocess.STDOUT, timeout=600)
+        again = subprocess.run(
+            _tune_cmd("--resume", name, "--out", out), env=_env(), stdout=f, stderr=subprocess.STDOUT, timeout=600
+        )
     assert again.returncode == 0, _tail(resume_log)
     assert "1 finished trial(s) kept" in resume_log.read_text()
 
@@ -445,22 +561,50 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(tiny_data, tmp_p
 
 
 def test_pretrain_sweeps_rank_by_lowest_loss(tmp_path):
-    sweep = sweeps.new_sweep("pretrain", "tune_spaces/pretrain_lr_temperature.yaml", 2, "m.parquet", str(tmp_path),
-                             "pre", DEMO, ["pretrain.epochs=3"])
+    sweep = sweeps.new_sweep(
+        "pretrain",
+        "tune_spaces/pretrain_lr_temperature.yaml",
+        2,
+        "m.parquet",
+        str(tmp_path),
+        "pre",
+        DEMO,
+        ["pretrain.epochs=3"],
+    )
 
     def history(losses):
-        return pd.DataFrame([{"epoch": e, "epochs_done": e + 1, "loss": v, "lr": 0.1, "images_per_s": 9.0,
-                              "time_this_iter_s": 1.0, "timestamp": 100.0 + e} for e, v in enumerate(losses)])
+        return pd.DataFrame(
+            [
+                {
+                    "epoch": e,
+                    "epochs_done": e + 1,
+                    "loss": v,
+                    "lr": 0.1,
+                    "images_per_s": 9.0,
+                    "time_this_iter_s": 1.0,
+                    "timestamp": 100.0 + e,
+                }
+                for e, v in enumerate(losses)
+            ]
+        )
 
     records = [
-        results.TrialRecord("a", "TERMINATED", {"pretrain.lr": 0.1, "pretrain.temperature": 0.5}, history([5.0, 4.0, 4.5])),
-        results.TrialRecord("b", "TERMINATED", {"pretrain.lr": 0.01, "pretrain.temperature": 0.2}, history([5.5, 3.5, 3.0])),
+        results.TrialRecord(
+            "a", "TERMINATED", {"pretrain.lr": 0.1, "pretrain.temperature": 0.5}, history([5.0, 4.0, 4.5])
+        ),
+        results.TrialRecord(
+            "b", "TERMINATED", {"pretrain.lr": 0.01, "pretrain.temperature": 0.2}, history([5.5, 3.5, 3.0])
+        ),
         results.TrialRecord("c", "TERMINATED", {"pretrain.lr": 0.5, "pretrain.temperature": 0.1}, history([6.0])),
     ]
     uris = results.write_results(sweep, records)
     trials = storage.read_parquet(uris["trials.parquet"]).to_pandas()
     assert trials["trial_id"].tolist() == ["b", "a", "c"]
-    assert trials["best_epoch"].tolist() == [2, 1, 0] and trials["status"].tolist() == ["completed", "completed", "stopped"]
+    assert trials["best_epoch"].tolist() == [2, 1, 0] and trials["status"].tolist() == [
+        "completed",
+        "completed",
+        "stopped",
+    ]
     assert "loss_vs_lr.png" in uris and (tmp_path / "pre" / "loss_vs_lr.png").stat().st_size > 0
     best = C.load("pretrain", uris["best.yaml"])
     assert best.lr == 0.01 and best.temperature == 0.2 and best.epochs == 3
@@ -514,14 +658,34 @@ def test_tuner_runs_each_search_and_scheduler_and_tables_come_from_tune_storage(
         from ray import tune
 
         for epoch in range(3):
-            auc = (1.0 - abs(math.log10(config["finetune.lr"]) + 3.5) / 4 - 0.01 * config["model.mma_depth"]
-                   + 0.01 * epoch)
-            tune.report({"epoch": epoch, "epochs_done": epoch + 1, "val_auc": auc, "val_loss": 1 - auc,
-                         "train_loss": 1 - auc, "timestamp": time.time(), "time_this_iter_s": 0.1,
-                         **{m: 0.5 for m in six if m != "val_auc"}})
+            auc = (
+                1.0 - abs(math.log10(config["finetune.lr"]) + 3.5) / 4 - 0.01 * config["model.mma_depth"] + 0.01 * epoch
+            )
+            tune.report(
+                {
+                    "epoch": epoch,
+                    "epochs_done": epoch + 1,
+                    "val_auc": auc,
+                    "val_loss": 1 - auc,
+                    "train_loss": 1 - auc,
+                    "timestamp": time.time(),
+                    "time_this_iter_s": 0.1,
+                    **{m: 0.5 for m in six if m != "val_auc"},
+                }
+            )
 
-    sweep = sweeps.new_sweep("finetune", "tune_spaces/finetune_lr_depth.yaml", 6, "m.parquet", str(tmp_path),
-                             "fake", DEMO, ["finetune.epochs=3"], search=search, scheduler=scheduler)
+    sweep = sweeps.new_sweep(
+        "finetune",
+        "tune_spaces/finetune_lr_depth.yaml",
+        6,
+        "m.parquet",
+        str(tmp_path),
+        "fake",
+        DEMO,
+        ["finetune.epochs=3"],
+        search=search,
+        scheduler=scheduler,
+    )
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING", configure_logging=False)
     try:
         driver._tuner(sweep, fake_trial, concurrent=2).fit()

@@ -29,10 +29,22 @@ def _rows(n_labelled: int = 20, n_unlabelled: int = 6) -> pd.DataFrame:
     for p in range(n_labelled + n_unlabelled):
         unl = p >= n_labelled
         for v in range(1 + p % 2):
-            rows.append({"video_id": f"p{p:02d}v{v}", "patient_id": f"p{p:02d}",
-                         "label": M.UNLABELED_LABEL if unl else int(p % 3 == 0),
-                         "split": "train", "fold": -1, "uri": f"s3://b/clips/p{p:02d}v{v}.mp4", "num_frames": 12,
-                         "fps": 10.0, "height": 32, "width": 32, "sha256": f"{p:02d}{v}" * 8, "source": "x"})
+            rows.append(
+                {
+                    "video_id": f"p{p:02d}v{v}",
+                    "patient_id": f"p{p:02d}",
+                    "label": M.UNLABELED_LABEL if unl else int(p % 3 == 0),
+                    "split": "train",
+                    "fold": -1,
+                    "uri": f"s3://b/clips/p{p:02d}v{v}.mp4",
+                    "num_frames": 12,
+                    "fps": 10.0,
+                    "height": 32,
+                    "width": 32,
+                    "sha256": f"{p:02d}{v}" * 8,
+                    "source": "x",
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -68,10 +80,15 @@ def test_validate_ties_label_minus_one_to_split_unlabeled(tmp_path):
     assert M.UNLABELED not in set(M.labeled(back)["split"]) and len(M.labeled(back)) == (back["label"] >= 0).sum()
     train = df.index[df["split"] == "train"][0]
     unl = df.index[df["split"] == M.UNLABELED][0]
-    for change, match in [({"label": {train: -1}}, r"label -1 is not 0 \(benign\) or 1 \(malignant\) \(-1 marks an "
-                                                   r"unlabelled video: split 'unlabeled' only\)"),
-                          ({"label": {unl: 0}}, "is in split 'unlabeled' with label 0; unlabelled videos have label -1"),
-                          ({"fold": {unl: 1}}, "is in split 'unlabeled' with fold 1; unlabelled videos are in no fold")]:
+    for change, match in [
+        (
+            {"label": {train: -1}},
+            r"label -1 is not 0 \(benign\) or 1 \(malignant\) \(-1 marks an "
+            r"unlabelled video: split 'unlabeled' only\)",
+        ),
+        ({"label": {unl: 0}}, "is in split 'unlabeled' with label 0; unlabelled videos have label -1"),
+        ({"fold": {unl: 1}}, "is in split 'unlabeled' with fold 1; unlabelled videos are in no fold"),
+    ]:
         bad = df.copy()
         for col, cells in change.items():
             for i, v in cells.items():
@@ -92,26 +109,47 @@ def _folder(root: Path, names: list[str], n: int = 8, size: int = 32) -> Path:
     return root
 
 
-LABELLED = [("b1.mp4", "benign", "P1"), ("b2.mp4", "benign", "P2"), ("b3.mp4", "0", "P3"),
-            ("b7.mp4", "benign", "P7"), ("m4.mp4", "malignant", "P4"), ("m5.mp4", "1", "P5"),
-            ("m6.mp4", "malignant", "P6"), ("m8.mp4", "malignant", "P8")]
+LABELLED = [
+    ("b1.mp4", "benign", "P1"),
+    ("b2.mp4", "benign", "P2"),
+    ("b3.mp4", "0", "P3"),
+    ("b7.mp4", "benign", "P7"),
+    ("m4.mp4", "malignant", "P4"),
+    ("m5.mp4", "1", "P5"),
+    ("m6.mp4", "malignant", "P6"),
+    ("m8.mp4", "malignant", "P8"),
+]
 UNLABELLED = [("u1.mp4", "", "U1"), ("u2.mp4", "", "U2"), ("u3.mp4", "unlabeled", "U3")]
-BAD = [("odd.mp4", "maybe", "P9", "unknown_label"),  # an invalid label is still refused
-       ("b1-extra.mp4", "", "P1", "mixed_patient")]  # unlabelled, but P1 has a labelled video
+BAD = [
+    ("odd.mp4", "maybe", "P9", "unknown_label"),  # an invalid label is still refused
+    ("b1-extra.mp4", "", "P1", "mixed_patient"),
+]  # unlabelled, but P1 has a labelled video
 
 
 def _csv(path: Path, rows, columns=("video", "label", "patient_id")) -> str:
-    pd.DataFrame([r[:len(columns)] for r in rows], columns=list(columns)).to_csv(path, index=False)
+    pd.DataFrame([r[: len(columns)] for r in rows], columns=list(columns)).to_csv(path, index=False)
     return str(path)
 
 
 def test_ingest_empty_labels_go_to_unlabeled_and_leave_the_labelled_split_alone(s3, bucket, tmp_path):
     names = [r[0] for r in LABELLED + UNLABELLED + BAD]
     src = _folder(tmp_path / "v", names)
-    only = I.ingest(I.labeled_items(str(src), _csv(src / "l.csv", LABELLED)), f"{bucket}/l",
-                    ratios=(0.5, 0.0, 0.5), seed=3, workers=1, keep_ids=True).manifest.set_index("video_id")
-    res = I.ingest(I.labeled_items(str(src), _csv(src / "all.csv", LABELLED + UNLABELLED + BAD)), f"{bucket}/all",
-                   ratios=(0.5, 0.0, 0.5), seed=3, workers=1, keep_ids=True)
+    only = I.ingest(
+        I.labeled_items(str(src), _csv(src / "l.csv", LABELLED)),
+        f"{bucket}/l",
+        ratios=(0.5, 0.0, 0.5),
+        seed=3,
+        workers=1,
+        keep_ids=True,
+    ).manifest.set_index("video_id")
+    res = I.ingest(
+        I.labeled_items(str(src), _csv(src / "all.csv", LABELLED + UNLABELLED + BAD)),
+        f"{bucket}/all",
+        ratios=(0.5, 0.0, 0.5),
+        seed=3,
+        workers=1,
+        keep_ids=True,
+    )
     m = res.manifest.set_index("video_id")
     # The labelled rows: the same split as without the unlabelled ones (same seed), still stratified.
     assert m.loc[only.index, ["split", "fold"]].equals(only[["split", "fold"]])
@@ -173,17 +211,27 @@ def test_cli_unlabeled_merges_into_a_fold_manifest_and_patients_keep_their_kind(
 
 
 def test_split_column_and_unlabelled_rows(s3, bucket, tmp_path):
-    rows = [("b1.mp4", "benign", "P1", "train"), ("m4.mp4", "malignant", "P4", "test"),
-            ("u1.mp4", "", "U1", ""), ("u2.mp4", "", "U2", "unlabeled"),
-            ("u3.mp4", "", "U3", "train"),            # line 6: no label, yet split train
-            ("b2.mp4", "benign", "P2", "unlabeled")]  # line 7: a label, yet split unlabeled
+    rows = [
+        ("b1.mp4", "benign", "P1", "train"),
+        ("m4.mp4", "malignant", "P4", "test"),
+        ("u1.mp4", "", "U1", ""),
+        ("u2.mp4", "", "U2", "unlabeled"),
+        ("u3.mp4", "", "U3", "train"),  # line 6: no label, yet split train
+        ("b2.mp4", "benign", "P2", "unlabeled"),
+    ]  # line 7: a label, yet split unlabeled
     src = _folder(tmp_path / "v", [r[0] for r in rows])
     labels = _csv(src / "s.csv", rows, columns=("video", "label", "patient_id", "split"))
     res = I.ingest(I.labeled_items(str(src), labels), f"{bucket}/s", workers=1, keep_ids=True)
     assert res.manifest.set_index("video_id")["split"].to_dict() == {
-        "b1": "train", "m4": "test", "u1": M.UNLABELED, "u2": M.UNLABELED}
+        "b1": "train",
+        "m4": "test",
+        "u1": M.UNLABELED,
+        "u2": M.UNLABELED,
+    }
     assert res.rejects.set_index("video")["reason"].to_dict() == {
-        "labels.csv line 6": "unlabeled_split", "labels.csv line 7": "unlabeled_split"}
+        "labels.csv line 6": "unlabeled_split",
+        "labels.csv line 7": "unlabeled_split",
+    }
 
 
 def test_buv_unlabeled_folder(s3, bucket, tmp_path):
@@ -194,8 +242,22 @@ def test_buv_unlabeled_folder(s3, bucket, tmp_path):
         d.mkdir(parents=True)
         for t, frame in enumerate(frames(6, 24, 32, seed=i)):
             Image.fromarray(frame).save(d / f"{t}.png")
-    assert job.main(["--out", f"{bucket}/buv", "--layout", "buv", "--videos", str(tmp_path), "--keep-ids",
-                     "--split", "0.5,0,0.5"]) == 0
+    assert (
+        job.main(
+            [
+                "--out",
+                f"{bucket}/buv",
+                "--layout",
+                "buv",
+                "--videos",
+                str(tmp_path),
+                "--keep-ids",
+                "--split",
+                "0.5,0,0.5",
+            ]
+        )
+        == 0
+    )
     m = M.read_manifest(f"{bucket}/buv/manifest.parquet").set_index("video_id")
     assert m["label"].to_dict() == {"x1": 0, "y1": 1, "z1": -1, "z2": -1}
     assert m.loc[["z1", "z2"], "split"].tolist() == [M.UNLABELED] * 2
@@ -204,15 +266,18 @@ def test_buv_unlabeled_folder(s3, bucket, tmp_path):
 
 def test_dicom_patient_from_the_header_settles_mixed_patients_before_decoding(s3, bucket, monkeypatch):
     src = f"{bucket}/dicom"
-    files = {"a.dcm": dicom_cine(sweep(8, 32, 32, gray=True), "Doe^Jane", "MRN1"),
-             "b.dcm": dicom_cine(sweep(8, 32, 32, seed=2, gray=True), "Doe^Jane", "MRN1"),
-             "c.dcm": dicom_cine(sweep(8, 32, 32, seed=4, gray=True), "Roe^Rick", "MRN2")}
+    files = {
+        "a.dcm": dicom_cine(sweep(8, 32, 32, gray=True), "Doe^Jane", "MRN1"),
+        "b.dcm": dicom_cine(sweep(8, 32, 32, seed=2, gray=True), "Doe^Jane", "MRN1"),
+        "c.dcm": dicom_cine(sweep(8, 32, 32, seed=4, gray=True), "Roe^Rick", "MRN2"),
+    }
     for name, data in files.items():
         storage.write_bytes(f"{src}/{name}", data)
     storage.write_text(f"{src}/labels.csv", "video,label\na.dcm,malignant\nb.dcm,\nc.dcm,\n")
     monkeypatch.setenv(I.SALT_ENV, SALT)
-    res = I.ingest(I.dicom_items(src, f"{src}/labels.csv"), f"{bucket}/out", ratios=(1.0, 0.0, 0.0), workers=1,
-                   scan_region=None)
+    res = I.ingest(
+        I.dicom_items(src, f"{src}/labels.csv"), f"{bucket}/out", ratios=(1.0, 0.0, 0.0), workers=1, scan_region=None
+    )
     assert res.rejects.set_index("video")["reason"].to_dict() == {"labels.csv line 3": "mixed_patient"}
     m = res.manifest
     assert sorted(m["split"]) == ["train", M.UNLABELED] and m["patient_id"].nunique() == 2
@@ -300,8 +365,13 @@ def test_finetune_scoring_and_evaluate_never_see_unlabelled(manifest_uri):
     carved_train, carved_val, _ = finetune.validation_split(train, val.iloc[:0], 0.3, seed=0)
     assert set(carved_train["label"]) | set(carved_val["label"]) == {0, 1}
     with pytest.raises(AssertionError, match="finetune train rows hold a label other than 0 / 1"):
-        finetune.train_job(C.load("finetune", None, []), manifest_uri, None, has_val=False,
-                           rows=(M.read_manifest(manifest_uri, split=M.UNLABELED), None))
+        finetune.train_job(
+            C.load("finetune", None, []),
+            manifest_uri,
+            None,
+            has_val=False,
+            rows=(M.read_manifest(manifest_uri, split=M.UNLABELED), None),
+        )
     started = ray.is_initialized()
     with pytest.raises(M.ManifestError, match="split 'unlabeled' holds videos without a label"):
         scoring.score_split("no-such-model.pt", manifest_uri, M.UNLABELED, C.load("evaluate", None, []))
@@ -317,14 +387,29 @@ def _study_manifest(folds: int) -> pd.DataFrame:
     rows = []
     for p in range(30):
         for v in range(2):
-            rows.append({"video_id": f"v{p:03d}-{v}", "patient_id": f"p{p:03d}", "label": int(p % 3 == 0),
-                         "split": "train", "fold": -1, "uri": f"clips/v{p}-{v}.mp4", "num_frames": 20, "fps": 30.0,
-                         "height": 64, "width": 64, "sha256": "0" * 64, "source": "test"})
+            rows.append(
+                {
+                    "video_id": f"v{p:03d}-{v}",
+                    "patient_id": f"p{p:03d}",
+                    "label": int(p % 3 == 0),
+                    "split": "train",
+                    "fold": -1,
+                    "uri": f"clips/v{p}-{v}.mp4",
+                    "num_frames": 20,
+                    "fps": 30.0,
+                    "height": 64,
+                    "width": 64,
+                    "sha256": "0" * 64,
+                    "source": "test",
+                }
+            )
     labelled = pd.DataFrame(rows)
-    placed = (M.assign_splits(labelled, folds=folds, seed=0) if folds
-              else M.assign_splits(labelled, (0.6, 0.0, 0.4), seed=0))
-    pool = pd.DataFrame([{**rows[0], "video_id": f"u{i}", "patient_id": f"q{i}", "label": -1, "split": M.UNLABELED}
-                         for i in range(7)])
+    placed = (
+        M.assign_splits(labelled, folds=folds, seed=0) if folds else M.assign_splits(labelled, (0.6, 0.0, 0.4), seed=0)
+    )
+    pool = pd.DataFrame(
+        [{**rows[0], "video_id": f"u{i}", "patient_id": f"q{i}", "label": -1, "split": M.UNLABELED} for i in range(7)]
+    )
     return pd.concat([placed, pool], ignore_index=True)
 
 
@@ -404,18 +489,38 @@ def test_tiny_pretrain_on_train_and_unlabeled(s3, bucket):
     labels = pd.read_csv(io.StringIO(storage.read_text(f"{bucket}/raw/labels.csv")), dtype=str, keep_default_na=False)
     labels.loc[labels.index[:8], "label"] = ""  # half the sweeps without a diagnosis
     storage.write_text(f"{bucket}/raw/half.csv", labels.to_csv(index=False))
-    res = I.ingest(I.labeled_items(f"{bucket}/raw", f"{bucket}/raw/half.csv"), f"{bucket}/data",
-                   ratios=(0.5, 0.0, 0.5), seed=0, workers=2, keep_ids=True)
+    res = I.ingest(
+        I.labeled_items(f"{bucket}/raw", f"{bucket}/raw/half.csv"),
+        f"{bucket}/data",
+        ratios=(0.5, 0.0, 0.5),
+        seed=0,
+        workers=2,
+        keep_ids=True,
+    )
     assert (res.manifest["split"] == M.UNLABELED).sum() == 8 and res.rejects.empty
     started = ray.is_initialized()
     if not started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        tiny = ["model.width=0.125", "model.gn_groups=4", "data.size=32", "data.num_frames=4",
-                "data.frames_per_clip=2", "scale.num_workers=1", "scale.cpus_per_worker=0.5", "pretrain.epochs=1",
-                "pretrain.batch_size=8", "pretrain.lr=0.5"]
-        out = job_pretrain.run(C.load("pretrain", None, tiny), f"{bucket}/data/manifest.parquet", f"{bucket}/runs",
-                               "pool", "train,unlabeled")
+        tiny = [
+            "model.width=0.125",
+            "model.gn_groups=4",
+            "data.size=32",
+            "data.num_frames=4",
+            "data.frames_per_clip=2",
+            "scale.num_workers=1",
+            "scale.cpus_per_worker=0.5",
+            "pretrain.epochs=1",
+            "pretrain.batch_size=8",
+            "pretrain.lr=0.5",
+        ]
+        out = job_pretrain.run(
+            C.load("pretrain", None, tiny),
+            f"{bucket}/data/manifest.parquet",
+            f"{bucket}/runs",
+            "pool",
+            "train,unlabeled",
+        )
     finally:
         if not started:
             ray.shutdown()

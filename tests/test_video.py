@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from clman.data.frames import simclr_indices
 from clman.data.sampling import all_frame_indices, segment_indices
-from clman.data.video import (EMPTY, NOT_A_VIDEO, TRUNCATED, VideoError, decode_frames, decode_frames_resized, encode_mp4,
-                              probe_video, transcode, transcode_with_info)
+from clman.data.video import (
+    EMPTY,
+    NOT_A_VIDEO,
+    TRUNCATED,
+    VideoError,
+    decode_frames,
+    decode_frames_resized,
+    encode_mp4,
+    probe_video,
+    transcode,
+    transcode_with_info,
+)
 from tests.media import frames, keyframe_positions, pyav_decode, pyav_mp4
 
 
@@ -61,11 +70,14 @@ def test_transcode_keeps_frames_and_fps():
     assert np.abs(decode_frames(clip).astype(int) - pyav_decode(src).astype(int)).mean() < 2
 
 
-@pytest.mark.parametrize("data, reason", [
-    (b"", EMPTY),
-    (b"this is a text file, not a video\n" * 20, NOT_A_VIDEO),
-    (bytes(range(256)) * 8, NOT_A_VIDEO),
-])
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", EMPTY),
+        (b"this is a text file, not a video\n" * 20, NOT_A_VIDEO),
+        (bytes(range(256)) * 8, NOT_A_VIDEO),
+    ],
+)
 def test_bad_bytes_raise_video_error_with_reason(data, reason):
     for fn in (probe_video, decode_frames, transcode):
         with pytest.raises(VideoError) as err:

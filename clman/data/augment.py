@@ -105,8 +105,9 @@ def epoch_key(seed: int, epoch: int) -> int:
     return combine(_hash32_int(seed & _M32), epoch)
 
 
-def keys_at(prefix: torch.Tensor | int, video: torch.Tensor, view: int = 0,
-            slot: torch.Tensor | int = 0) -> torch.Tensor:
+def keys_at(
+    prefix: torch.Tensor | int, video: torch.Tensor, view: int = 0, slot: torch.Tensor | int = 0
+) -> torch.Tensor:
     """(N,) int64 keys from an :func:`epoch_key` (an int, or an int64 tensor of it on the device:
     then a compiled step takes it as an input and does not recompile each epoch), video indices,
     the view and the slot. ``keys_at(epoch_key(s, e), v, w, f) == sample_keys(s, e, v, w, f)``."""
@@ -121,8 +122,9 @@ def epoch_prefix(seed: int, epoch: int, device: torch.device | str) -> torch.Ten
     return torch.tensor([epoch_key(seed, epoch)], dtype=torch.int64, device=device)
 
 
-def sample_keys(seed: int, epoch: int, video: torch.Tensor, view: int = 0,
-                slot: torch.Tensor | int = 0) -> torch.Tensor:
+def sample_keys(
+    seed: int, epoch: int, video: torch.Tensor, view: int = 0, slot: torch.Tensor | int = 0
+) -> torch.Tensor:
     """(N,) int64 keys, one per sample, from (seed, epoch, video index, view, slot).
 
     slot: the frame's index in its source video for SimCLR images, 0 for a finetuning
@@ -148,8 +150,7 @@ def uniform(keys: torch.Tensor, k: int) -> torch.Tensor:
     on an H100 with torch 2.11, Inductor fused ``arange(k) + 0x9E3779B9`` into a Triton kernel
     as int32 index arithmetic and failed ("Scalar 2654435769 is out of range for type int32").
     """
-    counters = torch.tensor([_hash32_int(j + 0x9E3779B9) for j in range(k)], dtype=torch.int64,
-                            device=keys.device)
+    counters = torch.tensor([_hash32_int(j + 0x9E3779B9) for j in range(k)], dtype=torch.int64, device=keys.device)
     bits = _hash32(keys[:, None] ^ counters[None, :]) >> 8  # (N, k), 24 random bits
     return bits.to(torch.float32) * (1.0 / (1 << 24))
 
@@ -179,8 +180,9 @@ class AugmentSpec:
     @classmethod
     def simclr(cls, data) -> "AugmentSpec":
         """Stronger, one draw per image and view (SimCLR's positive pair)."""
-        return cls(data.size, scale=(data.simclr_scale_min, 1.0), brightness=0.4, contrast=0.4,
-                   elastic_p=data.simclr_elastic_p)
+        return cls(
+            data.size, scale=(data.simclr_scale_min, 1.0), brightness=0.4, contrast=0.4, elastic_p=data.simclr_elastic_p
+        )
 
     @property
     def grid(self) -> int:
@@ -251,8 +253,9 @@ def _augment(frames: torch.Tensor, keys: torch.Tensor, spec: AugmentSpec, group:
     return x.expand(-1, 3, -1, -1) if c == 1 else x
 
 
-def simclr_views(images: torch.Tensor, prefix: torch.Tensor | int, video: torch.Tensor, slot: torch.Tensor,
-                 spec: AugmentSpec) -> torch.Tensor:
+def simclr_views(
+    images: torch.Tensor, prefix: torch.Tensor | int, video: torch.Tensor, slot: torch.Tensor, spec: AugmentSpec
+) -> torch.Tensor:
     """uint8 images (n, C, S, S) -> (2n, 3, size, size): view 1 of every image, then view 2.
 
     Keys of (epoch ``prefix``, video, view, frame ``slot``): every image and view its own draw.

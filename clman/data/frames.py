@@ -40,8 +40,10 @@ def draw_rng(seed: int, epoch: int, video: int, purpose: int) -> np.random.Gener
 def to_stored(frames: np.ndarray) -> np.ndarray:
     """decord's (N, H, W, 3) uint8 -> (N, C, H, W) uint8, C = 1 when every frame is grey."""
     rgb = frames.astype(np.int16)
-    grey = (np.abs(rgb[..., 0] - rgb[..., 1]).max(initial=0) <= GREY_TOLERANCE
-            and np.abs(rgb[..., 1] - rgb[..., 2]).max(initial=0) <= GREY_TOLERANCE)
+    grey = (
+        np.abs(rgb[..., 0] - rgb[..., 1]).max(initial=0) <= GREY_TOLERANCE
+        and np.abs(rgb[..., 1] - rgb[..., 2]).max(initial=0) <= GREY_TOLERANCE
+    )
     out = frames[..., :1] if grey else frames
     return np.ascontiguousarray(out.transpose(0, 3, 1, 2))
 

@@ -64,8 +64,18 @@ import pyarrow as pa
 
 from clman import progress, storage
 from clman.data import manifest as M
-from clman.data.video import (EMPTY, NO_FRAMES, NOT_A_VIDEO, UNREADABLE, Mp4Writer, VideoError,
-                              VideoInfo, probe_video, transcode_cropped, transcode_with_info)
+from clman.data.video import (
+    EMPTY,
+    NO_FRAMES,
+    NOT_A_VIDEO,
+    UNREADABLE,
+    Mp4Writer,
+    VideoError,
+    VideoInfo,
+    probe_video,
+    transcode_cropped,
+    transcode_with_info,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,27 +87,60 @@ FRAME_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 # Reject reasons beyond the decoding ones in clman.data.video.
 MISSING_FILE, UNKNOWN_LABEL, UNKNOWN_SPLIT, DUPLICATE, DUPLICATE_ID = (
-    "missing_file", "unknown_label", "unknown_split", "duplicate", "duplicate_id")
-CONFLICT, OUTSIDE, OVER_LIMIT, NO_SCAN_REGION = (
-    "conflicting_rows", "outside_videos", "over_limit", "no_scan_region")
+    "missing_file",
+    "unknown_label",
+    "unknown_split",
+    "duplicate",
+    "duplicate_id",
+)
+CONFLICT, OUTSIDE, OVER_LIMIT, NO_SCAN_REGION = ("conflicting_rows", "outside_videos", "over_limit", "no_scan_region")
 UNLABELED_SPLIT, MIXED_PATIENT = "unlabeled_split", "mixed_patient"
 
 # video: the labels.csv line (or BUV pseudonym); video_id: the pseudonym, where one was made.
-REJECTS_SCHEMA = pa.schema([("video", pa.string()), ("video_id", pa.string()), ("reason", pa.string()),
-                            ("detail", pa.string())])
+REJECTS_SCHEMA = pa.schema(
+    [("video", pa.string()), ("video_id", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
+)
 ID_MAP_COLUMNS = ("video_id", "patient_id", "source_video", "source_patient_id")
 
 # DICOM attributes that identify a patient (or lead back to one). None is
 # copied to any output; their values are also scrubbed from error details.
 IDENTIFYING_TAGS = (
-    "PatientName", "PatientID", "PatientBirthDate", "PatientBirthTime", "PatientSex",
-    "PatientAge", "PatientAddress", "PatientTelephoneNumbers", "OtherPatientIDs",
-    "OtherPatientNames", "PatientMotherBirthName", "MilitaryRank", "EthnicGroup",
-    "AccessionNumber", "InstitutionName", "InstitutionAddress", "ReferringPhysicianName",
-    "PerformingPhysicianName", "OperatorsName", "PhysiciansOfRecord", "StationName",
-    "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "StudyTime", "SeriesTime",
-    "AcquisitionTime", "ContentTime", "StudyID", "StudyInstanceUID", "SeriesInstanceUID",
-    "SOPInstanceUID", "FrameOfReferenceUID", "DeviceSerialNumber", "InstitutionalDepartmentName",
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientSex",
+    "PatientAge",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientMotherBirthName",
+    "MilitaryRank",
+    "EthnicGroup",
+    "AccessionNumber",
+    "InstitutionName",
+    "InstitutionAddress",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "PhysiciansOfRecord",
+    "StationName",
+    "StudyDate",
+    "SeriesDate",
+    "AcquisitionDate",
+    "ContentDate",
+    "StudyTime",
+    "SeriesTime",
+    "AcquisitionTime",
+    "ContentTime",
+    "StudyID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "FrameOfReferenceUID",
+    "DeviceSerialNumber",
+    "InstitutionalDepartmentName",
 )
 
 
@@ -114,17 +157,17 @@ class Limits:
     before any pixel is decoded).
     """
 
-    max_bytes: int = 4 * 1024 ** 3
+    max_bytes: int = 4 * 1024**3
     max_frames: int = 20_000
     max_side: int = 4096
 
-    def check(self, *, frames: int | None = None, width: int | None = None,
-              height: int | None = None) -> None:
+    def check(self, *, frames: int | None = None, width: int | None = None, height: int | None = None) -> None:
         if frames is not None and frames > self.max_frames:
             raise _Reject(OVER_LIMIT, f"{frames} frames, over the limit of {self.max_frames} (--max-frames)")
         if width is not None and height is not None and max(width, height) > self.max_side:
-            raise _Reject(OVER_LIMIT, f"{width}x{height} pixels, over the limit of {self.max_side} per side "
-                                      "(--max-side)")
+            raise _Reject(
+                OVER_LIMIT, f"{width}x{height} pixels, over the limit of {self.max_side} per side (--max-side)"
+            )
 
 
 @dataclass(frozen=True)
@@ -185,9 +228,11 @@ class Pseudonyms:
 
     def __init__(self, salt: str | None, keep_ids: bool = False):
         if not salt and not keep_ids:
-            raise IngestError(f"ingest pseudonymises patient and video ids: pass --salt or set {SALT_ENV} "
-                              "(a secret kept the same across runs), or --keep-ids when the labels "
-                              "already hold pseudonyms")
+            raise IngestError(
+                f"ingest pseudonymises patient and video ids: pass --salt or set {SALT_ENV} "
+                "(a secret kept the same across runs), or --keep-ids when the labels "
+                "already hold pseudonyms"
+            )
         self._key = salt.encode() if salt else None
         self.keep_ids = keep_ids
 
@@ -239,9 +284,11 @@ def read_labels(labels_uri: str, unlabeled: bool = False) -> pd.DataFrame:
     try:
         text = data.decode("utf-8-sig")  # a BOM (Excel's "CSV UTF-8") is dropped
     except UnicodeDecodeError as err:
-        line = data[:err.start].count(b"\n") + 1
-        raise IngestError(f"{labels_uri}: line {line} is not UTF-8 (byte 0x{data[err.start]:02x}); save the "
-                          "file as UTF-8 (e.g. 'CSV UTF-8' in Excel)") from None
+        line = data[: err.start].count(b"\n") + 1
+        raise IngestError(
+            f"{labels_uri}: line {line} is not UTF-8 (byte 0x{data[err.start]:02x}); save the "
+            "file as UTF-8 (e.g. 'CSV UTF-8' in Excel)"
+        ) from None
     try:
         df = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
@@ -251,16 +298,20 @@ def read_labels(labels_uri: str, unlabeled: bool = False) -> pd.DataFrame:
         df["label"] = ""
     missing = [c for c in ("video", "label") if c not in df.columns]
     if missing:
-        raise IngestError(f"{labels_uri}: missing column(s) {missing}; expected video,label"
-                          "[,patient_id][,split] (or video[,patient_id] with --unlabeled)")
+        raise IngestError(
+            f"{labels_uri}: missing column(s) {missing}; expected video,label"
+            "[,patient_id][,split] (or video[,patient_id] with --unlabeled)"
+        )
     for col in df.columns:
         df[col] = df[col].str.strip()
     if unlabeled:
         labelled = [i for i, v in enumerate(df["label"]) if v.lower() not in UNLABELED_TEXTS]
         if labelled:
-            raise IngestError(f"{labels_uri}: line {labelled[0] + 2} has label {df['label'].iloc[labelled[0]]!r} "
-                              "but --unlabeled says every video is unlabelled; drop --unlabeled (an empty label "
-                              "marks an unlabelled row) or empty the label column")
+            raise IngestError(
+                f"{labels_uri}: line {labelled[0] + 2} has label {df['label'].iloc[labelled[0]]!r} "
+                "but --unlabeled says every video is unlabelled; drop --unlabeled (an empty label "
+                "marks an unlabelled row) or empty the label column"
+            )
     return df
 
 
@@ -269,8 +320,9 @@ def _relative(entry: str) -> tuple[str, bool]:
     entry = entry.replace("\\", "/")
     while entry.startswith("./"):
         entry = entry[2:]
-    outside = (entry.startswith("/") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", entry) is not None
-               or ".." in entry.split("/"))
+    outside = (
+        entry.startswith("/") or re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:", entry) is not None or ".." in entry.split("/")
+    )
     return entry, outside
 
 
@@ -280,12 +332,19 @@ def _labelled(folder: str, labels_uri: str, kind: str, unlabeled: bool = False) 
     for i, row in enumerate(df.itertuples(index=False)):
         entry, outside = _relative(row.video)
         line = i + 2  # 1-based, after the header line
-        items.append(SourceItem(
-            name=f"labels.csv line {line}", kind=kind,
-            uris=() if outside else (storage.join(folder, entry),), entry=entry, label=row.label,
-            patient_id=getattr(row, "patient_id", "") or None,
-            split=getattr(row, "split", None) if "split" in df.columns else None,
-            line=line, outside=outside))
+        items.append(
+            SourceItem(
+                name=f"labels.csv line {line}",
+                kind=kind,
+                uris=() if outside else (storage.join(folder, entry),),
+                entry=entry,
+                label=row.label,
+                patient_id=getattr(row, "patient_id", "") or None,
+                split=getattr(row, "split", None) if "split" in df.columns else None,
+                line=line,
+                outside=outside,
+            )
+        )
     return items
 
 
@@ -308,20 +367,20 @@ def buv_items(root: str) -> list[SourceItem]:
     base = storage.join(root, "rawframes")
     frames: dict[tuple[str, str], list[str]] = {}
     for uri in storage.list_uris(base):
-        rel = uri[len(base):].lstrip("/").replace(os.sep, "/")
+        rel = uri[len(base) :].lstrip("/").replace(os.sep, "/")
         parts = rel.split("/")
         if len(parts) != 3 or not parts[2].lower().endswith(FRAME_SUFFIXES):
             continue
         frames.setdefault((parts[0], parts[1]), []).append(uri)
     if not frames:
-        raise IngestError(f"{base}: no frames found; expected rawframes/{{benign,malignant,unlabeled}}/"
-                          "<video-id>/<frame>.png")
+        raise IngestError(
+            f"{base}: no frames found; expected rawframes/{{benign,malignant,unlabeled}}/<video-id>/<frame>.png"
+        )
     items = []
     for (label, vid), uris in sorted(frames.items()):
         uris.sort(key=lambda u: _natural_key(u.rsplit("/", 1)[-1]))
         # name: set by ingest once the pseudonym is known (the folder name may be a patient's).
-        items.append(SourceItem(name="", kind="frames", uris=tuple(uris), entry=f"{label}/{vid}",
-                                label=label))
+        items.append(SourceItem(name="", kind="frames", uris=tuple(uris), entry=f"{label}/{vid}", label=label))
     return items
 
 
@@ -343,8 +402,7 @@ def _read_all(item: SourceItem, limits: Limits) -> list[bytes]:
             raise _Reject(UNREADABLE, _where(item, uri, str(err), i)) from None
         total += len(blobs[-1])
         if total > limits.max_bytes:
-            raise _Reject(OVER_LIMIT, f"{total} bytes or more, over the limit of {limits.max_bytes} "
-                                      "(--max-bytes)")
+            raise _Reject(OVER_LIMIT, f"{total} bytes or more, over the limit of {limits.max_bytes} (--max-bytes)")
     return blobs
 
 
@@ -368,8 +426,9 @@ def _scan_crop(item: SourceItem, frames: np.ndarray, region) -> np.ndarray:
     return cropped
 
 
-def _encode(item: SourceItem, frames: Iterable[np.ndarray] | np.ndarray, fps: float, gop: int, crf: int,
-            region) -> tuple[bytes, VideoInfo]:
+def _encode(
+    item: SourceItem, frames: Iterable[np.ndarray] | np.ndarray, fps: float, gop: int, crf: int, region
+) -> tuple[bytes, VideoInfo]:
     """Frames -> short-GOP clip, cropped to the scan region first when one is asked for."""
     if region is not None and region.mode != "off":
         frames = _scan_crop(item, np.stack(list(frames)), region)  # the region needs every frame
@@ -393,8 +452,7 @@ def _video_header(blob: bytes) -> tuple[int, int, int]:
         return 0, 0, 0
 
 
-def _video_clip(item: SourceItem, blob: bytes, gop: int, crf: int, limits: Limits,
-                region) -> tuple[bytes, VideoInfo]:
+def _video_clip(item: SourceItem, blob: bytes, gop: int, crf: int, limits: Limits, region) -> tuple[bytes, VideoInfo]:
     declared, width, height = _video_header(blob)
     limits.check(frames=declared or None, width=width or None, height=height or None)
     try:
@@ -409,8 +467,9 @@ def _video_clip(item: SourceItem, blob: bytes, gop: int, crf: int, limits: Limit
     return clip, info
 
 
-def _frames_clip(item: SourceItem, blobs: list[bytes], fps: float, gop: int, crf: int,
-                 limits: Limits, region) -> tuple[bytes, VideoInfo]:
+def _frames_clip(
+    item: SourceItem, blobs: list[bytes], fps: float, gop: int, crf: int, limits: Limits, region
+) -> tuple[bytes, VideoInfo]:
     from PIL import Image, UnidentifiedImageError
 
     limits.check(frames=len(blobs))
@@ -429,15 +488,19 @@ def _frames_clip(item: SourceItem, blobs: list[bytes], fps: float, gop: int, crf
                 arrays.append(np.asarray(im.convert("L" if gray else "RGB")))  # (H, W) or (H, W, 3)
         except Image.DecompressionBombError as err:  # PIL's own check, at open, beyond 2 x MAX_IMAGE_PIXELS
             pixels = re.search(r"\((\d+) pixels\)", str(err))
-            raise _Reject(OVER_LIMIT, f"frame {i + 1}: {pixels.group(1) if pixels else 'too many'} pixels, a "
-                                      f"decompression bomb (over PIL's limit of {2 * Image.MAX_IMAGE_PIXELS})") from None
+            raise _Reject(
+                OVER_LIMIT,
+                f"frame {i + 1}: {pixels.group(1) if pixels else 'too many'} pixels, a "
+                f"decompression bomb (over PIL's limit of {2 * Image.MAX_IMAGE_PIXELS})",
+            ) from None
         except (UnidentifiedImageError, OSError, ValueError) as err:
             raise _Reject(UNREADABLE, f"frame {i + 1}: not a readable image ({type(err).__name__})") from None
     if len({a.shape for a in arrays}) > 1:
         raise _Reject(UNREADABLE, f"frames differ in size: {sorted({a.shape for a in arrays})}")
     try:
-        return _encode(item, np.stack(arrays) if region is not None and region.mode != "off" else arrays,
-                       fps, gop, crf, region)
+        return _encode(
+            item, np.stack(arrays) if region is not None and region.mode != "off" else arrays, fps, gop, crf, region
+        )
     except VideoError as err:
         raise _Reject(err.reason, str(err)) from None
 
@@ -449,14 +512,17 @@ def _dicom_uint8(arr: np.ndarray, ds) -> np.ndarray:
     arr = arr.astype(np.float32)
     if getattr(ds, "PixelRepresentation", 0) == 1:  # signed
         arr = arr + 2 ** (bits - 1)
-    return np.clip(arr / (2 ** bits - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.clip(arr / (2**bits - 1) * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
 def dicom_fps(ds, default: float) -> float:
     """Frame rate from FrameTime (ms), CineRate, RecommendedDisplayFrameRate or FrameTimeVector."""
-    for read in (lambda: 1000.0 / float(ds.FrameTime), lambda: float(ds.CineRate),
-                 lambda: float(ds.RecommendedDisplayFrameRate),
-                 lambda: 1000.0 / float(np.mean([float(v) for v in ds.FrameTimeVector[1:]]))):
+    for read in (
+        lambda: 1000.0 / float(ds.FrameTime),
+        lambda: float(ds.CineRate),
+        lambda: float(ds.RecommendedDisplayFrameRate),
+        lambda: 1000.0 / float(np.mean([float(v) for v in ds.FrameTimeVector[1:]])),
+    ):
         try:
             fps = read()
         except (AttributeError, ValueError, TypeError, ZeroDivisionError, IndexError):
@@ -494,11 +560,11 @@ def read_dicom(data: bytes, name: str = "dicom", limits: Limits | None = None):
         ds = pydicom.dcmread(io.BytesIO(data))
     except (InvalidDicomError, EOFError, ValueError, TypeError, KeyError, OSError) as err:
         # The message of a parse error may quote an element value: give the type only.
-        raise VideoError(f"{name}: not a readable DICOM file ({type(err).__name__})",
-                         NOT_A_VIDEO) from None
+        raise VideoError(f"{name}: not a readable DICOM file ({type(err).__name__})", NOT_A_VIDEO) from None
     if "PixelData" not in ds:
         raise VideoError(f"{name}: DICOM has no pixel data", NO_FRAMES)
     if limits is not None:
+
         def number(tag):
             try:
                 return int(getattr(ds, tag, 0) or 0) or None
@@ -510,16 +576,24 @@ def read_dicom(data: bytes, name: str = "dicom", limits: Limits | None = None):
         arr = ds.pixel_array  # pydicom 3 converts YBR to RGB
         if str(getattr(ds, "PhotometricInterpretation", "")) == "PALETTE COLOR":
             from pydicom.pixels import apply_color_lut
+
             arr = apply_color_lut(arr, ds)
     except Exception as err:  # decoders raise many types (missing plugin, corrupt stream)
-        raise VideoError(_scrub(f"{name}: pixel data does not decode ({type(err).__name__}: "
-                                f"{' '.join(str(err).split())[:200]})", ds), UNREADABLE) from None
+        raise VideoError(
+            _scrub(
+                f"{name}: pixel data does not decode ({type(err).__name__}: {' '.join(str(err).split())[:200]})", ds
+            ),
+            UNREADABLE,
+        ) from None
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    color = (int(getattr(ds, "SamplesPerPixel", 1) or 1) == 3
-             or str(getattr(ds, "PhotometricInterpretation", "")) == "PALETTE COLOR")
+    color = (
+        int(getattr(ds, "SamplesPerPixel", 1) or 1) == 3
+        or str(getattr(ds, "PhotometricInterpretation", "")) == "PALETTE COLOR"
+    )
     if frames < 2 or arr.ndim != (4 if color else 3):
-        raise VideoError(f"{name}: single-frame DICOM image (pixel data {arr.shape}), not a "
-                         "multi-frame cine loop", NOT_A_VIDEO)
+        raise VideoError(
+            f"{name}: single-frame DICOM image (pixel data {arr.shape}), not a multi-frame cine loop", NOT_A_VIDEO
+        )
     arr = _dicom_uint8(arr, ds)  # (T, H, W) or (T, H, W, 3)
     if str(getattr(ds, "PhotometricInterpretation", "")) == "MONOCHROME1":
         arr = 255 - arr  # MONOCHROME1: high values are dark
@@ -532,8 +606,9 @@ def dicom_frames(data: bytes, name: str = "dicom") -> np.ndarray:
     return np.repeat(arr[..., None], 3, axis=-1) if arr.ndim == 3 else arr
 
 
-def _dicom_clip(item: SourceItem, blob: bytes, default_fps: float, gop: int, crf: int,
-                limits: Limits, region) -> tuple[bytes, VideoInfo, str | None]:
+def _dicom_clip(
+    item: SourceItem, blob: bytes, default_fps: float, gop: int, crf: int, limits: Limits, region
+) -> tuple[bytes, VideoInfo, str | None]:
     """(clip, info, PatientID or None) from a multi-frame DICOM, cropped to ``region``."""
     try:
         ds, arr = read_dicom(blob, item.name, limits)
@@ -541,8 +616,9 @@ def _dicom_clip(item: SourceItem, blob: bytes, default_fps: float, gop: int, crf
     except VideoError as err:
         raise _Reject(err.reason, str(err)) from None
     if (region is None or region.mode == "off") and str(getattr(ds, "BurnedInAnnotation", "")).upper() == "YES":
-        logger.warning("%s: BurnedInAnnotation is YES and --scan-region is off: the pixels may show "
-                       "identifying text", item.name)
+        logger.warning(
+            "%s: BurnedInAnnotation is YES and --scan-region is off: the pixels may show identifying text", item.name
+        )
     patient = str(getattr(ds, "PatientID", "") or "").strip() or None
     return clip, info, patient
 
@@ -632,25 +708,44 @@ def _settle_rows(items: Sequence[SourceItem], reject: Callable) -> list[SourceIt
         rows = by_entry.get(item.entry, [item]) if item.line is not None else [item]
         others = [r for r in rows if r is not item]
         if item.outside:
-            reject(item, OUTSIDE, "the file is outside the videos folder (an absolute path, a URI or '..'); "
-                                  "list files relative to --videos / --dicom")
+            reject(
+                item,
+                OUTSIDE,
+                "the file is outside the videos folder (an absolute path, a URI or '..'); "
+                "list files relative to --videos / --dicom",
+            )
         elif others and any(_row_key(r) != _row_key(item) for r in others):
-            reject(item, CONFLICT, "the same file as " + ", ".join(f"line {r.line}" for r in others)
-                   + " with another label, patient_id or split")
+            reject(
+                item,
+                CONFLICT,
+                "the same file as "
+                + ", ".join(f"line {r.line}" for r in others)
+                + " with another label, patient_id or split",
+            )
         elif others and rows[0] is not item:
             reject(item, DUPLICATE, f"the same row as line {rows[0].line}")
         elif (label := _parse_label(item.label)) is None:
-            reject(item, UNKNOWN_LABEL, f"label {item.label!r} is not one of benign, malignant, 0, 1, or empty "
-                                        "(unlabelled)")
+            reject(
+                item,
+                UNKNOWN_LABEL,
+                f"label {item.label!r} is not one of benign, malignant, 0, 1, or empty (unlabelled)",
+            )
         elif label == M.UNLABELED_LABEL:
             if item.split in (None, "", M.UNLABELED):
                 out.append(item)
             else:
-                reject(item, UNLABELED_SPLIT, f"no label but split {item.split!r}; unlabelled videos go to split "
-                                              f"{M.UNLABELED!r} (leave the split empty), or give the label")
+                reject(
+                    item,
+                    UNLABELED_SPLIT,
+                    f"no label but split {item.split!r}; unlabelled videos go to split "
+                    f"{M.UNLABELED!r} (leave the split empty), or give the label",
+                )
         elif item.split == M.UNLABELED:
-            reject(item, UNLABELED_SPLIT, f"label {item.label!r} but split {M.UNLABELED!r}, which is for videos "
-                                          "without a label")
+            reject(
+                item,
+                UNLABELED_SPLIT,
+                f"label {item.label!r} but split {M.UNLABELED!r}, which is for videos without a label",
+            )
         elif item.split is not None and item.split not in M.LABELED_SPLITS:
             reject(item, UNKNOWN_SPLIT, f"split {item.split!r} is not one of {list(M.LABELED_SPLITS)}")
         else:
@@ -679,18 +774,31 @@ def _mixed_patients(prints: Sequence[_Fingerprint], previous: pd.DataFrame) -> d
         if fp.patient in kept_kind.index:
             if bool(kept_kind[fp.patient]) != unlabeled:
                 n, kind = int(kept_count[fp.patient]), "unlabelled" if kept_kind[fp.patient] else "labelled"
-                out[i] = (f"its patient has {n} {kind} video(s) in the manifest in --out; a patient's videos are all "
-                          "labelled or all unlabelled" + (
-                              " (list those again with their labels to label the patient)" if not unlabeled else
-                              ": an unlabelled one would be pretrained on beside its patient's labelled videos"))
+                out[i] = (
+                    f"its patient has {n} {kind} video(s) in the manifest in --out; a patient's videos are all "
+                    "labelled or all unlabelled"
+                    + (
+                        " (list those again with their labels to label the patient)"
+                        if not unlabeled
+                        else ": an unlabelled one would be pretrained on beside its patient's labelled videos"
+                    )
+                )
         elif unlabeled and fp.patient in labelled:
-            out[i] = (f"its patient also has labelled videos ({', '.join(labelled[fp.patient][:3])}); a patient's "
-                      "videos are all labelled or all unlabelled: give it the label, or leave it out")
+            out[i] = (
+                f"its patient also has labelled videos ({', '.join(labelled[fp.patient][:3])}); a patient's "
+                "videos are all labelled or all unlabelled: give it the label, or leave it out"
+            )
     return out
 
 
-def _assign(manifest: pd.DataFrame, previous: pd.DataFrame, given_split: bool,
-            ratios: Sequence[float] | None, folds: int, seed: int) -> pd.DataFrame:
+def _assign(
+    manifest: pd.DataFrame,
+    previous: pd.DataFrame,
+    given_split: bool,
+    ratios: Sequence[float] | None,
+    folds: int,
+    seed: int,
+) -> pd.DataFrame:
     """Splits and folds: as given in labels.csv; else labelled patients already in ``previous``
     keep theirs and new labelled patients are split (stratified, seeded) among themselves.
     Unlabelled videos: split ``unlabeled``, fold -1, whatever the rest."""
@@ -705,12 +813,12 @@ def _assign(manifest: pd.DataFrame, previous: pd.DataFrame, given_split: bool,
         prev_folds = int(previous["fold"].max()) + 1 if (previous["fold"] >= 0).any() else 0
         if prev_folds != folds:
             had = f"--folds {prev_folds}" if prev_folds else "a train/val/test split"
-            raise IngestError(f"the manifest in --out was made with {had}; ingest into it the same way, or "
-                              "into another --out")
+            raise IngestError(
+                f"the manifest in --out was made with {had}; ingest into it the same way, or into another --out"
+            )
     new = manifest[~unlabeled & ~manifest["patient_id"].isin(known.index)]
     if len(new):
-        placed = M.assign_splits(new, ratios=ratios or M.DEFAULT_RATIOS, folds=folds, seed=seed,
-                                 strict=previous.empty)
+        placed = M.assign_splits(new, ratios=ratios or M.DEFAULT_RATIOS, folds=folds, seed=seed, strict=previous.empty)
         known = pd.concat([known, placed.groupby("patient_id")[["split", "fold"]].first()])
     if (~unlabeled).any():
         patients = manifest.loc[~unlabeled, "patient_id"]
@@ -720,10 +828,23 @@ def _assign(manifest: pd.DataFrame, previous: pd.DataFrame, given_split: bool,
     return manifest
 
 
-def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | None = None,
-           folds: int = 0, seed: int = 0, salt: str | None = None, keep_ids: bool = False,
-           id_map: str | None = None, scan_region=None, limits: Limits = Limits(), workers: int = 4,
-           gop: int = 8, crf: int = 18, fps: float = 30.0) -> IngestResult:
+def ingest(
+    items: Sequence[SourceItem],
+    out: str,
+    *,
+    ratios: Sequence[float] | None = None,
+    folds: int = 0,
+    seed: int = 0,
+    salt: str | None = None,
+    keep_ids: bool = False,
+    id_map: str | None = None,
+    scan_region=None,
+    limits: Limits = Limits(),
+    workers: int = 4,
+    gop: int = 8,
+    crf: int = 18,
+    fps: float = 30.0,
+) -> IngestResult:
     """Ingest ``items`` into ``out``; writes manifest.parquet and rejects.parquet there.
 
     ratios / folds / seed: patient-level split of the patients new to ``out`` (see
@@ -740,20 +861,20 @@ def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | N
         raise IngestError("labels.csv has a split column: drop --split/--folds, or drop the column")
     names = Pseudonyms(resolve_salt(salt), keep_ids)
     if keep_ids and names.dicom_patient("x") is None and any(it.kind == "dicom" for it in items):
-        logger.warning("--keep-ids without a salt: DICOM PatientIDs are not used (never copied); each "
-                       "file is its own patient unless labels.csv has patient_id")
+        logger.warning(
+            "--keep-ids without a salt: DICOM PatientIDs are not used (never copied); each "
+            "file is its own patient unless labels.csv has patient_id"
+        )
     if scan_region is None and any(it.kind == "dicom" for it in items):
         from clman.data.scan_region import parse_scan_region
 
         dicom_region = parse_scan_region("auto")  # burned-in text: on by default for DICOM
     else:
         dicom_region = scan_region
-    items = [replace(it, name=f"BUV {it.label} video {names.video(it)}") if not it.name else it
-             for it in items]
+    items = [replace(it, name=f"BUV {it.label} video {names.video(it)}") if not it.name else it for it in items]
     manifest_uri = storage.join(out, "manifest.parquet")
     rejects_uri = storage.join(out, "rejects.parquet")
-    previous = (M.read_manifest(manifest_uri) if storage.exists(manifest_uri)
-                else M.empty_manifest())
+    previous = M.read_manifest(manifest_uri) if storage.exists(manifest_uri) else M.empty_manifest()
     prev_rows = {r["video_id"]: r for r in previous.to_dict("records")}
 
     rejects: list[dict] = []
@@ -772,11 +893,13 @@ def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | N
         if fp.reject is not None:
             reject(fp.item, fp.reject.reason, fp.reject.detail, fp.video_id)
         elif fp.sha256 in seen_sha:
-            reject(fp.item, DUPLICATE, f"same content (sha256 {fp.sha256[:12]}...) as "
-                                       f"{seen_sha[fp.sha256]}", fp.video_id)
+            reject(
+                fp.item, DUPLICATE, f"same content (sha256 {fp.sha256[:12]}...) as {seen_sha[fp.sha256]}", fp.video_id
+            )
         elif fp.video_id in seen_id:
-            reject(fp.item, DUPLICATE_ID, f"video id {fp.video_id!r} already used by "
-                                          f"{seen_id[fp.video_id]}", fp.video_id)
+            reject(
+                fp.item, DUPLICATE_ID, f"video id {fp.video_id!r} already used by {seen_id[fp.video_id]}", fp.video_id
+            )
         else:
             seen_sha[fp.sha256] = fp.item.name
             seen_id[fp.video_id] = fp.item.name
@@ -802,13 +925,21 @@ def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | N
         item, clip_uri = fp.item, storage.join(out, "clips", f"{fp.video_id}.mp4")
         prev = prev_rows.get(fp.video_id)
         label = _parse_label(item.label)
-        row = {"video_id": fp.video_id, "label": label, "sha256": fp.sha256, "uri": clip_uri, "source": item.source,
-               "split": M.UNLABELED if label == M.UNLABELED_LABEL else item.split or "train", "fold": -1}
+        row = {
+            "video_id": fp.video_id,
+            "label": label,
+            "sha256": fp.sha256,
+            "uri": clip_uri,
+            "source": item.source,
+            "split": M.UNLABELED if label == M.UNLABELED_LABEL else item.split or "train",
+            "fold": -1,
+        }
         if prev is not None and prev["sha256"] == fp.sha256 and storage.exists(clip_uri):
             row.update({k: prev[k] for k in ("num_frames", "fps", "height", "width")})
             # A DICOM's PatientID was hashed into prev on its first ingest.
-            row["patient_id"] = (patient_of(item, fp.video_id) if item.patient_id or item.kind != "dicom"
-                                 else prev["patient_id"])
+            row["patient_id"] = (
+                patient_of(item, fp.video_id) if item.patient_id or item.kind != "dicom" else prev["patient_id"]
+            )
             row["_reused"] = True
             return row
         dicom_patient = None
@@ -821,25 +952,29 @@ def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | N
             elif item.kind == "dicom":
                 clip, info, dicom_patient = _dicom_clip(item, blobs[0], fps, gop, crf, limits, dicom_region)
             else:
-                raise ValueError(f"{item.name}: unknown item kind {item.kind!r}; valid: video, "
-                                 "frames, dicom")
+                raise ValueError(f"{item.name}: unknown item kind {item.kind!r}; valid: video, frames, dicom")
             try:
                 # The pipeline reads with decord: check it agrees with what was written.
                 check = probe_video(clip, name=f"{item.name} (transcoded)")
             except VideoError as err:
                 raise _Reject(UNREADABLE, str(err)) from None
             if check.num_frames != info.num_frames:
-                raise _Reject(UNREADABLE, f"transcoded clip has {check.num_frames} frames, "
-                                          f"wrote {info.num_frames}")
+                raise _Reject(UNREADABLE, f"transcoded clip has {check.num_frames} frames, wrote {info.num_frames}")
             storage.write_bytes(clip_uri, clip)
         except _Reject as rej:
             return rej
         if item.kind == "dicom" and dicom_patient is None and not item.patient_id:
-            logger.warning("%s: no PatientID and no patient_id in labels.csv; counted as its "
-                           "own patient", item.name)
-        row.update({"patient_id": patient_of(item, fp.video_id, dicom_patient), "num_frames": info.num_frames,
-                    "fps": info.fps, "height": info.height, "width": info.width,
-                    "_source_patient": dicom_patient if not item.patient_id else item.patient_id})
+            logger.warning("%s: no PatientID and no patient_id in labels.csv; counted as its own patient", item.name)
+        row.update(
+            {
+                "patient_id": patient_of(item, fp.video_id, dicom_patient),
+                "num_frames": info.num_frames,
+                "fps": info.fps,
+                "height": info.height,
+                "width": info.width,
+                "_source_patient": dicom_patient if not item.patient_id else item.patient_id,
+            }
+        )
         return row
 
     results = _parallel(process, [(fp,) for fp in keep], workers, "transcoding")
@@ -848,9 +983,14 @@ def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | N
         if isinstance(res, _Reject):
             reject(fp.item, res.reason, res.detail, fp.video_id)
             continue
-        mapping.append({"video_id": res["video_id"], "patient_id": res["patient_id"],
-                        "source_video": fp.item.entry,
-                        "source_patient_id": res.pop("_source_patient", None) or fp.item.patient_id or ""})
+        mapping.append(
+            {
+                "video_id": res["video_id"],
+                "patient_id": res["patient_id"],
+                "source_video": fp.item.entry,
+                "source_patient_id": res.pop("_source_patient", None) or fp.item.patient_id or "",
+            }
+        )
         rows.append(res)
     updated = sum(1 for r in rows if r["video_id"] in prev_rows and not r.get("_reused"))
     reused = sum(1 for r in rows if r.pop("_reused", False))
@@ -866,8 +1006,7 @@ def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | N
         M.check_patient_splits(manifest, "labels.csv and the manifest in --out")
         _write_if_changed(M.to_table(manifest, manifest_uri), manifest_uri)
     rejects_df = pd.DataFrame(rejects, columns=REJECTS_SCHEMA.names)
-    _write_if_changed(pa.Table.from_pandas(rejects_df, schema=REJECTS_SCHEMA, preserve_index=False),
-                      rejects_uri)
+    _write_if_changed(pa.Table.from_pandas(rejects_df, schema=REJECTS_SCHEMA, preserve_index=False), rejects_uri)
     if id_map:
         write_id_map(id_map, pd.DataFrame(mapping, columns=list(ID_MAP_COLUMNS)))
     new = len(rows) - reused
@@ -877,8 +1016,15 @@ def ingest(items: Sequence[SourceItem], out: str, *, ratios: Sequence[float] | N
     for reason, n in rejects_df["reason"].value_counts().sort_index().items():
         counts[f"rejected: {reason}"] = int(n)
     if len(previous):
-        logger.info("merged into %s: %d earlier row(s) kept, %d added, %d updated, %d already ingested, "
-                    "%d rejected", manifest_uri, len(kept_rows), new - updated, updated, reused, len(rejects_df))
+        logger.info(
+            "merged into %s: %d earlier row(s) kept, %d added, %d updated, %d already ingested, %d rejected",
+            manifest_uri,
+            len(kept_rows),
+            new - updated,
+            updated,
+            reused,
+            len(rejects_df),
+        )
     return IngestResult(manifest, rejects_df, new=new, reused=reused, kept=len(kept_rows), counts=counts)
 
 

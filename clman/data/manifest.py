@@ -20,20 +20,22 @@ from clman import storage
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_SCHEMA = pa.schema([
-    ("video_id", pa.string()),
-    ("patient_id", pa.string()),
-    ("label", pa.int8()),  # 0 benign, 1 malignant, -1 unlabelled (split unlabeled only)
-    ("split", pa.string()),  # train | val | test | unlabeled
-    ("fold", pa.int8()),  # -1 when unused
-    ("uri", pa.string()),
-    ("num_frames", pa.int32()),
-    ("fps", pa.float32()),
-    ("height", pa.int32()),
-    ("width", pa.int32()),
-    ("sha256", pa.string()),
-    ("source", pa.string()),
-])
+MANIFEST_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("label", pa.int8()),  # 0 benign, 1 malignant, -1 unlabelled (split unlabeled only)
+        ("split", pa.string()),  # train | val | test | unlabeled
+        ("fold", pa.int8()),  # -1 when unused
+        ("uri", pa.string()),
+        ("num_frames", pa.int32()),
+        ("fps", pa.float32()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("sha256", pa.string()),
+        ("source", pa.string()),
+    ]
+)
 COLUMNS = tuple(MANIFEST_SCHEMA.names)
 # The manifest's schema version, kept in the Parquet schema metadata under VERSION_KEY. A file
 # without it (written before the version was recorded) holds this same schema and reads as current;
@@ -58,8 +60,9 @@ def empty_manifest() -> pd.DataFrame:
 def validate_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
-        raise ManifestError(f"{where}: missing columns {missing}; manifest version {MANIFEST_VERSION} "
-                            f"has {list(COLUMNS)}")
+        raise ManifestError(
+            f"{where}: missing columns {missing}; manifest version {MANIFEST_VERSION} has {list(COLUMNS)}"
+        )
     extra = [c for c in df.columns if c not in COLUMNS]
     if extra:
         raise ManifestError(f"{where}: unexpected columns {extra}; expected {list(COLUMNS)}")
@@ -74,24 +77,29 @@ def validate_manifest(df: pd.DataFrame, where: str = "manifest") -> None:
         raise ManifestError(f"{where}: video_id {df['video_id'][dup].iloc[0]!r} appears twice")
     bad = ~df["split"].isin(SPLITS)
     if bad.any():
-        raise ManifestError(f"{where}: row {int(np.flatnonzero(bad)[0])} split "
-                            f"{df['split'][bad].iloc[0]!r} is not one of {list(SPLITS)}")
+        raise ManifestError(
+            f"{where}: row {int(np.flatnonzero(bad)[0])} split "
+            f"{df['split'][bad].iloc[0]!r} is not one of {list(SPLITS)}"
+        )
     unlabeled = df["split"] == UNLABELED
     bad = (~unlabeled & ~df["label"].isin([0, 1])) | (unlabeled & (df["label"] != UNLABELED_LABEL))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         label = _scalar(df["label"].iloc[row])
         if unlabeled.iloc[row]:
-            raise ManifestError(f"{where}: row {row} is in split {UNLABELED!r} with label {label!r}; unlabelled "
-                                f"videos have label {UNLABELED_LABEL}")
+            raise ManifestError(
+                f"{where}: row {row} is in split {UNLABELED!r} with label {label!r}; unlabelled "
+                f"videos have label {UNLABELED_LABEL}"
+            )
         hint = f" (-1 marks an unlabelled video: split {UNLABELED!r} only)" if label == UNLABELED_LABEL else ""
         raise ManifestError(f"{where}: row {row} label {label!r} is not 0 (benign) or 1 (malignant){hint}")
     bad = unlabeled & (df["fold"] != -1)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         fold = _scalar(df["fold"].iloc[row])
-        raise ManifestError(f"{where}: row {row} is in split {UNLABELED!r} with fold {fold!r}; unlabelled videos "
-                            "are in no fold (-1)")
+        raise ManifestError(
+            f"{where}: row {row} is in split {UNLABELED!r} with fold {fold!r}; unlabelled videos are in no fold (-1)"
+        )
     bad = df["num_frames"] < 1
     if bad.any():
         raise ManifestError(f"{where}: video {df['video_id'][bad].iloc[0]!r} has num_frames < 1")
@@ -124,8 +132,7 @@ def to_table(df: pd.DataFrame, where: str = "manifest") -> pa.Table:
         raise ManifestError(f"{where}: does not fit the manifest schema: {err}") from None
     # The version travels in the schema metadata, so every writer of this table (write_manifest,
     # ingest's storage.write_parquet) records it.
-    return table.replace_schema_metadata({**(table.schema.metadata or {}),
-                                          VERSION_KEY: MANIFEST_VERSION.encode()})
+    return table.replace_schema_metadata({**(table.schema.metadata or {}), VERSION_KEY: MANIFEST_VERSION.encode()})
 
 
 def manifest_version(table: pa.Table) -> str | None:
@@ -148,13 +155,16 @@ def read_manifest(uri: str, split: str | Sequence[str] | None = None) -> pd.Data
     table = storage.read_parquet(uri)
     version = manifest_version(table)
     if version is not None and version != MANIFEST_VERSION:
-        raise ManifestError(f"{uri}: manifest version {version!r}, this clman reads version "
-                            f"{MANIFEST_VERSION!r}; write it again with this clman's jobs.ingest, or use "
-                            "the clman that wrote it")
+        raise ManifestError(
+            f"{uri}: manifest version {version!r}, this clman reads version "
+            f"{MANIFEST_VERSION!r}; write it again with this clman's jobs.ingest, or use "
+            "the clman that wrote it"
+        )
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
-        raise ManifestError(f"{uri}: missing columns {missing}; manifest version {MANIFEST_VERSION} "
-                            f"has {list(COLUMNS)}")
+        raise ManifestError(
+            f"{uri}: missing columns {missing}; manifest version {MANIFEST_VERSION} has {list(COLUMNS)}"
+        )
     df = table.select(list(COLUMNS)).cast(MANIFEST_SCHEMA).to_pandas()
     validate_manifest(df, uri)
     if split is not None:
@@ -174,8 +184,10 @@ def labeled(df: pd.DataFrame) -> pd.DataFrame:
 def check_labeled_split(split: str, where: str) -> None:
     """A one-line ManifestError when ``split`` has no labels (``unlabeled``): nothing to score or finetune."""
     if split == UNLABELED:
-        raise ManifestError(f"{where}: split {UNLABELED!r} holds videos without a label (pretraining only); "
-                            f"choose one of {list(LABELED_SPLITS)}")
+        raise ManifestError(
+            f"{where}: split {UNLABELED!r} holds videos without a label (pretraining only); "
+            f"choose one of {list(LABELED_SPLITS)}"
+        )
 
 
 def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
@@ -188,8 +200,7 @@ def parse_ratios(text: str | Sequence[float]) -> tuple[float, float, float]:
     else:
         values = [float(v) for v in text]
     if len(values) != 3:
-        raise ManifestError(f"split ratios {text!r}: expected three numbers (train,val,test), "
-                            f"got {len(values)}")
+        raise ManifestError(f"split ratios {text!r}: expected three numbers (train,val,test), got {len(values)}")
     if any(v < 0 or not np.isfinite(v) for v in values):
         raise ManifestError(f"split ratios {text!r}: every ratio must be >= 0")
     if abs(sum(values) - 1.0) > 1e-6:
@@ -207,8 +218,7 @@ def _allocate(n: int, ratios: Sequence[float]) -> list[int]:
     return counts.tolist()
 
 
-def _stratified_counts(sizes: Sequence[int], ratios: Sequence[float],
-                       rng: np.random.Generator) -> np.ndarray:
+def _stratified_counts(sizes: Sequence[int], ratios: Sequence[float], rng: np.random.Generator) -> np.ndarray:
     """(strata, splits) patient counts: each within one of its exact quota, totals per split
     exactly the largest-remainder split of all patients.
 
@@ -242,8 +252,9 @@ def patient_labels(df: pd.DataFrame) -> pd.Series:
     return df.groupby("patient_id")["label"].max().sort_index()
 
 
-def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, folds: int = 0,
-                  seed: int = 0, strict: bool = True) -> pd.DataFrame:
+def assign_splits(
+    df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, folds: int = 0, seed: int = 0, strict: bool = True
+) -> pd.DataFrame:
     """A copy of ``df`` with ``split`` and ``fold`` set per patient, stratified by label.
 
     strict=False (patients added to an existing manifest): a split or fold may stay empty.
@@ -261,8 +272,10 @@ def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, fo
     if unlabeled.any():
         mixed = set(df.loc[unlabeled, "patient_id"]) & set(df.loc[~unlabeled, "patient_id"])
         if mixed:
-            raise ManifestError(f"patient {sorted(mixed)[0]!r} has labelled and unlabelled videos; a patient's "
-                                "videos are all labelled or all unlabelled")
+            raise ManifestError(
+                f"patient {sorted(mixed)[0]!r} has labelled and unlabelled videos; a patient's "
+                "videos are all labelled or all unlabelled"
+            )
         out = df.copy()
         out.loc[unlabeled, "split"], out.loc[unlabeled, "fold"] = UNLABELED, -1
         if (~unlabeled).any():
@@ -290,8 +303,7 @@ def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, fo
             offset += len(patients)
     else:
         ratios = parse_ratios(ratios)
-        strata = [rng.permutation(labels.index[labels == label].to_numpy())
-                  for label in sorted(labels.unique())]
+        strata = [rng.permutation(labels.index[labels == label].to_numpy()) for label in sorted(labels.unique())]
         table = _stratified_counts([len(p) for p in strata], ratios, rng)
         for patients, counts in zip(strata, table):
             bounds = np.cumsum([0, *counts])
@@ -305,7 +317,8 @@ def assign_splits(df: pd.DataFrame, ratios: Sequence[float] = DEFAULT_RATIOS, fo
                     f"split {name!r} would be empty: ratio {ratio:g} of {len(labels)} patients "
                     f"({ {int(k): int(v) for k, v in labels.value_counts().sort_index().items()} } "
                     "per label); add videos or "
-                    "change --split")
+                    "change --split"
+                )
     out = df.copy()
     out["split"] = out["patient_id"].map(split_of)
     out["fold"] = out["patient_id"].map(fold_of).astype("int8")
@@ -327,8 +340,9 @@ def carve_validation(train: pd.DataFrame, fraction: float, seed: int) -> tuple[p
     """
     try:
         # assign_splits rewrites split and fold: take only which patients it sends to val.
-        val_patients = set(assign_splits(train, (1.0 - fraction, fraction, 0.0), seed=seed)
-                           .query("split == 'val'")["patient_id"])
+        val_patients = set(
+            assign_splits(train, (1.0 - fraction, fraction, 0.0), seed=seed).query("split == 'val'")["patient_id"]
+        )
     except ManifestError:  # not one patient falls to val: the callers report it with the counts
         val_patients = set()
     is_val = train["patient_id"].isin(val_patients)
@@ -342,9 +356,11 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     """
     keys = ["split"] + (["fold"] if (df["fold"] >= 0).any() else [])
     g = df.groupby(keys)
-    return pd.DataFrame({
-        "videos": g.size(),
-        "patients": g["patient_id"].nunique(),
-        "benign": g["label"].apply(lambda s: int((s == 0).sum())),
-        "malignant": g["label"].apply(lambda s: int((s == 1).sum())),
-    })
+    return pd.DataFrame(
+        {
+            "videos": g.size(),
+            "patients": g["patient_id"].nunique(),
+            "benign": g["label"].apply(lambda s: int((s == 0).sum())),
+            "malignant": g["label"].apply(lambda s: int((s == 1).sum())),
+        }
+    )

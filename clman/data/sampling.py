@@ -40,8 +40,7 @@ def _check(num_frames: int, count: int, what: str) -> None:
         raise ValueError(f"{what} must be >= 1, got {count}")
 
 
-def segment_indices(num_frames: int, T: int, train: bool,
-                    rng: np.random.Generator | None = None) -> np.ndarray:
+def segment_indices(num_frames: int, T: int, train: bool, rng: np.random.Generator | None = None) -> np.ndarray:
     """(T,) int64 frame indices, one per equal segment of ``num_frames``, ascending.
 
     When ``num_frames < T`` every frame is used and repeated in order
@@ -107,12 +106,15 @@ def scoring_clips(num_frames: int, T: int, frames: str, clips: int, max_frames: 
 def describe_scoring(frames: str, clips: int, T: int, max_frames: int) -> str:
     """One line saying how videos were scored, for reports (metrics.json, study.md, the demo's output)."""
     if frames == "clips":
-        how = ("the segment centres" if clips == 1 else
-               f"clip k at phase (k + 1/2)/{clips} of each of the T segments")
-        return (f"Scoring protocol 'clips' (evaluate.frames=clips, evaluate.clips={clips}): a video's score is the "
-                f"mean P(malignant) of {clips} clip(s) of T={T} frames ({how}), fixed offsets, for validation and "
-                "test alike")
+        how = "the segment centres" if clips == 1 else f"clip k at phase (k + 1/2)/{clips} of each of the T segments"
+        return (
+            f"Scoring protocol 'clips' (evaluate.frames=clips, evaluate.clips={clips}): a video's score is the "
+            f"mean P(malignant) of {clips} clip(s) of T={T} frames ({how}), fixed offsets, for validation and "
+            "test alike"
+        )
     if frames == "all":
-        return (f"Scoring protocol 'all' (evaluate.frames=all): a video's score is P(malignant) of one clip of every "
-                f"frame (at most {max_frames}, segment centres beyond), for validation and test alike; CLMAN only")
+        return (
+            f"Scoring protocol 'all' (evaluate.frames=all): a video's score is P(malignant) of one clip of every "
+            f"frame (at most {max_frames}, segment centres beyond), for validation and test alike; CLMAN only"
+        )
     raise ValueError(f"evaluate.frames: {frames!r} is not one of {list(SCORING)}")

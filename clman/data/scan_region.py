@@ -68,8 +68,10 @@ class ScanRegion:
         if self.mode not in MODES:
             raise ScanRegionError(f"scan region mode {self.mode!r} is not one of {', '.join(MODES)}")
         if (self.mode == "crop") != (self.box is not None):
-            raise ScanRegionError(f"scan region mode {self.mode!r} "
-                                  + ("needs a box (x, y, w, h)" if self.mode == "crop" else "takes no box"))
+            raise ScanRegionError(
+                f"scan region mode {self.mode!r} "
+                + ("needs a box (x, y, w, h)" if self.mode == "crop" else "takes no box")
+            )
         if self.box is not None:
             if len(self.box) != 4 or min(self.box[:2]) < 0 or min(self.box[2:]) <= 0:
                 raise ScanRegionError(f"scan region box {self.box} is not x, y >= 0 and w, h > 0")
@@ -110,14 +112,12 @@ class TemporalStd:
         elif a.ndim == 3:
             a = a[None]
         if a.ndim != 4:
-            raise ScanRegionError(f"frame shape {np.asarray(frames).shape} is not (H, W), (H, W, C) "
-                                  "or (N, H, W, C)")
+            raise ScanRegionError(f"frame shape {np.asarray(frames).shape} is not (H, W), (H, W, C) or (N, H, W, C)")
         if self._sum is None:
             self._sum = np.zeros(a.shape[1:], np.int64)
             self._sq = np.zeros(a.shape[1:], np.int64)
         elif a.shape[1:] != self._sum.shape:
-            raise ScanRegionError(f"frame {self.count} has shape {a.shape[1:]}, earlier frames "
-                                  f"{self._sum.shape}")
+            raise ScanRegionError(f"frame {self.count} has shape {a.shape[1:]}, earlier frames {self._sum.shape}")
         self._sum += a.sum(axis=0, dtype=np.int64)
         self._sq += np.square(a, dtype=np.uint16).sum(axis=0, dtype=np.int64)
         self.count += len(a)
@@ -145,7 +145,7 @@ def _accumulate(video: np.ndarray) -> TemporalStd:
     acc = TemporalStd()
     step = max(1, (8 << 20) // max(1, video[0].size))  # ~8 M values (16 MB of squares) per batch
     for i in range(0, len(video), step):
-        acc.add(video[i:i + step])
+        acc.add(video[i : i + step])
     return acc
 
 
@@ -168,7 +168,7 @@ def _span(share: np.ndarray, max_gap: int) -> tuple[int, int] | None:
             runs.append((start, prev + 1))
             start = cur
     runs.append((start, busy[-1] + 1))
-    a, b = max(runs, key=lambda r: share[r[0]:r[1]].sum())
+    a, b = max(runs, key=lambda r: share[r[0] : r[1]].sum())
     return int(a), int(b)
 
 
@@ -198,32 +198,42 @@ def box_from_std(std: np.ndarray, frames: int) -> Box:
     """The scan box (x, y, w, h) of a (H, W) temporal-std map over ``frames`` frames; see the module doc."""
     H, W = std.shape
     if frames < 2:
-        raise ScanRegionError(f"finding the scan region needs at least 2 frames (what changes is the "
-                              f"image), got {frames}")
+        raise ScanRegionError(
+            f"finding the scan region needs at least 2 frames (what changes is the image), got {frames}"
+        )
     moving = std > PIXEL_STD
     if not moving.any():
-        raise ScanRegionError(f"nothing changes over the {frames} frames (largest temporal std "
-                              f"{float(std.max()):.1f} grey levels, threshold {PIXEL_STD:g}): a still "
-                              "image or a frozen loop")
+        raise ScanRegionError(
+            f"nothing changes over the {frames} frames (largest temporal std "
+            f"{float(std.max()):.1f} grey levels, threshold {PIXEL_STD:g}): a still "
+            "image or a frozen loop"
+        )
     rows, cols = (0, H), (0, W)
     for _ in range(8):  # alternate until the box stops changing (2-3 rounds in practice)
-        new_rows = _span(moving[:, cols[0]:cols[1]].mean(axis=1), max(2, int(GAP_FRACTION * H)))
-        new_cols = (None if new_rows is None else
-                    _span(moving[new_rows[0]:new_rows[1]].mean(axis=0), max(2, int(GAP_FRACTION * W))))
+        new_rows = _span(moving[:, cols[0] : cols[1]].mean(axis=1), max(2, int(GAP_FRACTION * H)))
+        new_cols = (
+            None
+            if new_rows is None
+            else _span(moving[new_rows[0] : new_rows[1]].mean(axis=0), max(2, int(GAP_FRACTION * W)))
+        )
         if new_rows is None or new_cols is None:
-            raise ScanRegionError(f"no band of the {W}x{H} frame changes over the {frames} frames "
-                                  f"({int(moving.sum())} scattered moving pixels)")
+            raise ScanRegionError(
+                f"no band of the {W}x{H} frame changes over the {frames} frames "
+                f"({int(moving.sum())} scattered moving pixels)"
+            )
         if (new_rows, new_cols) == (rows, cols):
             break
         rows, cols = new_rows, new_cols
-    box_std = std[rows[0]:rows[1], cols[0]:cols[1]]
+    box_std = std[rows[0] : rows[1], cols[0] : cols[1]]
     r0, r1 = _trim_bleed(box_std, rows[0] > 0, rows[1] < H)
     c0, c1 = _trim_bleed(box_std[r0:r1].T, cols[0] > 0, cols[1] < W)
     y, h = _even(rows[0] + r0, r1 - r0, H)
     x, w = _even(cols[0] + c0, c1 - c0, W)
     if w * h < MIN_AREA * W * H:
-        raise ScanRegionError(f"the changing area x={x} y={y} w={w} h={h} is {100 * w * h / (W * H):.0f}% "
-                              f"of the {W}x{H} frame, under {MIN_AREA:.0%}: not a scan region")
+        raise ScanRegionError(
+            f"the changing area x={x} y={y} w={w} h={h} is {100 * w * h / (W * H):.0f}% "
+            f"of the {W}x{H} frame, under {MIN_AREA:.0%}: not a scan region"
+        )
     return x, y, w, h
 
 
@@ -239,8 +249,7 @@ def find_scan_region(frames: np.ndarray) -> Box:
     return box_from_std(temporal_std(video), len(video))
 
 
-def region_box(region: ScanRegion, height: int, width: int,
-               std: TemporalStd | None = None) -> Box | None:
+def region_box(region: ScanRegion, height: int, width: int, std: TemporalStd | None = None) -> Box | None:
     """The box ``region`` gives on ``height`` x ``width`` frames (None for off); even w, h.
 
     ``std``: the frames' TemporalStd, needed for ``auto``. A ``crop`` box outside
@@ -255,12 +264,15 @@ def region_box(region: ScanRegion, height: int, width: int,
         return box_from_std(std.std(), std.count)
     x, y, w, h = region.box
     if x + w > width or y + h > height:
-        raise ScanRegionError(f"scan region crop={x},{y},{w},{h} reaches x={x + w} y={y + h}, outside the "
-                              f"{width}x{height} frame")
+        raise ScanRegionError(
+            f"scan region crop={x},{y},{w},{h} reaches x={x + w} y={y + h}, outside the {width}x{height} frame"
+        )
     w, h = w - w % 2, h - h % 2
     if w == 0 or h == 0:
-        raise ScanRegionError(f"scan region crop={x},{y},{region.box[2]},{region.box[3]}: H.264 needs even "
-                              "sizes, and w or h of 1 rounds to 0")
+        raise ScanRegionError(
+            f"scan region crop={x},{y},{region.box[2]},{region.box[3]}: H.264 needs even "
+            "sizes, and w or h of 1 rounds to 0"
+        )
     return x, y, w, h
 
 
@@ -269,8 +281,10 @@ def describe(box: Box | None, height: int, width: int) -> str:
     if box is None:
         return f"scan region off: {width}x{height} frames kept whole"
     x, y, w, h = box
-    return (f"scan region x={x} y={y} w={w} h={h} of {width}x{height}: cut {y} rows above, "
-            f"{height - y - h} below, {x} columns left, {width - x - w} right")
+    return (
+        f"scan region x={x} y={y} w={w} h={h} of {width}x{height}: cut {y} rows above, "
+        f"{height - y - h} below, {x} columns left, {width - x - w} right"
+    )
 
 
 def apply_scan_region(frames: np.ndarray, region: ScanRegion) -> tuple[np.ndarray, Box | None, str]:
@@ -286,4 +300,4 @@ def apply_scan_region(frames: np.ndarray, region: ScanRegion) -> tuple[np.ndarra
     if box is None:
         return frames, None, describe(None, height, width)
     x, y, w, h = box
-    return frames[:, y:y + h, x:x + w], box, describe(box, height, width)
+    return frames[:, y : y + h, x : x + w], box, describe(box, height, width)

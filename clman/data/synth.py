@@ -194,41 +194,123 @@ class LesionModel:
 # number, so these reproduce the default data set draw for draw.
 DEFAULT_LESIONS = LesionModel(
     benign=LesionKind(
-        aspect=(0.62, 0.22), lobulated=0.3, irregularity=(0.0, 0.06), harmonics=(3, 4, 5),
-        spiculated=0.05, spicules=(1, 3), spicule_length=(0.1, 0.25), edge_px=(0.6, 1.5),
-        posterior=(0.6, 0.45), heterogeneity=(0.0, 0.3), halo=0.1, halo_strength=(0.1, 0.3),
-        tilt_deg=8.0, level=(0.004, 0.08), calcs=0.05, calc_count=(1, 3)),
+        aspect=(0.62, 0.22),
+        lobulated=0.3,
+        irregularity=(0.0, 0.06),
+        harmonics=(3, 4, 5),
+        spiculated=0.05,
+        spicules=(1, 3),
+        spicule_length=(0.1, 0.25),
+        edge_px=(0.6, 1.5),
+        posterior=(0.6, 0.45),
+        heterogeneity=(0.0, 0.3),
+        halo=0.1,
+        halo_strength=(0.1, 0.3),
+        tilt_deg=8.0,
+        level=(0.004, 0.08),
+        calcs=0.05,
+        calc_count=(1, 3),
+    ),
     malignant=LesionKind(
-        aspect=(1.5, 0.25), lobulated=0.0, irregularity=(0.04, 0.2), harmonics=(3, 4, 5, 6, 7, 8),
-        spiculated=0.7, spicules=(4, 14), spicule_length=(0.25, 0.7), edge_px=(0.8, 2.2),
-        posterior=(-0.9, 0.5), heterogeneity=(0.2, 0.8), halo=0.6, halo_strength=(0.3, 1.0),
-        tilt_deg=15.0, level=(0.015, 0.08), calcs=0.4, calc_count=(3, 10)),
+        aspect=(1.5, 0.25),
+        lobulated=0.0,
+        irregularity=(0.04, 0.2),
+        harmonics=(3, 4, 5, 6, 7, 8),
+        spiculated=0.7,
+        spicules=(4, 14),
+        spicule_length=(0.25, 0.7),
+        edge_px=(0.8, 2.2),
+        posterior=(-0.9, 0.5),
+        heterogeneity=(0.2, 0.8),
+        halo=0.6,
+        halo_strength=(0.3, 1.0),
+        tilt_deg=15.0,
+        level=(0.015, 0.08),
+        calcs=0.4,
+        calc_count=(3, 10),
+    ),
     focal=LesionKind(
-        aspect=(0.85, 0.22), lobulated=0.3, irregularity=(0.0, 0.06), harmonics=(3, 4, 5),
-        spiculated=1.0, spicules=(4, 14), spicule_length=(0.25, 0.7), edge_px=(0.6, 1.8),
-        posterior=(0.1, 0.4), heterogeneity=(0.0, 0.3), halo=0.0, halo_strength=(0.0, 0.0),
-        tilt_deg=8.0, level=(0.004, 0.08), calcs=0.4, calc_count=(3, 10)),
-    sign_posterior=(-1.2, 0.4), sign_halo=(0.5, 1.0), sign_heterogeneity=(0.4, 0.8),
+        aspect=(0.85, 0.22),
+        lobulated=0.3,
+        irregularity=(0.0, 0.06),
+        harmonics=(3, 4, 5),
+        spiculated=1.0,
+        spicules=(4, 14),
+        spicule_length=(0.25, 0.7),
+        edge_px=(0.6, 1.8),
+        posterior=(0.1, 0.4),
+        heterogeneity=(0.0, 0.3),
+        halo=0.0,
+        halo_strength=(0.0, 0.0),
+        tilt_deg=8.0,
+        level=(0.004, 0.08),
+        calcs=0.4,
+        calc_count=(3, 10),
+    ),
+    sign_posterior=(-1.2, 0.4),
+    sign_halo=(0.5, 1.0),
+    sign_heterogeneity=(0.4, 0.8),
 )
 
 # The hard table of the module docstring: every feature overlaps between the classes.
 HARD_LESIONS = LesionModel(
     benign=LesionKind(
-        aspect=(0.75, 0.3), lobulated=0.3, irregularity=(0.0, 0.09), harmonics=(3, 4, 5, 6),
-        spiculated=0.15, spicules=(1, 4), spicule_length=(0.1, 0.35), edge_px=(0.6, 1.9),
-        posterior=(0.4, 0.5), heterogeneity=(0.0, 0.5), halo=0.2, halo_strength=(0.1, 0.6),
-        tilt_deg=10.0, level=(0.004, 0.08), calcs=0.12, calc_count=(1, 4)),
+        aspect=(0.75, 0.3),
+        lobulated=0.3,
+        irregularity=(0.0, 0.09),
+        harmonics=(3, 4, 5, 6),
+        spiculated=0.15,
+        spicules=(1, 4),
+        spicule_length=(0.1, 0.35),
+        edge_px=(0.6, 1.9),
+        posterior=(0.4, 0.5),
+        heterogeneity=(0.0, 0.5),
+        halo=0.2,
+        halo_strength=(0.1, 0.6),
+        tilt_deg=10.0,
+        level=(0.004, 0.08),
+        calcs=0.12,
+        calc_count=(1, 4),
+    ),
     malignant=LesionKind(
-        aspect=(1.05, 0.3), lobulated=0.1, irregularity=(0.02, 0.14), harmonics=(3, 4, 5, 6, 7, 8),
-        spiculated=0.45, spicules=(2, 10), spicule_length=(0.15, 0.55), edge_px=(0.7, 2.2),
-        posterior=(-0.6, 0.5), heterogeneity=(0.15, 0.7), halo=0.4, halo_strength=(0.2, 0.8),
-        tilt_deg=14.0, level=(0.008, 0.08), calcs=0.3, calc_count=(2, 8)),
+        aspect=(1.05, 0.3),
+        lobulated=0.1,
+        irregularity=(0.02, 0.14),
+        harmonics=(3, 4, 5, 6, 7, 8),
+        spiculated=0.45,
+        spicules=(2, 10),
+        spicule_length=(0.15, 0.55),
+        edge_px=(0.7, 2.2),
+        posterior=(-0.6, 0.5),
+        heterogeneity=(0.15, 0.7),
+        halo=0.4,
+        halo_strength=(0.2, 0.8),
+        tilt_deg=14.0,
+        level=(0.008, 0.08),
+        calcs=0.3,
+        calc_count=(2, 8),
+    ),
     focal=LesionKind(
-        aspect=(0.85, 0.3), lobulated=0.3, irregularity=(0.0, 0.09), harmonics=(3, 4, 5, 6),
-        spiculated=0.7, spicules=(2, 10), spicule_length=(0.15, 0.55), edge_px=(0.6, 2.0),
-        posterior=(0.3, 0.5), heterogeneity=(0.0, 0.5), halo=0.0, halo_strength=(0.0, 0.0),
-        tilt_deg=10.0, level=(0.004, 0.08), calcs=0.3, calc_count=(2, 8)),
-    sign_posterior=(-0.8, 0.5), sign_halo=(0.3, 0.8), sign_heterogeneity=(0.3, 0.7),
+        aspect=(0.85, 0.3),
+        lobulated=0.3,
+        irregularity=(0.0, 0.09),
+        harmonics=(3, 4, 5, 6),
+        spiculated=0.7,
+        spicules=(2, 10),
+        spicule_length=(0.15, 0.55),
+        edge_px=(0.6, 2.0),
+        posterior=(0.3, 0.5),
+        heterogeneity=(0.0, 0.5),
+        halo=0.0,
+        halo_strength=(0.0, 0.0),
+        tilt_deg=10.0,
+        level=(0.004, 0.08),
+        calcs=0.3,
+        calc_count=(2, 8),
+    ),
+    sign_posterior=(-0.8, 0.5),
+    sign_halo=(0.3, 0.8),
+    sign_heterogeneity=(0.3, 0.7),
 )
 
 
@@ -257,15 +339,39 @@ FORMATS = {
 # What each difficulty gives the SynthConfig knobs left None (the module docstring's tables).
 DIFFICULTY_KNOBS = {
     "default": dict(
-        size=128, size_jitter=0.0, frame_aspect=(1.0, 1.0), frames=48, frames_jitter=0,
-        formats=("h264-mp4",), focal_fraction=0.3, focal_extent=0.2, videos_per_patient=1,
-        repeat_patient_prob=0.08, speckle_persistence=0.7, jitter_px=0.8, clutter=0.0,
-        noise_floor=0.0, frame_gain_db=0.0),
+        size=128,
+        size_jitter=0.0,
+        frame_aspect=(1.0, 1.0),
+        frames=48,
+        frames_jitter=0,
+        formats=("h264-mp4",),
+        focal_fraction=0.3,
+        focal_extent=0.2,
+        videos_per_patient=1,
+        repeat_patient_prob=0.08,
+        speckle_persistence=0.7,
+        jitter_px=0.8,
+        clutter=0.0,
+        noise_floor=0.0,
+        frame_gain_db=0.0,
+    ),
     "hard": dict(
-        size=96, size_jitter=0.1, frame_aspect=(1.1, 1.35), frames=30, frames_jitter=8,
-        formats=tuple(FORMATS), focal_fraction=0.5, focal_extent=1 / 3, videos_per_patient=2,
-        repeat_patient_prob=0.0, speckle_persistence=0.5, jitter_px=1.2, clutter=0.4,
-        noise_floor=0.003, frame_gain_db=1.5),
+        size=96,
+        size_jitter=0.1,
+        frame_aspect=(1.1, 1.35),
+        frames=30,
+        frames_jitter=8,
+        formats=tuple(FORMATS),
+        focal_fraction=0.5,
+        focal_extent=1 / 3,
+        videos_per_patient=2,
+        repeat_patient_prob=0.0,
+        speckle_persistence=0.5,
+        jitter_px=1.2,
+        clutter=0.4,
+        noise_floor=0.003,
+        frame_gain_db=1.5,
+    ),
 }
 
 
@@ -350,8 +456,7 @@ class SynthConfig:
 
     def __post_init__(self):
         if self.difficulty not in DIFFICULTY_KNOBS:
-            raise ValueError(f"SynthConfig.difficulty={self.difficulty!r}: must be one of "
-                             f"{sorted(DIFFICULTY_KNOBS)}")
+            raise ValueError(f"SynthConfig.difficulty={self.difficulty!r}: must be one of {sorted(DIFFICULTY_KNOBS)}")
         for name, value in DIFFICULTY_KNOBS[self.difficulty].items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)  # frozen: resolve once, here
@@ -361,12 +466,14 @@ class SynthConfig:
         checks = [
             (self.size % 2 == 0 and smallest >= 32, "size", "an even integer >= 32 (also after size_jitter)"),
             (0.0 <= self.size_jitter < 0.5, "size_jitter", "in [0, 0.5)"),
-            (0.5 <= self.frame_aspect[0] <= self.frame_aspect[1] <= 2.0, "frame_aspect",
-             "0.5 <= low <= high <= 2"),
+            (0.5 <= self.frame_aspect[0] <= self.frame_aspect[1] <= 2.0, "frame_aspect", "0.5 <= low <= high <= 2"),
             (self.frames - self.frames_jitter >= 2, "frames", ">= 2 (also after frames_jitter)"),
             (self.frames_jitter >= 0, "frames_jitter", ">= 0"),
-            (len(self.formats) > 0 and all(f in FORMATS for f in self.formats), "formats",
-             f"a non-empty tuple of {list(FORMATS)}"),
+            (
+                len(self.formats) > 0 and all(f in FORMATS for f in self.formats),
+                "formats",
+                f"a non-empty tuple of {list(FORMATS)}",
+            ),
             (self.fps > 0, "fps", "> 0"),
             (0 <= self.crf <= 51, "crf", "in [0, 51]"),
             (self.gop >= 1, "gop", ">= 1"),
@@ -506,8 +613,10 @@ def sample_case(label: int, rng: np.random.Generator, cfg: SynthConfig) -> CaseP
     spicules = ()
     if chance(kind.spiculated):
         n = int(rng.integers(kind.spicules[0], kind.spicules[1] + 1))
-        spicules = tuple((rng.uniform(-math.pi, math.pi), rng.uniform(*kind.spicule_length), rng.uniform(0.04, 0.09))
-                         for _ in range(n))
+        spicules = tuple(
+            (rng.uniform(-math.pi, math.pi), rng.uniform(*kind.spicule_length), rng.uniform(0.04, 0.09))
+            for _ in range(n)
+        )
 
     edge_px = rng.uniform(*kind.edge_px)
     posterior = rng.normal(*kind.posterior)
@@ -538,18 +647,42 @@ def sample_case(label: int, rng: np.random.Generator, cfg: SynthConfig) -> CaseP
         for _ in range(int(rng.integers(3, 7)))
     )
     return CaseParams(
-        label=label, focal=bool(focal), x0=rng.uniform(0.3, 0.7), z0=z0, a=a, aspect=aspect, c=c,
-        tilt=tilt, y0=y0, harmonics=tuple(harmonics), spicules=spicules, edge_px=edge_px, level=level,
-        heterogeneity=heterogeneity, halo=halo, halo_px=rng.uniform(2.0, 5.0), posterior=posterior,
+        label=label,
+        focal=bool(focal),
+        x0=rng.uniform(0.3, 0.7),
+        z0=z0,
+        a=a,
+        aspect=aspect,
+        c=c,
+        tilt=tilt,
+        y0=y0,
+        harmonics=tuple(harmonics),
+        spicules=spicules,
+        edge_px=edge_px,
+        level=level,
+        heterogeneity=heterogeneity,
+        halo=halo,
+        halo_px=rng.uniform(2.0, 5.0),
+        posterior=posterior,
         calcs=tuple(calc_list),
         sign_posterior=rng.normal(*model.sign_posterior) if focal else posterior,
         sign_halo=rng.uniform(*model.sign_halo) if focal else halo,
         sign_heterogeneity=rng.uniform(*model.sign_heterogeneity) if focal else heterogeneity,
         y_sign=y_sign,
-        z_skin=z_skin, z_fat_gland=z_fat_gland, z_gland_retro=z_gland_retro, layer_waves=layer_waves,
-        ligaments=ligaments, attenuation=rng.uniform(-0.3, 1.0), focus_z=rng.uniform(0.3, 0.6),
-        gain_db=rng.uniform(-3.0, 3.0), psf_ax_px=rng.uniform(0.7, 1.0), psf_lat_px=rng.uniform(1.4, 2.1),
-        overshoot=rng.uniform(*cfg.sweep_overshoot), height=height, width=width, frames=frames,
+        z_skin=z_skin,
+        z_fat_gland=z_fat_gland,
+        z_gland_retro=z_gland_retro,
+        layer_waves=layer_waves,
+        ligaments=ligaments,
+        attenuation=rng.uniform(-0.3, 1.0),
+        focus_z=rng.uniform(0.3, 0.6),
+        gain_db=rng.uniform(-3.0, 3.0),
+        psf_ax_px=rng.uniform(0.7, 1.0),
+        psf_lat_px=rng.uniform(1.4, 2.1),
+        overshoot=rng.uniform(*cfg.sweep_overshoot),
+        height=height,
+        width=width,
+        frames=frames,
     )
 
 
@@ -568,15 +701,30 @@ def other_plane(lesion: CaseParams, view: CaseParams, rng: np.random.Generator) 
     a, c = lesion.c, lesion.a
     to_view = c / lesion.c  # elevations in lesion semi-axes, carried to the new c
     return replace(
-        view, label=lesion.label, focal=lesion.focal, a=a, aspect=b / a, c=c, z0=lesion.z0,
-        z_skin=lesion.z_skin, z_fat_gland=lesion.z_fat_gland, height=lesion.height, width=lesion.width,
+        view,
+        label=lesion.label,
+        focal=lesion.focal,
+        a=a,
+        aspect=b / a,
+        c=c,
+        z0=lesion.z0,
+        z_skin=lesion.z_skin,
+        z_fat_gland=lesion.z_fat_gland,
+        height=lesion.height,
+        width=lesion.width,
         harmonics=tuple((k, amp, rng.uniform(0, 2 * math.pi), drift) for k, amp, _, drift in lesion.harmonics),
         spicules=tuple((rng.uniform(-math.pi, math.pi), length, width) for _, length, width in lesion.spicules),
-        edge_px=lesion.edge_px, level=lesion.level, heterogeneity=lesion.heterogeneity, halo=lesion.halo,
-        halo_px=lesion.halo_px, posterior=lesion.posterior,
+        edge_px=lesion.edge_px,
+        level=lesion.level,
+        heterogeneity=lesion.heterogeneity,
+        halo=lesion.halo,
+        halo_px=lesion.halo_px,
+        posterior=lesion.posterior,
         calcs=tuple((cu, cv, view.y0 + (cy - lesion.y0) * to_view) for cu, cv, cy in lesion.calcs),
-        sign_posterior=lesion.sign_posterior, sign_halo=lesion.sign_halo,
-        sign_heterogeneity=lesion.sign_heterogeneity, y_sign=view.y0 + (lesion.y_sign - lesion.y0) * to_view,
+        sign_posterior=lesion.sign_posterior,
+        sign_halo=lesion.sign_halo,
+        sign_heterogeneity=lesion.sign_heterogeneity,
+        y_sign=view.y0 + (lesion.y_sign - lesion.y0) * to_view,
     )
 
 
@@ -659,7 +807,7 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
         out = np.empty((fields.shape[0], T, Hp, Wp), fields.dtype)
         for t in range(T):  # one window copy per frame
             r0, c0 = J + dz[t], J + dx[t]
-            out[:, t] = fields[:, r0:r0 + Hp, c0:c0 + Wp]
+            out[:, t] = fields[:, r0 : r0 + Hp, c0 : c0 + Wp]
         return out
 
     # Elevation blend: the persistent fields rotate towards independent ones over the sweep.
@@ -667,11 +815,15 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     cos_t, sin_t = np.cos(theta), np.sin(theta)
 
     # Tissue texture (fat lobules, glandular texture, lesion heterogeneity): (5, T, Hp, Wp).
-    tex = crop(np.concatenate([
-        _smooth_fields(rng, 2, (Hg, Wg), 5.0 * scale),
-        _smooth_fields(rng, 2, (Hg, Wg), 1.8 * scale),
-        _smooth_fields(rng, 1, (Hg, Wg), 2.5 * scale),
-    ]))
+    tex = crop(
+        np.concatenate(
+            [
+                _smooth_fields(rng, 2, (Hg, Wg), 5.0 * scale),
+                _smooth_fields(rng, 2, (Hg, Wg), 1.8 * scale),
+                _smooth_fields(rng, 1, (Hg, Wg), 2.5 * scale),
+            ]
+        )
+    )
     fat_tex = cos_t * tex[0] + sin_t * tex[1]
     gland_tex = cos_t * tex[2] + sin_t * tex[3]
     het_tex = tex[4]
@@ -696,8 +848,8 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     muscle = 0.15 * (1.0 + 3.0 * (septa * septa) ** 2)  # bright fibre septa (sin^8)
     R = s_fg * (gland * (1 - s_gr) + s_gr * (0.1 * (1 - s_pm) + s_pm * muscle)) + (1 - s_fg) * fat
     R = R * s_skin + (1 - s_skin) * 0.8
-    R = R + 4.0 * np.exp(-((Z - 0.012) / 0.008) ** 2)  # skin entry line
-    R = R + 1.5 * np.exp(-((Z - z_pm) / 0.005) ** 2)  # pectoral fascia
+    R = R + 4.0 * np.exp(-(((Z - 0.012) / 0.008) ** 2))  # skin entry line
+    R = R + 1.5 * np.exp(-(((Z - z_pm) / 0.005) ** 2))  # pectoral fascia
 
     # Cooper's ligaments: bright arcs from the gland surface towards the skin, in the fat only.
     rows = int(min(Hp, (float(z_fg.max()) * W + pad + J + 2)))
@@ -706,7 +858,7 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     for cx, half_w, height, drift in p.ligaments:
         rel = (X - (cx + drift * yy)) / half_w
         curve = z_fg - height * (z_fg - p.z_skin) * (1 - rel**2)
-        lig += np.where(np.abs(rel) < 1, np.exp(-((Zf - curve) / 0.006) ** 2), 0.0)
+        lig += np.where(np.abs(rel) < 1, np.exp(-(((Zf - curve) / 0.006) ** 2)), 0.0)
     R[:, :rows] += 2.5 * np.minimum(lig, 1.0) * fat_weight
 
     # Lesion section in frame t: scale s_t of the in-plane ellipse.
@@ -731,7 +883,7 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     spike_gain = sign_w[:, None] if p.focal else 1.0
     for angle, length, width in p.spicules:
         dphi = np.angle(np.exp(1j * (phi - angle))).astype(np.float32)
-        r_tab += spike_gain * length * np.exp(-(dphi / width) ** 2)
+        r_tab += spike_gain * length * np.exp(-((dphi / width) ** 2))
     idx = ((ang + math.pi) * (NB / (2 * math.pi))).astype(np.int64) % NB
     r = np.take_along_axis(r_tab, idx.reshape(T, -1), axis=1).reshape(ang.shape)
     px_per_unit = math.sqrt(p.a * b) * W  # pixels per unit of rho, roughly
@@ -789,7 +941,7 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
     # a small Gaussian on the intensity lowers speckle contrast the way downsampling does.
     rfx = scipy.fft.rfftfreq(Wp).astype(np.float32)[None, :]
     blur = np.exp(-2 * math.pi**2 * (0.8 * scale) ** 2 * (fz**2 + rfx**2))
-    intensity = scipy.fft.irfft2(scipy.fft.rfft2(intensity) * blur, s=(Hp, Wp))[:, pad:pad + H, padx:padx + W]
+    intensity = scipy.fft.irfft2(scipy.fft.rfft2(intensity) * blur, s=(Hp, Wp))[:, pad : pad + H, padx : padx + W]
 
     # Log compression: white is 8 dB above the sweep's 99th percentile (bright speckle of gland).
     ref = np.percentile(intensity[:, ::3, ::3], 99.0) * 10 ** ((8.0 - p.gain_db) / 10)
@@ -806,7 +958,7 @@ def render_case(p: CaseParams, cfg: SynthConfig, rng: np.random.Generator) -> Sy
         signs = visible & (sign_w > 0.5)
     else:
         signs = visible.copy()
-    mask = m[:, pad:pad + H, padx:padx + W] > 0.5  # (T, H, W)
+    mask = m[:, pad : pad + H, padx : padx + W] > 0.5  # (T, H, W)
     heights = mask.any(axis=2).sum(axis=1)
     widths = mask.any(axis=1).sum(axis=1)
     # Shape stats from near-full sections: grazing cuts look round whatever the lesion.
@@ -873,8 +1025,10 @@ def plan_cases(n: int, seed: int, cfg: SynthConfig = SynthConfig()) -> list[Case
     formats = [cfg.formats[0]] * n
     if len(cfg.formats) > 1:  # drawn after the rest: plans of one-format configs are as before
         formats = [cfg.formats[k] for k in rng.permutation(np.arange(n) % len(cfg.formats))]
-    return [CasePlan(i, f"case_{i + 1:04d}{FORMATS[formats[i]][0]}", int(labels[i // per]), patients[i],
-                     formats[i]) for i in range(n)]
+    return [
+        CasePlan(i, f"case_{i + 1:04d}{FORMATS[formats[i]][0]}", int(labels[i // per]), patients[i], formats[i])
+        for i in range(n)
+    ]
 
 
 def encode_video(frames: np.ndarray, fmt: str, cfg: SynthConfig, name: str = "video") -> bytes:
@@ -918,12 +1072,26 @@ def _make_case(args: tuple) -> dict:
     t2 = time.perf_counter()
     storage.write_bytes(storage.join(out_uri, plan.video), data)
     frames, height, width = case.frames.shape
-    return {**asdict(plan), **case.stats, "frames": frames, "height": height, "width": width,
-            "bytes": len(data), "generate_s": t1 - t0, "encode_s": t2 - t1}
+    return {
+        **asdict(plan),
+        **case.stats,
+        "frames": frames,
+        "height": height,
+        "width": width,
+        "bytes": len(data),
+        "generate_s": t1 - t0,
+        "encode_s": t2 - t1,
+    }
 
 
-def write_dataset(out_uri: str, n_cases: int, seed: int = 0, cfg: SynthConfig = SynthConfig(),
-                  workers: int | None = None, progress: bool = True) -> list[dict]:
+def write_dataset(
+    out_uri: str,
+    n_cases: int,
+    seed: int = 0,
+    cfg: SynthConfig = SynthConfig(),
+    workers: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
     """Write `n_cases` sweeps (videos in cfg.formats) plus labels.csv (video, label, patient_id).
 
     Also writes synth_cases.csv (per-case stats: focal, aspect ratio, lesion and
@@ -953,14 +1121,17 @@ def write_dataset(out_uri: str, n_cases: int, seed: int = 0, cfg: SynthConfig = 
                 bar.update()
     bar.close()
     rows.sort(key=lambda r: r["index"])
-    logger.info("rendered %d sweeps: %.3f s/case rendering, %.3f s/case encoding", len(rows),
-                float(np.mean([r["generate_s"] for r in rows])), float(np.mean([r["encode_s"] for r in rows])))
+    logger.info(
+        "rendered %d sweeps: %.3f s/case rendering, %.3f s/case encoding",
+        len(rows),
+        float(np.mean([r["generate_s"] for r in rows])),
+        float(np.mean([r["encode_s"] for r in rows])),
+    )
     table = pd.DataFrame(rows)
     # No timings: same seed, same file. Format and frame geometry only where they vary
     # (hard): a default data set's synth_cases.csv stays as it was.
     fixed = [c for c in ("format", "frames", "height", "width") if table[c].nunique() == 1]
     stats = table.drop(columns=["index", "generate_s", "encode_s", *fixed])
     storage.write_text(storage.join(out_uri, "synth_cases.csv"), stats.to_csv(index=False))
-    storage.write_text(storage.join(out_uri, "labels.csv"),
-                       table[["video", "label", "patient_id"]].to_csv(index=False))
+    storage.write_text(storage.join(out_uri, "labels.csv"), table[["video", "label", "patient_id"]].to_csv(index=False))
     return rows

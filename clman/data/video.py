@@ -27,8 +27,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from clman.data.scan_region import (NO_SCAN_REGION, ScanRegion, ScanRegionError, TemporalStd, describe,
-                                    region_box)
+from clman.data.scan_region import NO_SCAN_REGION, ScanRegion, ScanRegionError, TemporalStd, describe, region_box
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +41,17 @@ else:
     decord.logging.set_level(decord.logging.QUIET)
 
 # Reject reasons shared with the ingest job (rejects.parquet `reason` column).
-EMPTY, NOT_A_VIDEO, TRUNCATED, NO_FRAMES, UNREADABLE = (
-    "empty", "not_a_video", "truncated", "no_frames", "unreadable")
+EMPTY, NOT_A_VIDEO, TRUNCATED, NO_FRAMES, UNREADABLE = ("empty", "not_a_video", "truncated", "no_frames", "unreadable")
 
 # Leading bytes of containers we know; a file that starts like one but does not
 # open was cut short (or damaged), anything else is not a video at all.
 _CONTAINER_MAGIC = (
-    (4, b"ftyp"),            # MP4 / MOV / 3GP
-    (4, b"moov"), (4, b"mdat"), (4, b"free"), (4, b"wide"),
-    (0, b"RIFF"),            # AVI
+    (4, b"ftyp"),  # MP4 / MOV / 3GP
+    (4, b"moov"),
+    (4, b"mdat"),
+    (4, b"free"),
+    (4, b"wide"),
+    (0, b"RIFF"),  # AVI
     (0, b"\x1aE\xdf\xa3"),  # Matroska / WebM
     (0, b"OggS"),
     (0, b"\x00\x00\x01\xba"),  # MPEG-PS
@@ -75,7 +76,7 @@ class VideoInfo:
 
 
 def looks_like_container(data: bytes) -> bool:
-    return any(data[off:off + len(magic)] == magic for off, magic in _CONTAINER_MAGIC)
+    return any(data[off : off + len(magic)] == magic for off, magic in _CONTAINER_MAGIC)
 
 
 class DecordReader:
@@ -145,8 +146,9 @@ class PyAVReader:
 
     def _rgb(self, frame) -> np.ndarray:
         width, height = (self._size, self._size) if self._size else (frame.width, frame.height)
-        return frame.reformat(width=width, height=height, format="rgb24",
-                              interpolation="BILINEAR").to_ndarray()  # (H, W, 3)
+        return frame.reformat(
+            width=width, height=height, format="rgb24", interpolation="BILINEAR"
+        ).to_ndarray()  # (H, W, 3)
 
     def get_batch(self, indices: list[int]) -> np.ndarray:
         wanted = set(indices)
@@ -184,16 +186,16 @@ def _reader(data: bytes, name: str, size: int | None = None) -> DecordReader | P
     if b"\x00" not in data[:4096] and not looks_like_container(data):
         # Video containers carry binary headers; text would also be echoed in
         # full by decord's C++ error log, so stop here.
-        raise VideoError(f"{name}: not a video (no binary container header, "
-                         f"{len(data)} bytes)", NOT_A_VIDEO)
+        raise VideoError(f"{name}: not a video (no binary container header, {len(data)} bytes)", NOT_A_VIDEO)
     try:
         return Reader(data, size)
     except VideoError as err:
         raise VideoError(f"{name}: {err}", err.reason) from None
     except Exception as err:  # decord raises DECORDError or RuntimeError, PyAV av.error.FFmpegError
         reason = TRUNCATED if looks_like_container(data) else NOT_A_VIDEO
-        raise VideoError(f"{name}: cannot open as a video ({reason}, {len(data)} bytes): "
-                         f"{_first_line(err)}", reason) from None
+        raise VideoError(
+            f"{name}: cannot open as a video ({reason}, {len(data)} bytes): {_first_line(err)}", reason
+        ) from None
 
 
 def _first_line(err: BaseException) -> str:
@@ -215,23 +217,28 @@ def probe_video(data: bytes, name: str = "video") -> VideoInfo:
         try:
             last = vr.frame(n - 1)  # (H, W, C)
         except Exception as err:
-            raise VideoError(f"{name}: frame {n - 1} of {n} does not decode (truncated?): "
-                             f"{_first_line(err)}", TRUNCATED) from None
+            raise VideoError(
+                f"{name}: frame {n - 1} of {n} does not decode (truncated?): {_first_line(err)}", TRUNCATED
+            ) from None
         fps = vr.fps
     finally:
         vr.close()
-    return VideoInfo(num_frames=n, fps=fps if np.isfinite(fps) and fps > 0 else 0.0,
-                     height=int(last.shape[0]), width=int(last.shape[1]))
+    return VideoInfo(
+        num_frames=n,
+        fps=fps if np.isfinite(fps) and fps > 0 else 0.0,
+        height=int(last.shape[0]),
+        width=int(last.shape[1]),
+    )
 
 
-def decode_frames(data: bytes, indices: Sequence[int] | None = None,
-                  name: str = "video") -> np.ndarray:
+def decode_frames(data: bytes, indices: Sequence[int] | None = None, name: str = "video") -> np.ndarray:
     """Frames at ``indices`` (all frames when None) -> (T, H, W, 3) uint8."""
     return decode_frames_resized(data, indices, None, name)
 
 
-def decode_frames_resized(data: bytes, indices: Sequence[int] | None, size: int | None,
-                          name: str = "video") -> np.ndarray:
+def decode_frames_resized(
+    data: bytes, indices: Sequence[int] | None, size: int | None, name: str = "video"
+) -> np.ndarray:
     """Frames at ``indices`` (all when None) -> (T, size, size, 3) uint8, resized by the decoder
     (FFmpeg's bilinear scaler, in decord's C++ thread or PyAV's; no Python per pixel); source size when
     ``size`` is None."""
@@ -242,16 +249,18 @@ def decode_frames_resized(data: bytes, indices: Sequence[int] | None, size: int 
             raise VideoError(f"{name}: no frames", NO_FRAMES)
         idx = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
         if idx.ndim != 1 or idx.size == 0:
-            raise VideoError(f"{name}: indices must be a non-empty 1-D sequence, got shape "
-                             f"{idx.shape}", UNREADABLE)
+            raise VideoError(f"{name}: indices must be a non-empty 1-D sequence, got shape {idx.shape}", UNREADABLE)
         if idx.min() < 0 or idx.max() >= n:
-            raise VideoError(f"{name}: frame index {int(idx.max() if idx.max() >= n else idx.min())} "
-                             f"out of range for {n} frames", UNREADABLE)
+            raise VideoError(
+                f"{name}: frame index {int(idx.max() if idx.max() >= n else idx.min())} out of range for {n} frames",
+                UNREADABLE,
+            )
         try:
             return vr.get_batch(idx.tolist())  # (T, H, W, 3)
         except Exception as err:
-            raise VideoError(f"{name}: decoding {idx.size} frames failed (truncated?): "
-                             f"{_first_line(err)}", TRUNCATED) from None
+            raise VideoError(
+                f"{name}: decoding {idx.size} frames failed (truncated?): {_first_line(err)}", TRUNCATED
+            ) from None
     finally:
         vr.close()
 
@@ -270,8 +279,9 @@ def iter_frames_pyav(data: bytes, name: str = "video") -> tuple[float, Iterator[
         container = av.open(io.BytesIO(data), mode="r")
     except Exception as err:
         reason = TRUNCATED if looks_like_container(data) else NOT_A_VIDEO
-        raise VideoError(f"{name}: cannot open as a video ({reason}, {len(data)} bytes): "
-                         f"{_first_line(err)}", reason) from None
+        raise VideoError(
+            f"{name}: cannot open as a video ({reason}, {len(data)} bytes): {_first_line(err)}", reason
+        ) from None
     if not container.streams.video:
         container.close()
         raise VideoError(f"{name}: container has no video stream", NOT_A_VIDEO)
@@ -287,15 +297,16 @@ def iter_frames_pyav(data: bytes, name: str = "video") -> tuple[float, Iterator[
                 count += 1
                 yield frame.to_ndarray(format="rgb24")
         except av.error.FFmpegError as err:
-            raise VideoError(f"{name}: decoding stopped after {count} of {declared or '?'} "
-                             f"frames (truncated?): {_first_line(err)}", TRUNCATED) from None
+            raise VideoError(
+                f"{name}: decoding stopped after {count} of {declared or '?'} frames (truncated?): {_first_line(err)}",
+                TRUNCATED,
+            ) from None
         finally:
             container.close()
         if count == 0:
             raise VideoError(f"{name}: no frames", NO_FRAMES)
         if declared and count < declared:
-            raise VideoError(f"{name}: only {count} of {declared} declared frames decode "
-                             "(truncated?)", TRUNCATED)
+            raise VideoError(f"{name}: only {count} of {declared} declared frames decode (truncated?)", TRUNCATED)
 
     return fps, frames()
 
@@ -306,8 +317,7 @@ def _as_rgb(frame: np.ndarray, name: str) -> np.ndarray:
     if frame.ndim == 2:
         frame = frame[:, :, None]
     if frame.ndim != 3 or frame.shape[2] not in (1, 3):
-        raise VideoError(f"{name}: frame shape {frame.shape} is not (H, W), (H, W, 1) "
-                         "or (H, W, 3)", UNREADABLE)
+        raise VideoError(f"{name}: frame shape {frame.shape} is not (H, W), (H, W, 1) or (H, W, 3)", UNREADABLE)
     if frame.dtype != np.uint8:
         raise VideoError(f"{name}: frames must be uint8, got {frame.dtype}", UNREADABLE)
     if frame.shape[2] == 1:
@@ -323,8 +333,7 @@ def _as_rgb(frame: np.ndarray, name: str) -> np.ndarray:
 class Mp4Writer:
     """Streams frames into an in-memory H.264 mp4 (yuv420p, GOP ``gop``, no B-frames)."""
 
-    def __init__(self, fps: float, gop: int = 8, crf: int = 18, preset: str = "fast",
-                 name: str = "video"):
+    def __init__(self, fps: float, gop: int = 8, crf: int = 18, preset: str = "fast", name: str = "video"):
         if gop < 1:
             raise ValueError(f"gop must be >= 1, got {gop}")
         if not (fps > 0 and np.isfinite(fps)):
@@ -339,9 +348,17 @@ class Mp4Writer:
         self._buf = io.BytesIO()
         self._out = av.open(self._buf, mode="w", format="mp4")
         self._stream = self._out.add_stream(
-            "libx264", rate=Fraction(self.fps).limit_denominator(1001),
-            options={"crf": str(crf), "g": str(gop), "keyint_min": str(gop),
-                     "sc_threshold": "0", "bf": "0", "preset": preset})
+            "libx264",
+            rate=Fraction(self.fps).limit_denominator(1001),
+            options={
+                "crf": str(crf),
+                "g": str(gop),
+                "keyint_min": str(gop),
+                "sc_threshold": "0",
+                "bf": "0",
+                "preset": preset,
+            },
+        )
         self._stream.pix_fmt = "yuv420p"
 
     def write(self, frame: np.ndarray) -> None:
@@ -350,8 +367,11 @@ class Mp4Writer:
             self.height, self.width = rgb.shape[:2]
             self._stream.height, self._stream.width = self.height, self.width
         elif rgb.shape[:2] != (self.height, self.width):
-            raise VideoError(f"{self.name}: frame {self.num_frames} has size {rgb.shape[:2]}, "
-                             f"earlier frames {(self.height, self.width)}", UNREADABLE)
+            raise VideoError(
+                f"{self.name}: frame {self.num_frames} has size {rgb.shape[:2]}, "
+                f"earlier frames {(self.height, self.width)}",
+                UNREADABLE,
+            )
         vf = self._av.VideoFrame.from_ndarray(rgb, format="rgb24")
         vf.pts = self.num_frames
         self._out.mux(self._stream.encode(vf))
@@ -369,8 +389,9 @@ class Mp4Writer:
         return VideoInfo(self.num_frames, self.fps, self.height, self.width)
 
 
-def encode_mp4(frames: np.ndarray | Sequence[np.ndarray], fps: float = 30.0, gop: int = 8,
-               crf: int = 18, name: str = "video") -> bytes:
+def encode_mp4(
+    frames: np.ndarray | Sequence[np.ndarray], fps: float = 30.0, gop: int = 8, crf: int = 18, name: str = "video"
+) -> bytes:
     """(T, H, W) or (T, H, W, 3) uint8 frames -> mp4 bytes (H.264, yuv420p, GOP ``gop``).
 
     Grayscale frames are replicated to 3 channels; odd sizes are padded by one
@@ -387,9 +408,14 @@ def transcode(data: bytes, gop: int = 8, crf: int = 18, name: str = "video") -> 
     return transcode_with_info(data, gop=gop, crf=crf, name=name)[0]
 
 
-def transcode_with_info(data: bytes, gop: int = 8, crf: int = 18, name: str = "video",
-                        default_fps: float = 30.0,
-                        scan_region: ScanRegion | None = None) -> tuple[bytes, VideoInfo]:
+def transcode_with_info(
+    data: bytes,
+    gop: int = 8,
+    crf: int = 18,
+    name: str = "video",
+    default_fps: float = 30.0,
+    scan_region: ScanRegion | None = None,
+) -> tuple[bytes, VideoInfo]:
     """``transcode`` that also returns the new clip's VideoInfo.
 
     Frames stream through one at a time, so memory does not grow with video
@@ -399,8 +425,7 @@ def transcode_with_info(data: bytes, gop: int = 8, crf: int = 18, name: str = "v
     it, the cut logged at INFO (``transcode_cropped`` returns it instead).
     """
     if scan_region is not None and scan_region.mode != "off":
-        clip, info, note = transcode_cropped(data, scan_region, gop=gop, crf=crf, name=name,
-                                             default_fps=default_fps)
+        clip, info, note = transcode_cropped(data, scan_region, gop=gop, crf=crf, name=name, default_fps=default_fps)
         logger.info("%s: %s", name, note)
         return clip, info
     fps, frames = iter_frames_pyav(data, name)
@@ -410,8 +435,9 @@ def transcode_with_info(data: bytes, gop: int = 8, crf: int = 18, name: str = "v
     return writer.finish(), writer.info()
 
 
-def transcode_cropped(data: bytes, scan_region: ScanRegion, gop: int = 8, crf: int = 18,
-                      name: str = "video", default_fps: float = 30.0) -> tuple[bytes, VideoInfo, str]:
+def transcode_cropped(
+    data: bytes, scan_region: ScanRegion, gop: int = 8, crf: int = 18, name: str = "video", default_fps: float = 30.0
+) -> tuple[bytes, VideoInfo, str]:
     """(clip, its VideoInfo, one-line note of the cut): ``transcode_with_info`` cropping every frame
     to ``scan_region`` (see clman.data.scan_region; ``off`` keeps frames whole).
 
@@ -423,11 +449,13 @@ def transcode_cropped(data: bytes, scan_region: ScanRegion, gop: int = 8, crf: i
     std = None
     if scan_region.mode == "auto":
         std = TemporalStd()
+        first = None
         for i, frame in enumerate(iter_frames_pyav(data, name)[1]):
-            first = frame.shape if i == 0 else first
+            first = frame.shape if first is None else first
             if frame.shape != first:
-                raise VideoError(f"{name}: frame {i} has size {frame.shape[:2]}, earlier frames "
-                                 f"{first[:2]}", UNREADABLE)
+                raise VideoError(
+                    f"{name}: frame {i} has size {frame.shape[:2]}, earlier frames {first[:2]}", UNREADABLE
+                )
             std.add(frame)
     fps, frames = iter_frames_pyav(data, name)
     writer = Mp4Writer(fps=fps if fps > 0 else default_fps, gop=gop, crf=crf, name=name)
@@ -442,6 +470,6 @@ def transcode_cropped(data: bytes, scan_region: ScanRegion, gop: int = 8, crf: i
             note = describe(box, height, width)
         if box is not None:
             x, y, w, h = box
-            frame = frame[y:y + h, x:x + w]
+            frame = frame[y : y + h, x : x + w]
         writer.write(frame)
     return writer.finish(), writer.info(), note

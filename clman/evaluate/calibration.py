@@ -47,9 +47,13 @@ def reliability_bins(scores, labels, n_bins: int = N_BINS) -> dict[str, list]:
     count = np.bincount(which, minlength=n_bins)
     score_sum = np.bincount(which, weights=s, minlength=n_bins)
     pos = np.bincount(which, weights=y, minlength=n_bins)
-    return {"lower": edges[:-1].tolist(), "upper": edges[1:].tolist(), "count": count.tolist(),
-            "mean_score": [float(a / c) if c else None for a, c in zip(score_sum, count)],
-            "fraction_malignant": [float(p / c) if c else None for p, c in zip(pos, count)]}
+    return {
+        "lower": edges[:-1].tolist(),
+        "upper": edges[1:].tolist(),
+        "count": count.tolist(),
+        "mean_score": [float(a / c) if c else None for a, c in zip(score_sum, count)],
+        "fraction_malignant": [float(p / c) if c else None for p, c in zip(pos, count)],
+    }
 
 
 def _ece_parts(s: np.ndarray, y: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,8 +63,9 @@ def _ece_parts(s: np.ndarray, y: np.ndarray, n_bins: int) -> tuple[np.ndarray, n
     return which, s - y
 
 
-def calibration(scores, labels, *, n_bins: int = N_BINS, n_boot: int = 1000, seed: int = 0, groups=None,
-                alpha: float = 0.05) -> dict:
+def calibration(
+    scores, labels, *, n_bins: int = N_BINS, n_boot: int = 1000, seed: int = 0, groups=None, alpha: float = 0.05
+) -> dict:
     """{"brier", "ece", "ece_bins", "ci95": {"brier": [lo, hi], "ece": [lo, hi]}, "reliability": bins}.
 
     CIs: ``n_boot`` resamples from ``default_rng(seed)`` (0: none), of ``groups`` (patients) when given.
@@ -69,15 +74,21 @@ def calibration(scores, labels, *, n_bins: int = N_BINS, n_boot: int = 1000, see
     """
     s, y = _check_inputs(scores, labels)
     s, y = s.double().cpu().numpy(), y.cpu().numpy().astype(np.float64)
-    out = {"brier": brier_score(s, y), "ece": calibration_error(s, y, n_bins), "ece_bins": n_bins,
-           "reliability": reliability_bins(s, y, n_bins), "ci95": {}}
+    out = {
+        "brier": brier_score(s, y),
+        "ece": calibration_error(s, y, n_bins),
+        "ece_bins": n_bins,
+        "reliability": reliability_bins(s, y, n_bins),
+        "ci95": {},
+    }
     if n_boot:
         which, gap = _ece_parts(s, y, n_bins)
         values = {"brier": [], "ece": []}
         for idx in bootstrap_indices(len(y), n_boot, seed, groups):
             values["brier"].append(float(np.mean(gap[idx] ** 2)))
-            values["ece"].append(float(np.abs(np.bincount(which[idx], weights=gap[idx], minlength=n_bins + 1)).sum()
-                                       / len(idx)))
+            values["ece"].append(
+                float(np.abs(np.bincount(which[idx], weights=gap[idx], minlength=n_bins + 1)).sum() / len(idx))
+            )
         q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
         out["ci95"] = {k: [float(v) for v in np.percentile(np.asarray(vals), q)] for k, vals in values.items()}
     return out

@@ -59,8 +59,9 @@ def load_classifier(uri: str, device: torch.device | str = "cpu", state: dict | 
 
 
 @torch.no_grad()
-def score_frames(model, frames: torch.Tensor, frame_idx: np.ndarray, size: int,
-                 device: torch.device | str = "cpu") -> Prediction:
+def score_frames(
+    model, frames: torch.Tensor, frame_idx: np.ndarray, size: int, device: torch.device | str = "cpu"
+) -> Prediction:
     """One video: uint8 frames (T, C, S, S) as decoded (``clman.data.frames``) -> its Prediction."""
     clip = resize_clips(frames.to(device)[None], size)  # (1, T, 3, size, size)
     mask = torch.ones(clip.shape[:2], dtype=torch.bool, device=device)
@@ -77,8 +78,9 @@ def mean_log_probs(logits: torch.Tensor, clips: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_clips(model, frames: torch.Tensor, frame_idx: np.ndarray, size: int,
-                device: torch.device | str = "cpu") -> Prediction:
+def score_clips(
+    model, frames: torch.Tensor, frame_idx: np.ndarray, size: int, device: torch.device | str = "cpu"
+) -> Prediction:
     """One video as K clips: uint8 frames (K, T, C, S, S), frame_idx (K, T) -> its Prediction.
 
     score: the mean P(malignant) of the K clips (:func:`mean_log_probs`); frame_weight: each
@@ -135,19 +137,30 @@ def choose_threshold(scores, labels, target_sensitivity: float) -> dict | None:
     if math.isnan(thr):
         return None
     sens = compute_metrics(scores, y, threshold=thr)["sensitivity"]
-    return {"value": float(thr), "chosen_on": "validation", "target_sensitivity": float(target_sensitivity),
-            "videos": int(len(y)), "malignant": int(y.sum()), "sensitivity": float(sens), "specificity": float(spec)}
+    return {
+        "value": float(thr),
+        "chosen_on": "validation",
+        "target_sensitivity": float(target_sensitivity),
+        "videos": int(len(y)),
+        "malignant": int(y.sum()),
+        "sensitivity": float(sens),
+        "specificity": float(spec),
+    }
 
 
 def describe_threshold(record: dict | None) -> str:
     """One line on where a threshold came from (``record``: :func:`choose_threshold`'s, None: the default)."""
     if record is None:
-        return (f"threshold {DEFAULT_THRESHOLD:g}: the default; this model.pt stores no threshold chosen on "
-                "validation (written before thresholds were stored, or finetuned without validation)")
-    return (f"threshold {record['value']:.4g}: chosen on the {record['videos']} validation videos "
-            f"({record['malignant']} malignant) for {100 * record['target_sensitivity']:.0f}% sensitivity "
-            f"(sensitivity {100 * record['sensitivity']:.1f}%, specificity {100 * record['specificity']:.1f}% "
-            "there), not on the test split")
+        return (
+            f"threshold {DEFAULT_THRESHOLD:g}: the default; this model.pt stores no threshold chosen on "
+            "validation (written before thresholds were stored, or finetuned without validation)"
+        )
+    return (
+        f"threshold {record['value']:.4g}: chosen on the {record['videos']} validation videos "
+        f"({record['malignant']} malignant) for {100 * record['target_sensitivity']:.0f}% sensitivity "
+        f"(sensitivity {100 * record['sensitivity']:.1f}%, specificity {100 * record['specificity']:.1f}% "
+        "there), not on the test split"
+    )
 
 
 def preprocessing(cfg: C.FinetuneConfig) -> dict:

@@ -23,17 +23,30 @@ import pyarrow as pa
 
 from clman import storage
 from clman.evaluate.calibration import calibration
-from clman.metrics import (METRIC_NAMES, bootstrap_ci, bootstrap_indices, compute_metrics,
-                           specificity_at_sensitivity)
+from clman.metrics import METRIC_NAMES, bootstrap_ci, bootstrap_indices, compute_metrics, specificity_at_sensitivity
 
 # The paper's column order and headings (Tables 1-4).
-PAPER_COLUMNS = (("accuracy", "Acc"), ("ap", "AP"), ("sensitivity", "Sens"), ("specificity", "Spec"),
-                 ("f1", "F1"), ("auc", "AUC"))
+PAPER_COLUMNS = (
+    ("accuracy", "Acc"),
+    ("ap", "AP"),
+    ("sensitivity", "Sens"),
+    ("specificity", "Spec"),
+    ("f1", "F1"),
+    ("auc", "AUC"),
+)
 
 
-def evaluate_scores(scores: np.ndarray, labels: np.ndarray, *, threshold: float = 0.5,
-                    target_sensitivity: float = 0.95, n_boot: int = 1000, seed: int = 0,
-                    patients: Sequence[str] | None = None, validation_threshold: dict | None = None) -> dict:
+def evaluate_scores(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    *,
+    threshold: float = 0.5,
+    target_sensitivity: float = 0.95,
+    n_boot: int = 1000,
+    seed: int = 0,
+    patients: Sequence[str] | None = None,
+    validation_threshold: dict | None = None,
+) -> dict:
     """The six metrics, their bootstrap 95% CIs, specificity at a fixed sensitivity and calibration
     (Brier score, ECE; ``clman.evaluate.calibration``, CIs from the same resamples).
 
@@ -51,8 +64,11 @@ def evaluate_scores(scores: np.ndarray, labels: np.ndarray, *, threshold: float 
         "threshold": threshold,
         "metrics": {k: _num(point[k]) for k in METRIC_NAMES},
         "ci95": {k: [_num(ci[k][0]), _num(ci[k][1])] for k in ci},
-        "specificity_at_sensitivity": {"sensitivity": target_sensitivity, "specificity": _num(spec),
-                                       "threshold": _num(thr)},
+        "specificity_at_sensitivity": {
+            "sensitivity": target_sensitivity,
+            "specificity": _num(spec),
+            "threshold": _num(thr),
+        },
         "bootstrap": n_boot,
         "bootstrap_unit": "video" if patients is None else "patient",
         "calibration": calibration(scores, labels, n_boot=n_boot, seed=seed, groups=groups),
@@ -65,9 +81,13 @@ def operating_point(scores, labels, record: dict | None) -> dict | None:
     if record is None:
         return None
     at = compute_metrics(scores, labels, threshold=record["value"])
-    return {"threshold": record["value"], "chosen_on": "validation", "validation": dict(record),
-            **{k: _num(at[k]) for k in ("accuracy", "sensitivity", "specificity", "f1")},
-            "fpr": _num(1 - at["specificity"])}
+    return {
+        "threshold": record["value"],
+        "chosen_on": "validation",
+        "validation": dict(record),
+        **{k: _num(at[k]) for k in ("accuracy", "sensitivity", "specificity", "f1")},
+        "fpr": _num(1 - at["specificity"]),
+    }
 
 
 def _num(x) -> float | None:
@@ -98,44 +118,60 @@ def _ci(ci: Sequence | None, fmt=lambda x: f"{x:.3f}") -> str:
     return f" (95% CI {fmt(ci[0])}–{fmt(ci[1])})" if ci else ""
 
 
-def markdown(rows: Mapping[str, dict], title: str = "CLMAN evaluation", notes: Sequence[str] = (),
-             images: Sequence[str] = ("roc.png",)) -> str:
+def markdown(
+    rows: Mapping[str, dict],
+    title: str = "CLMAN evaluation",
+    notes: Sequence[str] = (),
+    images: Sequence[str] = ("roc.png",),
+) -> str:
     """report.md: the paper-layout table, the operating points, calibration, the plots ``images``."""
     first = next(iter(rows.values()))
-    lines = [f"# {title}", "",
-             f"{first['n']} videos ({first['n_malignant']} malignant); malignant is the positive class; "
-             f"threshold {first['threshold']:g} (evaluate.threshold) in the table; 95% CIs from {first['bootstrap']} "
-             f"bootstrap resamples of {first.get('bootstrap_unit', 'video')}s.",
-             "", table_rows(rows), ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"{first['n']} videos ({first['n_malignant']} malignant); malignant is the positive class; "
+        f"threshold {first['threshold']:g} (evaluate.threshold) in the table; 95% CIs from {first['bootstrap']} "
+        f"bootstrap resamples of {first.get('bootstrap_unit', 'video')}s.",
+        "",
+        table_rows(rows),
+        "",
+    ]
     for name, result in rows.items():
         op = result["specificity_at_sensitivity"]
-        lines.append(f"- {name}: specificity {fmt_pct(op['specificity'])}% at "
-                     f"{100 * op['sensitivity']:.0f}% sensitivity (score threshold {op['threshold']}, read off "
-                     "these videos themselves: descriptive, not a threshold to deploy)")
+        lines.append(
+            f"- {name}: specificity {fmt_pct(op['specificity'])}% at "
+            f"{100 * op['sensitivity']:.0f}% sensitivity (score threshold {op['threshold']}, read off "
+            "these videos themselves: descriptive, not a threshold to deploy)"
+        )
     for name, result in rows.items():
         dep = result.get("operating_point")
         if dep:
             v = dep["validation"]
-            lines.append(f"- {name}, deployed operating point: threshold {dep['threshold']:.4g}, chosen on the "
-                         f"{v['videos']} validation videos ({v['malignant']} malignant) for "
-                         f"{100 * v['target_sensitivity']:.0f}% sensitivity (there: sensitivity "
-                         f"{fmt_pct(v['sensitivity'])}%, specificity {fmt_pct(v['specificity'])}%), not on this "
-                         f"split; here: sensitivity {fmt_pct(dep['sensitivity'])}%, specificity "
-                         f"{fmt_pct(dep['specificity'])}%, accuracy {fmt_pct(dep['accuracy'])}%, F1 "
-                         f"{fmt_pct(dep['f1'])}%. jobs.predict applies this threshold by default")
+            lines.append(
+                f"- {name}, deployed operating point: threshold {dep['threshold']:.4g}, chosen on the "
+                f"{v['videos']} validation videos ({v['malignant']} malignant) for "
+                f"{100 * v['target_sensitivity']:.0f}% sensitivity (there: sensitivity "
+                f"{fmt_pct(v['sensitivity'])}%, specificity {fmt_pct(v['specificity'])}%), not on this "
+                f"split; here: sensitivity {fmt_pct(dep['sensitivity'])}%, specificity "
+                f"{fmt_pct(dep['specificity'])}%, accuracy {fmt_pct(dep['accuracy'])}%, F1 "
+                f"{fmt_pct(dep['f1'])}%. jobs.predict applies this threshold by default"
+            )
     for name, result in rows.items():
         cal = result.get("calibration")
         if cal:
             ci = cal.get("ci95", {})
-            lines.append(f"- {name}, calibration: Brier score {cal['brier']:.3f}{_ci(ci.get('brier'))}, ECE "
-                         f"{cal['ece']:.3f}{_ci(ci.get('ece'))} over {cal['ece_bins']} equal-width bins of "
-                         "P(malignant)")
+            lines.append(
+                f"- {name}, calibration: Brier score {cal['brier']:.3f}{_ci(ci.get('brier'))}, ECE "
+                f"{cal['ece']:.3f}{_ci(ci.get('ece'))} over {cal['ece_bins']} equal-width bins of "
+                "P(malignant)"
+            )
     lines += ["", *notes, "", *[f"![{Path(i).stem}]({i})" for i in images], ""]
     return "\n".join(lines)
 
 
-def roc_band(scores, labels, *, n_boot: int = 1000, seed: int = 0, groups=None, alpha: float = 0.05,
-             points: int = 101) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_band(
+    scores, labels, *, n_boot: int = 1000, seed: int = 0, groups=None, alpha: float = 0.05, points: int = 101
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr grid, lower, upper): a pointwise percentile-bootstrap (1 - alpha) band of the ROC's sensitivity.
 
     The resamples of the metrics' CIs (``bootstrap_indices``: patients when ``groups``, same seed); at each
@@ -169,10 +205,13 @@ def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.n
     return fpr, tpr
 
 
-def roc_png(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float | None]],
-            title: str = "ROC (malignant = positive)", size: float = 4.5,
-            bands: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
-            points: Mapping[str, tuple[float, float, str]] | None = None) -> bytes:
+def roc_png(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray, float | None]],
+    title: str = "ROC (malignant = positive)",
+    size: float = 4.5,
+    bands: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    points: Mapping[str, tuple[float, float, str]] | None = None,
+) -> bytes:
     """ROC curves as PNG bytes; ``curves`` maps a name to (scores, labels, auc), drawn in that order.
 
     ``bands``: name -> (fpr grid, lower, upper) of :func:`roc_band`, shaded; ``points``: name ->
@@ -190,8 +229,9 @@ def roc_png(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float | None]],
         (line,) = ax.plot(fpr, tpr, drawstyle="steps-post", label=label)
         if bands and name in bands:
             grid, lo, hi = bands[name]
-            ax.fill_between(grid, lo, hi, step="post", color=line.get_color(), alpha=0.2, lw=0,
-                            label="95% CI (bootstrap)")
+            ax.fill_between(
+                grid, lo, hi, step="post", color=line.get_color(), alpha=0.2, lw=0, label="95% CI (bootstrap)"
+            )
         if points and name in points:
             x, y, text = points[name]
             ax.plot([x], [y], marker="o", ms=7, mfc="none", mew=1.8, ls="none", color="black", label=text)
@@ -209,15 +249,18 @@ def write_json(uri: str, obj) -> None:
     storage.write_text(uri, json.dumps(obj, indent=2, default=float) + "\n")
 
 
-def write_predictions(uri: str, video_ids: Sequence[str], labels, scores, threshold: float,
-                      top_frames: Sequence[Sequence[int]]) -> None:
-    table = pa.table({
-        "video_id": pa.array(list(video_ids), pa.string()),
-        "label": pa.array(np.asarray(labels, dtype=np.int8)),
-        "score": pa.array(np.asarray(scores, dtype=np.float32)),
-        "predicted": pa.array((np.asarray(scores) >= threshold).astype(np.int8)),
-        "top_frames": pa.array([list(map(int, f)) for f in top_frames], pa.list_(pa.int32())),
-    })
+def write_predictions(
+    uri: str, video_ids: Sequence[str], labels, scores, threshold: float, top_frames: Sequence[Sequence[int]]
+) -> None:
+    table = pa.table(
+        {
+            "video_id": pa.array(list(video_ids), pa.string()),
+            "label": pa.array(np.asarray(labels, dtype=np.int8)),
+            "score": pa.array(np.asarray(scores, dtype=np.float32)),
+            "predicted": pa.array((np.asarray(scores) >= threshold).astype(np.int8)),
+            "top_frames": pa.array([list(map(int, f)) for f in top_frames], pa.list_(pa.int32())),
+        }
+    )
     storage.write_parquet(table, uri)
 
 
@@ -230,8 +273,9 @@ def reliability_png(reliability: dict, name: str, ece: float | None = None, size
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(size, size * 1.3), dpi=120, sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, hist) = plt.subplots(
+        2, 1, figsize=(size, size * 1.3), dpi=120, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
     full = [i for i, c in enumerate(reliability["count"]) if c]
     x = [reliability["mean_score"][i] for i in full]
     y = [reliability["fraction_malignant"][i] for i in full]
@@ -240,8 +284,12 @@ def reliability_png(reliability: dict, name: str, ece: float | None = None, size
     ax.plot(x, y, marker="o", label=label)
     for xi, yi, i in zip(x, y, full):
         ax.annotate(str(reliability["count"][i]), (xi, yi), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    ax.set(ylabel="share malignant", xlim=(0, 1), ylim=(-0.02, 1.02),
-           title=f"Reliability ({len(reliability['count'])} equal-width bins)")
+    ax.set(
+        ylabel="share malignant",
+        xlim=(0, 1),
+        ylim=(-0.02, 1.02),
+        title=f"Reliability ({len(reliability['count'])} equal-width bins)",
+    )
     ax.legend(loc="upper left", fontsize=8)
     lower, upper = np.asarray(reliability["lower"]), np.asarray(reliability["upper"])
     hist.bar(lower, reliability["count"], width=upper - lower, align="edge", color="grey", edgecolor="white")
@@ -253,8 +301,25 @@ def reliability_png(reliability: dict, name: str, ece: float | None = None, size
     return buf.getvalue()
 
 
-def write_evaluation(out_dir: str, name: str, scored: Mapping[str, Sequence], cfg,
-                     validation_threshold: dict | None = None, notes: Sequence[str] = ()) -> dict:
+def roc_marker(result: dict, threshold: float) -> tuple:
+    """(FPR, sensitivity, label) of the point the ROC marks: the validation threshold's when the model
+    stores one, else ``threshold``'s (evaluate.threshold); None where a class is missing."""
+    op = result["operating_point"]
+    if op:
+        return op["fpr"], op["sensitivity"], f"threshold {op['threshold']:.3g}, chosen on validation"
+    m = result["metrics"]
+    fpr = None if m["specificity"] is None else 1 - m["specificity"]
+    return fpr, m["sensitivity"], f"threshold {threshold:g} (evaluate.threshold)"
+
+
+def write_evaluation(
+    out_dir: str,
+    name: str,
+    scored: Mapping[str, Sequence],
+    cfg,
+    validation_threshold: dict | None = None,
+    notes: Sequence[str] = (),
+) -> dict:
     """Metrics with patient-bootstrap CIs and calibration, ``predictions.parquet``, ``roc.png`` (with its
     bootstrap band and the operating point), ``reliability.png``, ``metrics.json`` and ``report.md`` of one
     scored split (``clman.evaluate.scoring.score_split``) under ``out_dir``.
@@ -266,26 +331,38 @@ def write_evaluation(out_dir: str, name: str, scored: Mapping[str, Sequence], cf
     scores = np.asarray(scored["score"], dtype=np.float64)
     labels = np.asarray(scored["label"], dtype=np.int64)
     patients = scored.get("patient_id")
-    result = evaluate_scores(scores, labels, threshold=cfg.threshold, target_sensitivity=cfg.target_sensitivity,
-                             n_boot=cfg.bootstrap, seed=cfg.seed, patients=patients,  # resamples patients
-                             validation_threshold=validation_threshold)
-    write_predictions(storage.join(out_dir, "predictions.parquet"), scored["video_id"], labels, scores,
-                      cfg.threshold, scored["top_frames"])
+    result = evaluate_scores(
+        scores,
+        labels,
+        threshold=cfg.threshold,
+        target_sensitivity=cfg.target_sensitivity,
+        n_boot=cfg.bootstrap,
+        seed=cfg.seed,
+        patients=patients,  # resamples patients
+        validation_threshold=validation_threshold,
+    )
+    write_predictions(
+        storage.join(out_dir, "predictions.parquet"),
+        scored["video_id"],
+        labels,
+        scores,
+        cfg.threshold,
+        scored["top_frames"],
+    )
     groups = None if patients is None else np.asarray(patients)
-    bands = {name: roc_band(scores, labels, n_boot=cfg.bootstrap, seed=cfg.seed, groups=groups)} if cfg.bootstrap else None
-    op = result["operating_point"]
-    if op:
-        point = (op["fpr"], op["sensitivity"], f"threshold {op['threshold']:.3g}, chosen on validation")
-    else:
-        m = result["metrics"]
-        point = (None if m["specificity"] is None else 1 - m["specificity"], m["sensitivity"],
-                 f"threshold {cfg.threshold:g} (evaluate.threshold)")
+    bands = (
+        {name: roc_band(scores, labels, n_boot=cfg.bootstrap, seed=cfg.seed, groups=groups)} if cfg.bootstrap else None
+    )
+    point = roc_marker(result, cfg.threshold)
     points = {name: point} if None not in point[:2] else None
-    storage.write_bytes(storage.join(out_dir, "roc.png"),
-                        roc_png({name: (scores, labels, result["metrics"]["auc"])}, bands=bands, points=points))
+    storage.write_bytes(
+        storage.join(out_dir, "roc.png"),
+        roc_png({name: (scores, labels, result["metrics"]["auc"])}, bands=bands, points=points),
+    )
     cal = result["calibration"]
     storage.write_bytes(storage.join(out_dir, "reliability.png"), reliability_png(cal["reliability"], name, cal["ece"]))
     write_json(storage.join(out_dir, "metrics.json"), result)
-    storage.write_text(storage.join(out_dir, "report.md"),
-                       markdown({name: result}, notes=notes, images=("roc.png", "reliability.png")))
+    storage.write_text(
+        storage.join(out_dir, "report.md"), markdown({name: result}, notes=notes, images=("roc.png", "reliability.png"))
+    )
     return result

@@ -46,8 +46,7 @@ def scored_indices(num_frames: int, T: int, frames: str, clips: int) -> np.ndarr
     return scoring_clips(num_frames, T, frames, clips, F.MAX_CACHED_FRAMES)
 
 
-def _decode(batch: dict[str, np.ndarray], size: int, num_frames: int, frames: str,
-            clips: int) -> dict[str, np.ndarray]:
+def _decode(batch: dict[str, np.ndarray], size: int, num_frames: int, frames: str, clips: int) -> dict[str, np.ndarray]:
     """One video per batch: its (K, T) scored frames (:func:`scored_indices`); nothing when it fails."""
     uri, n = str(batch["uri"][0]), int(batch["num_frames"][0])
     idx = scored_indices(n, num_frames, frames, clips)  # (K, T)
@@ -56,8 +55,11 @@ def _decode(batch: dict[str, np.ndarray], size: int, num_frames: int, frames: st
         decoded = F.decode_stored(uri, want, size)  # (U, C, S, S) uint8
     except (VideoError, storage.StorageError) as err:
         log.warning("skipping clip %s: %s", uri, err)
-        return {"frames": np.zeros((0, 1, 1, 1, 1, 1), np.uint8), "frame_idx": np.zeros((0, 1, 1), np.int64),
-                "video_index": np.zeros((0,), np.int64)}
+        return {
+            "frames": np.zeros((0, 1, 1, 1, 1, 1), np.uint8),
+            "frame_idx": np.zeros((0, 1, 1), np.int64),
+            "video_index": np.zeros((0,), np.int64),
+        }
     clip_frames = decoded[where].reshape(*idx.shape, *decoded.shape[1:])  # (K, T, C, S, S)
     return {"frames": clip_frames[None], "frame_idx": idx[None], "video_index": batch["video_index"]}
 
@@ -77,14 +79,17 @@ class Scorer:
 
         scores, tops = [], []
         for frames, idx in zip(batch["frames"], batch["frame_idx"]):  # (K, T, C, S, S), (K, T): one video
-            pred = score_clips(self.model, torch.from_numpy(np.asarray(frames)), np.asarray(idx),
-                               self.cfg.data.size, self.device)
+            pred = score_clips(
+                self.model, torch.from_numpy(np.asarray(frames)), np.asarray(idx), self.cfg.data.size, self.device
+            )
             top = pred.top_frames(TOP_FRAMES)
             scores.append(pred.score)
             tops.append(np.asarray(top + [-1] * (TOP_FRAMES - len(top)), np.int64))
-        return {"video_index": np.asarray(batch["video_index"], np.int64),
-                "score": np.asarray(scores, np.float64),
-                "top_frames": np.stack(tops) if tops else np.zeros((0, TOP_FRAMES), np.int64)}
+        return {
+            "video_index": np.asarray(batch["video_index"], np.int64),
+            "score": np.asarray(scores, np.float64),
+            "top_frames": np.stack(tops) if tops else np.zeros((0, TOP_FRAMES), np.int64),
+        }
 
 
 def score_rows(checkpoint: str, rows, data, frames: str, clips: int, decode_cpus: float = 0.5) -> dict[int, tuple]:
@@ -95,16 +100,26 @@ def score_rows(checkpoint: str, rows, data, frames: str, clips: int, decode_cpus
     actor per GPU of the cluster (at most one per video), else one CPU actor.
     """
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    items = [{"uri": str(r.uri), "num_frames": int(r.num_frames), "video_index": i}
-             for i, r in enumerate(rows.itertuples(index=False))]
+    items = [
+        {"uri": str(r.uri), "num_frames": int(r.num_frames), "video_index": i}
+        for i, r in enumerate(rows.itertuples(index=False))
+    ]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    ds = ds.map_batches(_decode, batch_size=1, num_cpus=decode_cpus,
-                        fn_kwargs={"size": data.stored_size, "num_frames": data.num_frames, "frames": frames,
-                                   "clips": clips})
+    ds = ds.map_batches(
+        _decode,
+        batch_size=1,
+        num_cpus=decode_cpus,
+        fn_kwargs={"size": data.stored_size, "num_frames": data.num_frames, "frames": frames, "clips": clips},
+    )
     actors = max(1, min(gpus, len(items)))
     resources = {"num_gpus": 1} if gpus else {"num_cpus": decode_cpus}
-    ds = ds.map_batches(Scorer, fn_constructor_kwargs={"checkpoint": checkpoint}, batch_size=1,
-                        compute=ray.data.ActorPoolStrategy(size=actors), **resources)
+    ds = ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={"checkpoint": checkpoint},
+        batch_size=1,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        **resources,
+    )
     out = {}
     for row in progress.track(ds.iter_rows(), len(items), "scoring", unit="video"):  # a bar, or a line per 10%
         out[int(row["video_index"])] = (float(row["score"]), [int(t) for t in row["top_frames"] if t >= 0])
@@ -139,9 +154,14 @@ def check_checkpoint(checkpoint: str, cfg: C.EvaluateConfig) -> C.FinetuneConfig
 
     validated = protocol(train_cfg.val_frames, train_cfg.val_clips)
     if "val_frames" in (state.get("config") or {}) and validated != protocol(cfg.frames, cfg.clips):
-        log.warning("%s was validated (its checkpoint picked) with evaluate.frames=%s, clips=%s and is scored with "
-                    "frames=%s, clips=%s: validation and test then score different clips", checkpoint, *validated,
-                    cfg.frames, cfg.clips)
+        log.warning(
+            "%s was validated (its checkpoint picked) with evaluate.frames=%s, clips=%s and is scored with "
+            "frames=%s, clips=%s: validation and test then score different clips",
+            checkpoint,
+            *validated,
+            cfg.frames,
+            cfg.clips,
+        )
     return train_cfg
 
 
@@ -161,16 +181,28 @@ def score_split(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfi
     # Frames are prepared the way the model was trained on them (stored size, size, T), and chosen as the
     # finetune loop's validation chose them (evaluate.frames / evaluate.clips).
     scored = score_rows(checkpoint, rows, train_cfg.data, cfg.frames, cfg.clips)
-    out = {"video_id": [], "patient_id": [], "label": [], "score": [], "top_frames": [],
-           "scoring": describe(cfg, train_cfg.data.num_frames)}
+    out = {
+        "video_id": [],
+        "patient_id": [],
+        "label": [],
+        "score": [],
+        "top_frames": [],
+        "scoring": describe(cfg, train_cfg.data.num_frames),
+    }
     for i in sorted(scored):
         out["video_id"].append(str(rows["video_id"].iloc[i]))
         out["patient_id"].append(str(rows["patient_id"].iloc[i]))
         out["label"].append(int(rows["label"].iloc[i]))
         out["score"].append(scored[i][0])
         out["top_frames"].append(scored[i][1])
-    log.info("scored %d/%d videos of split %r in %.1f s (%s)", len(out["score"]), len(rows), split,
-             time.perf_counter() - t0, out["scoring"])
+    log.info(
+        "scored %d/%d videos of split %r in %.1f s (%s)",
+        len(out["score"]),
+        len(rows),
+        split,
+        time.perf_counter() - t0,
+        out["scoring"],
+    )
     if not out["score"]:
         raise JobError(f"{manifest}: no video of split {split!r} could be decoded")
     return out

@@ -22,10 +22,22 @@ from clman.launch.ray_compat import keep_credentials_out_of_tune, reap_orphaned_
 log = logging.getLogger(__name__)
 
 
-def tuner(trainable, param_space: dict, *, name: str, storage_uri: str, concurrent: int,
-          track: Sequence[tracking.Target] = (), experiment: str | None = None,
-          config_of: Callable[[dict], object] | None = None, metric: str | None = None, mode: str | None = None,
-          scheduler: Any = None, search_alg: Any = None, num_samples: int = 1) -> tune.Tuner:
+def tuner(
+    trainable,
+    param_space: dict,
+    *,
+    name: str,
+    storage_uri: str,
+    concurrent: int,
+    track: Sequence[tracking.Target] = (),
+    experiment: str | None = None,
+    config_of: Callable[[dict], object] | None = None,
+    metric: str | None = None,
+    mode: str | None = None,
+    scheduler: Any = None,
+    search_alg: Any = None,
+    num_samples: int = 1,
+) -> tune.Tuner:
     """A Tuner of ``trainable`` over ``param_space``, up to ``concurrent`` trials at once, stored under
     ``<storage_uri>/<name>/``.
 
@@ -41,11 +53,21 @@ def tuner(trainable, param_space: dict, *, name: str, storage_uri: str, concurre
     return tune.Tuner(
         trainable,
         param_space=param_space,
-        tune_config=tune.TuneConfig(metric=metric, mode=mode, scheduler=scheduler, search_alg=search_alg,
-                                    num_samples=num_samples, max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=path, storage_filesystem=fs,
-                                  failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=callbacks),
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            scheduler=scheduler,
+            search_alg=search_alg,
+            num_samples=num_samples,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=tune.FailureConfig(max_failures=0),
+            callbacks=callbacks,
+        ),
     )
 
 
@@ -65,8 +87,11 @@ class PlacementGroupReaper(Callback):
             reap_orphaned_placement_groups()
         except Exception as e:  # a Ray upgrade may move these internals: warn once, let the sweep go on
             self._failed = True
-            log.warning("cannot release stopped trials' placement groups (%s: %s); later trials may wait "
-                        "for resources", type(e).__name__, e)
+            log.warning(
+                "cannot release stopped trials' placement groups (%s: %s); later trials may wait for resources",
+                type(e).__name__,
+                e,
+            )
 
 
 class TrackTrials(Callback):

@@ -32,8 +32,11 @@ class ProgressBar:
         self.job = dataclasses.replace(job, loop_config=job.loop_config.with_progress(self.queue))
         self.epochs = int(job.loop_config.config.epochs) or None
         self.run_name = run_name
-        self.bar = (tqdm(total=self.epochs, desc=run_name, unit="epoch", file=stream, dynamic_ncols=False, ncols=100)
-                    if progress.is_tty(stream) else None)
+        self.bar = (
+            tqdm(total=self.epochs, desc=run_name, unit="epoch", file=stream, dynamic_ncols=False, ncols=100)
+            if progress.is_tty(stream)
+            else None
+        )
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._follow, daemon=True)
         self.thread.start()
@@ -50,8 +53,13 @@ class ProgressBar:
                 return
             shown = {k: item[m] for k, m in self.SHOWN if isinstance(item.get(m), float) and item[m] == item[m]}
             if self.bar is None:
-                log.info("%s epoch %d/%s  %s", self.run_name, item["epoch"], self.epochs or "?",
-                         "  ".join(f"{k} {v:.3f}" for k, v in shown.items()))
+                log.info(
+                    "%s epoch %d/%s  %s",
+                    self.run_name,
+                    item["epoch"],
+                    self.epochs or "?",
+                    "  ".join(f"{k} {v:.3f}" for k, v in shown.items()),
+                )
                 continue
             self.bar.n = item["epoch"]
             self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()}, refresh=True)
@@ -62,4 +70,3 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
         ray.kill(self.queue.actor)
-

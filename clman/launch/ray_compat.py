@@ -54,8 +54,10 @@ def setup_local_worker() -> None:
 def patch_pg_cleaner(module: ModuleType) -> None:
     """Point the cleaner's liveness poll at the GCS; a loud error when a Ray upgrade moved it."""
     if not callable(getattr(module, "is_actor_alive", None)):
-        raise AttributeError(f"{module.__name__}.is_actor_alive is gone: the PlacementGroupCleaner patch "
-                             "(clman.launch.ray_compat) needs updating for this Ray")
+        raise AttributeError(
+            f"{module.__name__}.is_actor_alive is gone: the PlacementGroupCleaner patch "
+            "(clman.launch.ray_compat) needs updating for this Ray"
+        )
     module.is_actor_alive = actor_alive
 
 
@@ -149,8 +151,13 @@ def reap_orphaned_placement_groups() -> int:
     removed = 0
     for raw in state._connect_and_get_accessor().get_placement_group_table():
         pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
-        if (pg.is_detached or not pg.creator_actor_dead or pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
-                or ray.ActorID(pg.creator_actor_id).is_nil() or pg.creator_job_id.hex() != job):
+        if (
+            pg.is_detached
+            or not pg.creator_actor_dead
+            or pg.state == gcs_pb2.PlacementGroupTableData.REMOVED
+            or ray.ActorID(pg.creator_actor_id).is_nil()
+            or pg.creator_job_id.hex() != job
+        ):
             continue
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg.placement_group_id)))
         removed += 1
@@ -173,8 +180,9 @@ def replay_into_asha(scheduler, rows, stub: Callable) -> int:
     metric = scheduler._metric
     for name in ("_metric", "_num_stopped", "_trial_info"):
         if not hasattr(scheduler, name):
-            raise AttributeError(f"ASHAScheduler.{name} is gone: replay_into_asha (clman.launch.ray_compat) "
-                                 "needs updating for this Ray")
+            raise AttributeError(
+                f"ASHAScheduler.{name} is gone: replay_into_asha (clman.launch.ray_compat) needs updating for this Ray"
+            )
     stubs = {r["trial_id"]: stub(r["trial_id"]) for r in rows}
     stopped_before = scheduler._num_stopped
     for s in stubs.values():
@@ -205,8 +213,10 @@ def keep_credentials_out_of_tune() -> None:
     module = importlib.import_module(TUNE_CLASS_CACHE)
     names = getattr(module, "ENV_VARS_TO_PROPAGATE", None)
     if not isinstance(names, set):
-        raise AttributeError(f"{TUNE_CLASS_CACHE}.ENV_VARS_TO_PROPAGATE is gone: the credentials patch "
-                             "(clman.launch.ray_compat) needs updating for this Ray")
+        raise AttributeError(
+            f"{TUNE_CLASS_CACHE}.ENV_VARS_TO_PROPAGATE is gone: the credentials patch "
+            "(clman.launch.ray_compat) needs updating for this Ray"
+        )
     names.difference_update(CREDENTIAL_VARS)
 
 
@@ -227,7 +237,9 @@ def quiet_report_lines() -> logging.Logger:
     module = importlib.import_module(TRAIN_CONTEXT)
     logger = logging.getLogger(module.__file__)
     if getattr(module, "logger", None) is not logger:
-        raise AttributeError(f"{TRAIN_CONTEXT}.logger is no longer logging.getLogger(__file__): "
-                             "quiet_report_lines (clman.launch.ray_compat) needs updating for this Ray")
+        raise AttributeError(
+            f"{TRAIN_CONTEXT}.logger is no longer logging.getLogger(__file__): "
+            "quiet_report_lines (clman.launch.ray_compat) needs updating for this Ray"
+        )
     logger.setLevel(logging.WARNING)
     return logger

@@ -96,12 +96,18 @@ def _ask_autoscaler(bundles: list[dict[str, float]]) -> None:
         log.debug("request_resources(%s) failed: %s: %s", bundles, type(e).__name__, e)
 
 
-def wait_for_resources(need: Mapping[str, float], bundles: list[dict[str, float]], timeout: float, *,
-                       read: Callable[[], Mapping[str, float]] = ray.cluster_resources,
-                       ask: Callable[[list], None] = _ask_autoscaler,
-                       clock: Callable[[], float] = time.monotonic,
-                       sleep: Callable[[float], None] = time.sleep,
-                       poll_s: float = WAIT_POLL_S, log_every_s: float = WAIT_LOG_S) -> float:
+def wait_for_resources(
+    need: Mapping[str, float],
+    bundles: list[dict[str, float]],
+    timeout: float,
+    *,
+    read: Callable[[], Mapping[str, float]] = ray.cluster_resources,
+    ask: Callable[[list], None] = _ask_autoscaler,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+    poll_s: float = WAIT_POLL_S,
+    log_every_s: float = WAIT_LOG_S,
+) -> float:
     """Wait until the cluster (``read()``) holds ``need``; return the seconds waited.
 
     Asks the autoscaler for ``bundles`` while waiting and withdraws the request at the end
@@ -125,8 +131,12 @@ def wait_for_resources(need: Mapping[str, float], bundles: list[dict[str, float]
                     "scale.cpus_per_worker"
                 )
             if last_log is None or clock() - last_log >= log_every_s:
-                log.info("waiting for the autoscaler (%.0f of %g s): the run needs %s", waited, timeout,
-                         describe_shortfall(missing))
+                log.info(
+                    "waiting for the autoscaler (%.0f of %g s): the run needs %s",
+                    waited,
+                    timeout,
+                    describe_shortfall(missing),
+                )
                 last_log = clock()
             sleep(max(0.0, min(poll_s, timeout - waited)))
             missing = shortfall(need, read())
@@ -162,4 +172,3 @@ def check_resources(scale: ScaleConfig, data: DataConfig, extra_cpus: float = 0.
         f"decoding asked for, but the Ray cluster has {total.get('CPU', 0.0):g} CPU(s); "
         "lower scale.cpus_per_worker or scale.num_workers"
     )
-

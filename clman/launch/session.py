@@ -34,8 +34,11 @@ from clman.launch.trainer import error_line
 log = logging.getLogger(__name__)
 
 # Each a setdefault: a user's value wins.
-LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-                   "RAY_TRAIN_METRICS_ENABLED": "0"}
+LOCAL_TRAIN_ENV = {
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
 
 
 @dataclass
@@ -72,12 +75,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
         try:
             ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env} if env else None)
         except ray.exceptions.AuthenticationError as e:
-            raise JobError(f"the Ray cluster at {address} refused this driver ({error_line(e)}): set "
-                           "RAY_AUTH_MODE=token and copy the head node's ~/.ray/auth_token to this machine "
-                           "(or point RAY_AUTH_TOKEN_PATH at it)") from None
+            raise JobError(
+                f"the Ray cluster at {address} refused this driver ({error_line(e)}): set "
+                "RAY_AUTH_MODE=token and copy the head node's ~/.ray/auth_token to this machine "
+                "(or point RAY_AUTH_TOKEN_PATH at it)"
+            ) from None
         except ConnectionError as e:
-            raise JobError(f"cannot attach to the Ray cluster at {address!r} (--address / RAY_ADDRESS): "
-                           f"{error_line(e)}") from None
+            raise JobError(
+                f"cannot attach to the Ray cluster at {address!r} (--address / RAY_ADDRESS): {error_line(e)}"
+            ) from None
         SESSION.attached = address != "local"
     else:
         # No dashboard (it needs ray[default] and a CPU of its own); the hook below makes up for
@@ -87,9 +93,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
         set_local_train_env()
         if log_file:  # the workers' lines (one per epoch) go there too; fit() shows a bar per run
             divert_stderr(log_file)
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"worker_process_setup_hook": "clman.launch.ray_compat.setup_local_worker",
-                              "env_vars": env})
+        ray.init(
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"worker_process_setup_hook": "clman.launch.ray_compat.setup_local_worker", "env_vars": env},
+        )
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -107,16 +116,20 @@ def check_address(address: str, timeout: float = 5.0) -> None:
     if address in ("auto", "local") or "://" in address and not address.startswith("http"):
         return
     if address.startswith(("http://", "https://")):
-        raise JobError(f"--address / RAY_ADDRESS {address!r} is a dashboard URL: ray.init needs the cluster's "
-                       "GCS address host:6379 (`ray job submit` uses the dashboard URL and sets RAY_ADDRESS itself)")
+        raise JobError(
+            f"--address / RAY_ADDRESS {address!r} is a dashboard URL: ray.init needs the cluster's "
+            "GCS address host:6379 (`ray job submit` uses the dashboard URL and sets RAY_ADDRESS itself)"
+        )
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise JobError(f"--address / RAY_ADDRESS {address!r}: expected host:port (e.g. 10.0.0.1:6379) or 'auto'")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
-        raise JobError(f"cannot reach the Ray cluster at {address} (--address / RAY_ADDRESS): "
-                       f"{e.strerror or type(e).__name__}; is `ray start --head` running there?") from None
+        raise JobError(
+            f"cannot reach the Ray cluster at {address} (--address / RAY_ADDRESS): "
+            f"{e.strerror or type(e).__name__}; is `ray start --head` running there?"
+        ) from None
 
 
 def divert_stderr(path: str) -> None:
@@ -165,8 +178,10 @@ def quiet_terminal(log_file: str | None = None, force: bool = False):
     if progress.TERMINAL.saved is not None or not (force or progress.is_tty(sys.stderr)):
         yield
         return
-    divert_stderr(log_file or os.path.join(tempfile.gettempdir(), "clman",
-                                           f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"))
+    divert_stderr(
+        log_file
+        or os.path.join(tempfile.gettempdir(), "clman", f"ray-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+    )
     try:
         yield
     finally:

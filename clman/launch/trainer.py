@@ -73,8 +73,9 @@ class TrainJob:
     score: str | None = None  # the metric that ranks checkpoints (None: keep the latest)
 
 
-def run_config(out: str, run_name: str, scale: ScaleConfig, score: str | None,
-               callbacks: Sequence[Any] = ()) -> RunConfig:
+def run_config(
+    out: str, run_name: str, scale: ScaleConfig, score: str | None, callbacks: Sequence[Any] = ()
+) -> RunConfig:
     """Checkpoints under ``<out>/<run_name>/`` on local disk or S3 (same name = resume)."""
     run_lock.check_run_name(run_name)
     fs, path = storage.arrow_fs(out)
@@ -122,8 +123,7 @@ class TrackEpochs(ray.train.UserCallback):
             self.run.log(metrics[0])
 
 
-def trainer(job: TrainJob, scale: ScaleConfig, out: str, run_name: str,
-            callbacks: Sequence[Any] = ()) -> TorchTrainer:
+def trainer(job: TrainJob, scale: ScaleConfig, out: str, run_name: str, callbacks: Sequence[Any] = ()) -> TorchTrainer:
     """The TorchTrainer of ``job`` on ``scale``'s workers, its run under ``<out>/<run_name>/``."""
     return TorchTrainer(
         functools.partial(_quiet_loop, job.loop),
@@ -144,8 +144,10 @@ def error_line(error: BaseException | str, limit: int | None = None) -> str:
     """
     lines = [line.rstrip() for line in str(error).splitlines() if line.strip()]
     line = lines[0].strip() if lines else (type(error).__name__ if isinstance(error, BaseException) else str(error))
-    if any(ln.startswith("Traceback (most recent call last)") or ln[:1].isspace() and ln.lstrip().startswith('File "')
-           for ln in lines):
+    if any(
+        ln.startswith("Traceback (most recent call last)") or ln[:1].isspace() and ln.lstrip().startswith('File "')
+        for ln in lines
+    ):
         tail = [ln for ln in lines if not ln[0].isspace() and not ln.startswith(("Traceback", "The above"))]
         causes = [ln for ln in tail if _EXCEPTION_LINE.match(ln)]
         if causes or tail:
@@ -180,7 +182,9 @@ def failure_line(run_name: str, error: BaseException) -> str:
         text += f" — {problem}; then the same --run-name resumes from the last checkpoint"
     elif "AWS Error" in str(cause) or isinstance(cause, (OSError, storage.StorageError)) and "s3" in str(cause).lower():
         endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the default AWS S3 endpoint"
-        text += f" (S3 at {endpoint} after retries); once S3 answers, the same --run-name resumes from the last checkpoint"
+        text += (
+            f" (S3 at {endpoint} after retries); once S3 answers, the same --run-name resumes from the last checkpoint"
+        )
     return text
 
 
@@ -191,8 +195,13 @@ def claim(out: str, run_name: str, record: dict, force_resume: bool = False):
     no checkpoint file yet has nothing to resume, so other inputs are recorded rather than refused.
     """
     run_dir = storage.join(out, run_name)
-    return run_lock.claim(out, run_name, record, force=force_resume,
-                          has_checkpoint=lambda: bool(storage.list_uris(run_dir, "/" + CHECKPOINT_FILE)))
+    return run_lock.claim(
+        out,
+        run_name,
+        record,
+        force=force_resume,
+        has_checkpoint=lambda: bool(storage.list_uris(run_dir, "/" + CHECKPOINT_FILE)),
+    )
 
 
 def fit(job: TrainJob, scale: ScaleConfig, out: str, run_name: str, tracked: tracking.Run | None = None):

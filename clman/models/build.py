@@ -21,8 +21,17 @@ from clman.models.tsm import tsm
 from clman.models.video import SimCLRModel, VideoClassifier
 
 # Fields only CLMAN reads, and only TimeSformer reads: a baseline leaves them unused (ignored_fields).
-CLMAN_FIELDS = ("norm", "nonlocal_stages", "width", "gn_groups", "aggregator", "mma_depth", "mma_bound", "proj_dim",
-                "proj_layers")
+CLMAN_FIELDS = (
+    "norm",
+    "nonlocal_stages",
+    "width",
+    "gn_groups",
+    "aggregator",
+    "mma_depth",
+    "mma_bound",
+    "proj_dim",
+    "proj_layers",
+)
 TIMESFORMER_FIELDS = ("tf_dim", "tf_depth", "tf_heads", "tf_patch", "tf_size", "tf_frames")
 
 

@@ -179,14 +179,19 @@ def _load_triton_if_cuda() -> None:
     """Load the kernels where they can run; if triton fails to import, say so once and go on with
     the channels_last ops (the forward takes them while ``_TRITON`` is None)."""
     global _TRITON_FAILED
-    if _TRITON is None and not _TRITON_FAILED and ChannelsLastGroupNorm.cuda_impl == "triton" \
-            and torch.cuda.is_available():
+    if (
+        _TRITON is None
+        and not _TRITON_FAILED
+        and ChannelsLastGroupNorm.cuda_impl == "triton"
+        and torch.cuda.is_available()
+    ):
         try:
             load_triton()
         except Exception as e:  # a broken triton install must not stop a training run
             _TRITON_FAILED = True
-            logging.getLogger(__name__).warning("GroupNorm: triton kernels unavailable (%s: %s); using the "
-                                                "channels_last ops path", type(e).__name__, e)
+            logging.getLogger(__name__).warning(
+                "GroupNorm: triton kernels unavailable (%s: %s); using the channels_last ops path", type(e).__name__, e
+            )
 
 
 def load_triton():
@@ -240,9 +245,29 @@ def _define_triton():
     wrap = (lambda k: k) if interpret else torch.library.wrap_triton
 
     @triton.jit
-    def _fwd_kernel(X, Y, W, B, MEAN, RSTD, sxn, sxc, sxhw, syn, syc, syhw, HW, G, CPG, eps,
-                    HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                    BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _fwd_kernel(
+        X,
+        Y,
+        W,
+        B,
+        MEAN,
+        RSTD,
+        sxn,
+        sxc,
+        sxhw,
+        syn,
+        syc,
+        syhw,
+        HW,
+        G,
+        CPG,
+        eps,
+        HAS_W: tl.constexpr,
+        HAS_B: tl.constexpr,
+        BLOCK_HW: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         n = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)  # (BG,) groups of this program
         ci = tl.arange(0, BLOCK_C)
@@ -290,9 +315,33 @@ def _define_triton():
             tl.store(yb + hw[:, None, None] * syhw, y.to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _bwd_kernel(X, DY, DX, W, MEAN, RSTD, DWP, DBP, sxn, sxc, sxhw, sdn, sdc, sdhw, sgn, sgc, sghw,
-                    C, HW, G, CPG, HAS_W: tl.constexpr,
-                    BLOCK_HW: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _bwd_kernel(
+        X,
+        DY,
+        DX,
+        W,
+        MEAN,
+        RSTD,
+        DWP,
+        DBP,
+        sxn,
+        sxc,
+        sxhw,
+        sdn,
+        sdc,
+        sdhw,
+        sgn,
+        sgc,
+        sghw,
+        C,
+        HW,
+        G,
+        CPG,
+        HAS_W: tl.constexpr,
+        BLOCK_HW: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
         n = tl.program_id(0).to(tl.int64)
         g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
         ci = tl.arange(0, BLOCK_C)
@@ -349,10 +398,30 @@ def _define_triton():
         grid = (n, triton.cdiv(num_groups, bg))
         wt = weight if weight is not None else mean  # a placeholder pointer, never read
         bs = bias if bias is not None else mean
-        wrap(_fwd_kernel)[grid](x, y, wt, bs, mean, rstd, x.stride(0), x.stride(1), sx,
-                                y.stride(0), y.stride(1), sy, hw, num_groups, cpg, eps,
-                                HAS_W=weight is not None, HAS_B=bias is not None,
-                                BLOCK_HW=bhw, BLOCK_G=bg, BLOCK_C=bc, num_warps=4)
+        wrap(_fwd_kernel)[grid](
+            x,
+            y,
+            wt,
+            bs,
+            mean,
+            rstd,
+            x.stride(0),
+            x.stride(1),
+            sx,
+            y.stride(0),
+            y.stride(1),
+            sy,
+            hw,
+            num_groups,
+            cpg,
+            eps,
+            HAS_W=weight is not None,
+            HAS_B=bias is not None,
+            BLOCK_HW=bhw,
+            BLOCK_G=bg,
+            BLOCK_C=bc,
+            num_warps=4,
+        )
         return y, mean, rstd
 
     def _launch_bwd(dy, x, weight, mean, rstd, num_groups):
@@ -365,9 +434,34 @@ def _define_triton():
         bhw, bg, bc = _blocks(num_groups, cpg, hw)
         grid = (n, triton.cdiv(num_groups, bg))
         wt = weight if weight is not None else mean
-        wrap(_bwd_kernel)[grid](x, dy, dx, wt, mean, rstd, dwp, dbp, x.stride(0), x.stride(1), sx,
-                                dy.stride(0), dy.stride(1), sd, dx.stride(0), dx.stride(1), sg, c, hw, num_groups, cpg,
-                                HAS_W=weight is not None, BLOCK_HW=bhw, BLOCK_G=bg, BLOCK_C=bc, num_warps=4)
+        wrap(_bwd_kernel)[grid](
+            x,
+            dy,
+            dx,
+            wt,
+            mean,
+            rstd,
+            dwp,
+            dbp,
+            x.stride(0),
+            x.stride(1),
+            sx,
+            dy.stride(0),
+            dy.stride(1),
+            sd,
+            dx.stride(0),
+            dx.stride(1),
+            sg,
+            c,
+            hw,
+            num_groups,
+            cpg,
+            HAS_W=weight is not None,
+            BLOCK_HW=bhw,
+            BLOCK_G=bg,
+            BLOCK_C=bc,
+            num_warps=4,
+        )
         return dx, dwp.sum(0), dbp.sum(0)
 
     def setup_context(ctx, inputs, output):
@@ -385,6 +479,7 @@ def _define_triton():
         return dx, dw, db, None, None
 
     if interpret:  # the interpreter's kernels are not traceable ops: a plain autograd Function
+
         class _Fn(torch.autograd.Function):
             @staticmethod
             def forward(ctx, x, weight, bias, num_groups, eps):
@@ -401,13 +496,20 @@ def _define_triton():
 
     # torch.ops.clman.group_norm_fwd / _bwd: ops torch.compile and CUDA graphs take as they are
     @torch.library.triton_op("clman::group_norm_fwd", mutates_args=())
-    def fwd_op(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def fwd_op(
+        x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, num_groups: int, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _launch_fwd(x, weight, bias, num_groups, eps)
 
     @torch.library.triton_op("clman::group_norm_bwd", mutates_args=())
-    def bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor,
-               rstd: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def bwd_op(
+        dy: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        mean: torch.Tensor,
+        rstd: torch.Tensor,
+        num_groups: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return _launch_bwd(dy, x, weight, mean, rstd, num_groups)
 
     fwd_op.register_autograd(backward, setup_context=setup_context)

@@ -59,15 +59,19 @@ def parse_fractions(text: str | Iterable[float]) -> tuple[float, ...]:
         except (TypeError, ValueError):
             f = math.nan
         if not 0.0 < f <= 1.0:  # NaN fails too
-            raise StudyError(f"--label-fractions: {item!r} is not a number in (0, 1] (the share of the labelled "
-                             "training patients, e.g. 0.1,0.25,0.5,1)")
+            raise StudyError(
+                f"--label-fractions: {item!r} is not a number in (0, 1] (the share of the labelled "
+                "training patients, e.g. 0.1,0.25,0.5,1)"
+            )
         if f not in out:
             out.append(f)
     if not out:
         raise StudyError("--label-fractions: no fraction given, e.g. 0.1,0.25,0.5,1")
     if 1.0 not in out:
-        raise StudyError(f"--label-fractions {','.join(f'{f:g}' for f in sorted(out))}: must include 1 (every "
-                         "label: the tables and roc.png are made from it, and the curve is read against it)")
+        raise StudyError(
+            f"--label-fractions {','.join(f'{f:g}' for f in sorted(out))}: must include 1 (every "
+            "label: the tables and roc.png are made from it, and the curve is read against it)"
+        )
     names = [f"{f:g}" for f in out]
     if len(set(names)) < len(names):  # trial ids carry f:g (clman.study.grid.Trial.id)
         raise StudyError(f"--label-fractions: {', '.join(map(str, out))} are too close to tell apart in trial ids")
@@ -78,14 +82,18 @@ def curve_rows(tables: str | None = None, names: str | Sequence[str] | None = No
     """The rows of a ``--label-fractions`` study: ``CURVE_ROWS``, or those of them ``--rows`` names (CLMAN always
     in). ``--tables`` other than 2, or a row of no curve: refused in one line."""
     if tables is not None and parse_tables(tables) != (CURVE_TABLE,):
-        raise StudyError(f"--label-fractions: --tables {tables} asks for other rows than the curve's (Table "
-                         f"{CURVE_TABLE}: {', '.join(CURVE_ROWS)}); drop --tables, or choose among them with --rows")
+        raise StudyError(
+            f"--label-fractions: --tables {tables} asks for other rows than the curve's (Table "
+            f"{CURVE_TABLE}: {', '.join(CURVE_ROWS)}); drop --tables, or choose among them with --rows"
+        )
     if names is not None:
         items = [n.strip() for n in names.split(",") if n.strip()] if isinstance(names, str) else list(names)
         for n in items:
             if n not in CURVE_ROWS:
-                raise StudyError(f"--label-fractions: row {n!r} is not on the label-efficiency curve; its rows: "
-                                 f"{', '.join(CURVE_ROWS)} (run other rows in a study without --label-fractions)")
+                raise StudyError(
+                    f"--label-fractions: row {n!r} is not on the label-efficiency curve; its rows: "
+                    f"{', '.join(CURVE_ROWS)} (run other rows in a study without --label-fractions)"
+                )
     return select_rows(str(CURVE_TABLE), list(CURVE_ROWS) if names is None else names)
 
 
@@ -108,8 +116,15 @@ def at_fraction(table, fraction: float) -> pd.DataFrame:
     return df[fractions_of(df).to_numpy() == fraction].reset_index(drop=True)
 
 
-def summarize_curve(results, predictions, *, fractions: Sequence[float] | None = None, n_boot: int = 1000,
-                    seed: int = 0, threshold: float = 0.5) -> dict[float, dict[str, RowSummary]]:
+def summarize_curve(
+    results,
+    predictions,
+    *,
+    fractions: Sequence[float] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    threshold: float = 0.5,
+) -> dict[float, dict[str, RowSummary]]:
     """{fraction: :func:`clman.study.stats.summarize` of that fraction's trials}, fractions ascending.
 
     fractions: those to summarize (default: every one in ``results``); one without a trial fails in one line.
@@ -159,22 +174,36 @@ def curve_dict(curve: Mapping[float, Mapping[str, RowSummary]], results=None) ->
         labelled = mean_labelled(results, f) if results is not None else math.nan
         for name in rows_of({f: summary}):
             s = summary[name]
-            point = {"fraction": f, "row": name, "runs": s.runs, "videos": s.videos, "patients": s.patients,
-                     "labelled_videos_per_run": _num(labelled),
-                     "auc": _num(s.pooled.get("auc")),
-                     "auc_ci95": [_num(x) for x in s.pooled_ci.get("auc", (None, None))]}
+            point = {
+                "fraction": f,
+                "row": name,
+                "runs": s.runs,
+                "videos": s.videos,
+                "patients": s.patients,
+                "labelled_videos_per_run": _num(labelled),
+                "auc": _num(s.pooled.get("auc")),
+                "auc_ci95": [_num(x) for x in s.pooled_ci.get("auc", (None, None))],
+            }
             if name != REFERENCE:
                 diff, (lo, hi), p = versus_reference(s)
-                point["reference_minus_row"] = {"auc_diff": _num(diff), "auc_diff_ci95": [_num(lo), _num(hi)],
-                                                "p_auc": _num(p), "resamples": s.paired_resamples,
-                                                "paired_videos": s.paired_videos}
+                point["reference_minus_row"] = {
+                    "auc_diff": _num(diff),
+                    "auc_diff_ci95": [_num(lo), _num(hi)],
+                    "p_auc": _num(p),
+                    "resamples": s.paired_resamples,
+                    "paired_videos": s.paired_videos,
+                }
             points.append(point)
-    return {"fractions": list(curve), "rows": rows_of(curve), "reference": REFERENCE,
-            "auc": "pooled out-of-fold AUC (one score per video: its mean over seeds) with a 95 % percentile CI "
-                   "from a bootstrap of patients",
-            "reference_minus_row": "AUC(reference) - AUC(row) on the videos both were tested on, the paired patient "
-                                   "bootstrap of clman.study.stats (its CI and two-sided p)",
-            "points": points}
+    return {
+        "fractions": list(curve),
+        "rows": rows_of(curve),
+        "reference": REFERENCE,
+        "auc": "pooled out-of-fold AUC (one score per video: its mean over seeds) with a 95 % percentile CI "
+        "from a bootstrap of patients",
+        "reference_minus_row": "AUC(reference) - AUC(row) on the videos both were tested on, the paired patient "
+        "bootstrap of clman.study.stats (its CI and two-sided p)",
+        "points": points,
+    }
 
 
 def mean_labelled(results, fraction: float) -> float:
@@ -184,8 +213,9 @@ def mean_labelled(results, fraction: float) -> float:
     return float(pd.to_numeric(df["n_labelled"], errors="coerce").mean())
 
 
-def curve_png(curve: Mapping[float, Mapping[str, RowSummary]], title: str = "Label efficiency", size: float = 5.0) \
-        -> bytes:
+def curve_png(
+    curve: Mapping[float, Mapping[str, RowSummary]], title: str = "Label efficiency", size: float = 5.0
+) -> bytes:
     """AUC (pooled out of fold) against the labelled share, one line per row, error bars its 95 % CI; PNG bytes."""
     import matplotlib
 
@@ -214,8 +244,11 @@ def curve_png(curve: Mapping[float, Mapping[str, RowSummary]], title: str = "Lab
     ax.set_xscale("log")
     ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
     ax.minorticks_off()
-    ax.set(xlabel="labelled share of the training patients", ylabel="AUC (pooled out of fold)",
-           title=f"{title} (95 % patient-bootstrap CI)")
+    ax.set(
+        xlabel="labelled share of the training patients",
+        ylabel="AUC (pooled out of fold)",
+        title=f"{title} (95 % patient-bootstrap CI)",
+    )
     ax.grid(alpha=0.3)
     if names:
         ax.legend(loc="lower right", fontsize=8)

@@ -125,8 +125,9 @@ class StudyRun:
     def labelled(self, t: Trial, train: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
         """The training rows trial ``t`` sees: ``t.fraction`` of its cell's training patients (after the carve)."""
         cfg = self.finetune_config(t)
-        return finetune.label_subset(train, cfg.label_fraction, cfg.seed, f"{self.manifest}, trial {t.id}",
-                                     finetune.min_training_videos(cfg))
+        return finetune.label_subset(
+            train, cfg.label_fraction, cfg.seed, f"{self.manifest}, trial {t.id}", finetune.min_training_videos(cfg)
+        )
 
     def cell_manifest(self, fold: int, seed: int) -> str:
         return storage.join(self.run_dir, "cells", cell_name(fold, seed), "manifest.parquet")
@@ -139,16 +140,32 @@ class StudyRun:
 
     def spec(self) -> dict:
         """What makes two studies the same study (``--resume`` checks it against ``study.json``)."""
-        return {"manifest": self.manifest, "tables": list(self.tables), "rows": [r.name for r in self.rows],
-                "folds": list(self.plan.folds), "seeds": self.seeds, "preset": self.preset,
-                "sets": list(self.sets.common) + [f"{r}:{i}" for r, i in self.sets.scoped]} | (
-                    {} if self.fractions is None else {"label_fractions": list(self.fractions)})  # as before without
+        return {
+            "manifest": self.manifest,
+            "tables": list(self.tables),
+            "rows": [r.name for r in self.rows],
+            "folds": list(self.plan.folds),
+            "seeds": self.seeds,
+            "preset": self.preset,
+            "sets": list(self.sets.common) + [f"{r}:{i}" for r, i in self.sets.scoped],
+        } | ({} if self.fractions is None else {"label_fractions": list(self.fractions)})  # as before without
 
 
-def plan_study(manifest: str, out: str, run_name: str, *, tables: str | None = None, rows: str | None = None,
-               folds: int | None = None, holdout: bool = False, seeds: int = 1, config: str | None = None,
-               sets: Sequence[str] = (), command: str = "", label_fractions: str | Sequence[float] | None = None,
-               ) -> StudyRun:
+def plan_study(
+    manifest: str,
+    out: str,
+    run_name: str,
+    *,
+    tables: str | None = None,
+    rows: str | None = None,
+    folds: int | None = None,
+    holdout: bool = False,
+    seeds: int = 1,
+    config: str | None = None,
+    sets: Sequence[str] = (),
+    command: str = "",
+    label_fractions: str | Sequence[float] | None = None,
+) -> StudyRun:
     """Check everything a study needs and build every trial's config; a one-line error on bad input.
 
     label_fractions: ``--label-fractions`` (``clman.study.curve``): the curve's rows at each fraction.
@@ -165,8 +182,10 @@ def plan_study(manifest: str, out: str, run_name: str, *, tables: str | None = N
         chosen, tables = study.curve.curve_rows(tables, rows), str(study.curve.CURVE_TABLE)
     preset = C.load_tree(config)
     if "label_fraction" in dict(preset.get("finetune") or {}):
-        raise StudyError(f"{config}: finetune.label_fraction: the study sets it for every trial (1, or "
-                         "--label-fractions); remove it from the preset")
+        raise StudyError(
+            f"{config}: finetune.label_fraction: the study sets it for every trial (1, or "
+            "--label-fractions); remove it from the preset"
+        )
     checked = study.parse_sets(list(sets), chosen, model=preset.get("model"))
     tree = C.load_tree(config, checked.common)
     try:
@@ -174,14 +193,27 @@ def plan_study(manifest: str, out: str, run_name: str, *, tables: str | None = N
     except ManifestError as e:
         raise StudyError(str(e)) from None
     plan = study.plan_folds(df, folds=folds, holdout=holdout, where=manifest)
-    run = StudyRun(manifest, out, run_name, study.parse_tables(tables), chosen, plan, seeds, preset, tree,
-                   checked, config, command, fractions)
+    run = StudyRun(
+        manifest,
+        out,
+        run_name,
+        study.parse_tables(tables),
+        chosen,
+        plan,
+        seeds,
+        preset,
+        tree,
+        checked,
+        config,
+        command,
+        fractions,
+    )
     for t in run.grid:  # a bad value scoped to one row fails here, naming the row
         try:
             run.finetune_config(t)
         except C.ConfigError as e:
             raise StudyError(f"row {t.row.name}: {e}") from None
-    for fold, seed in study.pretrain_cells(run.grid):
+    for _fold, seed in study.pretrain_cells(run.grid):
         run.pretrain_config(seed)
     for fold, seed in run.cells:
         split = run.split(fold, seed)  # a carve that leaves a class out fails here
@@ -228,13 +260,20 @@ def run_pretrain(run: StudyRun, fold: int, seed: int) -> dict:
     pool = pretrain_pool(manifest)
     videos, unlabeled = len(pool), int((pool["split"] == "unlabeled").sum())
     t0 = time.time()
-    result = _fit(pretrain.train_job(cfg, manifest, list(TRAINING_SPLITS)), cfg.scale,
-                  storage.join(run.run_dir, "pretrain"), name)
+    result = _fit(
+        pretrain.train_job(cfg, manifest, list(TRAINING_SPLITS)), cfg.scale, storage.join(run.run_dir, "pretrain"), name
+    )
     checkpoint, metrics = trainer.pick_checkpoint(result, None)
-    summary = {"encoder": run.encoder(fold, seed), "videos": videos, "unlabeled_videos": unlabeled,
-               "loss": metrics.get("loss"), "seconds": time.time() - t0}
-    storage.write_text(storage.join(run.run_dir, "pretrain", name, "metrics.json"),
-                       json.dumps(summary, indent=2, default=float) + "\n")
+    summary = {
+        "encoder": run.encoder(fold, seed),
+        "videos": videos,
+        "unlabeled_videos": unlabeled,
+        "loss": metrics.get("loss"),
+        "seconds": time.time() - t0,
+    }
+    storage.write_text(
+        storage.join(run.run_dir, "pretrain", name, "metrics.json"), json.dumps(summary, indent=2, default=float) + "\n"
+    )
     trainer.export_checkpoint(checkpoint, summary["encoder"])  # last: its presence marks a finished run
     log.info("pretrain %s done in %.0f s (loss %.4f)", name, summary["seconds"], summary["loss"] or math.nan)
     return summary
@@ -260,30 +299,69 @@ def run_trial(run: StudyRun, t: Trial) -> dict:
     # and the Table 4 baselines, scored on K clips of its own T at its training spacing unless frames=all.
     scored = scoring.score_rows(model, rows, cfg.data, cfg.val_frames, cfg.val_clips)
     if len(scored) < len(rows):
-        log.warning("trial %s: %d of %d val/test videos did not decode; scored without them",
-                    t.id, len(rows) - len(scored), len(rows))
-    videos = [{"split": r.split, "video_id": str(r.video_id), "patient_id": str(r.patient_id),
-               "label": int(r.label), "score": scored[i][0]}
-              for i, r in enumerate(rows.itertuples(index=False)) if i in scored]
+        log.warning(
+            "trial %s: %d of %d val/test videos did not decode; scored without them",
+            t.id,
+            len(rows) - len(scored),
+            len(rows),
+        )
+    videos = [
+        {
+            "split": r.split,
+            "video_id": str(r.video_id),
+            "patient_id": str(r.patient_id),
+            "label": int(r.label),
+            "score": scored[i][0],
+        }
+        for i, r in enumerate(rows.itertuples(index=False))
+        if i in scored
+    ]
     test = [v for v in videos if v["split"] == "test"]
     val_scored = [v for v in videos if v["split"] == "val"]
     if not test:
         raise JobError(f"trial {t.id}: none of the {int((rows['split'] == 'test').sum())} test videos decoded")
     has_op = {v["label"] for v in val_scored} == {0, 1}
-    metrics = study.trial_metrics([v["score"] for v in test], [v["label"] for v in test], threshold=ev.threshold,
-                                  val_scores=[v["score"] for v in val_scored] if has_op else None,
-                                  val_labels=[v["label"] for v in val_scored] if has_op else None,
-                                  target_sensitivity=ev.target_sensitivity)
-    line = {"row": t.row.name, "fold": t.fold, "seed": t.seed, "fraction": t.fraction, **metrics,
-            "val_auc": float(kept.get("val_auc", math.nan)), "kept_epoch": int(kept.get("epoch", -1)),
-            "train_seconds": train_s, "seconds": time.time() - t0,
-            # the corrected resampled t of the fold means uses n_test / n_train (clman.study.stats)
-            "n_train": len(train) + len(val), "n_test": int((rows["split"] == "test").sum()),
-            "n_labelled": len(train)}  # the training videos whose labels it saw (label fraction)
-    record = {"trial": t.id, "result": line, "model": model, "encoder": encoder, "labels": labels["note"],
-              "predictions": [{"row": t.row.name, "fold": t.fold, "seed": t.seed, "fraction": t.fraction,
-                               **{k: v[k] for k in ("video_id", "patient_id", "label", "score")}} for v in test],
-              "val_scores": [{k: v[k] for k in ("video_id", "patient_id", "label", "score")} for v in val_scored]}
+    metrics = study.trial_metrics(
+        [v["score"] for v in test],
+        [v["label"] for v in test],
+        threshold=ev.threshold,
+        val_scores=[v["score"] for v in val_scored] if has_op else None,
+        val_labels=[v["label"] for v in val_scored] if has_op else None,
+        target_sensitivity=ev.target_sensitivity,
+    )
+    line = {
+        "row": t.row.name,
+        "fold": t.fold,
+        "seed": t.seed,
+        "fraction": t.fraction,
+        **metrics,
+        "val_auc": float(kept.get("val_auc", math.nan)),
+        "kept_epoch": int(kept.get("epoch", -1)),
+        "train_seconds": train_s,
+        "seconds": time.time() - t0,
+        # the corrected resampled t of the fold means uses n_test / n_train (clman.study.stats)
+        "n_train": len(train) + len(val),
+        "n_test": int((rows["split"] == "test").sum()),
+        "n_labelled": len(train),
+    }  # the training videos whose labels it saw (label fraction)
+    record = {
+        "trial": t.id,
+        "result": line,
+        "model": model,
+        "encoder": encoder,
+        "labels": labels["note"],
+        "predictions": [
+            {
+                "row": t.row.name,
+                "fold": t.fold,
+                "seed": t.seed,
+                "fraction": t.fraction,
+                **{k: v[k] for k in ("video_id", "patient_id", "label", "score")},
+            }
+            for v in test
+        ],
+        "val_scores": [{k: v[k] for k in ("video_id", "patient_id", "label", "score")} for v in val_scored],
+    }
     storage.write_text(run.trial_file(t.id), json.dumps(record, indent=1) + "\n")  # atomic: the trial is done
     log.info("trial %s done in %.0f s: test AUC %.3f", t.id, line["seconds"], line["auc"])
     return line
@@ -315,8 +393,9 @@ def trial_config(run: StudyRun, config: dict):
     return run.finetune_config(next(t for t in run.grid if t.id == trial_id))
 
 
-def _run_grid(run: StudyRun, name: str, ids: list[str], configs: list,
-              track: Sequence[tracking.Target] = ()) -> dict[str, str]:
+def _run_grid(
+    run: StudyRun, name: str, ids: list[str], configs: list, track: Sequence[tracking.Target] = ()
+) -> dict[str, str]:
     """Run ``ids`` as one Tune grid, as many at once as the cluster holds; {id: error line} of failures.
 
     ``track``: an MLflow run (TensorBoard folder) per trial in experiment ``run.run_name``."""
@@ -330,9 +409,16 @@ def _run_grid(run: StudyRun, name: str, ids: list[str], configs: list,
     concurrent = min(max_concurrent_trials(ray.cluster_resources(), cfg) for cfg in configs)
     log.info("study %s, %s: %d trial(s), up to %d at once", run.run_name, name, len(ids), concurrent)
     trainable = tune.with_resources(tune.with_parameters(trial_driver, run=run), {"CPU": DRIVER_CPUS})
-    tuner = grid.tuner(trainable, {"trial": tune.grid_search(ids)}, name=name,
-                       storage_uri=storage.join(run.run_dir, "tune"), concurrent=concurrent, track=track,
-                       experiment=run.run_name, config_of=functools.partial(trial_config, run))
+    tuner = grid.tuner(
+        trainable,
+        {"trial": tune.grid_search(ids)},
+        name=name,
+        storage_uri=storage.join(run.run_dir, "tune"),
+        concurrent=concurrent,
+        track=track,
+        experiment=run.run_name,
+        config_of=functools.partial(trial_config, run),
+    )
     results = tuner.fit()
     failed = {}
     for r in results:
@@ -349,17 +435,22 @@ def _check_spec(run: StudyRun, resume: bool) -> None:
         storage.write_text(uri, json.dumps(run.spec(), indent=2) + "\n")
         return
     if not resume:
-        raise JobError(f"study {run.run_name!r} already exists under {run.out}; continue it with --resume, "
-                       "or choose another --run-name")
+        raise JobError(
+            f"study {run.run_name!r} already exists under {run.out}; continue it with --resume, "
+            "or choose another --run-name"
+        )
     saved, now = json.loads(storage.read_text(uri)), json.loads(json.dumps(run.spec()))
     for key in now:
         if saved.get(key) != now[key]:
-            raise JobError(f"--resume: {key} differs from the study under {run.run_dir} ({saved.get(key)!r} there, "
-                           f"{now[key]!r} now); give the same arguments, or another --run-name")
+            raise JobError(
+                f"--resume: {key} differs from the study under {run.run_dir} ({saved.get(key)!r} there, "
+                f"{now[key]!r} now); give the same arguments, or another --run-name"
+            )
 
 
-def run_study(run: StudyRun, address: str | None = None, resume: bool = False,
-              track: Sequence[tracking.Target] = ()) -> dict:
+def run_study(
+    run: StudyRun, address: str | None = None, resume: bool = False, track: Sequence[tracking.Target] = ()
+) -> dict:
     """Run (or with ``resume``, continue) the study; write its outputs; return their URIs.
 
     ``track``: every trial's config and epochs to MLflow / TensorBoard (``clman.tracking``)."""
@@ -370,16 +461,26 @@ def run_study(run: StudyRun, address: str | None = None, resume: bool = False,
     todo = [t for t in grid if t.id not in done]
     cells = [c for c in study.pretrain_cells(todo) if not (resume and storage.exists(run.encoder(*c)))]
     if resume:
-        log.info("resuming study %s: %d of %d trial(s) finished, kept; %d SimCLR run(s) to do", run.run_name,
-                 len(done), len(grid), len(cells))
+        log.info(
+            "resuming study %s: %d of %d trial(s) finished, kept; %d SimCLR run(s) to do",
+            run.run_name,
+            len(done),
+            len(grid),
+            len(cells),
+        )
     for fold, seed in {(t.fold, t.seed): None for t in todo}:
         write_manifest(run.split(fold, seed).manifest(), run.cell_manifest(fold, seed))
     session.init_ray(address)
 
     scratch = [t for t in todo if not t.row.pretrained]
     stage1 = [PRETRAIN_PREFIX + cell_name(*c) for c in cells] + [t.id for t in scratch]
-    failed = _run_grid(run, "stage1", stage1, [run.pretrain_config(s) for _, s in cells[:1]]
-                       + [run.finetune_config(t) for t in scratch], track)
+    failed = _run_grid(
+        run,
+        "stage1",
+        stage1,
+        [run.pretrain_config(s) for _, s in cells[:1]] + [run.finetune_config(t) for t in scratch],
+        track,
+    )
     pretrained = [t for t in todo if t.row.pretrained]
     ready = [t for t in pretrained if storage.exists(run.encoder(t.fold, t.seed))]
     for t in pretrained:
@@ -391,8 +492,10 @@ def run_study(run: StudyRun, address: str | None = None, resume: bool = False,
     failed_cells = {k: v for k, v in failed.items() if k.startswith(PRETRAIN_PREFIX)}
     if missing:
         first = next(iter({**failed_cells, **missing}.items()))
-        raise JobError(f"study {run.run_name}: {len(missing)} of {len(grid)} trial(s) did not finish (first: "
-                       f"{first[0]}: {first[1]}); the finished ones are kept: rerun the same command with --resume")
+        raise JobError(
+            f"study {run.run_name}: {len(missing)} of {len(grid)} trial(s) did not finish (first: "
+            f"{first[0]}: {first[1]}); the finished ones are kept: rerun the same command with --resume"
+        )
     return write_outputs(run, run_time_s=time.time() - t_start, resumed=len(done))
 
 
@@ -408,22 +511,41 @@ def write_outputs(run: StudyRun, run_time_s: float | None = None, resumed: int =
         m = json.loads(storage.read_text(storage.join(run.run_dir, "pretrain", cell_name(fold, seed), "metrics.json")))
         pretrain_s.append(m["seconds"])
     notes = [f"{run.split(f, s).note} (fold {f}, seed {s})" for f, s in run.cells]
-    notes.append(scoring.describe(ev, C.job_config(run.tree, "finetune").data.num_frames)
-                 + "; T is each row's data.num_frames")
-    notes.append(f"finetune per trial: {results['seconds'].mean():.0f} s on average ({results['seconds'].min():.0f}"
-                 f"–{results['seconds'].max():.0f} s: Ray Train run + scoring val and test videos)")
+    notes.append(
+        scoring.describe(ev, C.job_config(run.tree, "finetune").data.num_frames) + "; T is each row's data.num_frames"
+    )
+    notes.append(
+        f"finetune per trial: {results['seconds'].mean():.0f} s on average ({results['seconds'].min():.0f}"
+        f"–{results['seconds'].max():.0f} s: Ray Train run + scoring val and test videos)"
+    )
     if pretrain_s:
-        pool = (f" and the {len(run.plan.unlabeled)} unlabelled videos" if len(run.plan.unlabeled) else "")
-        notes.append(f"SimCLR per (fold, seed): {sum(pretrain_s) / len(pretrain_s):.0f} s on average, "
-                     f"{len(pretrain_s)} run(s) on the training videos of their cell{pool} only")
+        pool = f" and the {len(run.plan.unlabeled)} unlabelled videos" if len(run.plan.unlabeled) else ""
+        notes.append(
+            f"SimCLR per (fold, seed): {sum(pretrain_s) / len(pretrain_s):.0f} s on average, "
+            f"{len(pretrain_s)} run(s) on the training videos of their cell{pool} only"
+        )
     if run.fractions is not None:
-        notes.append(f"label fractions {', '.join(f'{f:g}' for f in run.fractions)}: {len(records)} trial(s) in "
-                     f"all; the tables and roc.png are the {int((results['fraction'] == 1).sum())} at fraction 1")
+        notes.append(
+            f"label fractions {', '.join(f'{f:g}' for f in run.fractions)}: {len(records)} trial(s) in "
+            f"all; the tables and roc.png are the {int((results['fraction'] == 1).sum())} at fraction 1"
+        )
     if resumed:
         notes.append(f"resumed: {resumed} trial(s) finished in an earlier run; the run time is this run's")
-    study.write_study(run.run_dir, results, predictions, tables_shown=run.tables, protocol=run.plan.describe(),
-                      command=run.command, config=run.tree, run_time_s=run_time_s, n_boot=ev.bootstrap,
-                      seed=ev.seed, threshold=ev.threshold, notes=notes, label_fractions=run.fractions)
+    study.write_study(
+        run.run_dir,
+        results,
+        predictions,
+        tables_shown=run.tables,
+        protocol=run.plan.describe(),
+        command=run.command,
+        config=run.tree,
+        run_time_s=run_time_s,
+        n_boot=ev.bootstrap,
+        seed=ev.seed,
+        threshold=ev.threshold,
+        notes=notes,
+        label_fractions=run.fractions,
+    )
     names = [*study.OUTPUTS, *([study.curve.PNG] if run.fractions is not None else [])]
     uris = {name: storage.join(run.run_dir, name) for name in names}
     log.info("study %s: %d trial(s) -> %s", run.run_name, len(records), uris["study.md"])

@@ -62,8 +62,11 @@ class Split:
     @property
     def pretraining_pool(self) -> pd.DataFrame:
         """What SimCLR of this (fold, seed) reads: train + val + every unlabelled video, never a test video."""
-        return pd.concat([self.training_folds, self.unlabeled], ignore_index=True) if len(self.unlabeled) \
+        return (
+            pd.concat([self.training_folds, self.unlabeled], ignore_index=True)
+            if len(self.unlabeled)
             else self.training_folds
+        )
 
 
 def _classes(rows: pd.DataFrame) -> str:
@@ -86,11 +89,12 @@ class FoldPlan:
 
     def describe(self) -> str:
         df = self.manifest
-        head = (f"{len(df)} videos of {df['patient_id'].nunique()} patients "
-                f"({int((df['label'] == 1).sum())} malignant)")
+        head = f"{len(df)} videos of {df['patient_id'].nunique()} patients ({int((df['label'] == 1).sum())} malignant)"
         if len(self.unlabeled):
-            head += (f" and {len(self.unlabeled)} unlabelled videos of {self.unlabeled['patient_id'].nunique()} "
-                     "other patients (in every SimCLR run, never finetuned or tested on)")
+            head += (
+                f" and {len(self.unlabeled)} unlabelled videos of {self.unlabeled['patient_id'].nunique()} "
+                "other patients (in every SimCLR run, never finetuned or tested on)"
+            )
         if self.holdout:
             test = df[df["split"] == "test"]
             return f"{head}; the manifest's fixed train/test split ({len(test)} test videos)"
@@ -109,15 +113,28 @@ class FoldPlan:
             val = train.iloc[:0]
         pool = self.unlabeled
         if len(val):
-            return Split(fold, seed, train, val, test, f"validation: the manifest's val split ({_classes(val)})",
-                         pool)
+            return Split(fold, seed, train, val, test, f"validation: the manifest's val split ({_classes(val)})", pool)
         if val_fraction == 0:
-            return Split(fold, seed, train, val, test,
-                         "no validation (finetune.val_fraction=0): the last checkpoint is kept", pool)
+            return Split(
+                fold,
+                seed,
+                train,
+                val,
+                test,
+                "no validation (finetune.val_fraction=0): the last checkpoint is kept",
+                pool,
+            )
         train, val = carve_validation(train, val_fraction, seed, f"{self.where} fold {fold}")
-        return Split(fold, seed, train, val, test,
-                     f"validation: {_classes(val)} carved from the training folds "
-                     f"(finetune.val_fraction={val_fraction:g}, seed {seed})", pool)
+        return Split(
+            fold,
+            seed,
+            train,
+            val,
+            test,
+            f"validation: {_classes(val)} carved from the training folds "
+            f"(finetune.val_fraction={val_fraction:g}, seed {seed})",
+            pool,
+        )
 
 
 def carve_validation(train: pd.DataFrame, fraction: float, seed: int, where: str) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -125,14 +142,17 @@ def carve_validation(train: pd.DataFrame, fraction: float, seed: int, where: str
     (``clman.data.manifest.carve_validation``, the finetune job's carve too); both keep both classes."""
     kept, val = M.carve_validation(train, fraction, seed)
     if kept["label"].nunique() < 2 or val["label"].nunique() < 2:
-        raise StudyError(f"{where}: finetune.val_fraction={fraction:g} of the training patients "
-                         f"({_classes(train)}) leaves a class out of train ({_classes(kept)}) or validation "
-                         f"({_classes(val)}); change finetune.val_fraction or use fewer folds")
+        raise StudyError(
+            f"{where}: finetune.val_fraction={fraction:g} of the training patients "
+            f"({_classes(train)}) leaves a class out of train ({_classes(kept)}) or validation "
+            f"({_classes(val)}); change finetune.val_fraction or use fewer folds"
+        )
     return kept, val
 
 
-def plan_folds(manifest: pd.DataFrame, folds: int | None = None, holdout: bool = False,
-               where: str = "manifest") -> FoldPlan:
+def plan_folds(
+    manifest: pd.DataFrame, folds: int | None = None, holdout: bool = False, where: str = "manifest"
+) -> FoldPlan:
     """Check ``manifest`` for ``folds`` = K (k-fold) or ``holdout``; every problem is one StudyError line.
 
     k-fold: the manifest's folds must be exactly 0..K-1 (``jobs.ingest --folds K``), every labelled
@@ -149,8 +169,9 @@ def plan_folds(manifest: pd.DataFrame, folds: int | None = None, holdout: bool =
         raise StudyError(str(e)) from None
     df, pool = labeled(whole), whole[whole["split"] == UNLABELED].reset_index(drop=True)
     if df.empty:
-        raise StudyError(f"{where}: no labelled videos (only {len(pool)} unlabelled ones)" if len(pool)
-                         else f"{where}: no videos")
+        raise StudyError(
+            f"{where}: no labelled videos (only {len(pool)} unlabelled ones)" if len(pool) else f"{where}: no videos"
+        )
     if holdout:
         for name in ("train", "test"):
             part = df[df["split"] == name]
@@ -158,27 +179,37 @@ def plan_folds(manifest: pd.DataFrame, folds: int | None = None, holdout: bool =
                 hint = " (it was ingested with --folds: use --folds)" if (df["fold"] >= 0).any() else ""
                 raise StudyError(f"{where}: --holdout needs a {name!r} split, the manifest has none{hint}")
             if part["label"].nunique() < 2:
-                raise StudyError(f"{where}: split {name!r} holds one class only ({_classes(part)}); "
-                                 "re-ingest with another --seed or --split")
+                raise StudyError(
+                    f"{where}: split {name!r} holds one class only ({_classes(part)}); "
+                    "re-ingest with another --seed or --split"
+                )
         return FoldPlan(df, (HOLDOUT,), where, pool)
     if not isinstance(folds, int) or isinstance(folds, bool) or folds < 2:
         raise StudyError(f"--folds must be an integer >= 2, got {folds!r}")
     present = sorted(int(f) for f in df["fold"].unique())
     if present == [-1]:
-        raise StudyError(f"{where}: --folds {folds}: the manifest has no folds (every fold is -1); "
-                         f"ingest with `jobs.ingest --folds {folds}`, or use --holdout")
+        raise StudyError(
+            f"{where}: --folds {folds}: the manifest has no folds (every fold is -1); "
+            f"ingest with `jobs.ingest --folds {folds}`, or use --holdout"
+        )
     if -1 in present:
         n = int((df["fold"] == -1).sum())
-        raise StudyError(f"{where}: --folds {folds}: {n} videos have no fold (-1) beside folds "
-                         f"{[f for f in present if f >= 0]}; re-ingest with `jobs.ingest --folds {folds}`")
+        raise StudyError(
+            f"{where}: --folds {folds}: {n} videos have no fold (-1) beside folds "
+            f"{[f for f in present if f >= 0]}; re-ingest with `jobs.ingest --folds {folds}`"
+        )
     if present != list(range(folds)):
-        raise StudyError(f"{where}: --folds {folds}: the manifest has {len(present)} folds {present}, "
-                         f"not 0..{folds - 1}; pass --folds {len(present)} or re-ingest with "
-                         f"`jobs.ingest --folds {folds}`")
+        raise StudyError(
+            f"{where}: --folds {folds}: the manifest has {len(present)} folds {present}, "
+            f"not 0..{folds - 1}; pass --folds {len(present)} or re-ingest with "
+            f"`jobs.ingest --folds {folds}`"
+        )
     for f in present:
         part = df[df["fold"] == f]
         if part["label"].nunique() < 2:
             only = "benign" if int(part["label"].iloc[0]) == 0 else "malignant"
-            raise StudyError(f"{where}: fold {f} holds only {only} videos ({_classes(part)}), so its AUC is "
-                             "undefined; re-ingest with fewer --folds or another --seed")
+            raise StudyError(
+                f"{where}: fold {f} holds only {only} videos ({_classes(part)}), so its AUC is "
+                "undefined; re-ingest with fewer --folds or another --seed"
+            )
     return FoldPlan(df, tuple(present), where, pool)

@@ -58,8 +58,9 @@ class StudySets:
         return tuple(item for row, item in self.scoped if row == name)
 
 
-def trials(rows: Sequence[Row], folds: Iterable[int], seeds: int | Iterable[int],
-           fractions: Sequence[float] = (1.0,)) -> list[Trial]:
+def trials(
+    rows: Sequence[Row], folds: Iterable[int], seeds: int | Iterable[int], fractions: Sequence[float] = (1.0,)
+) -> list[Trial]:
     """The grid, fold-major (all rows and fractions of a (fold, seed) together, so its pretraining is used
     at once)."""
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
@@ -124,14 +125,22 @@ def parse_sets(items: Sequence[str], rows: Sequence[Row], model: Mapping | None 
         key = _key(item)
         owners = [r.name for r in rows if key in r.keys]
         if owners or key in (*SEED_KEYS, FRACTION_KEY):
-            why = ("from --seeds" if key in SEED_KEYS else "from --label-fractions" if key == FRACTION_KEY
-                   else f"it defines rows {', '.join(owners)}")
+            why = (
+                "from --seeds"
+                if key in SEED_KEYS
+                else "from --label-fractions"
+                if key == FRACTION_KEY
+                else f"it defines rows {', '.join(owners)}"
+            )
             raise StudyError(f"--set {item}: the study sets {key} itself ({why}); choose rows with --tables / --rows")
-        shared = key.startswith("pretrain.") or (key in ENCODER_KEYS and name is not None
-                                                  and dict(zip(names, rows))[name].pretrained)
+        shared = key.startswith("pretrain.") or (
+            key in ENCODER_KEYS and name is not None and dict(zip(names, rows))[name].pretrained
+        )
         if name is not None and shared:
-            raise StudyError(f"--set {name}:{item}: the pretrained rows share one SimCLR run per (fold, seed); "
-                             f"set {key} for every row (without the '{name}:' prefix)")
+            raise StudyError(
+                f"--set {name}:{item}: the pretrained rows share one SimCLR run per (fold, seed); "
+                f"set {key} for every row (without the '{name}:' prefix)"
+            )
         if name is None:
             common.append(item)
         else:
@@ -142,10 +151,14 @@ def parse_sets(items: Sequence[str], rows: Sequence[Row], model: Mapping | None 
         for key in _unread(r, [i for _, i in given], model):
             shown, item = next((s, i) for s, i in given if _key(i) == key)
             # Encoder keys cannot be scoped to a pretrained row (shared SimCLR run).
-            readers = [x.name for x in rows if not _unread(x, [item], model)
-                       and not (x.pretrained and key in ENCODER_KEYS)]
-            hint = (f"scope it to the rows that read it (e.g. --set {readers[0]}:{item}) or put it in the --config "
-                    "preset" if readers else "put it in the --config preset instead (rows that ignore it warn)")
+            readers = [
+                x.name for x in rows if not _unread(x, [item], model) and not (x.pretrained and key in ENCODER_KEYS)
+            ]
+            hint = (
+                f"scope it to the rows that read it (e.g. --set {readers[0]}:{item}) or put it in the --config preset"
+                if readers
+                else "put it in the --config preset instead (rows that ignore it warn)"
+            )
             raise StudyError(f"--set {shown}: row {r.name} (model.arch={r.arch}) does not read {key}; {hint}")
     return sets
 
@@ -173,8 +186,14 @@ def trial_sets(trial: Trial, sets: StudySets, tree: Mapping | None = None) -> li
     """
     chosen = [*sets.common, *sets.for_row(trial.row.name), *trial.row.sets]
     fraction = [] if trial.fraction == 1 else [f"{FRACTION_KEY}={trial.fraction!r}"]
-    return [*sets.common, *trial.row.sets, *sets.for_row(trial.row.name), *_derived(trial.row, chosen, tree),
-            f"finetune.seed={trial.seed}", *fraction]
+    return [
+        *sets.common,
+        *trial.row.sets,
+        *sets.for_row(trial.row.name),
+        *_derived(trial.row, chosen, tree),
+        f"finetune.seed={trial.seed}",
+        *fraction,
+    ]
 
 
 def pretrain_sets(seed: int, sets: StudySets, rows: Sequence[Row]) -> list[str]:
@@ -182,8 +201,8 @@ def pretrain_sets(seed: int, sets: StudySets, rows: Sequence[Row]) -> list[str]:
 
     Its data: ``Split.pretraining_pool`` of that (fold, seed) (train + val + unlabelled), never a test video.
     """
-    encoders = {tuple(s for s in r.sets if s.split("=", 1)[0] in ("model.arch", *ENCODER_KEYS))
-                for r in rows if r.pretrained}
+    encoders = {
+        tuple(s for s in r.sets if s.split("=", 1)[0] in ("model.arch", *ENCODER_KEYS)) for r in rows if r.pretrained
+    }
     assert len(encoders) == 1, f"the pretrained rows must share one encoder, got {sorted(encoders)}"
     return [*sets.common, *encoders.pop(), f"pretrain.seed={seed}"]
-

@@ -75,8 +75,12 @@ class Row:
 
 
 def _clman(norm: str, nonlocal_stages: str, aggregator: str = "mma") -> tuple[str, ...]:
-    return ("model.arch=clman", f"model.norm={norm}", f"model.nonlocal_stages={nonlocal_stages}",
-            f"model.aggregator={aggregator}")
+    return (
+        "model.arch=clman",
+        f"model.norm={norm}",
+        f"model.nonlocal_stages={nonlocal_stages}",
+        f"model.aggregator={aggregator}",
+    )
 
 
 def _baseline(arch: str) -> tuple[str, ...]:
@@ -88,49 +92,104 @@ NOT_IN_PAPER = (math.nan,) * 6
 # In the paper's order of Tables 1, 2, 3, 4; CLMAN closes Tables 2-4.
 ROWS: tuple[Row, ...] = (
     # Table 1: encoder ablation, multi-meta attention, no contrastive pretraining
-    Row("vanilla", ((1, "ResNet18 (vanilla)"),), _clman("batch", "[]"), False,
-        (70.09, 77.68, 75.00, 68.67, 78.08, 71.75)),
-    Row("gn", ((1, "ResNet18 + GN"),), _clman("group", "[]"), False,
-        (74.77, 77.01, 74.29, 75.00, 80.00, 74.93)),
-    Row("nl", ((1, "ResNet18 + NL"),), _clman("batch", "[3, 4]"), False,
-        (80.37, 84.08, 78.05, 81.82, 83.72, 83.01)),
-    Row("gn_nl", ((1, "ResNet18 + GN + NL (ours)"), (2, "Without CL Guided")), GN_NL, False,
-        (82.24, 81.16, 82.05, 82.35, 85.50, 84.85)),
+    Row(
+        "vanilla",
+        ((1, "ResNet18 (vanilla)"),),
+        _clman("batch", "[]"),
+        False,
+        (70.09, 77.68, 75.00, 68.67, 78.08, 71.75),
+    ),
+    Row("gn", ((1, "ResNet18 + GN"),), _clman("group", "[]"), False, (74.77, 77.01, 74.29, 75.00, 80.00, 74.93)),
+    Row("nl", ((1, "ResNet18 + NL"),), _clman("batch", "[3, 4]"), False, (80.37, 84.08, 78.05, 81.82, 83.72, 83.01)),
+    Row(
+        "gn_nl",
+        ((1, "ResNet18 + GN + NL (ours)"), (2, "Without CL Guided")),
+        GN_NL,
+        False,
+        (82.24, 81.16, 82.05, 82.35, 85.50, 84.85),
+    ),
     # Not the paper's: the SimCLR encoder frozen, only attention + classifier trained (ablation, opt-in;
     # the third line of jobs.study --label-fractions)
-    Row("linear_probe", ((2, "Linear probe (CL encoder frozen)"),), GN_NL + ("finetune.encoder_lr_scale=0",), True,
-        NOT_IN_PAPER, ablation=True),
+    Row(
+        "linear_probe",
+        ((2, "Linear probe (CL encoder frozen)"),),
+        GN_NL + ("finetune.encoder_lr_scale=0",),
+        True,
+        NOT_IN_PAPER,
+        ablation=True,
+    ),
     # Table 3: the aggregators on the pretrained GN + NL encoder
-    Row("external_attention", ((3, "With External Attention"),), _clman("group", "[3, 4]", "external_attention"),
-        True, (79.44, 81.39, 76.19, 81.54, 82.81, 79.98)),
-    Row("self_attention", ((3, "With Self-attention"),), _clman("group", "[3, 4]", "self_attention"), True,
-        (80.37, 77.85, 79.49, 80.88, 83.97, 78.50)),
-    Row("emsa", ((3, "With Efficient Multi-head Self-attention"),), _clman("group", "[3, 4]", "emsa"), True,
-        (80.37, 78.51, 81.08, 80.00, 84.21, 77.49)),
-    Row("lstm", ((3, "With LSTM"),), _clman("group", "[3, 4]", "lstm"), True,
-        (83.18, 77.91, 96.43, 78.48, 87.32, 79.47)),
-    Row("mean", ((3, "With Average"),), _clman("group", "[3, 4]", "mean"), True,
-        (86.92, 85.26, 96.88, 82.67, 89.86, 87.48)),
-    Row("max", ((3, "With Max-pooling"),), _clman("group", "[3, 4]", "max"), True,
-        (85.05, 88.12, 80.43, 88.52, 87.10, 87.52)),
+    Row(
+        "external_attention",
+        ((3, "With External Attention"),),
+        _clman("group", "[3, 4]", "external_attention"),
+        True,
+        (79.44, 81.39, 76.19, 81.54, 82.81, 79.98),
+    ),
+    Row(
+        "self_attention",
+        ((3, "With Self-attention"),),
+        _clman("group", "[3, 4]", "self_attention"),
+        True,
+        (80.37, 77.85, 79.49, 80.88, 83.97, 78.50),
+    ),
+    Row(
+        "emsa",
+        ((3, "With Efficient Multi-head Self-attention"),),
+        _clman("group", "[3, 4]", "emsa"),
+        True,
+        (80.37, 78.51, 81.08, 80.00, 84.21, 77.49),
+    ),
+    Row(
+        "lstm", ((3, "With LSTM"),), _clman("group", "[3, 4]", "lstm"), True, (83.18, 77.91, 96.43, 78.48, 87.32, 79.47)
+    ),
+    Row(
+        "mean",
+        ((3, "With Average"),),
+        _clman("group", "[3, 4]", "mean"),
+        True,
+        (86.92, 85.26, 96.88, 82.67, 89.86, 87.48),
+    ),
+    Row(
+        "max",
+        ((3, "With Max-pooling"),),
+        _clman("group", "[3, 4]", "max"),
+        True,
+        (85.05, 88.12, 80.43, 88.52, 87.10, 87.52),
+    ),
     # Not the paper's: MMA whose last layer has no tanh (an unbounded softmax over frames; ablation, opt-in)
-    Row("mma_unbounded", ((3, "CLMAN (MMA, unbounded)"),), GN_NL + ("model.mma_bound=none",), True, NOT_IN_PAPER,
-        ablation=True),
+    Row(
+        "mma_unbounded",
+        ((3, "CLMAN (MMA, unbounded)"),),
+        GN_NL + ("model.mma_bound=none",),
+        True,
+        NOT_IN_PAPER,
+        ablation=True,
+    ),
     # Table 4: other video classifiers, from scratch
     Row("r3d_18", ((4, "R3D"),), _baseline("r3d_18"), False, (75.70, 80.03, 82.14, 73.42, 81.69, 77.56)),
-    Row("timesformer", ((4, "TimeSformer"),), _baseline("timesformer"), False,
-        (77.57, 71.34, 77.78, 77.46, 82.09, 72.08)),
+    Row(
+        "timesformer",
+        ((4, "TimeSformer"),),
+        _baseline("timesformer"),
+        False,
+        (77.57, 71.34, 77.78, 77.46, 82.09, 72.08),
+    ),
     Row("mc3_18", ((4, "MC3"),), _baseline("mc3_18"), False, (77.57, 80.83, 81.25, 76.00, 82.61, 78.86)),
     Row("p3d", ((4, "P3D"),), _baseline("p3d"), False, (80.37, 81.33, 89.66, 76.92, 85.11, 81.28)),
-    Row("r2plus1d_18", ((4, "R(2+1)D"),), _baseline("r2plus1d_18"), False,
-        (82.24, 87.36, 90.32, 78.95, 86.33, 84.85)),
+    Row("r2plus1d_18", ((4, "R(2+1)D"),), _baseline("r2plus1d_18"), False, (82.24, 87.36, 90.32, 78.95, 86.33, 84.85)),
     Row("tin_34", ((4, "TIN Res34"),), _baseline("tin_34"), False, (84.48, 86.85, 82.33, 86.35, 86.87, 86.79)),
     Row("tin_50", ((4, "TIN Res50"),), _baseline("tin_50"), False, (85.05, 85.53, 88.94, 83.10, 88.06, 86.66)),
     Row("tin_18", ((4, "TIN Res18"),), _baseline("tin_18"), False, (85.24, 89.52, 82.50, 87.11, 87.52, 87.30)),
     Row("tsm_18", ((4, "TSM"),), _baseline("tsm_18"), False, (86.92, 89.72, 91.67, 84.51, 89.55, 90.22)),
     # CLMAN: GN + NL encoder, SimCLR-pretrained, multi-meta attention
-    Row("clman", ((2, "With CL (ours)"), (3, "With Multi-meta Attn (ours)"), (4, "CLMAN (ours)")), GN_NL, True,
-        (88.79, 92.78, 94.44, 85.92, 91.04, 92.64)),
+    Row(
+        "clman",
+        ((2, "With CL (ours)"), (3, "With Multi-meta Attn (ours)"), (4, "CLMAN (ours)")),
+        GN_NL,
+        True,
+        (88.79, 92.78, 94.44, 85.92, 91.04, 92.64),
+    ),
 )
 BY_NAME = {r.name: r for r in ROWS}
 REFERENCE = "clman"  # every row's AUC is tested against this row's, on the same videos
@@ -168,8 +227,9 @@ def parse_tables(tables: str | Iterable[int] | None) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def select_rows(tables: str | Iterable[int] | None = None, names: str | Sequence[str] | None = None,
-                reference: bool = True) -> tuple[Row, ...]:
+def select_rows(
+    tables: str | Iterable[int] | None = None, names: str | Sequence[str] | None = None, reference: bool = True
+) -> tuple[Row, ...]:
     """The rows to train, each once, in ``ROWS`` order.
 
     tables: the tables whose rows to train (None: all four). names: only these rows of those

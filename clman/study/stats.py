@@ -77,8 +77,9 @@ PREDICTION_COLUMNS = (*KEYS, "video_id", "patient_id", "label", "score")
 OP_COLUMNS = ("op_threshold", "op_accuracy", "op_sensitivity", "op_specificity", "op_f1")
 
 
-def trial_metrics(scores, labels, *, threshold: float = 0.5, val_scores=None, val_labels=None,
-                  target_sensitivity: float = 0.95) -> dict[str, float]:
+def trial_metrics(
+    scores, labels, *, threshold: float = 0.5, val_scores=None, val_labels=None, target_sensitivity: float = 0.95
+) -> dict[str, float]:
     """One results line: the six metrics of a trial's test scores at ``threshold``.
 
     With the validation scores, also ``op_*``: the test metrics at the threshold that gives
@@ -125,8 +126,10 @@ def check_predictions(predictions) -> pd.DataFrame:
     dup = df.duplicated(["row", "seed", "video_id"])
     if dup.any():
         r = df[dup].iloc[0]
-        raise StudyError(f"predictions: video {r['video_id']!r} is scored twice for row {r['row']}, "
-                         f"seed {r['seed']}; out-of-fold predictions test each video once per (row, seed)")
+        raise StudyError(
+            f"predictions: video {r['video_id']!r} is scored twice for row {r['row']}, "
+            f"seed {r['seed']}; out-of-fold predictions test each video once per (row, seed)"
+        )
     return df
 
 
@@ -134,8 +137,9 @@ def pooled_scores(predictions: pd.DataFrame, row: str) -> pd.DataFrame:
     """One line per video tested for ``row``: video_id, patient_id, label, score (mean over seeds), seeds."""
     df = predictions[predictions["row"] == row]
     g = df.groupby("video_id", sort=True)
-    out = g.agg(patient_id=("patient_id", "first"), label=("label", "first"), score=("score", "mean"),
-                seeds=("seed", "nunique"))
+    out = g.agg(
+        patient_id=("patient_id", "first"), label=("label", "first"), score=("score", "mean"), seeds=("seed", "nunique")
+    )
     return out.reset_index()
 
 
@@ -170,8 +174,9 @@ class RowSummary:
     paired_resamples: int = 0  # bootstrap resamples of the paired test that held both classes
 
 
-def mean_over_runs(values, folds, *, n_folds: int | None = None, test_train_ratio: float | None = None,
-                   alpha: float = 0.05) -> tuple[float, float, float]:
+def mean_over_runs(
+    values, folds, *, n_folds: int | None = None, test_train_ratio: float | None = None, alpha: float = 0.05
+) -> tuple[float, float, float]:
     """(mean, lo, hi) of one metric over (fold, seed) runs: seeds averaged within each fold first.
 
     values, folds: one per run; non-finite values (undefined in that run) are left out, and a fold
@@ -213,23 +218,32 @@ def _cells(df: pd.DataFrame, n_folds: int, ratio: float) -> dict[str, tuple[floa
     ratio = ratio if n_folds > 1 else None
     for col in (*METRIC_NAMES, *(c for c in OP_COLUMNS if c in df.columns)):
         v = pd.to_numeric(df[col], errors="coerce").to_numpy(dtype=np.float64)
-        cells[col] = (*mean_over_runs(v, df["fold"].to_numpy(), n_folds=n_folds, test_train_ratio=ratio),
-                      int(np.isfinite(v).sum()))
+        cells[col] = (
+            *mean_over_runs(v, df["fold"].to_numpy(), n_folds=n_folds, test_train_ratio=ratio),
+            int(np.isfinite(v).sum()),
+        )
     return cells
 
 
 def interval_note(s: RowSummary) -> str:
     """One sentence: what the interval of a row's cells is (study.md, summary.json)."""
     if s.interval == INTERVAL_CV:
-        src = ("from the trials' n_test / n_train" if s.ratio_source == "results"
-               else "1/(K−1), the K-fold value: the results carry no n_test / n_train")
-        return (f"the corrected resampled t of Nadeau & Bengio (2003) over the {s.folds} fold means (the seeds of "
-                f"a fold averaged first): m ± t(K−1, 0.975) · sqrt((1/K + n_test/n_train) · s²), "
-                f"n_test/n_train = {s.test_train_ratio:.3f} ({src})")
+        src = (
+            "from the trials' n_test / n_train"
+            if s.ratio_source == "results"
+            else "1/(K−1), the K-fold value: the results carry no n_test / n_train"
+        )
+        return (
+            f"the corrected resampled t of Nadeau & Bengio (2003) over the {s.folds} fold means (the seeds of "
+            f"a fold averaged first): m ± t(K−1, 0.975) · sqrt((1/K + n_test/n_train) · s²), "
+            f"n_test/n_train = {s.test_train_ratio:.3f} ({src})"
+        )
     if s.interval == INTERVAL_SEEDS:
-        return (f"one fixed test split, so the t-interval over the {s.seeds} seeds: the seed-to-seed variation of "
-                "training only, not the sampling variability of the test set (for that, see ↳ pooled's "
-                "patient-bootstrap CI)")
+        return (
+            f"one fixed test split, so the t-interval over the {s.seeds} seeds: the seed-to-seed variation of "
+            "training only, not the sampling variability of the test set (for that, see ↳ pooled's "
+            "patient-bootstrap CI)"
+        )
     return "no interval: one run (for the sampling variability of the test set, see ↳ pooled's patient-bootstrap CI)"
 
 
@@ -239,8 +253,9 @@ def _interval_kind(n_folds: int, n_seeds: int) -> str:
     return INTERVAL_SEEDS if n_seeds > 1 else INTERVAL_NONE
 
 
-def summarize(results, predictions=None, *, n_boot: int = 1000, seed: int = 0,
-              threshold: float = 0.5) -> dict[str, RowSummary]:
+def summarize(
+    results, predictions=None, *, n_boot: int = 1000, seed: int = 0, threshold: float = 0.5
+) -> dict[str, RowSummary]:
     """Each row's summary (see the module docstring), keyed by row name, in the paper's order.
 
     n_boot: patient-level bootstrap resamples for the pooled CIs and the paired test against
@@ -254,8 +269,16 @@ def summarize(results, predictions=None, *, n_boot: int = 1000, seed: int = 0,
     for name, df in res.groupby("row", sort=False):
         n_folds, n_seeds = int(df["fold"].nunique()), int(df["seed"].nunique())
         ratio, source = _ratio(df, n_folds)
-        s = RowSummary(BY_NAME[name], len(df), _cells(df, n_folds, ratio), folds=n_folds, seeds=n_seeds,
-                       interval=_interval_kind(n_folds, n_seeds), test_train_ratio=ratio, ratio_source=source)
+        s = RowSummary(
+            BY_NAME[name],
+            len(df),
+            _cells(df, n_folds, ratio),
+            folds=n_folds,
+            seeds=n_seeds,
+            interval=_interval_kind(n_folds, n_seeds),
+            test_train_ratio=ratio,
+            ratio_source=source,
+        )
         out[name] = s
         if preds is None:
             continue
@@ -266,8 +289,14 @@ def summarize(results, predictions=None, *, n_boot: int = 1000, seed: int = 0,
         scores, labels = p["score"].to_numpy(np.float64), p["label"].to_numpy(np.int64)
         s.pooled = compute_metrics(scores, labels, threshold=threshold)
         if n_boot:
-            s.pooled_ci = bootstrap_ci(scores, labels, n_boot=n_boot, seed=seed, threshold=threshold,
-                                       groups=p["patient_id"].astype(str).to_numpy())
+            s.pooled_ci = bootstrap_ci(
+                scores,
+                labels,
+                n_boot=n_boot,
+                seed=seed,
+                threshold=threshold,
+                groups=p["patient_id"].astype(str).to_numpy(),
+            )
     ref = pooled.get(REFERENCE)
     for name, s in out.items():
         if name == REFERENCE or name not in pooled:
@@ -279,19 +308,25 @@ def summarize(results, predictions=None, *, n_boot: int = 1000, seed: int = 0,
         s.paired_videos, s.paired_patients = len(both), int(both["patient_id"].nunique())
         clash = both[(both["label"] != both["label_ref"]) | (both["patient_id"] != both["patient_id_ref"])]
         if len(clash):
-            raise StudyError(f"predictions: video {clash['video_id'].iloc[0]!r} has another label or patient in "
-                             f"row {name} than in row {REFERENCE}")
+            raise StudyError(
+                f"predictions: video {clash['video_id'].iloc[0]!r} has another label or patient in "
+                f"row {name} than in row {REFERENCE}"
+            )
         counts = both["label"].value_counts()
         if not (counts.get(0, 0) >= 2 and counts.get(1, 0) >= 2):
-            warnings.warn(f"row {name}: {len(both)} videos shared with {REFERENCE} hold fewer than 2 of a class; "
-                          "no paired test", UndefinedMetricWarning, stacklevel=2)
+            warnings.warn(
+                f"row {name}: {len(both)} videos shared with {REFERENCE} hold fewer than 2 of a class; no paired test",
+                UndefinedMetricWarning,
+                stacklevel=2,
+            )
             continue
         a, b = both["score"].to_numpy(np.float64), both["score_ref"].to_numpy(np.float64)
         y = both["label"].to_numpy(np.int64)
         s.p_auc_delong_per_video = delong_test(a, b, y)
         if n_boot:
-            test = paired_bootstrap_auc(a, b, y, groups=both["patient_id"].astype(str).to_numpy(), n_boot=n_boot,
-                                        seed=seed)
+            test = paired_bootstrap_auc(
+                a, b, y, groups=both["patient_id"].astype(str).to_numpy(), n_boot=n_boot, seed=seed
+            )
             s.auc_diff, s.auc_diff_ci, s.p_auc = test.diff, (test.lo, test.hi), test.p
             s.paired_resamples = test.resamples
         else:  # no resamples: the difference alone

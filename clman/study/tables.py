@@ -75,8 +75,9 @@ def _head(columns: Sequence[str]) -> list[str]:
 def table_lines(title_of, summaries: Sequence[RowSummary]) -> list[str]:
     """The Markdown table of ``summaries``; ``title_of(row)`` names a row as the paper's table does."""
     # One fixed split: the interval of the means is the seeds' alone; say so where the numbers are.
-    method = "Method (interval: seeds only, see below)" if any(s.interval == INTERVAL_SEEDS for s in summaries) \
-        else "Method"
+    method = (
+        "Method (interval: seeds only, see below)" if any(s.interval == INTERVAL_SEEDS for s in summaries) else "Method"
+    )
     lines = _head([method, *(h for _, h in PAPER_COLUMNS), "p (AUC vs CLMAN)"])
     for s in summaries:
         mean = [fmt_cell(s.cells[k], s.runs) for k, _ in PAPER_COLUMNS]
@@ -96,8 +97,13 @@ def op_lines(summaries: Sequence[RowSummary]) -> list[str]:
     rows = [s for s in summaries if "op_threshold" in s.cells]
     if not rows:
         return []
-    heads = {"op_threshold": "Threshold", "op_accuracy": "Acc", "op_sensitivity": "Sens",
-             "op_specificity": "Spec", "op_f1": "F1"}
+    heads = {
+        "op_threshold": "Threshold",
+        "op_accuracy": "Acc",
+        "op_sensitivity": "Sens",
+        "op_specificity": "Spec",
+        "op_f1": "F1",
+    }
     lines = _head(["Method", *(heads[c] for c in OP_COLUMNS)])
     for s in rows:
         t_mean, t_lo, t_hi, t_n = s.cells["op_threshold"]
@@ -124,8 +130,11 @@ def curve_lines(curve: Mapping[float, Mapping[str, RowSummary]], *, n_boot: int 
     names = curve_mod.rows_of(curve)
     others = [n for n in names if n != REFERENCE]
     labelled = results is not None and "n_labelled" in curve_mod.frame(results).columns
-    heads = ["Labelled share", *(["Labelled videos per run"] if labelled else []),
-             *(f"{curve_mod.label(n)}: AUC" for n in names)]
+    heads = [
+        "Labelled share",
+        *(["Labelled videos per run"] if labelled else []),
+        *(f"{curve_mod.label(n)}: AUC" for n in names),
+    ]
     for n in others:
         heads += [f"CLMAN − {curve_mod.label(n)}", "p"]
     lines = _head(heads)
@@ -135,8 +144,11 @@ def curve_lines(curve: Mapping[float, Mapping[str, RowSummary]], *, n_boot: int 
             cells.append(f"{curve_mod.mean_labelled(results, f):.1f}")
         for n in names:
             s = summary.get(n)
-            cells.append("n/a" if s is None or not s.pooled else
-                         fmt_pct(s.pooled.get("auc")) + fmt_ci(*s.pooled_ci.get("auc", (None, None))))
+            cells.append(
+                "n/a"
+                if s is None or not s.pooled
+                else fmt_pct(s.pooled.get("auc")) + fmt_ci(*s.pooled_ci.get("auc", (None, None)))
+            )
         for n in others:
             s = summary.get(n)
             if s is None:
@@ -146,7 +158,8 @@ def curve_lines(curve: Mapping[float, Mapping[str, RowSummary]], *, n_boot: int 
             cells += [fmt_diff(diff, ci) or "n/a", fmt_p(p)]
         lines.append("| " + " | ".join(cells) + " |")
     return [
-        "## Label efficiency — AUC against the labelled share of the training patients", "",
+        "## Label efficiency — AUC against the labelled share of the training patients",
+        "",
         "Each trial finetunes on that share of its (fold, seed)'s training patients, per class, rounded up "
         "(finetune.label_fraction): nested (a smaller share's patients are among a larger one's), the same "
         "patients for every row of a (fold, seed); the validation patients, the test fold and SimCLR (one run per "
@@ -154,7 +167,13 @@ def curve_lines(curve: Mapping[float, Mapping[str, RowSummary]], *, n_boot: int 
         f"AUC: pooled out of fold (one score per video, its mean over seeds) in %, with a 95 % CI from {n_boot} "
         "bootstrap resamples of patients. CLMAN − row: the paired patient bootstrap of the AUC difference on the "
         "same videos, in AUC points, with its 95 % percentile CI and two-sided p. The tables below are the trials "
-        "at share 1.", "", *lines, "", f"![AUC against the labelled share]({curve_mod.PNG})", ""]
+        "at share 1.",
+        "",
+        *lines,
+        "",
+        f"![AUC against the labelled share]({curve_mod.PNG})",
+        "",
+    ]
 
 
 def _duration(seconds: float | None) -> str:
@@ -170,10 +189,21 @@ def default_tables(summary: Mapping[str, RowSummary]) -> tuple[int, ...]:
     return tuple(t for t in TABLES if any(s.row.name != REFERENCE and t in s.row.tables for s in summary.values()))
 
 
-def markdown(summary: Mapping[str, RowSummary], *, tables: Iterable[int] | None = None, title: str = "CLMAN study",
-             protocol: str = "", command: str = "", config: Mapping | None = None, run_time_s: float | None = None,
-             n_boot: int = 1000, threshold: float = 0.5, notes: Sequence[str] = (),
-             curve: Mapping[float, Mapping[str, RowSummary]] | None = None, results=None) -> str:
+def markdown(
+    summary: Mapping[str, RowSummary],
+    *,
+    tables: Iterable[int] | None = None,
+    title: str = "CLMAN study",
+    protocol: str = "",
+    command: str = "",
+    config: Mapping | None = None,
+    run_time_s: float | None = None,
+    n_boot: int = 1000,
+    threshold: float = 0.5,
+    notes: Sequence[str] = (),
+    curve: Mapping[float, Mapping[str, RowSummary]] | None = None,
+    results=None,
+) -> str:
     """study.md from :func:`clman.study.stats.summarize`'s output and what the run was.
 
     curve: :func:`clman.study.curve.summarize_curve`'s output, for the label-efficiency section (results: the
@@ -212,20 +242,30 @@ def markdown(summary: Mapping[str, RowSummary], *, tables: Iterable[int] | None 
         lines += ["## Other rows", "", *table_lines(lambda r: r.title(r.tables[-1]), rest), ""]
     lines += [*interval_lines(summary.values()), ""]
     if any(s.cells[k][3] < s.runs for s in summary.values() for k in s.cells):
-        lines += ["† undefined in some runs: the mean of the runs where it is defined (seeds within a fold "
-                  "first).", ""]
+        lines += ["† undefined in some runs: the mean of the runs where it is defined (seeds within a fold first).", ""]
     op = op_lines(list(summary.values()))
     if op:
-        lines += ["## Operating point chosen on the validation videos", "",
-                  "The threshold that gives the target sensitivity (evaluate.target_sensitivity) on each run's "
-                  "validation videos, and the test metrics at it: what a clinic would deploy.", "", *op, ""]
+        lines += [
+            "## Operating point chosen on the validation videos",
+            "",
+            "The threshold that gives the target sensitivity (evaluate.target_sensitivity) on each run's "
+            "validation videos, and the test metrics at it: what a clinic would deploy.",
+            "",
+            *op,
+            "",
+        ]
     lines += ["## ROC", "", "![ROC curves of the pooled out-of-fold predictions](roc.png)", ""]
-    lines += ["## Rows", "", *_head(["Row", "Tables", "Pretrained encoder", "Runs", "Pooled videos (patients)",
-                                     "Overrides"])]
+    lines += [
+        "## Rows",
+        "",
+        *_head(["Row", "Tables", "Pretrained encoder", "Runs", "Pooled videos (patients)", "Overrides"]),
+    ]
     for s in summary.values():
         r = s.row
-        lines.append(f"| {r.name} | {', '.join(map(str, r.tables))} | {'yes' if r.pretrained else 'no'} | "
-                     f"{s.runs} | {s.videos} ({s.patients}) | " + " ".join(f"`{x}`" for x in r.sets) + " |")
+        lines.append(
+            f"| {r.name} | {', '.join(map(str, r.tables))} | {'yes' if r.pretrained else 'no'} | "
+            f"{s.runs} | {s.videos} ({s.patients}) | " + " ".join(f"`{x}`" for x in r.sets) + " |"
+        )
     lines += ["", "## Run", ""]
     if command:
         lines += ["```", command, "```", ""]

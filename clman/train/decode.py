@@ -46,4 +46,3 @@ def _decode_whole(items: list[tuple[str, int]], size: int):
 @ray.remote
 def _decode_some(uri: str, indices: np.ndarray, size: int):
     return _decode(uri, indices, size)
-

@@ -35,7 +35,6 @@ import numpy as np
 import ray
 import torch
 
-from clman import storage
 from clman.data import frames as F
 from clman.data.sampling import segment_indices
 from clman.train.decode import _decode_some, _decode_whole
@@ -95,9 +94,11 @@ def plan_cache(videos: Sequence[Video], data) -> bool:
     room = data.cache_fraction * free
     if need <= room:
         return True
-    what = (f"the decoded data set ({len(videos)} videos, {need / 1e9:.2f} GB at {data.stored_size} px, 1 channel) "
-            f"does not fit data.cache_fraction={data.cache_fraction:g} of the object store's "
-            f"{free / 1e9:.2f} GB free")
+    what = (
+        f"the decoded data set ({len(videos)} videos, {need / 1e9:.2f} GB at {data.stored_size} px, 1 channel) "
+        f"does not fit data.cache_fraction={data.cache_fraction:g} of the object store's "
+        f"{free / 1e9:.2f} GB free"
+    )
     if data.cache == "memory":
         raise CacheTooLarge(f"data.cache=memory: {what}; set data.cache=auto to stream, or lower data.store_size")
     log.info("streaming clips (decoded every epoch): %s", what)
@@ -135,16 +136,22 @@ def build_cache(videos: Sequence[Video], data) -> tuple[list[Video], list]:
             channels.add(meta["channels"])
 
     for start in range(0, len(videos), chunk):
-        part = list(videos[start:start + chunk])
-        fn = _decode_whole.options(num_cpus=data.decode_cpus, num_returns=1 + len(part),
-                                   scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS)
+        part = list(videos[start : start + chunk])
+        fn = _decode_whole.options(
+            num_cpus=data.decode_cpus, num_returns=1 + len(part), scheduling_strategy=OUTSIDE_PLACEMENT_GROUPS
+        )
         if len(pending) >= cap:
             settle(pending.pop(0))
         pending.append((part, fn.remote([(v.uri, v.num_frames) for v in part], size)))
     for item in pending:
         settle(item)
-    log.info("decoded %d videos once: %.1f MB of uint8 frames (%s channel(s), %d px) in the object store",
-             len(kept), stored[0] / 1e6, "/".join(map(str, sorted(channels))) or "-", size)
+    log.info(
+        "decoded %d videos once: %.1f MB of uint8 frames (%s channel(s), %d px) in the object store",
+        len(kept),
+        stored[0] / 1e6,
+        "/".join(map(str, sorted(channels))) or "-",
+        size,
+    )
     return kept, refs
 
 
@@ -159,11 +166,14 @@ def _shuffled(seed: int, epoch: int, n: int, rank: int, world: int) -> list[int]
 
 
 def _clip_batch(items, pin: bool) -> dict[str, np.ndarray | torch.Tensor]:
-    return {"frames": F.stack_frames([f if rows is None else (f, rows) for _, (f, rows), _ in items],
-                                   pin),  # (B, T, C, S, S), pinned when pin
-            "video": np.asarray([v.index for v, _, _ in items], np.int64),
-            "label": np.asarray([v.label for v, _, _ in items], np.int64),
-            "frame_idx": np.stack([w for _, _, w in items]).astype(np.int64)}
+    return {
+        "frames": F.stack_frames(
+            [f if rows is None else (f, rows) for _, (f, rows), _ in items], pin
+        ),  # (B, T, C, S, S), pinned when pin
+        "video": np.asarray([v.index for v, _, _ in items], np.int64),
+        "label": np.asarray([v.label for v, _, _ in items], np.int64),
+        "frame_idx": np.stack([w for _, _, w in items]).astype(np.int64),
+    }
 
 
 def _clip_batches(items, batch_size: int, pin: bool, keep_last: bool) -> Iterator[dict]:
@@ -192,8 +202,9 @@ class Clips:
         return _shuffled(self.seed, epoch, n, rank, world)
 
     def indices(self, video: Video, epoch: int) -> np.ndarray:
-        return segment_indices(video.num_frames, self.num_frames, train=True,
-                               rng=F.draw_rng(self.seed, epoch, video.index, F.CLIP_FRAMES))
+        return segment_indices(
+            video.num_frames, self.num_frames, train=True, rng=F.draw_rng(self.seed, epoch, video.index, F.CLIP_FRAMES)
+        )
 
     def steps(self, videos: int, batch_size: int) -> int:
         return videos // batch_size
@@ -244,8 +255,9 @@ class Frames:
         return _shuffled(self.seed, epoch, n, rank, world)
 
     def indices(self, video: Video, epoch: int) -> np.ndarray:
-        return F.simclr_indices(video.num_frames, self.frames_per_clip,
-                                F.draw_rng(self.seed, epoch, video.index, F.SIMCLR_FRAMES))
+        return F.simclr_indices(
+            video.num_frames, self.frames_per_clip, F.draw_rng(self.seed, epoch, video.index, F.SIMCLR_FRAMES)
+        )
 
     def steps(self, videos: int, batch_size: int) -> int:
         return videos * self.frames_per_clip // batch_size
@@ -261,9 +273,11 @@ class Frames:
             slot_buf.extend(want)
             while len(frames_buf) >= batch_size:
                 b = batch_size
-                yield {"frames": F.stack_frames(frames_buf[:b], pin),
-                       "video": np.asarray(video_buf[:b], np.int64),
-                       "slot": np.asarray(slot_buf[:b], np.int64)}
+                yield {
+                    "frames": F.stack_frames(frames_buf[:b], pin),
+                    "video": np.asarray(video_buf[:b], np.int64),
+                    "slot": np.asarray(slot_buf[:b], np.int64),
+                }
                 del frames_buf[:b], video_buf[:b], slot_buf[:b]
 
 
@@ -278,8 +292,9 @@ class Feed:
     :class:`EvalClips`, :class:`Frames`). Batches are CPU tensors (pinned when ``pin``).
     """
 
-    def __init__(self, source: dict, sampler: Sampler, data, *, batch_size: int, rank: int = 0, world: int = 1,
-                 pin: bool = False):
+    def __init__(
+        self, source: dict, sampler: Sampler, data, *, batch_size: int, rank: int = 0, world: int = 1, pin: bool = False
+    ):
         videos, cache = source["videos"], source["cache"]
         if cache is not None and len(cache) != len(videos):
             raise ValueError(f"{len(cache)} cached videos for {len(videos)} videos")
@@ -346,8 +361,10 @@ class Feed:
         if not self.sampler.exact_steps or done == steps:
             return
         if last is None:
-            raise RuntimeError(f"rank {self.rank}: none of its {len(self.order(epoch))} clips of epoch {epoch} "
-                               "could be decoded (see the warnings above)")
+            raise RuntimeError(
+                f"rank {self.rank}: none of its {len(self.order(epoch))} clips of epoch {epoch} "
+                "could be decoded (see the warnings above)"
+            )
         for _ in range(steps - done):
             yield last
 

@@ -42,8 +42,18 @@ from clman.evaluate.inference import choose_threshold, mean_log_probs, preproces
 from clman.launch import trainer
 from clman.train import feed, worker
 from clman.train.selection import (  # noqa: F401  (re-exported: jobs, scripts and tests read them here)
-    CHANCE_AUC_MARGIN, CHECK_AFTER_EPOCHS, MIN_LOSS_DROP, Decision, Selection, best_score, check_epoch,
-    loss_stalled, not_learning, val_at_chance, val_score)
+    CHANCE_AUC_MARGIN,
+    CHECK_AFTER_EPOCHS,
+    MIN_LOSS_DROP,
+    Decision,
+    Selection,
+    best_score,
+    check_epoch,
+    loss_stalled,
+    not_learning,
+    val_at_chance,
+    val_score,
+)
 
 log = worker.worker_logger("clman.finetune")
 SCORE = "val_score"  # what ranks checkpoints when there is a validation split (:func:`val_score`)
@@ -92,14 +102,24 @@ def validation_split(train, val, fraction: float, seed: int, manifest: str = "ma
     if len(val):
         if val["label"].nunique() < 2:
             b, m = _per_label(val, "video_id")
-            raise JobError(f"{manifest}: split 'val' holds {b} benign and {m} malignant videos; the val AUC that "
-                           "picks the checkpoint needs both (re-ingest with another --split or --seed)")
-        info = {"source": "manifest", "videos": len(val), "patients": int(val["patient_id"].nunique()),
-                "note": f"validation: the manifest's val split ({len(val)} videos)"}
+            raise JobError(
+                f"{manifest}: split 'val' holds {b} benign and {m} malignant videos; the val AUC that "
+                "picks the checkpoint needs both (re-ingest with another --split or --seed)"
+            )
+        info = {
+            "source": "manifest",
+            "videos": len(val),
+            "patients": int(val["patient_id"].nunique()),
+            "note": f"validation: the manifest's val split ({len(val)} videos)",
+        }
         return train, val, info
     if fraction == 0:
-        info = {"source": "none", "videos": 0, "patients": 0,
-                "note": "no val split and finetune.val_fraction=0: no validation, the last checkpoint is kept"}
+        info = {
+            "source": "none",
+            "videos": 0,
+            "patients": 0,
+            "note": "no val split and finetune.val_fraction=0: no validation, the last checkpoint is kept",
+        }
         return train, val, info
     carved_train, carved_val = carve_validation(train, fraction, seed)  # the studies' carve too
     (tb, tm), (vb, vm) = _per_label(carved_train, "patient_id"), _per_label(carved_val, "patient_id")
@@ -108,12 +128,20 @@ def validation_split(train, val, fraction: float, seed: int, manifest: str = "ma
         raise JobError(
             f"finetune.val_fraction={fraction:g} leaves a class out: the {pb} benign and {pm} malignant training "
             f"patients would split into {tb} + {tm} for training and {vb} + {vm} for validation; change "
-            "finetune.val_fraction (0 = no validation) or add a val split to the manifest")
-    info = {"source": "carved", "fraction": fraction, "seed": seed, "videos": len(carved_val),
-            "patients": vb + vm, "patients_per_label": [vb, vm], "training_videos": len(train),
-            "note": f"no val split: {len(carved_val)} of {len(train)} training videos (by patient: {vb} benign + "
-                    f"{vm} malignant of {train['patient_id'].nunique()} patients) held out for validation "
-                    f"(finetune.val_fraction={fraction:g}, seed {seed})"}
+            "finetune.val_fraction (0 = no validation) or add a val split to the manifest"
+        )
+    info = {
+        "source": "carved",
+        "fraction": fraction,
+        "seed": seed,
+        "videos": len(carved_val),
+        "patients": vb + vm,
+        "patients_per_label": [vb, vm],
+        "training_videos": len(train),
+        "note": f"no val split: {len(carved_val)} of {len(train)} training videos (by patient: {vb} benign + "
+        f"{vm} malignant of {train['patient_id'].nunique()} patients) held out for validation "
+        f"(finetune.val_fraction={fraction:g}, seed {seed})",
+    }
     return carved_train, carved_val, info
 
 
@@ -140,28 +168,43 @@ def label_subset(train, fraction: float, seed: int, where: str = "manifest", min
 
     pb, pm = _per_label(train, "patient_id")
     if fraction >= 1.0:
-        info = {"fraction": 1.0, "seed": seed, "videos": len(train), "patients_per_label": [pb, pm],
-                "note": f"labels: every training patient ({pb} benign + {pm} malignant, {len(train)} videos)"}
+        info = {
+            "fraction": 1.0,
+            "seed": seed,
+            "videos": len(train),
+            "patients_per_label": [pb, pm],
+            "note": f"labels: every training patient ({pb} benign + {pm} malignant, {len(train)} videos)",
+        }
         return train, info
     labels = patient_labels(train)  # sorted by patient_id: the order of the input rows does not matter
     rng = np.random.default_rng([seed, LABEL_SUBSET_STREAM])
     kept = []
     for label in (0, 1):
         patients = rng.permutation(labels.index[labels == label].to_numpy())
-        kept += patients[:math.ceil(fraction * len(patients))].tolist()
+        kept += patients[: math.ceil(fraction * len(patients))].tolist()
     rows = train[train["patient_id"].isin(set(kept))].reset_index(drop=True)
     b, m = _per_label(rows, "patient_id")
     counts = f"{b} benign + {m} malignant of {pb} + {pm} training patients, {len(rows)} of {len(train)} videos"
     if min(b, m) == 0:
-        raise JobError(f"{where}: finetune.label_fraction={fraction:g} leaves a class out of training ({counts}); "
-                       "finetuning needs benign and malignant patients")
+        raise JobError(
+            f"{where}: finetune.label_fraction={fraction:g} leaves a class out of training ({counts}); "
+            "finetuning needs benign and malignant patients"
+        )
     if len(rows) < min_videos:
-        raise JobError(f"{where}: finetune.label_fraction={fraction:g} leaves {counts}: fewer than one batch "
-                       f"({min_videos} videos); raise finetune.label_fraction or lower finetune.batch_size")
-    info = {"fraction": fraction, "seed": seed, "videos": len(rows), "patients_per_label": [b, m],
-            "training_videos": len(train), "training_patients_per_label": [pb, pm],
-            "note": f"labels: finetune.label_fraction={fraction:g} of the training patients per class, {counts} "
-                    f"(nested by seed {seed}: a smaller fraction's patients are among these)"}
+        raise JobError(
+            f"{where}: finetune.label_fraction={fraction:g} leaves {counts}: fewer than one batch "
+            f"({min_videos} videos); raise finetune.label_fraction or lower finetune.batch_size"
+        )
+    info = {
+        "fraction": fraction,
+        "seed": seed,
+        "videos": len(rows),
+        "patients_per_label": [b, m],
+        "training_videos": len(train),
+        "training_patients_per_label": [pb, pm],
+        "note": f"labels: finetune.label_fraction={fraction:g} of the training patients per class, {counts} "
+        f"(nested by seed {seed}: a smaller fraction's patients are among these)",
+    }
     return rows, info
 
 
@@ -171,8 +214,14 @@ def min_training_videos(cfg: C.FinetuneConfig) -> int:
     return world * max(1, cfg.batch_size // world)
 
 
-def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val: bool,
-              rows: tuple | None = None, sources: dict | None = None) -> trainer.TrainJob:
+def train_job(
+    cfg: C.FinetuneConfig,
+    manifest: str,
+    encoder: str | None,
+    has_val: bool,
+    rows: tuple | None = None,
+    sources: dict | None = None,
+) -> trainer.TrainJob:
     """The finetune run of ``cfg`` on ``manifest`` (Ray must be up: the frames are cached here when they fit).
 
     ``rows``: (train, val) DataFrames to use instead of the manifest's splits (:func:`validation_split`,
@@ -182,10 +231,15 @@ def train_job(cfg: C.FinetuneConfig, manifest: str, encoder: str | None, has_val
     from clman.data.manifest import read_manifest
 
     if cfg.label_fraction < 1 and rows is None:  # the subset is the caller's (label_subset): never ignored
-        raise JobError(f"finetune.label_fraction={cfg.label_fraction:g}: " + (
-            "a sweep decodes its splits once for all trials and does not subsample them; run label fractions "
-            "with jobs.study --label-fractions" if sources is not None else
-            "pass the training rows of finetune.label_subset (rows=...)"))
+        raise JobError(
+            f"finetune.label_fraction={cfg.label_fraction:g}: "
+            + (
+                "a sweep decodes its splits once for all trials and does not subsample them; run label fractions "
+                "with jobs.study --label-fractions"
+                if sources is not None
+                else "pass the training rows of finetune.label_subset (rows=...)"
+            )
+        )
     frames = {}
     for i, split in enumerate(("train", "val") if has_val else ("train",)):
         if sources is not None:
@@ -209,8 +263,11 @@ def history(checkpoint) -> dict:
     with checkpoint.as_directory() as d:
         state = ckpt.load_checkpoint(os.path.join(d, worker.CHECKPOINT_FILE))
     progress = (state.get("extra") or {}).get("progress") or {}
-    return {"train_loss": progress.get("losses", []), "train_auc": progress.get("train_aucs", []),
-            "val_auc": progress.get("val_aucs", [])}
+    return {
+        "train_loss": progress.get("losses", []),
+        "train_auc": progress.get("train_aucs", []),
+        "val_auc": progress.get("val_aucs", []),
+    }
 
 
 # ---------------------------------------------------------------- worker side
@@ -293,26 +350,41 @@ class ScoredClips(feed.EvalClips):
         return scoring.scored_indices(video.num_frames, self.num_frames, self.frames, self.clips).ravel()
 
 
-def training_feed(source: dict, cfg: C.FinetuneConfig, batch_size: int, rank: int, world: int,
-                  pin: bool) -> feed.Feed:
+def training_feed(source: dict, cfg: C.FinetuneConfig, batch_size: int, rank: int, world: int, pin: bool) -> feed.Feed:
     """This worker's training clips: a seeded share of every epoch, T frames by segments."""
-    return feed.Feed(source, feed.Clips(cfg.data.num_frames, cfg.seed), cfg.data, batch_size=batch_size,
-                     rank=rank, world=world, pin=pin)
+    return feed.Feed(
+        source,
+        feed.Clips(cfg.data.num_frames, cfg.seed),
+        cfg.data,
+        batch_size=batch_size,
+        rank=rank,
+        world=world,
+        pin=pin,
+    )
 
 
-def validation_feed(source: dict, cfg: C.FinetuneConfig, batch_size: int, rank: int, world: int,
-                    pin: bool) -> feed.Feed:
+def validation_feed(
+    source: dict, cfg: C.FinetuneConfig, batch_size: int, rank: int, world: int, pin: bool
+) -> feed.Feed:
     """This worker's share of the val videos (:class:`ScoredClips`): batches of ``batch_size`` videos, each
     K clips (B * K clips through the model at once); with ``val_frames=all`` one video per batch, since
     lengths differ."""
     sampler = ScoredClips(cfg.data.num_frames, cfg.val_frames, cfg.val_clips)
-    return feed.Feed(source, sampler, cfg.data, batch_size=batch_size if cfg.val_frames == "clips" else 1,
-                     rank=rank, world=world, pin=pin)
+    return feed.Feed(
+        source,
+        sampler,
+        cfg.data,
+        batch_size=batch_size if cfg.val_frames == "clips" else 1,
+        rank=rank,
+        world=world,
+        pin=pin,
+    )
 
 
 @torch.no_grad()
-def validate(model, batches, device, size: int, precision: str = "fp32", clips: int = 1,
-             target_sensitivity: float | None = None) -> dict:
+def validate(
+    model, batches, device, size: int, precision: str = "fp32", clips: int = 1, target_sensitivity: float | None = None
+) -> dict:
     """Loss and the six metrics over this worker's share of the validation videos, synced over all workers.
 
     A video's score is the mean P(malignant) of its ``clips`` clips (:class:`ScoredClips`), as
@@ -335,8 +407,9 @@ def validate(model, batches, device, size: int, precision: str = "fp32", clips: 
             logits = model(x, None).float()  # (B * K, 2)
         log_probs = mean_log_probs(logits, clips)  # (B, 2): log of each video's mean probabilities
         labels = batch["label"]
-        loss_sum += torch.stack([F.nll_loss(log_probs, labels, reduction="sum"),
-                                 torch.tensor(float(len(labels)), device=device)])
+        loss_sum += torch.stack(
+            [F.nll_loss(log_probs, labels, reduction="sum"), torch.tensor(float(len(labels)), device=device)]
+        )
         metric.update(log_probs[:, 1].exp(), labels)
         if target_sensitivity is not None:
             scored += zip(log_probs[:, 1].exp().tolist(), labels.tolist())
@@ -372,8 +445,9 @@ def compiled_forward(model, cfg: C.FinetuneConfig, device, precision: str):
     return amp.compile_step(forward, cfg.scale, device)
 
 
-def train_one_epoch(model, forward, optimizer, batches: feed.Feed, cfg: C.FinetuneConfig, epoch: int,
-                    step: int, lr_at, weight, device) -> tuple[dict, int]:
+def train_one_epoch(
+    model, forward, optimizer, batches: feed.Feed, cfg: C.FinetuneConfig, epoch: int, step: int, lr_at, weight, device
+) -> tuple[dict, int]:
     """One epoch of this worker's batches: ({train_loss, train_auc, clips_per_s}, the step after it).
 
     ``lr_at(step)`` is the schedule; ``weight`` the class weights of the loss (or None).
@@ -408,21 +482,35 @@ def train_one_epoch(model, forward, optimizer, batches: feed.Feed, cfg: C.Finetu
     train_loss = float(distributed.all_reduce_mean(loss_sum)) / max(n_steps, 1)
     train_metric = BinaryMetrics().to(device)
     train_metric.update(torch.cat(scores), torch.cat(targets))  # synced over the ranks by compute()
-    return {"train_loss": train_loss, "train_auc": _train_auc(train_metric),
-            "clips_per_s": clips * distributed.get_world_size() / max(seconds, 1e-9)}, step
+    return {
+        "train_loss": train_loss,
+        "train_auc": _train_auc(train_metric),
+        "clips_per_s": clips * distributed.get_world_size() / max(seconds, 1e-9),
+    }, step
 
 
-def validation_metrics(model, val_feed: feed.Feed, cfg: C.FinetuneConfig, epoch: int, device,
-                       precision: str) -> tuple[dict, dict | None]:
+def validation_metrics(
+    model, val_feed: feed.Feed, cfg: C.FinetuneConfig, epoch: int, device, precision: str
+) -> tuple[dict, dict | None]:
     """(the val metrics reported, this epoch's operating point): model.pt keeps the kept epoch's
     (``extra``), for predict. ``model``: the unwrapped module, no DDP collectives while shards hold
     unequal numbers of videos."""
-    val = validate(model, val_feed.batches(epoch), device, cfg.data.size, precision, val_feed.sampler.clips,
-                   target_sensitivity=cfg.val_target_sensitivity)
+    val = validate(
+        model,
+        val_feed.batches(epoch),
+        device,
+        cfg.data.size,
+        precision,
+        val_feed.sampler.clips,
+        target_sensitivity=cfg.val_target_sensitivity,
+    )
     threshold = val.pop("threshold")
     val["val_threshold"] = threshold["value"] if threshold else float("nan")
-    val["val_scoring"] = (f"clips: mean of {cfg.val_clips} clip(s) of T={cfg.data.num_frames}"
-                          if cfg.val_frames == "clips" else "all: every frame (<= 512) as one clip")
+    val["val_scoring"] = (
+        f"clips: mean of {cfg.val_clips} clip(s) of T={cfg.data.num_frames}"
+        if cfg.val_frames == "clips"
+        else "all: every frame (<= 512) as one clip"
+    )
     return val, threshold
 
 
@@ -432,13 +520,22 @@ def log_epoch(cfg: C.FinetuneConfig, metrics: dict, decision: Decision, best: tu
         log.warning("%s", decision.warning)
     log.info(
         "finetune epoch %d/%d  loss %.4f  train auc %.3f  %s  lr %.2e  %.1f clips/s",
-        metrics["epoch"] + 1, cfg.epochs, metrics["train_loss"], metrics["train_auc"],
+        metrics["epoch"] + 1,
+        cfg.epochs,
+        metrics["train_loss"],
+        metrics["train_auc"],
         "  ".join(f"val {k} {metrics['val_' + k]:.3f}" for k in ("auc", "accuracy") if "val_" + k in metrics),
-        metrics["lr"], metrics["clips_per_s"],
+        metrics["lr"],
+        metrics["clips_per_s"],
     )
     if decision.stop:
-        log.info("stopping early after epoch %d: no better val score than %.3f (epoch %d) for %d epochs",
-                 metrics["epoch"] + 1, best[0] if best[0] is not None else float("nan"), best[1] + 1, cfg.patience)
+        log.info(
+            "stopping early after epoch %d: no better val score than %.3f (epoch %d) for %d epochs",
+            metrics["epoch"] + 1,
+            best[0] if best[0] is not None else float("nan"),
+            best[1] + 1,
+            cfg.patience,
+        )
 
 
 def train_loop_per_worker(inputs: worker.LoopInputs) -> None:
@@ -449,25 +546,12 @@ def train_loop_per_worker(inputs: worker.LoopInputs) -> None:
     optimizer = make_optimizer(raw_model, cfg)
     state = worker.restore(raw_model, optimizer)
     start_epoch, step = (state["epoch"] + 1, state["step"]) if state else (0, 0)
-    # What early stopping and the not-learning check remember, restored with the checkpoint.
-    progress = dict((state.get("extra") or {}).get("progress") or {}) if state else {}
-    selection = Selection(cfg.epochs, selection_window(cfg), cfg.patience, cfg.checkpoint_every, cfg.lr,
-                          inputs.val is not None, progress)
-    if state:
-        log.info("resumed from epoch %d (step %d)", state["epoch"], step)
+    selection = restored_selection(cfg, inputs.val is not None, state)
     model, device, precision = worker.prepare(raw_model, cfg.scale)
     per_worker, pin = max(1, cfg.batch_size // world), device.type == "cuda"
     train_feed = training_feed(inputs.train, cfg, per_worker, rank, world, pin)
     val_feed = validation_feed(inputs.val, cfg, per_worker, rank, world, pin) if inputs.val is not None else None
-    steps_per_epoch = train_feed.steps()
-    if steps_per_epoch < 1:
-        raise JobError(f"finetune: {len(train_feed.order(0))} training clips per worker do not fill one batch of "
-                       f"{per_worker}; lower finetune.batch_size")
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-
-    def lr_at(s: int) -> float:
-        return optim.schedule(cfg.schedule, s, total_steps, cfg.lr, warmup_steps)
-
+    lr_at = lr_schedule(cfg, train_feed, per_worker)
     weight = class_weights([v.label for v in train_feed.videos], cfg.class_weights)
     weight = weight.to(device) if weight is not None else None
     forward = compiled_forward(model, cfg, device, precision)
@@ -477,28 +561,82 @@ def train_loop_per_worker(inputs: worker.LoopInputs) -> None:
         model.train()
         hold_frozen_encoder(raw_model, cfg)
         stats, step = train_one_epoch(model, forward, optimizer, train_feed, cfg, epoch, step, lr_at, weight, device)
-        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch,  # > 0: resumed from a checkpoint
-                   "train_loss": stats["train_loss"], "train_auc": stats["train_auc"],
-                   "lr": lr_at(max(step - 1, 0)), "clips_per_s": stats["clips_per_s"]}
+        metrics = {
+            "epoch": epoch,
+            "step": step,
+            "start_epoch": start_epoch,  # > 0: resumed from a checkpoint
+            "train_loss": stats["train_loss"],
+            "train_auc": stats["train_auc"],
+            "lr": lr_at(max(step - 1, 0)),
+            "clips_per_s": stats["clips_per_s"],
+        }
         threshold = None
         if val_feed is not None:
             val, threshold = validation_metrics(raw_model, val_feed, cfg, epoch, device, precision)
             metrics |= val
-        decision = selection.update(epoch, metrics["train_loss"], metrics["train_auc"], metrics.get("val_auc"))
-        if val_feed is not None:
-            best, best_epoch = selection.best
-            metrics |= {"val_score": selection.score(), "best_val_score": best if best is not None else float("nan"),
-                        "best_epoch": best_epoch}
-        metrics |= {"stopped_early": decision.stop, "warning": decision.warning}
+        decision = judge_epoch(selection, metrics, val_feed is not None)
         log_epoch(cfg, metrics, decision, selection.best, rank)
         # A new best is always saved (it is the checkpoint the job keeps); the last report always
         # carries one, so the run's final metrics are the last epoch's.
         deploy = {"preprocessing": preprocessing(cfg)} | ({"threshold": threshold} if threshold else {})
-        worker.report(metrics, model, optimizer, kind="classifier", config=saved_config, step=step, epoch=epoch,
-                      save=decision.save, progress=inputs.progress,
-                      extra={"encoder": inputs.encoder or "", "progress": selection.state(), **deploy})
+        extra = {"encoder": inputs.encoder or "", "progress": selection.state(), **deploy}
+        worker.report(
+            metrics,
+            model,
+            optimizer,
+            kind="classifier",
+            config=saved_config,
+            step=step,
+            epoch=epoch,
+            save=decision.save,
+            progress=inputs.progress,
+            extra=extra,
+        )
         if decision.stop:
             break
+
+
+def restored_selection(cfg: C.FinetuneConfig, has_val: bool, state: dict | None) -> Selection:
+    """The run's :class:`Selection`, holding what early stopping and the not-learning check remembered at
+    the checkpoint ``state`` (none: a new run)."""
+    progress = dict((state.get("extra") or {}).get("progress") or {}) if state else {}
+    selection = Selection(
+        cfg.epochs, selection_window(cfg), cfg.patience, cfg.checkpoint_every, cfg.lr, has_val, progress
+    )
+    if state:
+        log.info("resumed from epoch %d (step %d)", state["epoch"], state["step"])
+    return selection
+
+
+def lr_schedule(cfg: C.FinetuneConfig, train_feed: feed.Feed, per_worker: int):
+    """The learning rate at each optimizer step (``optim.schedule`` over the run's steps)."""
+    steps_per_epoch = train_feed.steps()
+    if steps_per_epoch < 1:
+        raise JobError(
+            f"finetune: {len(train_feed.order(0))} training clips per worker do not fill one batch of "
+            f"{per_worker}; lower finetune.batch_size"
+        )
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+
+    def lr_at(s: int) -> float:
+        return optim.schedule(cfg.schedule, s, total_steps, cfg.lr, warmup_steps)
+
+    return lr_at
+
+
+def judge_epoch(selection: Selection, metrics: dict, has_val: bool) -> Decision:
+    """``selection``'s decision on this epoch; ``metrics`` gains the selection's scores (with a validation
+    split), ``stopped_early`` and ``warning``."""
+    decision = selection.update(metrics["epoch"], metrics["train_loss"], metrics["train_auc"], metrics.get("val_auc"))
+    if has_val:
+        best, best_epoch = selection.best
+        metrics |= {
+            "val_score": selection.score(),
+            "best_val_score": best if best is not None else float("nan"),
+            "best_epoch": best_epoch,
+        }
+    metrics |= {"stopped_early": decision.stop, "warning": decision.warning}
+    return decision
 
 
 def _train_auc(metric: BinaryMetrics) -> float:

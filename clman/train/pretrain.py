@@ -73,8 +73,10 @@ def check_data(manifest: str, splits=None):
         return rows
     empty = [s for s in wanted if not (df["split"] == s).any()]
     if empty:
-        raise JobError(f"{manifest}: split(s) {empty} hold no videos; nothing to pretrain on there "
-                       f"(the manifest has {sorted(set(df['split']))})")
+        raise JobError(
+            f"{manifest}: split(s) {empty} hold no videos; nothing to pretrain on there "
+            f"(the manifest has {sorted(set(df['split']))})"
+        )
     if any(s in DEFAULT_LEFT_OUT for s in wanted):
         log.warning("pretraining on the test split: its videos are no longer unseen by the encoder")
     return df[df["split"].isin(wanted)].reset_index(drop=True)
@@ -94,8 +96,9 @@ def steps_per_epoch(cfg: C.PretrainConfig, clips: int) -> int:
     return (clips // world) * cfg.data.frames_per_clip // max(2, cfg.batch_size // world)
 
 
-def train_job(cfg: C.PretrainConfig, manifest: str, split, clips: int | None = None,
-              source: dict | None = None) -> trainer.TrainJob:
+def train_job(
+    cfg: C.PretrainConfig, manifest: str, split, clips: int | None = None, source: dict | None = None
+) -> trainer.TrainJob:
     """The pretrain run of ``cfg`` on the clips of ``split``, a split or a sequence of them (Ray must be up:
     the frames are cached here when they fit). ``clips`` is unused (kept for callers that count first).
     ``source``: the splits' ``trainer.frame_source`` made already (a sweep decodes once for all its trials)."""
@@ -139,8 +142,19 @@ def compiled_forward(model, cfg: C.PretrainConfig, device, precision: str):
     return amp.compile_step(forward, cfg.scale, device)
 
 
-def train_one_epoch(model, forward, optimizer, frames: feed.Feed, cfg: C.PretrainConfig, epoch: int, step: int,
-                    lr_at, n_global: int, fixed_chance: float | None, device) -> tuple[dict, int]:
+def train_one_epoch(
+    model,
+    forward,
+    optimizer,
+    frames: feed.Feed,
+    cfg: C.PretrainConfig,
+    epoch: int,
+    step: int,
+    lr_at,
+    n_global: int,
+    fixed_chance: float | None,
+    device,
+) -> tuple[dict, int]:
     """One epoch of this worker's batches: ({loss, loss_chance, loss_ratio, images_per_s}, the step after it).
 
     ``n_global``: frames per global batch; ``fixed_chance``: the chance loss, None when it depends on the
@@ -176,8 +190,54 @@ def train_one_epoch(model, forward, optimizer, frames: feed.Feed, cfg: C.Pretrai
     loss_mean = float(loss_sum) / max(n_steps, 1)
     chance = fixed_chance if fixed_chance is not None else float(chance_sum) / max(n_steps, 1)
     # images/s over all workers: every worker ran the same number of steps
-    return {"loss": loss_mean, **chance_metrics(loss_mean, chance),
-            "images_per_s": images * distributed.get_world_size() / max(seconds, 1e-9)}, step
+    return {
+        "loss": loss_mean,
+        **chance_metrics(loss_mean, chance),
+        "images_per_s": images * distributed.get_world_size() / max(seconds, 1e-9),
+    }, step
+
+
+def frame_feed(train: dict, cfg: C.PretrainConfig, per_worker: int, rank: int, world: int, device) -> feed.Feed:
+    """This worker's SimCLR feed: ``data.frames_per_clip`` frames of each video, batches of ``per_worker``."""
+    return feed.Feed(
+        train,
+        feed.Frames(cfg.data.frames_per_clip, cfg.seed),
+        cfg.data,
+        batch_size=per_worker,
+        rank=rank,
+        world=world,
+        pin=device.type == "cuda",
+    )
+
+
+def lr_schedule(cfg: C.PretrainConfig, frames: feed.Feed, per_worker: int):
+    """The learning rate at each optimizer step (linear warm-up, then cosine to 0 at the last epoch)."""
+    steps_per_epoch = frames.steps()
+    if steps_per_epoch < 1:
+        raise JobError(
+            f"pretrain: {len(frames.order(0))} clips x {cfg.data.frames_per_clip} frames per worker "
+            f"do not fill one batch of {per_worker}; lower pretrain.batch_size"
+        )
+    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
+
+    def lr_at(s: int) -> float:
+        return warmup_cosine(s, total_steps, cfg.lr, warmup_steps)
+
+    return lr_at
+
+
+def log_epoch(cfg: C.PretrainConfig, metrics: dict) -> None:
+    """The epoch's line in the worker's log: the loss against chance (ln(2N - 1)), the lr, the speed."""
+    log.info(
+        "pretrain epoch %d/%d  loss %.4f (chance %.4f, ratio %.3f)  lr %.2e  %.1f images/s",
+        metrics["epoch"] + 1,
+        cfg.epochs,
+        metrics["loss"],
+        metrics["loss_chance"],
+        metrics["loss_ratio"],
+        metrics["lr"],
+        metrics["images_per_s"],
+    )
 
 
 def train_loop_per_worker(inputs: worker.LoopInputs) -> None:
@@ -195,28 +255,34 @@ def train_loop_per_worker(inputs: worker.LoopInputs) -> None:
     n_global = per_worker * world  # frames per global batch: 2 n_global - 1 keys per anchor
     # ln(2 n_global - 1) every step, but with same_video=mask it depends on the batch's videos
     fixed_chance = None if cfg.same_video == "mask" else float(nt_xent_chance(n_global, cfg.same_video))
-    frames = feed.Feed(inputs.train, feed.Frames(cfg.data.frames_per_clip, cfg.seed), cfg.data,
-                       batch_size=per_worker, rank=rank, world=world, pin=device.type == "cuda")
-    steps_per_epoch = frames.steps()
-    if steps_per_epoch < 1:
-        raise JobError(f"pretrain: {len(frames.order(0))} clips x {cfg.data.frames_per_clip} frames per worker "
-                       f"do not fill one batch of {per_worker}; lower pretrain.batch_size")
-    total_steps, warmup_steps = cfg.epochs * steps_per_epoch, cfg.warmup_epochs * steps_per_epoch
-
-    def lr_at(s: int) -> float:
-        return warmup_cosine(s, total_steps, cfg.lr, warmup_steps)
-
+    frames = frame_feed(inputs.train, cfg, per_worker, rank, world, device)
+    lr_at = lr_schedule(cfg, frames, per_worker)
     forward = compiled_forward(model, cfg, device, precision)
     saved_config = C.to_dict(cfg)
     for epoch in range(start_epoch, cfg.epochs):
-        stats, step = train_one_epoch(model, forward, optimizer, frames, cfg, epoch, step, lr_at, n_global,
-                                      fixed_chance, device)
-        metrics = {"epoch": epoch, "step": step, "start_epoch": start_epoch,  # > 0: resumed from a checkpoint
-                   "loss": stats["loss"], "loss_chance": stats["loss_chance"], "loss_ratio": stats["loss_ratio"],
-                   "lr": lr_at(step), "images_per_s": stats["images_per_s"]}
-        log.info("pretrain epoch %d/%d  loss %.4f (chance %.4f, ratio %.3f)  lr %.2e  %.1f images/s",
-                 epoch + 1, cfg.epochs, metrics["loss"], metrics["loss_chance"], metrics["loss_ratio"],
-                 metrics["lr"], metrics["images_per_s"])
+        stats, step = train_one_epoch(
+            model, forward, optimizer, frames, cfg, epoch, step, lr_at, n_global, fixed_chance, device
+        )
+        metrics = {
+            "epoch": epoch,
+            "step": step,
+            "start_epoch": start_epoch,  # > 0: resumed from a checkpoint
+            "loss": stats["loss"],
+            "loss_chance": stats["loss_chance"],
+            "loss_ratio": stats["loss_ratio"],
+            "lr": lr_at(step),
+            "images_per_s": stats["images_per_s"],
+        }
+        log_epoch(cfg, metrics)
         save = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
-        worker.report(metrics, model, optimizer, kind="simclr", config=saved_config, step=step,
-                      epoch=epoch, save=save, progress=inputs.progress)
+        worker.report(
+            metrics,
+            model,
+            optimizer,
+            kind="simclr",
+            config=saved_config,
+            step=step,
+            epoch=epoch,
+            save=save,
+            progress=inputs.progress,
+        )

@@ -57,7 +57,7 @@ def best_score(val_aucs: list[float], window: int) -> tuple[float | None, int]:
     """
     best, epoch = None, -1
     for e in range(len(val_aucs)):
-        score = val_score(val_aucs[:e + 1], window)
+        score = val_score(val_aucs[: e + 1], window)
         if score == score and (best is None or score > best):
             best, epoch = score, e
     return best, epoch
@@ -69,7 +69,7 @@ def check_epoch(epochs: int) -> int:
 
 
 def loss_stalled(losses: list[float]) -> str:
-    """"" or what is wrong: no epoch's mean training loss is ``MIN_LOSS_DROP`` below the higher
+    """ "" or what is wrong: no epoch's mean training loss is ``MIN_LOSS_DROP`` below the higher
     of the first epoch's and chance's (ln 2: every video called 50/50).
 
     The first epoch's loss when it is higher, because label smoothing and class weights keep
@@ -80,12 +80,14 @@ def loss_stalled(losses: list[float]) -> str:
     reference = max(losses[0], math.log(2))
     if min(losses) <= (1 - MIN_LOSS_DROP) * reference:
         return ""
-    return (f"training loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} epochs (best {min(losses):.3f}, "
-            f"not {MIN_LOSS_DROP:.0%} below {reference:.3f})")
+    return (
+        f"training loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} epochs (best {min(losses):.3f}, "
+        f"not {MIN_LOSS_DROP:.0%} below {reference:.3f})"
+    )
 
 
 def val_at_chance(val_aucs: list[float]) -> str:
-    """"" or what is wrong: the best val AUC of the run is within ``CHANCE_AUC_MARGIN`` of 0.5.
+    """ "" or what is wrong: the best val AUC of the run is within ``CHANCE_AUC_MARGIN`` of 0.5.
 
     Judged on the whole run, not early: a small validation split's AUC is noisy (+-0.12 at
     24 videos), and a hard data set's rises late.
@@ -101,9 +103,11 @@ def not_learning(problems: list[str], lr: float) -> str:
     """The one warning line for ``problems`` ("" when there are none): what is wrong, what to try."""
     if not problems:
         return ""
-    return (f"finetune is not learning: {'; '.join(problems)}. Try finetune.lr 3-10x higher or lower "
-            f"(now {lr:g}), finetune.optimizer=adamw with schedule=cosine, more finetune.epochs, "
-            "or a larger data.size / model.width")
+    return (
+        f"finetune is not learning: {'; '.join(problems)}. Try finetune.lr 3-10x higher or lower "
+        f"(now {lr:g}), finetune.optimizer=adamw with schedule=cosine, more finetune.epochs, "
+        "or a larger data.size / model.width"
+    )
 
 
 @dataclass(frozen=True)
@@ -127,8 +131,16 @@ class Selection:
     ``progress``: ``state()`` as a checkpoint saved it, to resume from.
     """
 
-    def __init__(self, epochs: int, window: int, patience: int, checkpoint_every: int, lr: float,
-                 has_val: bool, progress: dict | None = None):
+    def __init__(
+        self,
+        epochs: int,
+        window: int,
+        patience: int,
+        checkpoint_every: int,
+        lr: float,
+        has_val: bool,
+        progress: dict | None = None,
+    ):
         self.epochs, self.window, self.patience = epochs, window, patience
         self.checkpoint_every, self.lr, self.has_val = checkpoint_every, lr, has_val
         progress = progress or {}
@@ -171,5 +183,11 @@ class Selection:
     def state(self) -> dict:
         """What a checkpoint keeps (``extra["progress"]``): the per-epoch numbers, the best, the problems."""
         best, best_epoch = self.best
-        return {"losses": self.losses, "train_aucs": self.train_aucs, "val_aucs": self.val_aucs,
-                "best_val_score": best, "best_epoch": best_epoch, "problems": self.problems}
+        return {
+            "losses": self.losses,
+            "train_aucs": self.train_aucs,
+            "val_aucs": self.val_aucs,
+            "best_val_score": best,
+            "best_epoch": best_epoch,
+            "problems": self.problems,
+        }

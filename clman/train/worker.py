@@ -31,7 +31,9 @@ class LoopInputs:
     train: dict = field(repr=False)  # clman.launch.trainer.frame_source of the training videos
     val: dict | None = field(default=None, repr=False)  # finetune: of the val videos; None: no validation
     encoder: str | None = None  # finetune: the SimCLR checkpoint whose encoder starts the model
-    progress: Any = field(default=None, repr=False)  # the driver's progress queue (clman.launch.progress.ProgressBar), if any
+    progress: Any = field(
+        default=None, repr=False
+    )  # the driver's progress queue (clman.launch.progress.ProgressBar), if any
 
     def with_progress(self, queue) -> LoopInputs:
         """These inputs, the epochs' metrics to be put in ``queue`` (``worker.report``)."""
@@ -43,8 +45,6 @@ class RankFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or distributed.get_rank() == 0
-
-
 
 
 def worker_logger(name: str) -> logging.Logger:
@@ -76,8 +76,19 @@ def restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> 
     return state
 
 
-def report(metrics: dict, model, optimizer, *, kind: str, config: dict, step: int, epoch: int,
-           save: bool, extra: dict | None = None, progress=None) -> None:
+def report(
+    metrics: dict,
+    model,
+    optimizer,
+    *,
+    kind: str,
+    config: dict,
+    step: int,
+    epoch: int,
+    save: bool,
+    extra: dict | None = None,
+    progress=None,
+) -> None:
     """``ray.train.report`` on every rank (it is a barrier); rank 0 attaches the checkpoint.
 
     ``progress``: the driver's progress queue (``LoopInputs.progress``), when it shows a bar: rank 0
@@ -90,8 +101,14 @@ def report(metrics: dict, model, optimizer, *, kind: str, config: dict, step: in
         d = tempfile.mkdtemp(prefix="clman-ckpt-")
         try:
             ckpt.save_checkpoint(
-                os.path.join(d, CHECKPOINT_FILE), model, kind=kind, config=config, step=step,
-                epoch=epoch, optimizer=optimizer, extra=extra,
+                os.path.join(d, CHECKPOINT_FILE),
+                model,
+                kind=kind,
+                config=config,
+                step=step,
+                epoch=epoch,
+                optimizer=optimizer,
+                extra=extra,
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
         finally:

@@ -97,6 +97,7 @@ def _epoch_report_callback():
 
     return EpochReport()
 
+
 def _train_job(sweep: Sweep, cfg, frames: dict | None = None):
     """The trial's ``clman.launch.trainer.TrainJob``: the same loop, datasets and checkpoint score as the job itself.
 
@@ -133,6 +134,7 @@ def shared_frames(sweep: Sweep) -> dict | None:
     log.info("frames of %s for every trial ready in %.0f s", " and ".join(splits), time.time() - t0)
     return frames
 
+
 def train_driver(config: dict, sweep: dict, frames: dict | None = None) -> None:
     """One Tune trial: the job's config with this trial's values, fitted by a TorchTrainer.
 
@@ -146,9 +148,15 @@ def train_driver(config: dict, sweep: dict, frames: dict | None = None) -> None:
     s = Sweep.from_dict(sweep)
     cfg = s.trial_config(config)
     trial_id = ray.tune.get_context().get_trial_id()
-    trainer = launch_trainer.trainer(_train_job(s, cfg, frames), cfg.scale, storage.join(s.run_dir, TRAIN_DIR), trial_id,
-                             callbacks=[_epoch_report_callback()])
+    trainer = launch_trainer.trainer(
+        _train_job(s, cfg, frames),
+        cfg.scale,
+        storage.join(s.run_dir, TRAIN_DIR),
+        trial_id,
+        callbacks=[_epoch_report_callback()],
+    )
     trainer.fit()  # raises when the run fails: Tune marks the trial ERROR with the cause
+
 
 def _check_data(sweep: Sweep) -> None:
     """A clear error before any trial when the manifest cannot feed the sweep's job."""
@@ -161,6 +169,7 @@ def _check_data(sweep: Sweep) -> None:
 
         pretrain.check_data(sweep.manifest, sweep.split)
 
+
 def _sweep_trial_config(sweep: dict, config: dict):
     return Sweep.from_dict(sweep).trial_config(config)
 
@@ -170,6 +179,7 @@ class _StoredTrial:
 
     def __init__(self, trial_id: str):
         self.trial_id = trial_id
+
 
 class ResumableASHA(ASHAScheduler):
     """ASHA that first replays the sweep's stored results into its rungs.
@@ -196,8 +206,12 @@ class ResumableASHA(ASHAScheduler):
                 if trial_statuses(*self._sweep_dir):
                     self.replay(collect(*self._sweep_dir, keys=()))
             except Exception as e:  # the sweep still runs without the replay: say so, go on
-                log.warning("could not replay stored results into ASHA (%s: %s); resumed trials are "
-                            "compared only with each other", type(e).__name__, e)
+                log.warning(
+                    "could not replay stored results into ASHA (%s: %s); resumed trials are "
+                    "compared only with each other",
+                    type(e).__name__,
+                    e,
+                )
         super().on_trial_add(tune_controller, trial)
 
     def replay(self, records: Sequence["TrialRecord"]) -> int:
@@ -212,15 +226,22 @@ class ResumableASHA(ASHAScheduler):
         log.info("ASHA: replayed %d stored result(s) of %d trial(s) into its rungs", n, len(stubs))
         return n
 
+
 def _tuner(sweep: Sweep, trainable, concurrent: int, track: Sequence[tracking.Target] = ()):
     from ray.tune.schedulers import FIFOScheduler
 
     metric, mode = SCORES[sweep.job]
     if sweep.scheduler == "asha":
-        scheduler = ResumableASHA(sweep.out, sweep.run_name, time_attr=TIME_ATTR, max_t=sweep.max_epochs(),
-                                  grace_period=sweep.grace_period, reduction_factor=sweep.reduction_factor,
-                                  # A trial at max_t ends by itself: let its Train run finish cleanly.
-                                  stop_last_trials=False)
+        scheduler = ResumableASHA(
+            sweep.out,
+            sweep.run_name,
+            time_attr=TIME_ATTR,
+            max_t=sweep.max_epochs(),
+            grace_period=sweep.grace_period,
+            reduction_factor=sweep.reduction_factor,
+            # A trial at max_t ends by itself: let its Train run finish cleanly.
+            stop_last_trials=False,
+        )
     elif sweep.scheduler == "fifo":
         scheduler = FIFOScheduler()
     else:
@@ -239,19 +260,38 @@ def _tuner(sweep: Sweep, trainable, concurrent: int, track: Sequence[tracking.Ta
         search_alg = OptunaSearch(seed=sweep.seed)
     else:
         raise C.ConfigError(f"--search {sweep.search!r}: not one of {list(SEARCHES)}")
-    return grid.tuner(trainable, param_space(sweep.search_space()), name=sweep.run_name, storage_uri=sweep.out,
-                      concurrent=concurrent, track=track, experiment=sweep.run_name,
-                      config_of=functools.partial(_sweep_trial_config, sweep.to_dict()), metric=metric, mode=mode,
-                      scheduler=scheduler, search_alg=search_alg, num_samples=sweep.samples)
+    return grid.tuner(
+        trainable,
+        param_space(sweep.search_space()),
+        name=sweep.run_name,
+        storage_uri=sweep.out,
+        concurrent=concurrent,
+        track=track,
+        experiment=sweep.run_name,
+        config_of=functools.partial(_sweep_trial_config, sweep.to_dict()),
+        metric=metric,
+        mode=mode,
+        scheduler=scheduler,
+        search_alg=search_alg,
+        num_samples=sweep.samples,
+    )
+
 
 def _trainable(sweep: Sweep, frames: dict | None = None):
     from ray import tune
 
-    return tune.with_resources(tune.with_parameters(train_driver, sweep=sweep.to_dict(), frames=frames),
-                               {"CPU": DRIVER_CPUS})
+    return tune.with_resources(
+        tune.with_parameters(train_driver, sweep=sweep.to_dict(), frames=frames), {"CPU": DRIVER_CPUS}
+    )
 
-def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
-              restart_errored: bool = False, track: Sequence[tracking.Target] = ()) -> dict:
+
+def run_sweep(
+    sweep: Sweep,
+    address: str | None = None,
+    resume: bool = False,
+    restart_errored: bool = False,
+    track: Sequence[tracking.Target] = (),
+) -> dict:
     """Run (or, with ``resume``, continue) ``sweep``; write the result files; return their URIs.
 
     A resumed sweep keeps its finished trials, continues the unfinished ones
@@ -274,8 +314,10 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
             raise ckpt.CheckpointError(f"{sweep.encoder}: a {state.get('kind')!r} checkpoint holds no encoder")
     sweep_uri = storage.join(sweep.run_dir, SWEEP_FILE)
     if not resume and storage.exists(sweep_uri):
-        raise JobError(f"sweep {sweep.run_name!r} already exists under {sweep.out}; continue it with "
-                       f"--resume {sweep.run_name}, or choose another --run-name")
+        raise JobError(
+            f"sweep {sweep.run_name!r} already exists under {sweep.out}; continue it with "
+            f"--resume {sweep.run_name}, or choose another --run-name"
+        )
     session.init_ray(address)
     import ray
 
@@ -284,9 +326,17 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
     if not resume:
         storage.write_text(sweep_uri, json.dumps(sweep.to_dict(), indent=2) + "\n")
     space = sweep.search_space()
-    log.info("sweep %s: %s over %s, %d sample(s), %s scheduler, %s search, up to %d trial(s) at once -> %s",
-             sweep.run_name, sweep.job, ", ".join(f"{p.key} {p.describe()}" for p in space.params),
-             sweep.samples, sweep.scheduler, sweep.search, concurrent, sweep.run_dir)
+    log.info(
+        "sweep %s: %s over %s, %d sample(s), %s scheduler, %s search, up to %d trial(s) at once -> %s",
+        sweep.run_name,
+        sweep.job,
+        ", ".join(f"{p.key} {p.describe()}" for p in space.params),
+        sweep.samples,
+        sweep.scheduler,
+        sweep.search,
+        concurrent,
+        sweep.run_dir,
+    )
     trainable = _trainable(sweep, shared_frames(sweep))
     if resume:
         fs, path = storage.arrow_fs(sweep.run_dir)
@@ -294,14 +344,21 @@ def run_sweep(sweep: Sweep, address: str | None = None, resume: bool = False,
             raise JobError(f"{sweep.run_dir}: no Tune experiment state to resume (did the sweep start?)")
         done = [t for t, st in trial_statuses(sweep.out, sweep.run_name).items() if st == "TERMINATED"]
         log.info("resuming sweep %s: %d finished trial(s) kept", sweep.run_name, len(done))
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
-                                   restart_errored=restart_errored, storage_filesystem=fs)
+        tuner = tune.Tuner.restore(
+            path,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            restart_errored=restart_errored,
+            storage_filesystem=fs,
+        )
     else:
         tuner = _tuner(sweep, trainable, concurrent, track)
     t0 = time.time()
     tuner.fit()
     log.info("sweep %s: trials done in %.0f s", sweep.run_name, time.time() - t0)
     return write_results(sweep, collect(sweep.out, sweep.run_name, space.keys))
+
 
 def collect(out: str, run_name: str, keys: Sequence[str]) -> list[TrialRecord]:
     """Every trial of the sweep stored under ``<out>/<run_name>/``, read back through Tune."""

@@ -29,8 +29,18 @@ log = logging.getLogger(__name__)
 
 # Tune's per-report bookkeeping that the result tables leave out.
 _BOOKKEEPING = {
-    "done", "date", "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore",
-    "experiment_tag", "checkpoint_dir_name", "should_checkpoint", "trial_id", "training_iteration",
+    "done",
+    "date",
+    "pid",
+    "hostname",
+    "node_ip",
+    "time_since_restore",
+    "iterations_since_restore",
+    "experiment_tag",
+    "checkpoint_dir_name",
+    "should_checkpoint",
+    "trial_id",
+    "training_iteration",
 }
 
 
@@ -44,14 +54,16 @@ class TrialRecord:
     history: pd.DataFrame | None = None  # one row per report (epoch)
     error: str | None = None
 
+
 def trial_statuses(out: str, run_name: str) -> dict[str, str]:
     """{trial id: Tune status} from the latest experiment state on storage ({} before the first save).
 
     Cheap enough to poll while a sweep runs.
     """
     prefix = storage.join(out, run_name)
-    states = [u for u in storage.list_uris(prefix, suffix=".json")
-              if u.rsplit("/", 1)[-1].startswith("experiment_state-")]
+    states = [
+        u for u in storage.list_uris(prefix, suffix=".json") if u.rsplit("/", 1)[-1].startswith("experiment_state-")
+    ]
     if not states:
         return {}
     state = json.loads(storage.read_text(max(states)))  # names end in a sortable timestamp
@@ -61,6 +73,7 @@ def trial_statuses(out: str, run_name: str) -> dict[str, str]:
         out_[trial.get("trial_id")] = trial.get("status")
     return out_
 
+
 def _scalar(value):
     """Table cells: lists (e.g. nonlocal_stages) as text, numpy scalars as Python ones."""
     if isinstance(value, (list, tuple, dict)):
@@ -68,6 +81,7 @@ def _scalar(value):
     if hasattr(value, "item"):
         return value.item()
     return value
+
 
 def epochs_table(records: Sequence[TrialRecord], keys: Sequence[str]) -> pd.DataFrame:
     """A row per trial per reported epoch: trial id, the trial's values, every reported metric.
@@ -91,6 +105,7 @@ def epochs_table(records: Sequence[TrialRecord], keys: Sequence[str]) -> pd.Data
         df = df.drop_duplicates(["trial_id", "epoch"], keep="last").sort_values(["trial_id", "epoch"])
     return df.reset_index(drop=True)
 
+
 def _best_row(h: pd.DataFrame, metric: str, mode: str):
     if metric not in h.columns:
         return None
@@ -99,8 +114,10 @@ def _best_row(h: pd.DataFrame, metric: str, mode: str):
         return None
     return h.loc[values.idxmax() if mode == "max" else values.idxmin()]
 
-def trials_table(records: Sequence[TrialRecord], job: str, keys: Sequence[str],
-                 planned_epochs: Mapping[str, int]) -> pd.DataFrame:
+
+def trials_table(
+    records: Sequence[TrialRecord], job: str, keys: Sequence[str], planned_epochs: Mapping[str, int]
+) -> pd.DataFrame:
     """A row per trial: its values, status, best epoch and the metrics at that epoch, ranked best first.
 
     status: completed (ran all its epochs), stopped (early, by the scheduler),
@@ -120,22 +137,39 @@ def trials_table(records: Sequence[TrialRecord], job: str, keys: Sequence[str],
         else:
             status = r.status.lower()
         best = _best_row(h, metric, mode) if len(h) else None
-        row = {"trial_id": r.trial_id, **{k: _scalar(r.config.get(k)) for k in keys}, "status": status,
-               "best_epoch": int(best["epoch"]) if best is not None and "epoch" in best else None,
-               "epochs_done": done}
+        row = {
+            "trial_id": r.trial_id,
+            **{k: _scalar(r.config.get(k)) for k in keys},
+            "status": status,
+            "best_epoch": int(best["epoch"]) if best is not None and "epoch" in best else None,
+            "epochs_done": done,
+        }
         for m in TABLE_METRICS[job]:
             row[m] = float(best[m]) if best is not None and m in best and pd.notna(best[m]) else float("nan")
-        row["seconds"] = float(pd.to_numeric(h["time_this_iter_s"], errors="coerce").sum()) \
-            if "time_this_iter_s" in h.columns else float("nan")
+        row["seconds"] = (
+            float(pd.to_numeric(h["time_this_iter_s"], errors="coerce").sum())
+            if "time_this_iter_s" in h.columns
+            else float("nan")
+        )
         ckpt_path = best.get("checkpoint_path") if best is not None else None
         row["checkpoint"] = ckpt_path if isinstance(ckpt_path, str) else ""
         row["error"] = r.error or ""
         rows.append(row)
-    columns = ["trial_id", *keys, "status", "best_epoch", "epochs_done", *TABLE_METRICS[job], "seconds",
-               "checkpoint", "error"]
+    columns = [
+        "trial_id",
+        *keys,
+        "status",
+        "best_epoch",
+        "epochs_done",
+        *TABLE_METRICS[job],
+        "seconds",
+        "checkpoint",
+        "error",
+    ]
     df = pd.DataFrame(rows, columns=columns)
     df["best_epoch"] = df["best_epoch"].astype("Int64")
     return df.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable").reset_index(drop=True)
+
 
 def best_tree(sweep: Sweep, trials: pd.DataFrame) -> dict | None:
     """The base config sections with the best trial's values set (None when no trial scored)."""
@@ -150,6 +184,7 @@ def best_tree(sweep: Sweep, trials: pd.DataFrame) -> dict | None:
         C.job_config(tree, job)
     return tree
 
+
 def _unscalar(value):
     if isinstance(value, str) and value[:1] in "[{":
         return json.loads(value)
@@ -157,8 +192,10 @@ def _unscalar(value):
         return value.item()
     return value
 
+
 def _lr_key(sweep: Sweep) -> str:
     return f"{sweep.job}.lr"
+
 
 def plot_png(sweep: Sweep, trials: pd.DataFrame) -> bytes:
     """The score of each trial (at its best epoch) against its learning rate, coloured by the
@@ -175,7 +212,7 @@ def plot_png(sweep: Sweep, trials: pd.DataFrame) -> bytes:
     colour_key = "model.mma_depth" if "model.mma_depth" in others else (others[0] if others else None)
     df = trials[trials[metric].notna()].copy()
     if lr_key not in df.columns:  # lr not tuned: every trial ran the base config's
-        df[lr_key] = getattr(sweep.base_config(), "lr")
+        df[lr_key] = sweep.base_config().lr
     fig, ax = plt.subplots(figsize=(5.5, 4.0), dpi=120)
     if colour_key is None:
         ax.scatter(df[lr_key], df[metric], s=30)
@@ -184,12 +221,17 @@ def plot_png(sweep: Sweep, trials: pd.DataFrame) -> bytes:
         cmap = plt.get_cmap("viridis", max(len(groups), 2))
         for i, g in enumerate(groups):
             sel = df[df[colour_key] == g]
-            ax.scatter(sel[lr_key], sel[metric], s=30, color=cmap(i), label=f"{g:g}" if isinstance(g, float) else str(g))
+            ax.scatter(
+                sel[lr_key], sel[metric], s=30, color=cmap(i), label=f"{g:g}" if isinstance(g, float) else str(g)
+            )
         if groups:
             ax.legend(title=colour_key, fontsize=8, title_fontsize=8)
     ax.set_xscale("log")
-    ax.set(xlabel=lr_key, ylabel=f"{metric} (best epoch)",
-           title=f"{sweep.run_name}: {metric} vs learning rate ({len(df)} trials)")
+    ax.set(
+        xlabel=lr_key,
+        ylabel=f"{metric} (best epoch)",
+        title=f"{sweep.run_name}: {metric} vs learning rate ({len(df)} trials)",
+    )
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -197,12 +239,14 @@ def plot_png(sweep: Sweep, trials: pd.DataFrame) -> bytes:
     plt.close(fig)
     return buf.getvalue()
 
+
 def _fmt(v) -> str:
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return "–"
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
 
 def summary_markdown(sweep: Sweep, trials: pd.DataFrame, tree: dict | None) -> str:
     metric, mode = SCORES[sweep.job]
@@ -212,12 +256,16 @@ def summary_markdown(sweep: Sweep, trials: pd.DataFrame, tree: dict | None) -> s
         f"# Sweep `{sweep.run_name}`: {sweep.job}",
         "",
         f"- space: `{sweep.space_file}` — " + "; ".join(f"`{p.key}` {p.describe()}" for p in space.params),
-        f"- base config: `{sweep.config or 'defaults'}`" + (
-            " with " + " ".join(f"`--set {o}`" for o in sweep.overrides) if sweep.overrides else ""),
+        f"- base config: `{sweep.config or 'defaults'}`"
+        + (" with " + " ".join(f"`--set {o}`" for o in sweep.overrides) if sweep.overrides else ""),
         f"- manifest: `{sweep.manifest}`" + (f"; encoder: `{sweep.encoder}`" if sweep.encoder else ""),
-        f"- {sweep.samples} sample(s), {sweep.search} search, " + (
+        f"- {sweep.samples} sample(s), {sweep.search} search, "
+        + (
             f"ASHA on `{metric}` ({mode}), grace period {sweep.grace_period} epoch(s), reduction factor "
-            f"{sweep.reduction_factor}" if sweep.scheduler == "asha" else f"FIFO, ranked by `{metric}` ({mode})"),
+            f"{sweep.reduction_factor}"
+            if sweep.scheduler == "asha"
+            else f"FIFO, ranked by `{metric}` ({mode})"
+        ),
         f"- {len(trials)} trial(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
         "",
         f"## Trials by {metric} ({'highest' if mode == 'max' else 'lowest'} first)",
@@ -256,8 +304,10 @@ def summary_markdown(sweep: Sweep, trials: pd.DataFrame, tree: dict | None) -> s
     lines += ["", f"![{metric} against learning rate]({PLOT_FILES[sweep.job]})", ""]
     return "\n".join(lines)
 
+
 def _parquet(df: pd.DataFrame, uri: str) -> None:
     storage.write_parquet(pa.Table.from_pandas(df, preserve_index=False), uri)
+
 
 def write_results(sweep: Sweep, records: Sequence[TrialRecord]) -> dict:
     """Write trials.parquet/.csv, epochs.parquet, best.yaml, summary.md and the plot under the run dir.
@@ -272,28 +322,46 @@ def write_results(sweep: Sweep, records: Sequence[TrialRecord]) -> dict:
     epochs = epochs_table(records, keys)
     tree = best_tree(sweep, trials)
     d = sweep.run_dir
-    uris = {name: storage.join(d, name) for name in
-            ("trials.parquet", "trials.csv", "epochs.parquet", "summary.md", PLOT_FILES[sweep.job])}
+    uris = {
+        name: storage.join(d, name)
+        for name in ("trials.parquet", "trials.csv", "epochs.parquet", "summary.md", PLOT_FILES[sweep.job])
+    }
     _parquet(trials, uris["trials.parquet"])
     storage.write_text(uris["trials.csv"], trials.to_csv(index=False))
     _parquet(epochs, uris["epochs.parquet"])
     if tree is not None:
         uris["best.yaml"] = storage.join(d, "best.yaml")
-        storage.write_text(uris["best.yaml"], f"# Best trial of sweep {sweep.run_name} ({sweep.job}); "
-                                              f"see summary.md\n" + yaml.safe_dump(tree, sort_keys=False))
+        storage.write_text(
+            uris["best.yaml"],
+            f"# Best trial of sweep {sweep.run_name} ({sweep.job}); "
+            f"see summary.md\n" + yaml.safe_dump(tree, sort_keys=False),
+        )
     storage.write_bytes(uris[PLOT_FILES[sweep.job]], plot_png(sweep, trials))
     storage.write_text(uris["summary.md"], summary_markdown(sweep, trials, tree))
     metric, _ = SCORES[sweep.job]
     if len(trials) and trials[metric].notna().any():
         best = trials.iloc[0]
-        log.info("sweep %s: best trial %s, %s %.4f (%s)", sweep.run_name, best["trial_id"], metric, best[metric],
-                 ", ".join(f"{k}={_fmt(best[k])}" for k in keys))
+        log.info(
+            "sweep %s: best trial %s, %s %.4f (%s)",
+            sweep.run_name,
+            best["trial_id"],
+            metric,
+            best[metric],
+            ", ".join(f"{k}={_fmt(best[k])}" for k in keys),
+        )
     unfinished = trials["status"].isin(["running", "pending", "paused"]).sum()
     if unfinished:
-        log.warning("sweep %s: %d trial(s) did not finish; continue with: python -m jobs.tune --resume %s --out %s",
-                    sweep.run_name, unfinished, sweep.run_name, sweep.out)
+        log.warning(
+            "sweep %s: %d trial(s) did not finish; continue with: python -m jobs.tune --resume %s --out %s",
+            sweep.run_name,
+            unfinished,
+            sweep.run_name,
+            sweep.out,
+        )
     failed = (trials["status"] == "error").sum()
     if len(trials) and failed == len(trials):
-        raise JobError(f"sweep {sweep.run_name}: all {failed} trial(s) failed; first error: "
-                       f"{trials['error'].iloc[0]} (tables in {d})")
+        raise JobError(
+            f"sweep {sweep.run_name}: all {failed} trial(s) failed; first error: "
+            f"{trials['error'].iloc[0]} (tables in {d})"
+        )
     return uris

@@ -56,11 +56,14 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
                     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
                     |\.[0-9_]+(?:[eE][-+][0-9]+)?
                     |[-+]?\.(?:inf|Inf|INF)
-                    |\.(?:nan|NaN|NAN))$""", re.X),
+                    |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
     list("-+0123456789."),
 )
 
@@ -171,9 +174,11 @@ def _number(where: str, value) -> float | int:
 def _param(where: str, key: str, spec: Any) -> Param:
     """Parse one ``key: {kind: [...]}`` entry (shape only; the config check comes after)."""
     if not isinstance(spec, Mapping) or len(spec) != 1:
-        raise SpaceError(f"{where}: expected one of {list(KINDS)} with a list, e.g. "
-                         f"{key}: {{loguniform: [1.0e-5, 1.0e-2]}}; got {spec!r}")
-    (kind, args), = spec.items()
+        raise SpaceError(
+            f"{where}: expected one of {list(KINDS)} with a list, e.g. "
+            f"{key}: {{loguniform: [1.0e-5, 1.0e-2]}}; got {spec!r}"
+        )
+    ((kind, args),) = spec.items()
     if kind not in KINDS:
         raise SpaceError(f"{where}: unknown distribution {kind!r}; allowed: {list(KINDS)}")
     if not isinstance(args, (list, tuple)):
@@ -201,14 +206,17 @@ def _param(where: str, key: str, spec: Any) -> Param:
     return Param(key, kind, (lo, hi))
 
 
-def space_from_dict(values: Any, job: str, tree: Mapping[str, Any] | None = None,
-                    source: str = "<space>") -> SearchSpace:
+def space_from_dict(
+    values: Any, job: str, tree: Mapping[str, Any] | None = None, source: str = "<space>"
+) -> SearchSpace:
     """Check a flat ``{dotted key: {kind: [...]}}`` mapping against ``job``'s config built from ``tree``."""
     sections = job_sections(job)
     tree = dict(tree or {})
     if not isinstance(values, Mapping) or not values:
-        raise SpaceError(f"{source}: expected a mapping of dotted config keys to distributions, "
-                         f"e.g. finetune.lr: {{loguniform: [1.0e-5, 1.0e-2]}}; got {values!r}")
+        raise SpaceError(
+            f"{source}: expected a mapping of dotted config keys to distributions, "
+            f"e.g. finetune.lr: {{loguniform: [1.0e-5, 1.0e-2]}}; got {values!r}"
+        )
     params = []
     for key, spec in values.items():
         where = f"{source}: {key}"
@@ -216,14 +224,16 @@ def space_from_dict(values: Any, job: str, tree: Mapping[str, Any] | None = None
             raise SpaceError(f"{source}: key {key!r}: expected <section>.<field>, e.g. finetune.lr")
         section, name = key.split(".")
         if section not in sections:
-            raise SpaceError(f"{where}: unknown key: section {section!r} is not part of a {job} sweep; "
-                             f"allowed sections: {sections}")
+            raise SpaceError(
+                f"{where}: unknown key: section {section!r} is not part of a {job} sweep; allowed sections: {sections}"
+            )
         fields = _field_names(section)
         if name not in fields:
             raise SpaceError(f"{where}: unknown key: {section} has no field {name!r}; allowed: {fields}")
         if section in FIXED_SECTIONS or key in FIXED_FIELDS:
-            raise SpaceError(f"{where}: sets the resources of every trial and cannot be tuned; "
-                             f"fix it with --set {key}=...")
+            raise SpaceError(
+                f"{where}: sets the resources of every trial and cannot be tuned; fix it with --set {key}=..."
+            )
         param = _param(where, key, spec)
         for value in param.candidates():
             trial_tree = copy.deepcopy(tree)
@@ -244,7 +254,9 @@ def parse_yaml(text: str, source: str = "<space>") -> Any:
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f" at line {mark.line + 1}" if mark is not None else ""
-        raise SpaceError(f"{source}: not valid YAML{line} ({getattr(e, 'problem', None) or type(e).__name__})") from None
+        raise SpaceError(
+            f"{source}: not valid YAML{line} ({getattr(e, 'problem', None) or type(e).__name__})"
+        ) from None
 
 
 def load_space(path: str, job: str, tree: Mapping[str, Any] | None = None) -> SearchSpace:

@@ -82,12 +82,15 @@ class Sweep:
             raise C.ConfigError("--encoder applies to finetune sweeps only")
         space = self.search_space()
         if self.search == "optuna" and space.has_grid:
-            raise SpaceError(f"{self.space_file}: 'grid' needs --search random; Optuna samples, it "
-                             "does not enumerate (use choice)")
+            raise SpaceError(
+                f"{self.space_file}: 'grid' needs --search random; Optuna samples, it does not enumerate (use choice)"
+            )
         epochs = self.max_epochs()
         if self.scheduler == "asha" and self.grace_period > epochs:
-            raise C.ConfigError(f"--grace-period {self.grace_period} is more than the {epochs} epoch(s) "
-                                "a trial runs; lower it or raise the epochs")
+            raise C.ConfigError(
+                f"--grace-period {self.grace_period} is more than the {epochs} epoch(s) "
+                "a trial runs; lower it or raise the epochs"
+            )
 
     def search_space(self) -> SearchSpace:
         return space_from_dict(self.space, self.job, self.tree, source=self.space_file)
@@ -110,8 +113,10 @@ class Sweep:
         window = getattr(self.base_config(), "select_window", 1)
         if window == 1:
             return ""
-        return (f"finetune.select_window={window} is not used by the trials: a sweep ranks them, and keeps "
-                "their checkpoints, by each epoch's val_auc (ASHA compares them at every rung)")
+        return (
+            f"finetune.select_window={window} is not used by the trials: a sweep ranks them, and keeps "
+            "their checkpoints, by each epoch's val_auc (ASHA compares them at every rung)"
+        )
 
     def max_epochs(self) -> int:
         """The most epochs any trial runs (ASHA's max_t)."""
@@ -137,8 +142,18 @@ class Sweep:
         d["overrides"] = tuple(d.get("overrides") or ())
         return cls(**d)
 
-def new_sweep(job: str, space_file: str, samples: int, manifest: str, out: str, run_name: str | None = None,
-              config: str | None = None, overrides: Sequence[str] = (), **options) -> Sweep:
+
+def new_sweep(
+    job: str,
+    space_file: str,
+    samples: int,
+    manifest: str,
+    out: str,
+    run_name: str | None = None,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    **options,
+) -> Sweep:
     """Load the preset and the space file and check them together; nothing is started."""
     from clman.tune import space as tune_space
 
@@ -146,11 +161,22 @@ def new_sweep(job: str, space_file: str, samples: int, manifest: str, out: str, 
     tune_space.job_sections(job)  # a clear error for a bad --job before the space is read
     space = tune_space.load_space(space_file, job, tree)
     run_name = run_name or f"tune-{job}-{time.strftime('%Y%m%d-%H%M%S')}"
-    sweep = Sweep(job=job, space=space.to_dict(), samples=samples, manifest=manifest, out=out,
-                  run_name=run_name, tree=tree, space_file=space_file, config=config,
-                  overrides=tuple(overrides), **options)
+    sweep = Sweep(
+        job=job,
+        space=space.to_dict(),
+        samples=samples,
+        manifest=manifest,
+        out=out,
+        run_name=run_name,
+        tree=tree,
+        space_file=space_file,
+        config=config,
+        overrides=tuple(overrides),
+        **options,
+    )
     sweep.check()
     return sweep
+
 
 def load_sweep(out: str, run_name: str) -> Sweep:
     """The ``Sweep`` saved under ``<out>/<run_name>/sweep.json``."""
