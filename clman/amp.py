@@ -42,7 +42,7 @@ def compile_mode(mode: str, device: torch.device | str) -> str:
     ``default`` elsewhere. The steps at the paper's sizes are bound by the host's kernel launches (on an
     H200: ~11 ms of kernels in a 20-30 ms compiled step); replaying the step's forward and backward as
     CUDA graphs took the SimCLR step from ~7,200-8,400 to ~9,900-10,100 images/s there and let the fed
-    steps keep up with synthetic input (``benchmarks/feed.py --compile-mode``, README "The input path")."""
+    steps keep up with synthetic input (``benchmarks/feed.py --compile-mode``, docs/input-path.md)."""
     if mode != "auto":
         return mode
     return "reduce-overhead" if torch.device(device).type == "cuda" else "default"

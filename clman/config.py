@@ -36,7 +36,7 @@ NORMS = ("batch", "group")
 AGGREGATORS = ("mma", "mean", "max", "lstm", "self_attention", "external_attention", "emsa")
 MMA_BOUNDS = ("tanh", "none")  # model.mma_bound: the activation of multi-meta attention's last layer
 EVAL_FRAMES = ("clips", "all")  # evaluate.frames: how validation and test score a video (clman/data/sampling.py)
-# model.arch: CLMAN, or a comparison method of the paper's Table 4 (+ s3d, swin3d_t, mvit_v2_s); README "Baselines"
+# model.arch: CLMAN, or a comparison method of the paper's Table 4 (+ s3d, swin3d_t, mvit_v2_s); docs/models.md
 ARCHS = (
     "clman", "r3d_18", "mc3_18", "r2plus1d_18", "p3d", "timesformer", "tin_18", "tin_34", "tin_50",
     "tsm_18", "tsm_50", "s3d", "swin3d_t", "mvit_v2_s",
@@ -219,7 +219,7 @@ class FinetuneConfig:
     The defaults are the paper's recipe (SGD, constant lr 1e-4, the last epoch) plus a
     validation split carved from the training patients when the manifest has none;
     ``jobs/configs/demo-cpu.yaml`` holds a recipe measured to learn on two phantoms
-    (README "Finetuning recipes").
+    (docs/recipes.md).
     """
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -245,7 +245,7 @@ class FinetuneConfig:
     # The val score that picks the checkpoint (and patience waits on): the mean val AUC of the last
     # select_window epochs (1 = that epoch's val AUC). On 24-32 val videos one epoch's AUC spikes: the
     # 40-epoch demo recipe on the default phantom kept epoch 8 of 40 (held-out AUC 0.93) by it, epoch 28
-    # (0.97) by a mean of 5 (README "Finetuning recipes").
+    # (0.97) by a mean of 5 (docs/recipes.md).
     select_window: int = 1
     # How validation scores a video: evaluate.frames / evaluate.clips, copied here by job_config, so that
     # validation and test score the same clips of a video (clman/data/sampling.py scoring_clips). Set the

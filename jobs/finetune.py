@@ -15,7 +15,7 @@ metrics, per-epoch training loss / AUC and val AUC, and the one-line not-learnin
 warning, if any, under ``warnings``).
 The same ``--run-name`` resumes, with the first start's config, manifest and encoder (``run.json``;
 ``--force-resume`` otherwise); while a job runs, a second one with its name is refused (``.lock``,
-``clman/run_lock.py``). Recipes and what they gave: README "Finetuning recipes".
+``clman/run_lock.py``). Recipes and what they gave: docs/recipes.md.
 """
 
 from __future__ import annotations

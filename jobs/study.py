@@ -18,7 +18,7 @@ Bengio, pooled out-of-fold metrics with patient-level bootstrap CIs, the paper's
 paired patient-bootstrap p of the AUC difference to CLMAN, the operating point chosen on validation
 videos), summary.json, study.parquet, predictions.parquet, roc.png, and every trial's files.
 With --label-fractions also the label-efficiency curve (study.md, label_efficiency.png).
-Layout and resume: clman/study/driver.py; the cost of a study: README "Studies".
+Layout and resume: clman/study/driver.py; the cost of a study: docs/studies.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Compare finetune recipes on a held-out set, in one process (README "Finetuning recipes").
+"""Compare finetune recipes on a held-out set, in one process (docs/recipes.md).
 
 A demo's test split (~108 videos) cannot tell two recipes 0.05 AUC apart, and choosing on it
 would tune on the test split. This trains as ``clman.train.finetune`` does (the same model,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A finetune-recipe sweep (learning rate x weight decay x label smoothing, ASHA on validation AUC) on a
-# synthetic phantom at make demo's sizes (the sweeps of 2026-11-27; README "Finetuning recipes" now compares
+# synthetic phantom at make demo's sizes (the sweeps of 2026-11-27; docs/recipes.md now compares
 # recipes on held-out sets with scripts/recipe_probe.py, whose numbers chose the demo recipe).
 #   scripts/recipe_sweep.sh [default|hard] [SAMPLES]     default: hard, 12 trials
 # Works in .recipe-<difficulty>/ (its own S3 data dir); prints the trials table at the end.

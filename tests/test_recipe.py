@@ -205,7 +205,7 @@ def test_not_learning_fires_on_a_flat_loss_or_chance_val_auc_only():
 HARD_CASES = 200  # 120 train (24 of them carved for validation) / 80 test videos, 100 patients
 # The demo recipe's finetune section as it is; only the model is made small (and T = 8 at 64 px, as the demo).
 SMALL = ["model.width=0.125", "model.gn_groups=4", "data.size=64", "scale.num_workers=2", "scale.cpus_per_worker=0.5"]
-# What is stable here (README "Finetuning recipes"). The 10-epoch recipe before, on the first hard phantom:
+# What is stable here (docs/recipes.md). The 10-epoch recipe before, on the first hard phantom:
 # training loss 16-18 % below its first epoch's (0.73 -> 0.60 and 0.61), test AUC 0.65-0.72 on this draw
 # but 0.39-0.45 on another (that phantom could not be learnt at this size). The 40-epoch recipe with
 # its checkpoint picked by a 5-epoch mean, on the phantom as it is now: loss 0.728 -> 0.394, training

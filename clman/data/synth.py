@@ -118,7 +118,7 @@ focal N(+0.2, 0.5) / N(-0.6, 0.5)), and then nothing learnt this phantom at `mak
 demo`'s size: trained on the 128 training videos of a demo data set (seeds 0 and 1),
 the 10-epoch demo recipe reached AUC 0.53 and 0.48 on 400 held-out hard sweeps and
 the issue's own probe (single frames, AdamW, 30 epochs; 0.73 on that generator)
-0.58 and 0.49; now the probe reaches 0.71 (README "Finetuning recipes").
+0.58 and 0.49; now the probe reaches 0.71 (docs/recipes.md).
 Writing 200 hard cases (`jobs.synth --difficulty hard --workers 2`) took 24 s on
 2 shared cores (0.19 s/case rendering, 0.03 s/case encoding, 19 MB); every file
 decodes with decord and PyAV and goes through `clman.data.ingest` without a reject.

@@ -164,7 +164,7 @@ def parse_sets(items: Sequence[str], rows: Sequence[Row], model: Mapping | None 
 
 
 def _derived(row: Row, chosen: Sequence[str], tree: Mapping | None) -> list[str]:
-    """TimeSformer's learned embeddings sized to the study's frames (README "Baselines": keep them equal)."""
+    """TimeSformer's learned embeddings sized to the study's frames (docs/models.md: keep them equal)."""
     if row.arch != "timesformer":
         return []
     tree = tree or {}

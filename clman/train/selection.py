@@ -16,7 +16,7 @@ Facts that shaped this module
   beside the loss and the one-line not-learning warning (:func:`loss_stalled` after a third
   of the run, :func:`val_at_chance` at its end).
 - The thresholds of that warning were set on runs of the 10-epoch demo recipe on the first hard
-  phantom (README "Finetuning recipes" before the 40-epoch recipe, in git history): with
+  phantom (docs/recipes.md before the 40-epoch recipe, in git history): with
   lr 0 the training loss stays within 1 % of ln 2 (the loss of calling every video 50/50);
   the demo recipe on the hard phantom falls only 0.73 -> 0.67 by its fourth epoch, and in
   some runs 0.727 -> 0.694 (label smoothing and class weights keep it near ln 2), so the bar
@@ -29,7 +29,7 @@ import math
 from dataclasses import dataclass
 
 # The not-learning check (one warning line, in metrics.json too); thresholds from the runs in
-# README "Finetuning recipes" (module docstring).
+# docs/recipes.md (module docstring).
 CHECK_AFTER_EPOCHS = 3  # the loss is judged after this many epochs (a third of a longer run)
 # By then the best epoch's training loss must be this share below its reference. 4 %, not 5 %: the demo
 # recipe on the hard phantom (tests/test_recipe.py) fell 0.727 -> 0.694 (4.5 %) by epoch 4 in some runs and
