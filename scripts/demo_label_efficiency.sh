@@ -10,7 +10,7 @@
 # 3. runs jobs.study --label-fractions: CLMAN (SimCLR on the fold's training videos + the unlabelled
 #    pool), gn_nl (the same network from scratch) and linear_probe (the SimCLR encoder frozen), each
 #    at every share of the training patients; a rerun continues it with --resume;
-# 4. copies study.md, summary.json and label_efficiency.png to .demo/label-efficiency/.
+# 4. copies study.md, summary.json, label_efficiency.png and roc.png to .demo/label-efficiency/.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -65,7 +65,7 @@ time "$py" -m jobs.study --manifest "$data/manifest.parquet" --out "$bucket/stud
     --folds "$folds" --seeds 1 --label-fractions "$fractions" --config "$cfg" "${resume[@]}"
 out=.demo/label-efficiency
 mkdir -p "$out"
-for f in study.md summary.json label_efficiency.png; do
+for f in study.md summary.json label_efficiency.png roc.png; do
     "$py" -c "import sys; from clman import storage; sys.stdout.buffer.write(storage.read_bytes(sys.argv[1]))" \
         "$bucket/studies/$name/$f" > "$out/$f"
 done
