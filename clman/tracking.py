@@ -43,7 +43,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from clman import config as C
-from clman.errors import JobError
+from clman.errors import JobError, error_line
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class Run:
                 raise
             except Exception as e:
                 raise JobError(
-                    f"--track {target.describe()}: cannot start run {self.name!r}: {type(e).__name__}: {_first_line(e)}"
+                    f"--track {target.describe()}: cannot start run {self.name!r}: {type(e).__name__}: {error_line(e, limit=300)}"
                 ) from None
         return self
 
@@ -260,7 +260,7 @@ class Run:
                     target.describe(),
                     self.name,
                     type(e).__name__,
-                    _first_line(e),
+                    error_line(e, limit=300),
                 )
 
     def finish(self, failed: bool = False) -> None:
@@ -277,7 +277,7 @@ class Run:
                     target.describe(),
                     self.name,
                     type(e).__name__,
-                    _first_line(e),
+                    error_line(e, limit=300),
                 )
         self._open = {t: o for t, o in self._open.items() if t.kind == "mlflow"}
 

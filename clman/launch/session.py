@@ -29,7 +29,7 @@ import ray.data
 
 from clman import progress, storage
 from clman.errors import JobError
-from clman.launch.trainer import error_line
+from clman.errors import error_line
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,11 @@ from ray.train.torch import TorchTrainer
 
 from clman import progress, run_lock, storage, tracking
 from clman.config import DataConfig, ScaleConfig
-from clman.errors import JobError
+from clman.errors import JobError, error_line
 from clman.launch.progress import ProgressBar
 from clman.train.worker import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
-
-# "ValueError: ...", "ray.exceptions.RayTaskError(JobError): ...": the line a traceback ends with
-_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b")
 
 
 def scaling_config(scale: ScaleConfig) -> ScalingConfig:
@@ -133,26 +130,6 @@ def trainer(job: TrainJob, scale: ScaleConfig, out: str, run_name: str, callback
         run_config=run_config(out, run_name, scale, job.score, callbacks),
         datasets=job.datasets or None,
     )
-
-
-def error_line(error: BaseException | str, limit: int | None = None) -> str:
-    """One line of an error, at most ``limit`` characters: for a traceback, the last ``SomeError: ...`` line
-    (the innermost cause), else its first line.
-
-    A traceback is a ``Traceback (most recent call last)`` header or indented ``File "..."`` frames: Ray's
-    task errors (a Tune trial's, a worker's) replace the header with the task's name.
-    """
-    lines = [line.rstrip() for line in str(error).splitlines() if line.strip()]
-    line = lines[0].strip() if lines else (type(error).__name__ if isinstance(error, BaseException) else str(error))
-    if any(
-        ln.startswith("Traceback (most recent call last)") or ln[:1].isspace() and ln.lstrip().startswith('File "')
-        for ln in lines
-    ):
-        tail = [ln for ln in lines if not ln[0].isspace() and not ln.startswith(("Traceback", "The above"))]
-        causes = [ln for ln in tail if _EXCEPTION_LINE.match(ln)]
-        if causes or tail:
-            line = (causes or tail)[-1].strip()
-    return line[:limit]
 
 
 def _root_cause(error: BaseException) -> BaseException:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-AGGREGATORS = ("mma", "mean", "max", "lstm", "self_attention", "external_attention", "emsa")
+from clman.config import AGGREGATORS  # the names config checks; build_aggregator builds each
 
 
 def check_mask(mask: torch.Tensor | None, b: int, t: int, device: torch.device) -> torch.Tensor:

@@ -54,7 +54,7 @@ import pandas as pd
 from clman import config as C
 from clman import storage, study, tracking
 from clman.data.manifest import ManifestError, read_manifest, write_manifest
-from clman.errors import JobError
+from clman.errors import JobError, error_line
 from clman.evaluate import scoring
 from clman.launch import grid, resources, session, trainer
 from clman.launch.resources import DRIVER_CPUS, max_concurrent_trials
@@ -423,7 +423,7 @@ def _run_grid(
     failed = {}
     for r in results:
         if r.error is not None:
-            failed[r.config["trial"]] = trainer.error_line(r.error, limit=300)
+            failed[r.config["trial"]] = error_line(r.error, limit=300)
     return failed
 
 

@@ -52,7 +52,7 @@ from clman.errors import JobError
 from clman.launch import grid, resources, session
 from clman.launch.ray_compat import replay_into_asha
 from clman.launch.resources import DRIVER_CPUS, max_concurrent_trials
-from clman.launch.trainer import error_line
+from clman.errors import error_line
 from clman.tune.results import TrialRecord, epochs_table, trial_statuses, write_results
 from clman.tune.space import Param, SearchSpace
 from clman.tune.sweep import SCHEDULERS, SCORES, SEARCHES, TIME_ATTR, TRAIN_DIR, SWEEP_FILE, Sweep
