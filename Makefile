@@ -17,14 +17,14 @@ DEV_LOCK := requirements-dev.lock
 
 .PHONY: test demo venv lock clean format
 
-# The size and time it prints were measured on 2026-12-06 with a fresh venv: 7.0 GB, 13 min on the
-# project's 2-core machine while other jobs ran (torch, torchvision and 70 other wheels from a local
+# The size and time it prints were measured on 2026-12-06 with a fresh venv: 7.0 GB, 1.8 min on the
+# project's idle 2-core machine, 13 min while other jobs ran (torch, torchvision and 70 other wheels from a local
 # wheel cache, 86 downloaded from PyPI).
 $(STAMP): pyproject.toml $(DEV_LOCK)
 	@test -n "$(PY)" || { echo "error: no Python >= 3.10 on PATH (tried $(PY_CANDIDATES)); run make PY=/path/to/python3.11" >&2; exit 2; }
 	@$(PY) -c '$(PY_OK)' 2>/dev/null || { echo "error: PY=$(PY) is not a Python >= 3.10" >&2; exit 2; }
 	@echo "Installing clman[dev] into $(VENV) with $(PY) ($$($(PY) -V 2>&1)): about 7 GB (torch with its CUDA"
-	@echo "libraries, Ray, the S3 server), 10-15 min on 2 cores; pip shows its progress below. Later runs"
+	@echo "libraries, Ray, the S3 server), 2-15 min on 2 cores; pip shows its progress below. Later runs"
 	@echo "reuse $(VENV) until pyproject.toml or $(DEV_LOCK) changes."
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
