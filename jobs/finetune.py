@@ -149,7 +149,7 @@ def _run(
         cfg.schedule,
         encoder or "from scratch",
     )
-    job = finetune.train_job(cfg, manifest, encoder, has_val, rows=(train_rows, val_rows))
+    job = trainer.finetune_job(cfg, manifest, encoder, has_val, rows=(train_rows, val_rows))
     tracked = tracking.start_run(
         track, experiment, run_name, cfg, job="finetune", manifest=manifest, encoder=encoder or ""
     )

@@ -79,7 +79,7 @@ def _run(cfg, manifest, out, run_name, splits, address, rows, track=(), experime
     resources.check_resources(cfg.scale, cfg.data)
     run_dir = storage.join(out, run_name)
     storage.write_text(storage.join(run_dir, "config.yaml"), C.to_yaml(cfg))
-    job = pretrain.train_job(cfg, manifest, list(splits), len(rows))
+    job = trainer.pretrain_job(cfg, manifest, list(splits), len(rows))
     per_split = ", ".join(f"{int((rows['split'] == s).sum())} {s}" for s in splits)
     log.info(
         "pretrain %s: %d clips (%s) x %d frames, global batch %d, %d steps/epoch, %d epochs, %d worker(s)",

@@ -23,6 +23,7 @@ from clman import study
 from clman.data.manifest import assign_splits, write_manifest
 from clman.metrics import METRIC_NAMES, UndefinedMetricWarning, bootstrap_ci, compute_metrics, paired_bootstrap_auc
 from clman.study import StudyError, curve
+from clman.launch import trainer
 from clman.train import finetune
 from clman.study import driver as S
 from clman.errors import JobError
@@ -133,9 +134,9 @@ def test_bad_label_fraction_fails_naming_the_key(value, match):
 def test_train_job_never_ignores_a_label_fraction():
     cfg = C.load("finetune", None, ["finetune.label_fraction=0.5"])
     with pytest.raises(JobError, match="a sweep decodes its splits once .* jobs.study --label-fractions"):
-        finetune.train_job(cfg, "m.parquet", None, has_val=True, sources={"train": None, "val": None})
+        trainer.finetune_job(cfg, "m.parquet", None, has_val=True, sources={"train": None, "val": None})
     with pytest.raises(JobError, match="pass the training rows of finetune.label_subset"):
-        finetune.train_job(cfg, "m.parquet", None, has_val=False)
+        trainer.finetune_job(cfg, "m.parquet", None, has_val=False)
 
 
 # ---------------------------------------------------------------- the linear probe's frozen encoder

@@ -6,9 +6,8 @@ module or inside a function alike, and no import cycle runs through clman:
     base         errors, config, storage, checkpoint, metrics, losses, optim, amp, distributed,
                  local_s3, run_lock, progress, tracking, data/, models/
     evaluate     clman/evaluate/: inference, scoring, report, calibration
-    worker       clman/train/ decode, feed, worker: what runs in the Ray Train workers
-    launch       clman/launch/: the driver side of a run
-    loops        clman/train/finetune.py, pretrain.py: the worker loops and the TrainJob that runs each
+    worker       clman/train/: what runs in the Ray Train workers (the loops, feed, decode, worker, selection)
+    launch       clman/launch/: the driver side of a run (it builds each loop's TrainJob)
     apps         clman/tune/, clman/study/, clman/export.py: three rooms of one rank, none imports another
     cli          clman/cli.py
 
@@ -52,9 +51,8 @@ ROOMS = [
         ),
     ),
     (1, "evaluate", ("clman.evaluate",)),
-    (2, "worker", ("clman.train", "clman.train.decode", "clman.train.feed", "clman.train.worker")),
+    (2, "worker", ("clman.train",)),  # the loops, feed, decode, worker, selection: what runs in the workers
     (3, "launch", ("clman.launch",)),
-    (4, "loops", ("clman.train.finetune", "clman.train.pretrain")),
     (5, "tune", ("clman.tune",)),
     (5, "study", ("clman.study",)),
     (5, "export", ("clman.export",)),
@@ -202,7 +200,7 @@ def test_the_checks_catch_what_they_guard():
     """An upward import and a cycle, made by hand, are found (the checks above are not vacuous)."""
     graph = _graph()
     assert _room("clman.launch.session") == (3, "launch") and _room("clman.train.feed") == (2, "worker")
-    assert _room("clman.train.finetune") == (4, "loops") and _room("clman.study.driver") == (5, "study")
+    assert _room("clman.train.finetune") == (2, "worker") and _room("clman.study.driver") == (5, "study")
     assert _cycle(graph) is None
     assert _cycle({**graph, "clman.storage": [("clman.config", 1)]}) == [
         "clman.config",
@@ -213,8 +211,8 @@ def test_the_checks_catch_what_they_guard():
         "clman/storage.py:7: clman.storage (base, rank 0) imports clman.launch.session (launch, rank 3)"
     ]
     assert _upward({"clman.tune.results": [("clman.study.stats", 3)]})  # siblings of one rank
-    assert any(t == "clman.launch.trainer" for t, _ in graph["clman.train.finetune"])  # imports are seen
-    assert any(t == "clman.train.finetune" for t, _ in graph["clman.tune.driver"])  # inside functions too
+    assert any(t == "clman.train.finetune" for t, _ in graph["clman.launch.trainer"])  # imports are seen
+    assert any(t == "clman.launch.trainer" for t, _ in graph["clman.tune.driver"])  # inside functions too
 
 
 def _rel(path: Path) -> str:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from clman import config as C
-from clman.train import feed, finetune, pretrain, worker
+from clman.launch import trainer
+from clman.train import feed, worker
 
 TINY = ["model.width=0.125", "model.gn_groups=4", "data.size=16", "data.store_size=20", "data.num_frames=4"]
 TIMING = ("clips_per_s", "images_per_s", "start_epoch")
@@ -100,12 +101,12 @@ def test_finetune_resumes_bit_for_bit_and_keeps_its_selection(monkeypatch):
     )
     sources = {"train": _source(8, 8, 1), "val": _source(6, 8, 2)}
     saved: dict = {}
-    whole = _run(finetune.train_job(cfg, "mem://m", None, True, sources=sources), monkeypatch, saved)
+    whole = _run(trainer.finetune_job(cfg, "mem://m", None, True, sources=sources), monkeypatch, saved)
     assert whole[-1][0]["epoch"] + 1 == len(whole) and "best_epoch" in whole[-1][0]
     assert list(whole[0][0])[:5] == ["epoch", "step", "train_loss", "train_auc", "lr"]  # timing keys left out
     assert [r[1] for r in whole[:2]] == [False, True]  # epoch 0: no score yet (window 2), not the 2nd epoch
     for k in range(len(whole) - 1):
-        again = _run(finetune.train_job(cfg, "mem://m", None, True, sources=sources), monkeypatch, saved, k)
+        again = _run(trainer.finetune_job(cfg, "mem://m", None, True, sources=sources), monkeypatch, saved, k)
         _same(again, whole[k + 1 :])
 
 
@@ -129,7 +130,7 @@ def test_pretrain_resumes_bit_for_bit(monkeypatch, same_video):
         ],
     )
     source, saved = _source(6, 6, 3), {}
-    whole = _run(pretrain.train_job(cfg, "mem://m", "train", source=source), monkeypatch, saved)
+    whole = _run(trainer.pretrain_job(cfg, "mem://m", "train", source=source), monkeypatch, saved)
     assert len(whole) == 3
-    again = _run(pretrain.train_job(cfg, "mem://m", "train", source=source), monkeypatch, saved, 0)
+    again = _run(trainer.pretrain_job(cfg, "mem://m", "train", source=source), monkeypatch, saved, 0)
     _same(again, whole[1:])

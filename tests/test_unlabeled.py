@@ -357,6 +357,7 @@ def test_finetune_scoring_and_evaluate_never_see_unlabelled(manifest_uri):
 
     from clman import config as C
     from clman.evaluate import scoring
+    from clman.launch import trainer
     from clman.train import finetune
     from jobs import evaluate
 
@@ -365,7 +366,7 @@ def test_finetune_scoring_and_evaluate_never_see_unlabelled(manifest_uri):
     carved_train, carved_val, _ = finetune.validation_split(train, val.iloc[:0], 0.3, seed=0)
     assert set(carved_train["label"]) | set(carved_val["label"]) == {0, 1}
     with pytest.raises(AssertionError, match="finetune train rows hold a label other than 0 / 1"):
-        finetune.train_job(
+        trainer.finetune_job(
             C.load("finetune", None, []),
             manifest_uri,
             None,
@@ -459,11 +460,11 @@ def test_run_pretrain_trains_on_the_pool(tmp_path, monkeypatch):
     class Stop(Exception):
         pass
 
-    def train_job(cfg, manifest, split, *a, **k):
+    def pretrain_job(cfg, manifest, split, *a, **k):
         asked.append(set(M.read_manifest(manifest, split=split)["video_id"]))
         raise Stop
 
-    monkeypatch.setattr(train_study.pretrain, "train_job", train_job)
+    monkeypatch.setattr(train_study.trainer, "pretrain_job", pretrain_job)
     with pytest.raises(Stop):
         train_study.run_pretrain(run, fold, seed)
     assert asked == [set(sp.pretraining_pool["video_id"])]

@@ -1,6 +1,6 @@
 """A run on Ray Train, from the driver: a TrainJob -> TorchTrainer -> fit -> the kept checkpoint.
 
-``clman.train.finetune.train_job`` and ``clman.train.pretrain.train_job`` say what the workers run
+``finetune_job`` and ``pretrain_job`` (below) say what the workers run
 (:class:`TrainJob`, its frames from :func:`frame_source`); this module builds the Ray configs around
 it (scaling, storage under ``<out>/<run_name>/``, checkpoints kept by score), runs it and turns a
 failure into one line (:func:`error_line`, :func:`failure_line`: the error helper of the whole driver side).
@@ -22,9 +22,11 @@ from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig,
 from ray.train.torch import TorchTrainer
 
 from clman import progress, run_lock, storage, tracking
+from clman import config as C
 from clman.config import DataConfig, ScaleConfig
 from clman.errors import JobError, error_line
 from clman.launch.progress import ProgressBar
+from clman.train import finetune, pretrain, worker
 from clman.train.worker import CHECKPOINT_FILE
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,7 @@ def frame_source(rows, data: DataConfig) -> dict:
 
 @dataclass(frozen=True)
 class TrainJob:
-    """What a TorchTrainer needs for one job (``finetune.train_job``, ``pretrain.train_job``)."""
+    """What a TorchTrainer needs for one job (:func:`finetune_job`, :func:`pretrain_job`)."""
 
     loop: Callable[[Any], None]  # the function every worker runs, given loop_config
     loop_config: Any  # what the loop is given: a ``clman.train.worker.LoopInputs``
@@ -223,3 +225,55 @@ def export_checkpoint(checkpoint: "ray.train.Checkpoint", dest_uri: str) -> None
     with checkpoint.as_directory() as d:
         with open(os.path.join(d, CHECKPOINT_FILE), "rb") as f:
             storage.write_bytes(dest_uri, f.read())
+
+
+def finetune_job(
+    cfg: C.FinetuneConfig,
+    manifest: str,
+    encoder: str | None,
+    has_val: bool,
+    rows: tuple | None = None,
+    sources: dict | None = None,
+) -> TrainJob:
+    """The finetune run of ``cfg`` on ``manifest`` (Ray must be up: the frames are cached here when they fit).
+
+    ``rows``: (train, val) DataFrames to use instead of the manifest's splits (:func:`clman.train.finetune.validation_split`,
+    then :func:`~clman.train.finetune.label_subset` for ``finetune.label_fraction``: the callers subsample, not this function).
+    ``sources``: {split: ``frame_source``} made already (a sweep decodes once for all its trials).
+    """
+    from clman.data.manifest import read_manifest
+
+    if cfg.label_fraction < 1 and rows is None:  # the subset is the caller's (label_subset): never ignored
+        raise JobError(
+            f"finetune.label_fraction={cfg.label_fraction:g}: "
+            + (
+                "a sweep decodes its splits once for all trials and does not subsample them; run label fractions "
+                "with jobs.study --label-fractions"
+                if sources is not None
+                else "pass the training rows of finetune.label_subset (rows=...)"
+            )
+        )
+    frames = {}
+    for i, split in enumerate(("train", "val") if has_val else ("train",)):
+        if sources is not None:
+            frames[split] = sources[split]
+            continue
+        split_rows = rows[i] if rows is not None else read_manifest(manifest, split=split)
+        # Unlabelled videos (split unlabeled, label -1) are for SimCLR only: never a finetune target.
+        assert split_rows["label"].isin([0, 1]).all(), f"finetune {split} rows hold a label other than 0 / 1"
+        frames[split] = frame_source(split_rows, cfg.data)
+    inputs = worker.LoopInputs(cfg, frames["train"], frames.get("val"), encoder)
+    return TrainJob(finetune.train_loop_per_worker, inputs, {}, finetune.SCORE if has_val else None)
+
+
+def pretrain_job(
+    cfg: C.PretrainConfig, manifest: str, split, clips: int | None = None, source: dict | None = None
+) -> TrainJob:
+    """The pretrain run of ``cfg`` on the clips of ``split``, a split or a sequence of them (Ray must be up:
+    the frames are cached here when they fit). ``clips`` is unused (kept for callers that count first).
+    ``source``: the splits' :func:`frame_source` made already (a sweep decodes once for all its trials)."""
+    from clman.data.manifest import read_manifest
+
+    if source is None:
+        source = frame_source(read_manifest(manifest, split=split), cfg.data)
+    return TrainJob(pretrain.train_loop_per_worker, worker.LoopInputs(cfg, source), {})

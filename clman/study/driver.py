@@ -59,7 +59,7 @@ from clman.evaluate import scoring
 from clman.launch import grid, resources, session, trainer
 from clman.launch.resources import DRIVER_CPUS, max_concurrent_trials
 from clman.study import FoldPlan, Row, StudyError, StudySets, Trial
-from clman.train import finetune, pretrain
+from clman.train import finetune
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,10 @@ def run_pretrain(run: StudyRun, fold: int, seed: int) -> dict:
     videos, unlabeled = len(pool), int((pool["split"] == "unlabeled").sum())
     t0 = time.time()
     result = _fit(
-        pretrain.train_job(cfg, manifest, list(TRAINING_SPLITS)), cfg.scale, storage.join(run.run_dir, "pretrain"), name
+        trainer.pretrain_job(cfg, manifest, list(TRAINING_SPLITS)),
+        cfg.scale,
+        storage.join(run.run_dir, "pretrain"),
+        name,
     )
     checkpoint, metrics = trainer.pick_checkpoint(result, None)
     summary = {
@@ -287,7 +290,7 @@ def run_trial(run: StudyRun, t: Trial) -> dict:
     train, labels = run.labelled(t, train)  # t.fraction of the training patients; the val patients stay
     encoder = run.encoder(t.fold, t.seed) if t.row.pretrained else None
     t0 = time.time()
-    job = finetune.train_job(cfg, manifest, encoder, has_val=len(val) > 0, rows=(train, val))
+    job = trainer.finetune_job(cfg, manifest, encoder, has_val=len(val) > 0, rows=(train, val))
     result = _fit(job, cfg.scale, storage.join(run.run_dir, "train"), t.id)
     checkpoint, kept = trainer.pick_checkpoint(result, job.score)
     model = storage.join(run.run_dir, "train", t.id, "model.pt")

@@ -39,7 +39,6 @@ from clman.data import augment
 from clman.errors import JobError
 from clman.evaluate import scoring
 from clman.evaluate.inference import choose_threshold, mean_log_probs, preprocessing
-from clman.launch import trainer
 from clman.train import feed, worker
 from clman.train.selection import (  # noqa: F401  (re-exported: jobs, scripts and tests read them here)
     CHANCE_AUC_MARGIN,
@@ -212,45 +211,6 @@ def min_training_videos(cfg: C.FinetuneConfig) -> int:
     """The fewest training videos that fill one batch on every worker (``feed.Feed.steps`` >= 1)."""
     world = cfg.scale.num_workers
     return world * max(1, cfg.batch_size // world)
-
-
-def train_job(
-    cfg: C.FinetuneConfig,
-    manifest: str,
-    encoder: str | None,
-    has_val: bool,
-    rows: tuple | None = None,
-    sources: dict | None = None,
-) -> trainer.TrainJob:
-    """The finetune run of ``cfg`` on ``manifest`` (Ray must be up: the frames are cached here when they fit).
-
-    ``rows``: (train, val) DataFrames to use instead of the manifest's splits (:func:`validation_split`,
-    then :func:`label_subset` for ``finetune.label_fraction``: the callers subsample, not this function).
-    ``sources``: {split: ``trainer.frame_source``} made already (a sweep decodes once for all its trials).
-    """
-    from clman.data.manifest import read_manifest
-
-    if cfg.label_fraction < 1 and rows is None:  # the subset is the caller's (label_subset): never ignored
-        raise JobError(
-            f"finetune.label_fraction={cfg.label_fraction:g}: "
-            + (
-                "a sweep decodes its splits once for all trials and does not subsample them; run label fractions "
-                "with jobs.study --label-fractions"
-                if sources is not None
-                else "pass the training rows of finetune.label_subset (rows=...)"
-            )
-        )
-    frames = {}
-    for i, split in enumerate(("train", "val") if has_val else ("train",)):
-        if sources is not None:
-            frames[split] = sources[split]
-            continue
-        split_rows = rows[i] if rows is not None else read_manifest(manifest, split=split)
-        # Unlabelled videos (split unlabeled, label -1) are for SimCLR only: never a finetune target.
-        assert split_rows["label"].isin([0, 1]).all(), f"finetune {split} rows hold a label other than 0 / 1"
-        frames[split] = trainer.frame_source(split_rows, cfg.data)
-    inputs = worker.LoopInputs(cfg, frames["train"], frames.get("val"), encoder)
-    return trainer.TrainJob(train_loop_per_worker, inputs, {}, SCORE if has_val else None)
 
 
 def selection_window(cfg: C.FinetuneConfig) -> int:

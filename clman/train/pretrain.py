@@ -28,7 +28,6 @@ from clman.models.build import simclr_from
 from clman.optim import LARS, lars_param_groups, warmup_cosine
 from clman.data import augment
 from clman.errors import JobError
-from clman.launch import trainer
 from clman.train import feed, worker
 
 log = worker.worker_logger("clman.pretrain")
@@ -94,19 +93,6 @@ def steps_per_epoch(cfg: C.PretrainConfig, clips: int) -> int:
     ``clips // workers`` clips, ``frames_per_clip`` frames each, in batches of ``batch_size // workers``."""
     world = cfg.scale.num_workers
     return (clips // world) * cfg.data.frames_per_clip // max(2, cfg.batch_size // world)
-
-
-def train_job(
-    cfg: C.PretrainConfig, manifest: str, split, clips: int | None = None, source: dict | None = None
-) -> trainer.TrainJob:
-    """The pretrain run of ``cfg`` on the clips of ``split``, a split or a sequence of them (Ray must be up:
-    the frames are cached here when they fit). ``clips`` is unused (kept for callers that count first).
-    ``source``: the splits' ``trainer.frame_source`` made already (a sweep decodes once for all its trials)."""
-    from clman.data.manifest import read_manifest
-
-    if source is None:
-        source = trainer.frame_source(read_manifest(manifest, split=split), cfg.data)
-    return trainer.TrainJob(train_loop_per_worker, worker.LoopInputs(cfg, source), {})
 
 
 # ---------------------------------------------------------------- worker side

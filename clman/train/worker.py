@@ -24,7 +24,7 @@ CHECK_EVERY = 50  # steps between finite-loss checks (each one waits for the dev
 
 @dataclass(frozen=True)
 class LoopInputs:
-    """What a per-worker loop is given (``finetune.train_job`` / ``pretrain.train_job`` make it on the driver;
+    """What a per-worker loop is given (``clman.launch.trainer.finetune_job`` / ``pretrain_job`` make it on the driver;
     Ray pickles it to every worker): the job's config, its splits' frames, and where to report progress."""
 
     config: Any  # clman.config.FinetuneConfig or PretrainConfig

@@ -103,14 +103,12 @@ def _train_job(sweep: Sweep, cfg, frames: dict | None = None):
 
     ``frames``: the splits decoded once by the sweep's driver (:func:`shared_frames`), else None.
     """
+    from clman.launch import trainer
+
     if sweep.job == "finetune":
-        from clman.train import finetune
-
-        return finetune.train_job(cfg, sweep.manifest, sweep.encoder, has_val=True, sources=frames)
-    from clman.train import pretrain
-
+        return trainer.finetune_job(cfg, sweep.manifest, sweep.encoder, has_val=True, sources=frames)
     # The manifest was checked once, before any trial (_check_data): no second read per trial.
-    return pretrain.train_job(cfg, sweep.manifest, sweep.split, source=frames[sweep.split] if frames else None)
+    return trainer.pretrain_job(cfg, sweep.manifest, sweep.split, source=frames[sweep.split] if frames else None)
 
 
 def shared_frames(sweep: Sweep) -> dict | None:
