@@ -81,6 +81,9 @@ def one_line_summary(result) -> str:
     return f"{outcomes}: {splits}"
 
 
+SIMCLR_KEYS = ("loss", "loss_chance", "loss_ratio", "loss_trend", "loss_window", "loss_curve")  # in metrics.json
+
+
 def stage(n: int, text: str) -> None:
     log.info("==== [%d/6] %s", n, text)
 
@@ -159,13 +162,17 @@ def run(args: argparse.Namespace) -> dict:
             f"{synth.size}px, seed {args.seed}. "
             f"Config: `{args.config}`. Whole demo: {minutes:.1f} min.",
             f"{rows['With CL (CLMAN)']['scoring']}.",
+            f"SimCLR ({pre_cfg.epochs} epochs): {pre['convergence']}.",
             paired,
         ]
         storage.write_text(
             storage.join(out, "report.md"),
             report.markdown(rows, title="CLMAN demo: effect of contrastive pretraining", notes=notes),
         )
-        report.write_json(storage.join(out, "metrics.json"), {**rows, "paired_difference": paired})
+        report.write_json(
+            storage.join(out, "metrics.json"),
+            {**rows, "paired_difference": paired, "simclr": {k: pre["metrics"].get(k) for k in SIMCLR_KEYS}},
+        )
         local = workdir / "report"
         local.mkdir(parents=True, exist_ok=True)
         for name in ("report.md", "roc.png", "metrics.json"):
@@ -176,6 +183,7 @@ def run(args: argparse.Namespace) -> dict:
     print()
     print(report.table_rows(rows))
     print(f"\n{rows['With CL (CLMAN)']['scoring']}")
+    print(f"SimCLR ({pre_cfg.epochs} epochs): {pre['convergence']}")
     print(paired)
     print(f"\nreport: {local / 'report.md'}\nROC plot: {local / 'roc.png'}\n(also in {out}/)")
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min")

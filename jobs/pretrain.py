@@ -10,8 +10,9 @@ pretraining is for; keep the test split out, or its videos are no longer unseen.
 
 Writes ``<out>/<run-name>/``: Ray checkpoints, ``encoder.pt`` (the last
 checkpoint, the input of ``jobs.finetune --encoder``), ``config.yaml`` and
-``metrics.json`` (with the splits read). Rerunning with the same ``--run-name`` continues the run,
-with the first start's config, manifest and splits (``run.json``; ``--force-resume`` otherwise); while
+``metrics.json`` (the splits read, the last epoch's loss against chance ln(2N - 1), every
+epoch's loss as ``loss_curve``, and whether it levelled off: ``convergence``). Rerunning with
+the same ``--run-name`` continues the run, with the first start's config, manifest and splits (``run.json``; ``--force-resume`` otherwise); while
 a job runs, a second one with its name is refused (``.lock``, ``clman/run_lock.py``).
 """
 
@@ -101,14 +102,9 @@ def _run(cfg, manifest, out, run_name, splits, address, rows, track=(), experime
     encoder_uri = storage.join(run_dir, "encoder.pt")
     trainer.export_checkpoint(checkpoint, encoder_uri)
     summary = {"encoder": encoder_uri, "metrics": metrics, "splits": list(splits), "seconds": time.time() - t0}
+    convergence = summary["convergence"] = pretrain.convergence_line(metrics)
     report.write_json(storage.join(run_dir, "metrics.json"), summary)
-    log.info(
-        "pretrain %s done in %.0f s: loss %.4f -> %s",
-        run_name,
-        summary["seconds"],
-        metrics.get("loss", float("nan")),
-        encoder_uri,
-    )
+    log.info("pretrain %s done in %.0f s: %s -> %s", run_name, summary["seconds"], convergence, encoder_uri)
     return summary
 
 

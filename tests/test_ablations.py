@@ -205,6 +205,38 @@ def test_chance_metrics():
     assert got["loss_ratio"] == pytest.approx(0.923, abs=1e-3)
 
 
+def test_loss_trend_compares_the_last_window_with_the_one_before():
+    from clman.train.pretrain import loss_trend, trend_window
+
+    assert [trend_window(e) for e in (1, 8, 16, 24, 32, 100)] == [2, 2, 2, 3, 4, 12]
+    assert loss_trend([4.0, 3.0, 2.0], 2) is None  # fewer than two windows
+    assert loss_trend([9.0, 4.0, 4.0, 3.0, 3.0], 2) == pytest.approx(-0.25)  # (3+3)/(4+4) - 1; epoch 0 not used
+    assert loss_trend([2.0, 2.0, 3.0], 1) == pytest.approx(0.5)
+
+
+def test_convergence_line_says_against_chance_and_whether_it_levelled_off():
+    from clman.train.pretrain import convergence_line
+
+    chance = math.log(127)
+    flat = {
+        "loss": 2.7557,
+        "loss_chance": chance,
+        "loss_ratio": 2.7557 / chance,
+        "loss_trend": -0.013,
+        "loss_window": 4,
+    }
+    line = convergence_line(flat)
+    assert line.startswith("loss 2.7557 against chance 4.8442 (ratio 0.569)")
+    assert "the last 4 epochs 1.3% below the 4 before: levelled off" in line and "barely" not in line
+    falling = {**flat, "loss_trend": -0.06}
+    assert "6.0% below the 4 before: still falling, a longer schedule would lower it" in convergence_line(falling)
+    barely = {"loss": 4.429, "loss_chance": chance, "loss_ratio": 4.429 / chance}  # no trend yet: said as such
+    assert convergence_line(barely) == "loss 4.4290 against chance 4.8442 (ratio 0.914) — barely trained: " + (
+        "more epochs (docs/recipes.md)"
+    )
+    assert convergence_line({"loss": 1.5}) == "loss 1.5000"  # an old run's metrics: no chance level
+
+
 # ---------------------------------------------------------------- NT-Xent: two gloo workers
 
 

@@ -124,13 +124,19 @@ def test_pretrain_resumes_bit_for_bit(monkeypatch, same_video):
             "data.store_size=20",
             "data.frames_per_clip=3",
             "pretrain.batch_size=6",
-            "pretrain.epochs=3",
+            "pretrain.epochs=5",
             "pretrain.lr=0.5",
             f"pretrain.same_video={same_video}",
         ],
     )
     source, saved = _source(6, 6, 3), {}
     whole = _run(trainer.pretrain_job(cfg, "mem://m", "train", source=source), monkeypatch, saved)
-    assert len(whole) == 3
-    again = _run(trainer.pretrain_job(cfg, "mem://m", "train", source=source), monkeypatch, saved, 0)
-    _same(again, whole[1:])
+    assert len(whole) == 5
+    # the loss trend (windows of 2 epochs) from the 4th epoch on; every epoch's loss on the last report
+    assert ["loss_trend" in m for m, *_ in whole] == [False, False, False, True, True]
+    losses = [m["loss"] for m, *_ in whole]
+    assert whole[-1][0]["loss_curve"] == losses and all("loss_curve" not in m for m, *_ in whole[:-1])
+    assert whole[-1][0]["loss_trend"] == pytest.approx((losses[3] + losses[4]) / (losses[1] + losses[2]) - 1)
+    for k in range(len(whole) - 1):  # resumed from each epoch: the same reports, the curve kept in the checkpoint
+        again = _run(trainer.pretrain_job(cfg, "mem://m", "train", source=source), monkeypatch, saved, k)
+        _same(again, whole[k + 1 :])

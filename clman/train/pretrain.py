@@ -12,6 +12,11 @@ treats an anchor's other same-video frames as ``pretrain.same_video`` says.
 Each epoch reports ``loss`` beside ``loss_chance``, the loss of uninformative
 projections (ln(2N - 1) for N frames per global batch, 4.84 at N = 64), and
 ``loss_ratio`` = loss / loss_chance: near 1 the encoder has learnt next to nothing.
+``loss_trend`` compares the mean loss of the last ``trend_window`` epochs with the
+window before (-0.02: 2% lower): near 0 at the end of a run, the schedule has
+levelled off; well below 0, a longer one would still lower the loss. The last
+epoch's report also holds ``loss_curve``, every epoch's loss (kept in the
+checkpoint, so a resumed run has the whole curve).
 """
 
 from __future__ import annotations
@@ -100,9 +105,24 @@ def steps_per_epoch(cfg: C.PretrainConfig, clips: int) -> int:
 
 def chance_metrics(loss: float, chance: float) -> dict[str, float]:
     """``loss_chance`` (the loss of uninformative projections, ln(2N - 1) unless same_video=mask) and
-    ``loss_ratio`` = loss / loss_chance: 1.0 learnt nothing, the lower the better (the demo's 80 LARS
-    steps at lr 1.0 end near 4.47 / 4.84 = 0.92)."""
+    ``loss_ratio`` = loss / loss_chance: 1.0 learnt nothing, the lower the better (the demo's old
+    80 LARS steps at lr 1.0 ended near 4.43 / 4.84 = 0.91)."""
     return {"loss_chance": chance, "loss_ratio": loss / chance}
+
+
+def trend_window(epochs: int) -> int:
+    """Epochs per window of :func:`loss_trend`: an eighth of the run, at least 2 (one epoch's loss is noisy)."""
+    return max(2, epochs // 8)
+
+
+def loss_trend(losses: list[float], window: int) -> float | None:
+    """Relative change of the mean loss over the last ``window`` epochs against the ``window`` before
+    (-0.05: 5% lower); None until there are two windows."""
+    if len(losses) < 2 * window:
+        return None
+    last = sum(losses[-window:]) / window
+    before = sum(losses[-2 * window : -window]) / window
+    return last / before - 1.0
 
 
 def make_optimizer(model, cfg: C.PretrainConfig) -> LARS:
@@ -226,6 +246,48 @@ def log_epoch(cfg: C.PretrainConfig, metrics: dict) -> None:
     )
 
 
+def epoch_metrics(
+    cfg: C.PretrainConfig, epoch: int, step: int, start_epoch: int, stats: dict, lr: float, losses: list[float]
+) -> dict:
+    """The epoch's report: its loss against chance, ``loss_trend`` once there are two windows, and every
+    epoch's loss (``loss_curve``) on the last epoch."""
+    metrics = {
+        "epoch": epoch,
+        "step": step,
+        "start_epoch": start_epoch,  # > 0: resumed from a checkpoint
+        "loss": stats["loss"],
+        "loss_chance": stats["loss_chance"],
+        "loss_ratio": stats["loss_ratio"],
+        "lr": lr,
+        "images_per_s": stats["images_per_s"],
+    }
+    window = trend_window(cfg.epochs)
+    trend = loss_trend(losses, window)
+    if trend is not None:
+        metrics.update(loss_trend=trend, loss_window=window)
+    if epoch + 1 == cfg.epochs:
+        metrics["loss_curve"] = list(losses)
+    return metrics
+
+
+LEVELLED = 0.02  # |loss_trend| below this at the end of a run: the loss has levelled off
+BARELY = 0.9  # loss_ratio above this: the encoder has learnt next to nothing
+
+
+def convergence_line(metrics: dict) -> str:
+    """The last epoch's loss against chance and whether it levelled off, for the driver's log and the demo."""
+    if "loss_chance" not in metrics:
+        return f"loss {metrics.get('loss', float('nan')):.4f}"
+    text = f"loss {metrics['loss']:.4f} against chance {metrics['loss_chance']:.4f} (ratio {metrics['loss_ratio']:.3f})"
+    trend, window = metrics.get("loss_trend"), metrics.get("loss_window")
+    if trend is not None:
+        text += f"; the last {window} epochs {abs(100 * trend):.1f}% {'below' if trend < 0 else 'above'} the {window} before"
+        text += ": levelled off" if abs(trend) < LEVELLED else ": still falling, a longer schedule would lower it"
+    if metrics["loss_ratio"] > BARELY:
+        text += " — barely trained: more epochs (docs/recipes.md)"
+    return text
+
+
 def train_loop_per_worker(inputs: worker.LoopInputs) -> None:
     cfg: C.PretrainConfig = inputs.config
     world, rank = distributed.get_world_size(), distributed.get_rank()
@@ -234,6 +296,7 @@ def train_loop_per_worker(inputs: worker.LoopInputs) -> None:
     optimizer = make_optimizer(model, cfg)
     state = worker.restore(model, optimizer)
     start_epoch, step = (state["epoch"] + 1, state["step"]) if state else (0, 0)
+    losses = list((state.get("extra") or {}).get("losses") or [])[:start_epoch] if state else []
     if state:
         log.info("resumed from epoch %d (step %d)", state["epoch"], step)
     model, device, precision = worker.prepare(model, cfg.scale)  # the module itself stays plain
@@ -249,16 +312,8 @@ def train_loop_per_worker(inputs: worker.LoopInputs) -> None:
         stats, step = train_one_epoch(
             model, forward, optimizer, frames, cfg, epoch, step, lr_at, n_global, fixed_chance, device
         )
-        metrics = {
-            "epoch": epoch,
-            "step": step,
-            "start_epoch": start_epoch,  # > 0: resumed from a checkpoint
-            "loss": stats["loss"],
-            "loss_chance": stats["loss_chance"],
-            "loss_ratio": stats["loss_ratio"],
-            "lr": lr_at(step),
-            "images_per_s": stats["images_per_s"],
-        }
+        losses.append(stats["loss"])
+        metrics = epoch_metrics(cfg, epoch, step, start_epoch, stats, lr_at(step), losses)
         log_epoch(cfg, metrics)
         save = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
         worker.report(
@@ -270,5 +325,6 @@ def train_loop_per_worker(inputs: worker.LoopInputs) -> None:
             step=step,
             epoch=epoch,
             save=save,
+            extra={"losses": list(losses)},
             progress=inputs.progress,
         )
