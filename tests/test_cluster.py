@@ -27,8 +27,7 @@ import pytest
 
 from clman import checkpoint as ckpt
 from clman import storage
-from clman.data.ingest import ingest, labeled_items
-from clman.data.synth import SynthConfig, write_dataset
+from tests.media import synth_manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -151,16 +150,7 @@ def head(s3):
 @pytest.fixture(scope="module")
 def manifest(s3):
     s3.make_bucket("cluster-data")
-    write_dataset("s3://cluster-data/raw", 16, seed=2, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
-    ingest(
-        labeled_items("s3://cluster-data/raw", "s3://cluster-data/raw/labels.csv"),
-        "s3://cluster-data/data",
-        ratios=(0.5, 0.25, 0.25),
-        seed=0,
-        workers=2,
-        keep_ids=True,
-    )
-    return "s3://cluster-data/data/manifest.parquet"
+    return synth_manifest("s3://cluster-data", 16, seed=2, frames=8)
 
 
 def _submit(head: dict, submission_id: str, args: list[str], wait: bool) -> subprocess.CompletedProcess:

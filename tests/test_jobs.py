@@ -25,12 +25,11 @@ import torch
 from clman import checkpoint as ckpt
 from clman import config as C
 from clman import storage
-from clman.data.ingest import ingest, labeled_items
-from clman.data.synth import SynthConfig, write_dataset
 from clman.errors import JobError
 from clman.evaluate import scoring
 from clman.launch import resources
 from jobs import evaluate, finetune, predict, pretrain
+from tests.media import synth_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -65,16 +64,7 @@ def dataset(s3, tmp_path_factory):
     """24 tiny synthetic sweeps ingested with train/val/test splits: the manifest URI."""
     name = "jobs-data"
     s3.make_bucket(name)
-    write_dataset(f"s3://{name}/raw", 24, seed=1, cfg=SynthConfig(size=32, frames=10), workers=1, progress=False)
-    ingest(
-        labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"),
-        f"s3://{name}/data",
-        ratios=(0.5, 0.25, 0.25),
-        seed=0,
-        workers=2,
-        keep_ids=True,
-    )
-    return f"s3://{name}/data/manifest.parquet"
+    return synth_manifest(f"s3://{name}", 24, seed=1, frames=10)
 
 
 def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path):

@@ -20,9 +20,8 @@ from botocore.exceptions import EndpointConnectionError
 from clman import checkpoint as ckpt
 from clman import config as C
 from clman import storage
-from clman.data.ingest import ingest, labeled_items
-from clman.data.synth import SynthConfig, write_dataset
 from clman.local_s3 import LocalS3
+from tests.media import synth_manifest
 
 TINY = [
     "model.width=0.125",
@@ -156,16 +155,7 @@ def test_finetune_rides_out_a_20_second_s3_outage(tmp_path, monkeypatch, capfd):
             monkeypatch.setenv(name, value)
         monkeypatch.delenv(storage.REACHED_ENV, raising=False)
         root = server.make_bucket("outage")
-        write_dataset(f"{root}/raw", 24, seed=1, cfg=SynthConfig(size=32, frames=10), workers=1, progress=False)
-        ingest(
-            labeled_items(f"{root}/raw", f"{root}/raw/labels.csv"),
-            f"{root}/data",
-            ratios=(0.5, 0.25, 0.25),
-            seed=0,
-            workers=2,
-            keep_ids=True,
-        )
-        manifest, runs = f"{root}/data/manifest.parquet", f"{root}/runs"
+        manifest, runs = synth_manifest(root, 24, seed=1, frames=10), f"{root}/runs"
         cfg = C.load("finetune", None, TINY)
         done: dict = {}
 
