@@ -28,6 +28,7 @@ import pytest
 from clman import checkpoint as ckpt
 from clman import storage
 from tests.media import synth_manifest
+from tests.test_jobs import registered_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -192,11 +193,6 @@ def _status(head: dict, submission_id: str) -> str:
     return out.strip()
 
 
-def _registered_checkpoint(run_uri: str) -> bool:
-    snapshot = f"{run_uri}/checkpoint_manager_snapshot.json"
-    return storage.exists(snapshot) and "checkpoint_" in storage.read_text(snapshot)
-
-
 @pytest.mark.slow
 def test_job_submit_stop_and_resume_on_a_real_cluster(head, manifest, bucket):
     runs = f"{bucket}/runs"
@@ -217,12 +213,12 @@ def test_job_submit_stop_and_resume_on_a_real_cluster(head, manifest, bucket):
     first = _submit(head, "clman-first", args, wait=False)
     assert first.returncode == 0, first.stderr[-2000:]
     deadline = time.time() + 420
-    while not _registered_checkpoint(f"{runs}/submitted") and time.time() < deadline:
+    while not registered_checkpoint(f"{runs}/submitted") and time.time() < deadline:
         assert _status(head, "clman-first") in ("PENDING", "RUNNING"), _ray(
             "job", "logs", "--address", head["address"], "clman-first", env=head["env"]
         ).stdout[-3000:]
         time.sleep(1)
-    assert _registered_checkpoint(f"{runs}/submitted"), "the submitted job registered no checkpoint"
+    assert registered_checkpoint(f"{runs}/submitted"), "the submitted job registered no checkpoint"
     _ray("job", "stop", "--address", head["address"], "clman-first", env=head["env"])
     assert _status(head, "clman-first") == "STOPPED"
     print(f"first submission: a checkpoint, then stopped, after {time.time() - t0:.0f} s")

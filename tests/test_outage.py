@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import pickle
 import socket
-import threading
 import time
 
 import pyarrow.fs as pafs
@@ -136,16 +135,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _registered_checkpoint(run_uri: str) -> bool:
-    snapshot = f"{run_uri}/checkpoint_manager_snapshot.json"
-    return storage.exists(snapshot) and "checkpoint_" in storage.read_text(snapshot)
-
-
 @pytest.mark.slow
 def test_finetune_rides_out_a_20_second_s3_outage(tmp_path, monkeypatch, capfd):
     import ray
 
-    from jobs import finetune
+    from tests.test_jobs import finetune_until_checkpoint
 
     if ray.is_initialized():
         ray.shutdown()
@@ -156,21 +150,7 @@ def test_finetune_rides_out_a_20_second_s3_outage(tmp_path, monkeypatch, capfd):
         monkeypatch.delenv(storage.REACHED_ENV, raising=False)
         root = server.make_bucket("outage")
         manifest, runs = synth_manifest(root, 24, seed=1, frames=10), f"{root}/runs"
-        cfg = C.load("finetune", None, TINY)
-        done: dict = {}
-
-        def fit():
-            try:
-                done["result"] = finetune.run(cfg, manifest, runs, "outage")
-            except BaseException as e:  # surfaced below
-                done["error"] = e
-
-        thread = threading.Thread(target=fit)
-        thread.start()
-        deadline = time.time() + 300
-        while not _registered_checkpoint(f"{runs}/outage") and time.time() < deadline and thread.is_alive():
-            time.sleep(0.5)
-        assert _registered_checkpoint(f"{runs}/outage"), done.get("error", "no checkpoint was registered")
+        thread, done = finetune_until_checkpoint(C.load("finetune", None, TINY), manifest, runs, "outage", timeout=300)
         # Mid-epoch 2: decode tasks are reading clips, the next checkpoint is a few steps away.
         t0 = time.monotonic()
         server.stop(timeout=1.0)
