@@ -15,7 +15,8 @@ from clman.data import ingest as I
 from clman.data import manifest as M
 from clman.errors import JobError
 from jobs import ingest as job
-from tests.media import dicom_cine, frames, pyav_mp4, sweep
+from tests.media import buv_clip, dicom_cine, frames, pyav_mp4, sweep
+from tests.test_ingest import ingest_buv
 
 SALT = "unlabelled-salt"
 
@@ -235,29 +236,9 @@ def test_split_column_and_unlabelled_rows(s3, bucket, tmp_path):
 
 
 def test_buv_unlabeled_folder(s3, bucket, tmp_path):
-    from PIL import Image
-
     for i, (label, vid) in enumerate((("benign", "x1"), ("malignant", "y1"), ("unlabeled", "z1"), ("unlabeled", "z2"))):
-        d = tmp_path / "rawframes" / label / vid
-        d.mkdir(parents=True)
-        for t, frame in enumerate(frames(6, 24, 32, seed=i)):
-            Image.fromarray(frame).save(d / f"{t}.png")
-    assert (
-        job.main(
-            [
-                "--out",
-                f"{bucket}/buv",
-                "--layout",
-                "buv",
-                "--videos",
-                str(tmp_path),
-                "--keep-ids",
-                "--split",
-                "0.5,0,0.5",
-            ]
-        )
-        == 0
-    )
+        buv_clip(tmp_path, label, vid, frames(6, 24, 32, seed=i))
+    assert ingest_buv(f"{bucket}/buv", tmp_path) == 0
     m = M.read_manifest(f"{bucket}/buv/manifest.parquet").set_index("video_id")
     assert m["label"].to_dict() == {"x1": 0, "y1": 1, "z1": -1, "z2": -1}
     assert m.loc[["z1", "z2"], "split"].tolist() == [M.UNLABELED] * 2
