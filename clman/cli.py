@@ -38,22 +38,29 @@ def one_line(error: BaseException) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
-def add_config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(
+    p: argparse.ArgumentParser,
+    set_metavar: str = "SECTION.KEY=VALUE",
+    set_help: str = "override one config field, e.g. --set finetune.lr=3e-4 --set model.mma_depth=2",
+) -> None:
+    """--config (a preset YAML) and --set (repeatable overrides, into ``overrides``).
+
+    A job whose --set takes more than SECTION.KEY=VALUE (jobs.study's ROW: prefix) says so in
+    ``set_metavar`` and ``set_help``.
+    """
     p.add_argument("--config", help="preset YAML (jobs/configs/paper.yaml, jobs/configs/demo-cpu.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one config field, e.g. --set finetune.lr=3e-4 --set model.mma_depth=2",
-    )
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar=set_metavar, help=set_help)
+
+
+def add_address_arg(p: argparse.ArgumentParser) -> None:
+    """--address: the Ray cluster a job that starts Ray joins."""
+    p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else start Ray here")
 
 
 def add_scale_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-workers", type=int, help="Ray Train workers (overrides scale.num_workers)")
     p.add_argument("--gpus-per-worker", type=float, help="GPUs per worker; 0 = CPU workers with gloo")
-    p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else start Ray here")
+    add_address_arg(p)
     p.add_argument(
         "--run-name",
         help="run folder under --out; the same name resumes an interrupted run "

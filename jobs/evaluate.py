@@ -38,7 +38,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--split", default="test", help="train | val | test (default: test)")
     p.add_argument("--out", help="output folder (default: <checkpoint folder>/eval-<split>)")
     p.add_argument("--name", default="CLMAN", help="row name in report.md")
-    p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else start Ray here")
+    cli.add_address_arg(p)
     cli.add_config_args(p)
     return p.parse_args(argv)
 

@@ -82,15 +82,11 @@ def parse(argv=None) -> argparse.Namespace:
         help="continue an interrupted study (same arguments): finished trials and encoders are "
         "kept, an interrupted Train run continues from its last checkpoint",
     )
-    p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else start Ray here")
-    p.add_argument("--config", help="preset YAML (jobs/configs/paper.yaml, jobs/configs/demo-cpu.yaml)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="[ROW:]SECTION.KEY=VALUE",
-        help="override a config field for every row (--set finetune.lr=3e-4) or one row "
+    cli.add_address_arg(p)
+    cli.add_config_args(
+        p,
+        set_metavar="[ROW:]SECTION.KEY=VALUE",
+        set_help="override a config field for every row (--set finetune.lr=3e-4) or one row "
         "(--set timesformer:model.tf_depth=4); keys that define the rows (model.arch, "
         "norm, nonlocal_stages, aggregator) and the seeds are refused; CLMAN-only model "
         "keys (model.width) belong in the preset, as baselines do not read them",

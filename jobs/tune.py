@@ -78,7 +78,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--manifest", help="manifest.parquet written by jobs.ingest")
     p.add_argument("--encoder", help="finetune sweeps: encoder.pt from jobs.pretrain (default: from scratch)")
     p.add_argument("--split", default="train", help="pretrain sweeps: manifest split used (default: train)")
-    p.add_argument("--address", help="Ray cluster address; default: RAY_ADDRESS, else start Ray here")
+    cli.add_address_arg(p)
     p.add_argument("--run-name", help="sweep folder under --out (default: tune-<job>-<date>-<time>)")
     cli.add_config_args(p)
     tracking.add_args(p)

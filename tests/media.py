@@ -1,9 +1,11 @@
-"""Tiny real media for the data tests: smooth synthetic frames, mp4 via PyAV, DICOM via pydicom."""
+"""Tiny real media for the tests: smooth synthetic frames, mp4 via PyAV, DICOM via pydicom, BUV frame
+folders, and a tiny synthetic data set ingested to a manifest (for the job tests)."""
 
 from __future__ import annotations
 
 import io
 from fractions import Fraction
+from pathlib import Path
 
 import av
 import numpy as np
@@ -110,3 +112,33 @@ def dicom_cine(
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def buv_clip(root: Path, label: str, video: str, images, first: int = 0) -> Path:
+    """A BUV clip: ``images`` (2-D uint8 arrays) as ``<first>.png``, ``<first + 1>.png``, ... in
+    ``root/rawframes/<label>/<video>`` (made here; it must not exist yet). Returns that folder."""
+    from PIL import Image
+
+    folder = root / "rawframes" / label / video
+    folder.mkdir(parents=True)
+    for t, image in enumerate(images, start=first):
+        Image.fromarray(image).save(folder / f"{t}.png")
+    return folder
+
+
+def synth_manifest(root: str, cases: int, seed: int, frames: int) -> str:
+    """``cases`` synthetic 32 x 32 sweeps of ``frames`` frames written to ``<root>/raw`` and ingested to
+    ``<root>/data`` with train/val/test splits 0.5/0.25/0.25 (video ids kept): the manifest's URI."""
+    from clman.data.ingest import ingest, labeled_items
+    from clman.data.synth import SynthConfig, write_dataset
+
+    write_dataset(f"{root}/raw", cases, seed=seed, cfg=SynthConfig(size=32, frames=frames), workers=1, progress=False)
+    ingest(
+        labeled_items(f"{root}/raw", f"{root}/raw/labels.csv"),
+        f"{root}/data",
+        ratios=(0.5, 0.25, 0.25),
+        seed=0,
+        workers=2,
+        keep_ids=True,
+    )
+    return f"{root}/data/manifest.parquet"

@@ -16,9 +16,8 @@ import ray
 from clman import checkpoint as ckpt
 from clman import config as C
 from clman import storage
-from clman.data.ingest import ingest, labeled_items
-from clman.data.synth import SynthConfig, write_dataset
 from jobs import evaluate, finetune, predict
+from tests.media import synth_manifest
 
 TINY = [
     "data.size=32",
@@ -47,18 +46,10 @@ ARCHS = {
 def dataset(s3):
     name = "arch-data"
     s3.make_bucket(name)
-    write_dataset(f"s3://{name}/raw", 16, seed=2, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
-    ingest(
-        labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"),
-        f"s3://{name}/data",
-        ratios=(0.5, 0.25, 0.25),
-        seed=0,
-        workers=2,
-        keep_ids=True,
-    )
+    manifest = synth_manifest(f"s3://{name}", 16, seed=2, frames=8)
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield f"s3://{name}/data/manifest.parquet"
+    yield manifest
     ray.shutdown()
 
 

@@ -27,8 +27,8 @@ import pytest
 
 from clman import checkpoint as ckpt
 from clman import storage
-from clman.data.ingest import ingest, labeled_items
-from clman.data.synth import SynthConfig, write_dataset
+from tests.media import synth_manifest
+from tests.test_jobs import registered_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -151,16 +151,7 @@ def head(s3):
 @pytest.fixture(scope="module")
 def manifest(s3):
     s3.make_bucket("cluster-data")
-    write_dataset("s3://cluster-data/raw", 16, seed=2, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
-    ingest(
-        labeled_items("s3://cluster-data/raw", "s3://cluster-data/raw/labels.csv"),
-        "s3://cluster-data/data",
-        ratios=(0.5, 0.25, 0.25),
-        seed=0,
-        workers=2,
-        keep_ids=True,
-    )
-    return "s3://cluster-data/data/manifest.parquet"
+    return synth_manifest("s3://cluster-data", 16, seed=2, frames=8)
 
 
 def _submit(head: dict, submission_id: str, args: list[str], wait: bool) -> subprocess.CompletedProcess:
@@ -202,11 +193,6 @@ def _status(head: dict, submission_id: str) -> str:
     return out.strip()
 
 
-def _registered_checkpoint(run_uri: str) -> bool:
-    snapshot = f"{run_uri}/checkpoint_manager_snapshot.json"
-    return storage.exists(snapshot) and "checkpoint_" in storage.read_text(snapshot)
-
-
 @pytest.mark.slow
 def test_job_submit_stop_and_resume_on_a_real_cluster(head, manifest, bucket):
     runs = f"{bucket}/runs"
@@ -227,12 +213,12 @@ def test_job_submit_stop_and_resume_on_a_real_cluster(head, manifest, bucket):
     first = _submit(head, "clman-first", args, wait=False)
     assert first.returncode == 0, first.stderr[-2000:]
     deadline = time.time() + 420
-    while not _registered_checkpoint(f"{runs}/submitted") and time.time() < deadline:
+    while not registered_checkpoint(f"{runs}/submitted") and time.time() < deadline:
         assert _status(head, "clman-first") in ("PENDING", "RUNNING"), _ray(
             "job", "logs", "--address", head["address"], "clman-first", env=head["env"]
         ).stdout[-3000:]
         time.sleep(1)
-    assert _registered_checkpoint(f"{runs}/submitted"), "the submitted job registered no checkpoint"
+    assert registered_checkpoint(f"{runs}/submitted"), "the submitted job registered no checkpoint"
     _ray("job", "stop", "--address", head["address"], "clman-first", env=head["env"])
     assert _status(head, "clman-first") == "STOPPED"
     print(f"first submission: a checkpoint, then stopped, after {time.time() - t0:.0f} s")

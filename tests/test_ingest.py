@@ -17,7 +17,7 @@ from clman.data import ingest as I
 from clman.data import manifest as M
 from clman.data.video import decode_frames, probe_video
 from jobs import ingest as job
-from tests.media import dicom_cine, frames, pyav_mp4, sweep
+from tests.media import buv_clip, dicom_cine, frames, pyav_mp4, sweep
 
 
 # -- manifest -----------------------------------------------------------------
@@ -373,35 +373,20 @@ def test_dicom_frames_for_predict():
 
 
 # -- BUV layout --------------------------------------------------------------------
-def test_buv_layout(s3, bucket, tmp_path):
-    from PIL import Image
+def ingest_buv(out: str, root: Path, *extra: str) -> int:
+    """``jobs.ingest --layout buv`` of the clips under ``root/rawframes``, ids kept, split 0.5/0/0.5: the exit status."""
+    return job.main(
+        ["--out", out, "--layout", "buv", "--videos", str(root), "--keep-ids", "--split", "0.5,0,0.5", *extra]
+    )
 
+
+def test_buv_layout(s3, bucket, tmp_path):
     clips = {("benign", "x001"): 12, ("malignant", "y002"): 11}
     for (label, vid), n in clips.items():
-        d = tmp_path / "rawframes" / label / vid
-        d.mkdir(parents=True)
-        for t in range(n):
-            # Brightness rises with the frame number: natural order 1, 2, ..., 10 (not 1, 10, 2).
-            Image.fromarray(np.full((24, 32), 20 + 18 * t, np.uint8)).save(d / f"{t + 1}.png")
+        # Brightness rises with the frame number: natural order 1, 2, ..., 10 (not 1, 10, 2).
+        buv_clip(tmp_path, label, vid, [np.full((24, 32), 20 + 18 * t, np.uint8) for t in range(n)], first=1)
     (tmp_path / "rawframes" / "benign" / "x001" / "Thumbs.db").write_bytes(b"junk")
-    assert (
-        job.main(
-            [
-                "--out",
-                f"{bucket}/buv",
-                "--layout",
-                "buv",
-                "--videos",
-                str(tmp_path),
-                "--keep-ids",
-                "--split",
-                "0.5,0,0.5",
-                "--fps",
-                "15",
-            ]
-        )
-        == 0
-    )
+    assert ingest_buv(f"{bucket}/buv", tmp_path, "--fps", "15") == 0
     m = M.read_manifest(f"{bucket}/buv/manifest.parquet").set_index("video_id")
     assert m["label"].to_dict() == {"x001": 0, "y002": 1}
     assert m["num_frames"].to_dict() == {"x001": 12, "y002": 11}
@@ -548,34 +533,14 @@ def _png_bomb(width: int, height: int) -> bytes:
 
 
 def test_buv_decompression_bomb_is_rejected_rest_ingested(s3, bucket, tmp_path):
-    from PIL import Image
-
     for label, vid in (("benign", "ok1"), ("malignant", "ok2")):
-        d = tmp_path / "rawframes" / label / vid
-        d.mkdir(parents=True)
-        for t in range(6):
-            Image.fromarray(frames(1, 24, 32, seed=t + 10 * len(vid + label))[0]).save(d / f"{t}.png")
+        buv_clip(tmp_path, label, vid, [frames(1, 24, 32, seed=t + 10 * len(vid + label))[0] for t in range(6)])
     for vid, side in (("bomb", 60000), ("big", 5000)):  # PIL's own limit; ours (--max-side 4096)
         bomb = tmp_path / "rawframes" / "malignant" / vid
         bomb.mkdir(parents=True)
         shutil.copy(tmp_path / "rawframes" / "benign" / "ok1" / "0.png", bomb / "0.png")
         (bomb / "1.png").write_bytes(_png_bomb(side, side))
-    assert (
-        job.main(
-            [
-                "--out",
-                f"{bucket}/buv",
-                "--layout",
-                "buv",
-                "--videos",
-                str(tmp_path),
-                "--keep-ids",
-                "--split",
-                "0.5,0,0.5",
-            ]
-        )
-        == 0
-    )
+    assert ingest_buv(f"{bucket}/buv", tmp_path) == 0
     rejects = storage.read_parquet(f"{bucket}/buv/rejects.parquet").to_pandas().set_index("video_id")
     assert rejects["reason"].tolist() == ["over_limit", "over_limit"]
     assert "frame 2: 3600000000 pixels, a decompression bomb" in rejects.loc["bomb", "detail"]

@@ -25,12 +25,11 @@ import torch
 from clman import checkpoint as ckpt
 from clman import config as C
 from clman import storage
-from clman.data.ingest import ingest, labeled_items
-from clman.data.synth import SynthConfig, write_dataset
 from clman.errors import JobError
 from clman.evaluate import scoring
 from clman.launch import resources
 from jobs import evaluate, finetune, predict, pretrain
+from tests.media import synth_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -65,16 +64,7 @@ def dataset(s3, tmp_path_factory):
     """24 tiny synthetic sweeps ingested with train/val/test splits: the manifest URI."""
     name = "jobs-data"
     s3.make_bucket(name)
-    write_dataset(f"s3://{name}/raw", 24, seed=1, cfg=SynthConfig(size=32, frames=10), workers=1, progress=False)
-    ingest(
-        labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"),
-        f"s3://{name}/data",
-        ratios=(0.5, 0.25, 0.25),
-        seed=0,
-        workers=2,
-        keep_ids=True,
-    )
-    return f"s3://{name}/data/manifest.parquet"
+    return synth_manifest(f"s3://{name}", 24, seed=1, frames=10)
 
 
 def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path):
@@ -223,13 +213,37 @@ def _checkpoints(run_uri: str) -> list[str]:
     return sorted({u.split("/checkpoint_")[1].split("/")[0] for u in storage.list_uris(run_uri) if "/checkpoint_" in u})
 
 
-def _registered_checkpoint(run_uri: str) -> bool:
+def registered_checkpoint(run_uri: str) -> bool:
     """True once Ray Train has recorded a checkpoint in the run's snapshot (what a restart reads).
 
     A checkpoint folder appears in storage a moment before the controller registers it.
     """
     snapshot = f"{run_uri}/checkpoint_manager_snapshot.json"
     return storage.exists(snapshot) and "checkpoint_" in storage.read_text(snapshot)
+
+
+def finetune_until_checkpoint(
+    cfg, manifest: str, runs: str, name: str, timeout: float
+) -> tuple[threading.Thread, dict]:
+    """Start ``finetune.run(cfg, manifest, runs, name)`` in a thread; return (thread, done) once Ray Train has
+    registered a checkpoint of the run. ``done`` gets "result" or "error" when the run ends. Fails if none is
+    registered within ``timeout`` seconds (or the run ends first), with the run's error if it has one."""
+    done: dict = {}
+
+    def fit():
+        try:
+            done["result"] = finetune.run(cfg, manifest, runs, name)
+        except BaseException as e:  # surfaced by the caller, or below
+            done["error"] = e
+
+    thread = threading.Thread(target=fit)
+    thread.start()
+    deadline = time.time() + timeout
+    # Registered, not only written: a worker killed in between restarts from scratch.
+    while not registered_checkpoint(f"{runs}/{name}") and time.time() < deadline and thread.is_alive():
+        time.sleep(0.5)
+    assert registered_checkpoint(f"{runs}/{name}"), done.get("error", "no checkpoint was registered")
+    return thread, done
 
 
 def _train_worker_pids() -> list[int]:
@@ -248,21 +262,7 @@ def test_killed_worker_resumes_bit_for_bit_and_the_seed_decides(dataset, bucket,
     path whose RNG once mixed in the pid; so this is also "same seed, same numbers". Another seed differs."""
     cfg = C.load("finetune", None, TINY + ["finetune.epochs=4", "finetune.checkpoint_every=1", "data.cache=off"])
     runs = f"{bucket}/runs"
-    done: dict = {}
-
-    def fit():
-        try:
-            done["result"] = finetune.run(cfg, dataset, runs, "killed")
-        except BaseException as e:  # surfaced below
-            done["error"] = e
-
-    thread = threading.Thread(target=fit)
-    thread.start()
-    deadline = time.time() + 240
-    # Registered, not only written: a worker killed in between restarts from scratch.
-    while not _registered_checkpoint(f"{runs}/killed") and time.time() < deadline:
-        time.sleep(0.5)
-    assert _registered_checkpoint(f"{runs}/killed"), "no checkpoint was registered"
+    thread, done = finetune_until_checkpoint(cfg, dataset, runs, "killed", timeout=240)
     victims = _train_worker_pids()
     assert victims, "no live Ray Train worker to kill"
     os.kill(victims[-1], signal.SIGKILL)
@@ -345,7 +345,7 @@ def test_restarted_driver_continues_the_run(dataset, bucket):
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )
     deadline = time.time() + 240
-    while not _registered_checkpoint(f"{runs}/driver") and time.time() < deadline and first.poll() is None:
+    while not registered_checkpoint(f"{runs}/driver") and time.time() < deadline and first.poll() is None:
         time.sleep(0.5)
     assert first.poll() is None, "the first driver finished before it could be killed"
     _kill_session(first.pid)  # the driver and the local Ray it started, workers included

@@ -28,32 +28,15 @@ from clman.train import finetune
 from clman.study import driver as S
 from clman.errors import JobError
 from jobs import study as study_job
+from tests.test_study import manifest_rows
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
 
 def _manifest(n_patients=40, malignant_every=3, folds=2, seed=0) -> pd.DataFrame:
     """Patients with 1-3 videos each (so patient and video counts differ), every third malignant, in ``folds``."""
-    rows = []
-    for p in range(n_patients):
-        for v in range(1 + p % 3):
-            rows.append(
-                {
-                    "video_id": f"v{p:03d}-{v}",
-                    "patient_id": f"p{p:03d}",
-                    "label": int(p % malignant_every == 0),
-                    "split": "train",
-                    "fold": -1,
-                    "uri": f"clips/v{p}-{v}.mp4",
-                    "num_frames": 20,
-                    "fps": 30.0,
-                    "height": 64,
-                    "width": 64,
-                    "sha256": "0" * 64,
-                    "source": "test",
-                }
-            )
-    return assign_splits(pd.DataFrame(rows), folds=folds, seed=seed)
+    rows = manifest_rows([1 + p % 3 for p in range(n_patients)], malignant_every)
+    return assign_splits(rows, folds=folds, seed=seed)
 
 
 def _patients(rows: pd.DataFrame) -> set[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import pickle
 import socket
-import threading
 import time
 
 import pyarrow.fs as pafs
@@ -20,9 +19,8 @@ from botocore.exceptions import EndpointConnectionError
 from clman import checkpoint as ckpt
 from clman import config as C
 from clman import storage
-from clman.data.ingest import ingest, labeled_items
-from clman.data.synth import SynthConfig, write_dataset
 from clman.local_s3 import LocalS3
+from tests.media import synth_manifest
 
 TINY = [
     "model.width=0.125",
@@ -137,16 +135,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _registered_checkpoint(run_uri: str) -> bool:
-    snapshot = f"{run_uri}/checkpoint_manager_snapshot.json"
-    return storage.exists(snapshot) and "checkpoint_" in storage.read_text(snapshot)
-
-
 @pytest.mark.slow
 def test_finetune_rides_out_a_20_second_s3_outage(tmp_path, monkeypatch, capfd):
     import ray
 
-    from jobs import finetune
+    from tests.test_jobs import finetune_until_checkpoint
 
     if ray.is_initialized():
         ray.shutdown()
@@ -156,31 +149,8 @@ def test_finetune_rides_out_a_20_second_s3_outage(tmp_path, monkeypatch, capfd):
             monkeypatch.setenv(name, value)
         monkeypatch.delenv(storage.REACHED_ENV, raising=False)
         root = server.make_bucket("outage")
-        write_dataset(f"{root}/raw", 24, seed=1, cfg=SynthConfig(size=32, frames=10), workers=1, progress=False)
-        ingest(
-            labeled_items(f"{root}/raw", f"{root}/raw/labels.csv"),
-            f"{root}/data",
-            ratios=(0.5, 0.25, 0.25),
-            seed=0,
-            workers=2,
-            keep_ids=True,
-        )
-        manifest, runs = f"{root}/data/manifest.parquet", f"{root}/runs"
-        cfg = C.load("finetune", None, TINY)
-        done: dict = {}
-
-        def fit():
-            try:
-                done["result"] = finetune.run(cfg, manifest, runs, "outage")
-            except BaseException as e:  # surfaced below
-                done["error"] = e
-
-        thread = threading.Thread(target=fit)
-        thread.start()
-        deadline = time.time() + 300
-        while not _registered_checkpoint(f"{runs}/outage") and time.time() < deadline and thread.is_alive():
-            time.sleep(0.5)
-        assert _registered_checkpoint(f"{runs}/outage"), done.get("error", "no checkpoint was registered")
+        manifest, runs = synth_manifest(root, 24, seed=1, frames=10), f"{root}/runs"
+        thread, done = finetune_until_checkpoint(C.load("finetune", None, TINY), manifest, runs, "outage", timeout=300)
         # Mid-epoch 2: decode tasks are reading clips, the next checkpoint is a few steps away.
         t0 = time.monotonic()
         server.stop(timeout=1.0)

@@ -20,11 +20,10 @@ import ray
 from clman import cli, storage
 from clman import config as C
 from clman import run_lock
-from clman.data.ingest import ingest, labeled_items
-from clman.data.synth import SynthConfig, write_dataset
 from clman.errors import JobError
 from clman.run_lock import RunLock
 from jobs import finetune, pretrain
+from tests.media import synth_manifest
 from tests.test_jobs import ROOT, TINY, local_ray  # noqa: F401  (local_ray: a fixture)
 
 
@@ -258,16 +257,7 @@ def dataset(s3):
     """24 tiny synthetic sweeps ingested with train/val/test splits (as tests/test_jobs.py): the manifest URI."""
     name = "lock-data"
     s3.make_bucket(name)
-    write_dataset(f"s3://{name}/raw", 24, seed=1, cfg=SynthConfig(size=32, frames=10), workers=1, progress=False)
-    ingest(
-        labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"),
-        f"s3://{name}/data",
-        ratios=(0.5, 0.25, 0.25),
-        seed=0,
-        workers=2,
-        keep_ids=True,
-    )
-    return f"s3://{name}/data/manifest.parquet"
+    return synth_manifest(f"s3://{name}", 24, seed=1, frames=10)
 
 
 @pytest.mark.parametrize("job", [finetune, pretrain])

@@ -225,10 +225,12 @@ def test_trial_and_pretrain_sets():
 # ---------------------------------------------------------------- folds
 
 
-def _manifest(n_patients=30, videos_per_patient=2, malignant_every=3, folds=0, seed=0) -> pd.DataFrame:
+def manifest_rows(videos: list[int], malignant_every: int = 3) -> pd.DataFrame:
+    """Manifest rows, not split yet (split "train", fold -1), of patients p000, p001, ...: patient p has
+    ``videos[p]`` videos, and every ``malignant_every``-th patient, p000 first, is malignant. No files."""
     rows = []
-    for p in range(n_patients):
-        for v in range(videos_per_patient):
+    for p, n in enumerate(videos):
+        for v in range(n):
             rows.append(
                 {
                     "video_id": f"v{p:03d}-{v}",
@@ -245,7 +247,11 @@ def _manifest(n_patients=30, videos_per_patient=2, malignant_every=3, folds=0, s
                     "source": "test",
                 }
             )
-    df = pd.DataFrame(rows)
+    return pd.DataFrame(rows)
+
+
+def _manifest(n_patients=30, videos_per_patient=2, malignant_every=3, folds=0, seed=0) -> pd.DataFrame:
+    df = manifest_rows([videos_per_patient] * n_patients, malignant_every)
     return assign_splits(df, folds=folds, seed=seed) if folds else assign_splits(df, (0.6, 0.0, 0.4), seed=seed)
 
 

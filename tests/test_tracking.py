@@ -18,8 +18,7 @@ import yaml
 
 from clman import config as C
 from clman import progress, storage, tracking
-from clman.data.ingest import ingest, labeled_items
-from clman.data.synth import SynthConfig, write_dataset
+from tests.media import synth_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
@@ -56,16 +55,7 @@ def manifest(s3):
     """16 tiny synthetic sweeps with train/val/test splits."""
     name = "tracking-data"
     s3.make_bucket(name)
-    write_dataset(f"s3://{name}/raw", 16, seed=3, cfg=SynthConfig(size=32, frames=8), workers=1, progress=False)
-    ingest(
-        labeled_items(f"s3://{name}/raw", f"s3://{name}/raw/labels.csv"),
-        f"s3://{name}/data",
-        ratios=(0.5, 0.25, 0.25),
-        seed=0,
-        workers=2,
-        keep_ids=True,
-    )
-    return f"s3://{name}/data/manifest.parquet"
+    return synth_manifest(f"s3://{name}", 16, seed=3, frames=8)
 
 
 def test_standalone_finetune_tracked_without_ray_report_lines(manifest, bucket, tmp_path):

@@ -15,7 +15,9 @@ from clman.data import ingest as I
 from clman.data import manifest as M
 from clman.errors import JobError
 from jobs import ingest as job
-from tests.media import dicom_cine, frames, pyav_mp4, sweep
+from tests.media import buv_clip, dicom_cine, frames, pyav_mp4, sweep
+from tests.test_ingest import ingest_buv
+from tests.test_study import manifest_rows
 
 SALT = "unlabelled-salt"
 
@@ -235,29 +237,9 @@ def test_split_column_and_unlabelled_rows(s3, bucket, tmp_path):
 
 
 def test_buv_unlabeled_folder(s3, bucket, tmp_path):
-    from PIL import Image
-
     for i, (label, vid) in enumerate((("benign", "x1"), ("malignant", "y1"), ("unlabeled", "z1"), ("unlabeled", "z2"))):
-        d = tmp_path / "rawframes" / label / vid
-        d.mkdir(parents=True)
-        for t, frame in enumerate(frames(6, 24, 32, seed=i)):
-            Image.fromarray(frame).save(d / f"{t}.png")
-    assert (
-        job.main(
-            [
-                "--out",
-                f"{bucket}/buv",
-                "--layout",
-                "buv",
-                "--videos",
-                str(tmp_path),
-                "--keep-ids",
-                "--split",
-                "0.5,0,0.5",
-            ]
-        )
-        == 0
-    )
+        buv_clip(tmp_path, label, vid, frames(6, 24, 32, seed=i))
+    assert ingest_buv(f"{bucket}/buv", tmp_path) == 0
     m = M.read_manifest(f"{bucket}/buv/manifest.parquet").set_index("video_id")
     assert m["label"].to_dict() == {"x1": 0, "y1": 1, "z1": -1, "z2": -1}
     assert m.loc[["z1", "z2"], "split"].tolist() == [M.UNLABELED] * 2
@@ -385,31 +367,13 @@ def test_finetune_scoring_and_evaluate_never_see_unlabelled(manifest_uri):
 
 
 def _study_manifest(folds: int) -> pd.DataFrame:
-    rows = []
-    for p in range(30):
-        for v in range(2):
-            rows.append(
-                {
-                    "video_id": f"v{p:03d}-{v}",
-                    "patient_id": f"p{p:03d}",
-                    "label": int(p % 3 == 0),
-                    "split": "train",
-                    "fold": -1,
-                    "uri": f"clips/v{p}-{v}.mp4",
-                    "num_frames": 20,
-                    "fps": 30.0,
-                    "height": 64,
-                    "width": 64,
-                    "sha256": "0" * 64,
-                    "source": "test",
-                }
-            )
-    labelled = pd.DataFrame(rows)
+    labelled = manifest_rows([2] * 30)
     placed = (
         M.assign_splits(labelled, folds=folds, seed=0) if folds else M.assign_splits(labelled, (0.6, 0.0, 0.4), seed=0)
     )
+    row = labelled.iloc[0].to_dict()
     pool = pd.DataFrame(
-        [{**rows[0], "video_id": f"u{i}", "patient_id": f"q{i}", "label": -1, "split": M.UNLABELED} for i in range(7)]
+        [{**row, "video_id": f"u{i}", "patient_id": f"q{i}", "label": -1, "split": M.UNLABELED} for i in range(7)]
     )
     return pd.concat([placed, pool], ignore_index=True)
 
