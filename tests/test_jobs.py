@@ -74,6 +74,13 @@ def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path
     state = torch.load(_local_copy(pre["encoder"], tmp_path), weights_only=True)
     assert state["kind"] == "simclr" and state["epoch"] == 1
     assert set(ckpt.encoder_state_dict(state)) and pre["metrics"]["loss"] > 0
+    # every epoch's loss reaches the driver and metrics.json; the done line says it against chance
+    assert pre["metrics"]["loss_curve"][-1] == pre["metrics"]["loss"] and len(pre["metrics"]["loss_curve"]) == 2
+    assert pre["convergence"].startswith(f"loss {pre['metrics']['loss']:.4f} against chance ")
+    assert (
+        json.loads(storage.read_text(f"{runs}/pre/metrics.json"))["metrics"]["loss_curve"]
+        == pre["metrics"]["loss_curve"]
+    )
 
     # bf16 autocast (what GPUs run by default) on CPU, so CI covers that path too
     fin_cfg = C.load("finetune", None, TINY + ["scale.precision=bf16"])

@@ -59,7 +59,7 @@ from clman.evaluate import scoring
 from clman.launch import grid, resources, session, trainer
 from clman.launch.resources import DRIVER_CPUS, max_concurrent_trials
 from clman.study import FoldPlan, Row, StudyError, StudySets, Trial
-from clman.train import finetune
+from clman.train import finetune, pretrain
 
 log = logging.getLogger(__name__)
 
@@ -272,13 +272,15 @@ def run_pretrain(run: StudyRun, fold: int, seed: int) -> dict:
         "videos": videos,
         "unlabeled_videos": unlabeled,
         "loss": metrics.get("loss"),
+        "loss_ratio": metrics.get("loss_ratio"),  # against chance ln(2N - 1)
+        "convergence": pretrain.convergence_line(metrics),
         "seconds": time.time() - t0,
     }
     storage.write_text(
         storage.join(run.run_dir, "pretrain", name, "metrics.json"), json.dumps(summary, indent=2, default=float) + "\n"
     )
     trainer.export_checkpoint(checkpoint, summary["encoder"])  # last: its presence marks a finished run
-    log.info("pretrain %s done in %.0f s (loss %.4f)", name, summary["seconds"], summary["loss"] or math.nan)
+    log.info("pretrain %s done in %.0f s: %s", name, summary["seconds"], summary["convergence"])
     return summary
 
 
@@ -509,10 +511,12 @@ def write_outputs(run: StudyRun, run_time_s: float | None = None, resumed: int =
     results = pd.DataFrame([{"fraction": 1.0, **r["result"]} for r in records])
     predictions = pd.DataFrame([{"fraction": 1.0, **p} for r in records for p in r["predictions"]])
     ev = run.evaluate_config()
-    pretrain_s = []
+    pretrain_s, ratios = [], []
     for fold, seed in study.pretrain_cells(run.grid):
         m = json.loads(storage.read_text(storage.join(run.run_dir, "pretrain", cell_name(fold, seed), "metrics.json")))
         pretrain_s.append(m["seconds"])
+        if m.get("loss_ratio") is not None:  # studies before 2026-12-06 kept the loss only
+            ratios.append(m["loss_ratio"])
     notes = [f"{run.split(f, s).note} (fold {f}, seed {s})" for f, s in run.cells]
     notes.append(
         scoring.describe(ev, C.job_config(run.tree, "finetune").data.num_frames) + "; T is each row's data.num_frames"
@@ -526,6 +530,7 @@ def write_outputs(run: StudyRun, run_time_s: float | None = None, resumed: int =
         notes.append(
             f"SimCLR per (fold, seed): {sum(pretrain_s) / len(pretrain_s):.0f} s on average, "
             f"{len(pretrain_s)} run(s) on the training videos of their cell{pool} only"
+            + (f"; last loss {min(ratios):.2f}–{max(ratios):.2f} x chance ln(2N - 1)" if ratios else "")
         )
     if run.fractions is not None:
         notes.append(
