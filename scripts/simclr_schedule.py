@@ -90,7 +90,12 @@ def main(argv=None) -> int:
     args = parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     base = C.load("pretrain", args.config, cli.overrides(args))
-    multiples = [int(m) for m in args.multiples.split(",")]
+    try:
+        multiples = [int(m) for m in args.multiples.split(",")]
+    except ValueError:
+        raise C.ConfigError(f"--multiples: whole numbers separated by commas, got {args.multiples!r}") from None
+    if not multiples or min(multiples) < 1:
+        raise C.ConfigError(f"--multiples: each at least 1, got {args.multiples!r}")
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     results = []
