@@ -146,8 +146,9 @@ def run(args: argparse.Namespace) -> dict:
         stage(5, "evaluating both on the test split")
         out = storage.join(runs, "demo-report")
         rows, curves, scored_of = {}, {}, {}
-        for name, run_ in (("Without CL guided", without_cl), ("With CL (CLMAN)", with_cl)):
-            scored = scoring.score_split(run_["model"], manifest, "test", eval_cfg)
+        runs_of = {"Without CL guided": without_cl, "With CL (CLMAN)": with_cl}
+        both = scoring.score_splits([r["model"] for r in runs_of.values()], manifest, "test", eval_cfg)
+        for (name, run_), scored in zip(runs_of.items(), both):  # each test video decoded once for both
             sub = storage.join(out, "with-cl" if "With" in name else "without-cl")
             deployed = inference.stored_threshold(ckpt.load_checkpoint(run_["model"]))  # chosen on validation
             rows[name] = report.write_evaluation(sub, name, scored, eval_cfg, deployed)

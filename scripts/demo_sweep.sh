@@ -15,11 +15,6 @@ py="${PYTHON:-$root/.venv/bin/python}"
 samples="${1:-12}"
 cfg=jobs/configs/demo-cpu.yaml
 bucket=s3://clman-demo
-# The SimCLR schedule the documented results were made with: the demo preset's before its 32-epoch schedule
-# (8 epochs, lr 1.0, temperature 0.5, 20% crops, elastic p 0.5). SIMCLR=preset uses the preset's own.
-simclr=(--set pretrain.epochs=8 --set pretrain.lr=1.0 --set pretrain.warmup_epochs=0 --set pretrain.temperature=0.5
-    --set data.simclr_scale_min=0.2 --set data.simclr_elastic_p=0.5)
-if [[ "${SIMCLR:-record}" == preset ]]; then simclr=(); fi
 
 infra/local_s3/start.sh .demo/s3
 trap 'infra/local_s3/stop.sh .demo/s3' EXIT
@@ -28,7 +23,7 @@ set -a; source .demo/s3/s3.env; set +a
 "$py" -m jobs.ingest --keep-ids --out "$bucket/data-tune" --videos "$bucket/raw" --labels "$bucket/raw/labels.csv" \
     --split 0.6,0.2,0.2 --seed 0
 "$py" -m jobs.pretrain --config "$cfg" --manifest "$bucket/data-tune/manifest.parquet" \
-    --out "$bucket/runs" --run-name pretrain-tune "${simclr[@]}"
+    --out "$bucket/runs" --run-name pretrain-tune
 "$py" -m jobs.tune --job finetune --space tune_spaces/finetune_lr_depth.yaml --samples "$samples" \
     --scheduler asha --search random --grace-period 2 --seed 0 --config "$cfg" \
     --manifest "$bucket/data-tune/manifest.parquet" --encoder "$bucket/runs/pretrain-tune/encoder.pt" \

@@ -121,6 +121,14 @@ def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path
     assert storage.read_bytes(f"{out}/reliability.png")[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"chosen on the {n_val} validation videos" in storage.read_text(f"{out}/report.md")
 
+    # Two models scored in one pass (the demo's): each video decoded once, each model's scores as alone
+    other = _shifted_classifier(fin["model"], f"{runs}/other/model.pt", tmp_path)
+    eval_cfg = C.load("evaluate", None, TINY)
+    both = scoring.score_splits([fin["model"], other], dataset, "test", eval_cfg)
+    alone = [scoring.score_split(m, dataset, "test", eval_cfg) for m in (fin["model"], other)]
+    assert both == alone and both[0]["score"] != both[1]["score"]
+    assert dict(zip(preds["video_id"], preds["score"])) == dict(zip(both[0]["video_id"], both[0]["score"]))
+
     video = test_rows["uri"].iloc[0]
     out_json = str(tmp_path / "pred.json")
     with pytest.raises(SystemExit) as exit_:
@@ -142,6 +150,17 @@ def _local_copy(uri: str, tmp_path) -> str:
 
 
 # ---------------------------------------------------------------- bad input, before any worker starts
+
+
+def _shifted_classifier(model_uri: str, to: str, tmp_path) -> str:
+    """A copy of a classifier checkpoint whose last bias is moved: other scores, the same frames."""
+    state = torch.load(_local_copy(model_uri, tmp_path), weights_only=True)
+    last_bias = [k for k in state["model"] if k.endswith(".bias")][-1]
+    state["model"][last_bias] = state["model"][last_bias] + torch.tensor([0.5, -0.5])
+    path = tmp_path / "shifted.pt"
+    torch.save(state, path)
+    storage.write_bytes(to, path.read_bytes())
+    return to
 
 
 def _no_new_runs(bucket):

@@ -1,7 +1,7 @@
 """Evaluation as Ray Data batch inference: decode tasks feed actors that hold the model.
 
 The one place videos are scored for ``jobs.evaluate``, ``jobs.demo`` and the study's trials
-(:func:`score_split`, :func:`score_rows`); the metrics, report and plots they write are
+(:func:`score_split`, :func:`score_splits`, :func:`score_rows`); the metrics, report and plots they write are
 :func:`clman.evaluate.report.write_evaluation`.
 
     manifest rows ─from_items─▶ map_batches(decode, tasks): uint8 frames at the stored size, (K, T) per video
@@ -65,31 +65,41 @@ def _decode(batch: dict[str, np.ndarray], size: int, num_frames: int, frames: st
 
 
 class Scorer:
-    """An actor holding the classifier: a video's uint8 clips -> P(malignant) (their mean), the most-weighted frames."""
+    """An actor holding one or more classifiers: a video's uint8 clips -> each one's P(malignant) (the mean
+    over its clips) and most-weighted frames. Several models share one decode of every video
+    (:func:`score_splits`: the demo's two runs); they must take the same frames (:func:`decode_key`)."""
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoints: tuple[str, ...]):
         from clman.evaluate.inference import load_classifier
 
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.cfg = load_classifier(checkpoint, self.device)
+        self.models = [load_classifier(c, self.device) for c in checkpoints]  # [(model, cfg)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from clman.evaluate.inference import score_clips
 
-        scores, tops = [], []
+        scores, tops = [], []  # per video: (M,), (M, TOP_FRAMES)
         for frames, idx in zip(batch["frames"], batch["frame_idx"]):  # (K, T, C, S, S), (K, T): one video
-            pred = score_clips(
-                self.model, torch.from_numpy(np.asarray(frames)), np.asarray(idx), self.cfg.data.size, self.device
-            )
-            top = pred.top_frames(TOP_FRAMES)
-            scores.append(pred.score)
-            tops.append(np.asarray(top + [-1] * (TOP_FRAMES - len(top)), np.int64))
+            clips = torch.from_numpy(np.asarray(frames))
+            preds = [score_clips(m, clips, np.asarray(idx), cfg.data.size, self.device) for m, cfg in self.models]
+            scores.append([p.score for p in preds])
+            tops.append([_padded(p.top_frames(TOP_FRAMES)) for p in preds])
+        m = len(self.models)
         return {
             "video_index": np.asarray(batch["video_index"], np.int64),
-            "score": np.asarray(scores, np.float64),
-            "top_frames": np.stack(tops) if tops else np.zeros((0, TOP_FRAMES), np.int64),
+            "score": np.asarray(scores, np.float64).reshape(-1, m),
+            "top_frames": np.asarray(tops, np.int64).reshape(-1, m, TOP_FRAMES),
         }
+
+
+def _padded(top: list[int]) -> list[int]:
+    return top + [-1] * (TOP_FRAMES - len(top))
+
+
+def decode_key(data) -> tuple:
+    """What the decode step takes of a run's DataConfig: models agreeing on it can share one decode."""
+    return (data.stored_size, data.num_frames)
 
 
 def score_rows(checkpoint: str, rows, data, frames: str, clips: int, decode_cpus: float = 0.5) -> dict[int, tuple]:
@@ -99,6 +109,12 @@ def score_rows(checkpoint: str, rows, data, frames: str, clips: int, decode_cpus
     protocol (``evaluate.frames`` / ``evaluate.clips``; :func:`scored_indices`). One scoring
     actor per GPU of the cluster (at most one per video), else one CPU actor.
     """
+    return score_rows_of((checkpoint,), rows, data, frames, clips, decode_cpus)[0]
+
+
+def score_rows_of(checkpoints, rows, data, frames: str, clips: int, decode_cpus: float = 0.5) -> list[dict[int, tuple]]:
+    """:func:`score_rows` for several checkpoints at once, each video decoded once: one dict per checkpoint."""
+    checkpoints = tuple(checkpoints)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     items = [
         {"uri": str(r.uri), "num_frames": int(r.num_frames), "video_index": i}
@@ -115,14 +131,15 @@ def score_rows(checkpoint: str, rows, data, frames: str, clips: int, decode_cpus
     resources = {"num_gpus": 1} if gpus else {"num_cpus": decode_cpus}
     ds = ds.map_batches(
         Scorer,
-        fn_constructor_kwargs={"checkpoint": checkpoint},
+        fn_constructor_kwargs={"checkpoints": checkpoints},
         batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=actors),
         **resources,
     )
-    out = {}
+    out = [{} for _ in checkpoints]
     for row in progress.track(ds.iter_rows(), len(items), "scoring", unit="video"):  # a bar, or a line per 10%
-        out[int(row["video_index"])] = (float(row["score"]), [int(t) for t in row["top_frames"] if t >= 0])
+        for m, (score, top) in enumerate(zip(row["score"], row["top_frames"])):
+            out[m][int(row["video_index"])] = (float(score), [int(t) for t in top if t >= 0])
     return out
 
 
@@ -172,37 +189,50 @@ def score_split(checkpoint: str, manifest: str, split: str, cfg: C.EvaluateConfi
     Ray Data batch inference on actors holding the model (GPU actors when the cluster has GPUs).
     The ``unlabeled`` split is refused (a ManifestError): its videos have no label to score against.
     """
+    return score_splits([checkpoint], manifest, split, cfg)[0]
+
+
+def score_splits(checkpoints, manifest: str, split: str, cfg: C.EvaluateConfig) -> list[dict]:
+    """:func:`score_split` of each checkpoint, in order; checkpoints that take the same frames
+    (:func:`decode_key`: the demo's runs with and without CL) share one decode of each video."""
     check_labeled_split(split, manifest)
     rows = read_manifest(manifest, split=split)
     if len(rows) == 0:
         raise JobError(f"{manifest}: split {split!r} is empty; nothing to evaluate")
-    train_cfg = check_checkpoint(checkpoint, cfg)
-    t0 = time.perf_counter()
-    # Frames are prepared the way the model was trained on them (stored size, size, T), and chosen as the
-    # finetune loop's validation chose them (evaluate.frames / evaluate.clips).
-    scored = score_rows(checkpoint, rows, train_cfg.data, cfg.frames, cfg.clips)
-    out = {
-        "video_id": [],
-        "patient_id": [],
-        "label": [],
-        "score": [],
-        "top_frames": [],
-        "scoring": describe(cfg, train_cfg.data.num_frames),
-    }
+    train_cfgs = [check_checkpoint(c, cfg) for c in checkpoints]
+    groups: dict[tuple, list[int]] = {}
+    for i, train_cfg in enumerate(train_cfgs):
+        groups.setdefault(decode_key(train_cfg.data), []).append(i)
+    out: list[dict] = [{} for _ in checkpoints]
+    for members in groups.values():
+        t0 = time.perf_counter()
+        # Frames are prepared the way the models were trained on them (stored size, size, T), and chosen as the
+        # finetune loop's validation chose them (evaluate.frames / evaluate.clips).
+        data = train_cfgs[members[0]].data
+        scored_of = score_rows_of([checkpoints[i] for i in members], rows, data, cfg.frames, cfg.clips)
+        for i, scored in zip(members, scored_of):
+            out[i] = _in_manifest_order(rows, scored, describe(cfg, data.num_frames))
+        first = out[members[0]]
+        log.info(
+            "scored %d/%d videos of split %r in %.1f s%s (%s)",
+            len(first["score"]),
+            len(rows),
+            split,
+            time.perf_counter() - t0,
+            f" by {len(members)} models, each video decoded once" if len(members) > 1 else "",
+            first["scoring"],
+        )
+        if not first["score"]:
+            raise JobError(f"{manifest}: no video of split {split!r} could be decoded")
+    return out
+
+
+def _in_manifest_order(rows, scored: dict[int, tuple], scoring: str) -> dict:
+    out = {"video_id": [], "patient_id": [], "label": [], "score": [], "top_frames": [], "scoring": scoring}
     for i in sorted(scored):
         out["video_id"].append(str(rows["video_id"].iloc[i]))
         out["patient_id"].append(str(rows["patient_id"].iloc[i]))
         out["label"].append(int(rows["label"].iloc[i]))
         out["score"].append(scored[i][0])
         out["top_frames"].append(scored[i][1])
-    log.info(
-        "scored %d/%d videos of split %r in %.1f s (%s)",
-        len(out["score"]),
-        len(rows),
-        split,
-        time.perf_counter() - t0,
-        out["scoring"],
-    )
-    if not out["score"]:
-        raise JobError(f"{manifest}: no video of split {split!r} could be decoded")
     return out
