@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A finetune sweep (learning rate x MMA depth) on the demo data, as shown in the README.
 # Needs the demo's synthetic sweeps: run `make demo` once first (they stay in .demo/s3).
-#   scripts/demo_sweep.sh [SAMPLES]      default 12 trials; 12.9 min for 12 on 2 cores (2026-12-06, ASHA
-#   stopping 11 of them early; one trial of all 40 epochs ~2.5 min)
+#   scripts/demo_sweep.sh [SAMPLES]      default 12 trials; 18.2 min for 12 on 2 cores (2026-12-07, ASHA
+#   stopping 9 of them early; one trial of all 20 epochs ~1.8 min; docs/sweeps.md)
 # 1. starts the embedded S3 on .demo/s3;
 # 2. ingests the demo sweeps again with a validation split (patients 60/20/20) -> s3://clman-demo/data-tune;
 # 3. pretrains the encoder on that train split (SimCLR, demo-cpu preset);
