@@ -286,6 +286,26 @@ def test_tables_keep_every_metric_of_every_trial_and_epoch():
         assert by.loc[["t1", "t2", "t3", "t4"], m].notna().all(), m
 
 
+def test_ties_on_val_auc_go_to_the_lower_val_loss():
+    """val AUC saturates at 1.0 on easy data: between epochs and between trials tied on it, the lower val
+    loss wins (the demo sweep of 2026-12-07 ranked an early-stopped trial first by listing order alone)."""
+    R = results.TrialRecord
+    early = _history([0.9, 1.0], 5e-3, 4)  # val loss 0.69 - 0.02 e: 0.67 at its 1.0
+    late = _history([0.8, 1.0, 0.99, 1.0], 1e-3, 1)  # 1.0 at epochs 1 (0.67) and 3 (0.63)
+    records = [R("early", "TERMINATED", {}, early), R("late", "TERMINATED", {}, late)]
+    trials = results.trials_table(records, "finetune", KEYS, {"early": 2, "late": 4})
+    assert trials["trial_id"].tolist() == ["late", "early"]
+    by = trials.set_index("trial_id")
+    assert by.loc["late", "best_epoch"] == 3 and by.loc["late", "val_loss"] == pytest.approx(0.63)
+    assert by.loc["early", "best_epoch"] == 1 and by.loc["early", "val_auc"] == 1.0
+    # without a val loss to break it, the tie keeps the listing order
+    no_loss = [R(r.trial_id, r.status, r.config, r.history.drop(columns="val_loss")) for r in records]
+    assert results.trials_table(no_loss, "finetune", KEYS, {"early": 2, "late": 4})["trial_id"].tolist() == [
+        "early",
+        "late",
+    ]
+
+
 def test_write_results_makes_tables_summary_best_preset_and_plot(tmp_path):
     sweep = _sweep(tmp_path, run_name="fake")
     uris = results.write_results(sweep, _records())

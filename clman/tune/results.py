@@ -23,7 +23,7 @@ import yaml
 from clman import config as C
 from clman import storage
 from clman.errors import JobError
-from clman.tune.sweep import PLOT_FILES, SCORES, TABLE_METRICS, TIME_ATTR, Sweep
+from clman.tune.sweep import PLOT_FILES, SCORES, TABLE_METRICS, TIE_BREAKS, TIME_ATTR, Sweep
 
 log = logging.getLogger(__name__)
 
@@ -106,25 +106,44 @@ def epochs_table(records: Sequence[TrialRecord], keys: Sequence[str]) -> pd.Data
     return df.reset_index(drop=True)
 
 
-def _best_row(h: pd.DataFrame, metric: str, mode: str):
-    if metric not in h.columns:
+def _ranked(df: pd.DataFrame, job: str) -> pd.DataFrame:
+    """``df`` best first by the job's score (``SCORES``), ties by its tie-break (``TIE_BREAKS``), the
+    order before kept among full ties; rows without a score last."""
+    metric, mode = SCORES[job]
+    by, ascending = [metric], [mode == "min"]
+    tie = TIE_BREAKS.get(job)
+    if tie and tie[0] in df.columns:
+        by.append(tie[0])
+        ascending.append(tie[1] == "min")
+    numeric = df.assign(**{c: pd.to_numeric(df[c], errors="coerce") for c in by})
+    order = numeric.sort_values(by, ascending=ascending, na_position="last", kind="stable").index
+    return df.loc[order]
+
+
+def _ties(job: str) -> str:
+    """', ties by the lower val_loss': how the ranking breaks ties, for the summary's heading."""
+    tie = TIE_BREAKS.get(job)
+    return f", ties by the {'lower' if tie[1] == 'min' else 'higher'} {tie[0]}" if tie else ""
+
+
+def _best_row(h: pd.DataFrame, job: str):
+    """The epoch of one trial's history ``h`` that scored best (:func:`_ranked`); None when none scored."""
+    metric, _ = SCORES[job]
+    if metric not in h.columns or pd.to_numeric(h[metric], errors="coerce").notna().sum() == 0:
         return None
-    values = pd.to_numeric(h[metric], errors="coerce")
-    if values.notna().sum() == 0:
-        return None
-    return h.loc[values.idxmax() if mode == "max" else values.idxmin()]
+    return _ranked(h, job).iloc[0]
 
 
 def trials_table(
     records: Sequence[TrialRecord], job: str, keys: Sequence[str], planned_epochs: Mapping[str, int]
 ) -> pd.DataFrame:
-    """A row per trial: its values, status, best epoch and the metrics at that epoch, ranked best first.
+    """A row per trial: its values, status, best epoch and the metrics at that epoch, ranked best first
+    (:func:`_ranked`: by val AUC, ties by the lower val loss, for a finetune sweep).
 
     status: completed (ran all its epochs), stopped (early, by the scheduler),
     error, or Tune's status in lower case for a trial that has not ended
     (running, pending, paused). ``planned_epochs``: trial id -> epochs it was set to run.
     """
-    metric, mode = SCORES[job]
     epochs = epochs_table(records, keys)
     rows = []
     for r in records:
@@ -136,7 +155,7 @@ def trials_table(
             status = "completed" if done >= planned_epochs.get(r.trial_id, done) else "stopped"
         else:
             status = r.status.lower()
-        best = _best_row(h, metric, mode) if len(h) else None
+        best = _best_row(h, job) if len(h) else None
         row = {
             "trial_id": r.trial_id,
             **{k: _scalar(r.config.get(k)) for k in keys},
@@ -168,7 +187,7 @@ def trials_table(
     ]
     df = pd.DataFrame(rows, columns=columns)
     df["best_epoch"] = df["best_epoch"].astype("Int64")
-    return df.sort_values(metric, ascending=(mode == "min"), na_position="last", kind="stable").reset_index(drop=True)
+    return _ranked(df, job).reset_index(drop=True)
 
 
 def best_tree(sweep: Sweep, trials: pd.DataFrame) -> dict | None:
@@ -268,9 +287,9 @@ def summary_markdown(sweep: Sweep, trials: pd.DataFrame, tree: dict | None) -> s
         ),
         f"- {len(trials)} trial(s): " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())),
         "",
-        f"## Trials by {metric} ({'highest' if mode == 'max' else 'lowest'} first)",
+        f"## Trials by {metric} ({'highest' if mode == 'max' else 'lowest'} first{_ties(sweep.job)})",
         "",
-        "Metrics at each trial's best epoch (0-based); `epochs` = epochs run.",
+        "Metrics at each trial's best epoch (0-based; the same rule picks it); `epochs` = epochs run.",
         "",
     ]
     cols = ["trial_id", *space.keys, "status", "best_epoch", "epochs_done", *TABLE_METRICS[sweep.job], "seconds"]

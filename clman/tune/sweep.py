@@ -27,6 +27,8 @@ SEARCHES = ("random", "optuna")
 
 # Which reported metric ranks trials, and which way.
 SCORES = {"finetune": ("val_auc", "max"), "pretrain": ("loss", "min")}
+# What decides between epochs or trials tied on the score (val AUC saturates at 1.0 on easy data): the lower val loss.
+TIE_BREAKS = {"finetune": ("val_loss", "min")}
 
 # val_auc first (it ranks the trials), then the rest in the paper's order.
 VAL_METRICS = ("val_auc",) + tuple(f"val_{k}" for k in METRIC_NAMES if k != "auc")
