@@ -2,8 +2,10 @@
 # Label efficiency on the hard phantom: does contrastive pretraining on unlabelled sweeps help when
 # few sweeps are labelled? The README's "Label efficiency" result was made with this script.
 #   scripts/demo_label_efficiency.sh [CASES] [UNLABELED] [FOLDS] [FRACTIONS]
-#   defaults: 268 labelled sweeps, 804 unlabelled (3x), 2 folds, 0.1,0.25,0.5,1 (~1 h on 2 cores)
-# 1. starts the embedded S3 on .demo/s3 (the demo's; `make demo` need not have run: it makes the bucket);
+#   defaults: 268 labelled sweeps, 804 unlabelled (3x), 2 folds, 0.1,0.25,0.5,1 (61.7 min on 2 cores with
+#   the recorded recipe, 2026-12-06; RECIPE=preset: 4x the SimCLR steps, about 2 h on the slower machine of 2026-12-07)
+# 1. starts an embedded S3 of its own on .demo/label-efficiency/s3 (`make demo` starts .demo/s3 afresh every
+#    time; this ~2 h study must survive that to be resumed);
 # 2. makes CASES labelled hard-phantom sweeps (seed 0) and UNLABELED more (seed 1, other patients)
 #    and ingests both into one manifest with --folds FOLDS: the unlabelled ones go to split
 #    'unlabeled' (empty label), never to finetuning or scoring;
@@ -29,12 +31,13 @@ raw="$root/.demo/label-efficiency/raw-$cases-$unlabeled"
 # finetune epochs (the preset's 20 are for `make demo`'s time). RECIPE=preset runs the preset as it is.
 recorded=(--set pretrain.epochs=8 --set pretrain.lr=1.0 --set pretrain.warmup_epochs=0 --set pretrain.temperature=0.5
     --set data.simclr_scale_min=0.2 --set data.simclr_elastic_p=0.5 --set finetune.epochs=40)
-if [[ "${RECIPE:-record}" == preset ]]; then recorded=(); fi
+if [[ "${RECIPE:-record}" == preset ]]; then recorded=(); name="$name-preset"; fi  # its own run: another config
 
-infra/local_s3/start.sh .demo/s3
-trap 'infra/local_s3/stop.sh .demo/s3' EXIT
-set -a; source .demo/s3/s3.env; set +a
-# the demo's bucket, made here when `make demo` has not run
+s3dir=.demo/label-efficiency/s3
+infra/local_s3/start.sh "$s3dir"
+trap 'infra/local_s3/stop.sh "$s3dir"' EXIT
+set -a; source "$s3dir/s3.env"; set +a
+# the bucket, made on the first run
 "$py" -c "import boto3, sys; c = boto3.client('s3'); n = sys.argv[1]
 if n not in [b['Name'] for b in c.list_buckets()['Buckets']]: c.create_bucket(Bucket=n)" "${bucket#s3://}"
 
