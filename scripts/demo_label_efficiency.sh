@@ -3,7 +3,7 @@
 # few sweeps are labelled? The README's "Label efficiency" result was made with this script.
 #   scripts/demo_label_efficiency.sh [CASES] [UNLABELED] [FOLDS] [FRACTIONS]
 #   defaults: 268 labelled sweeps, 804 unlabelled (3x), 2 folds, 0.1,0.25,0.5,1 (61.7 min on 2 cores with
-#   the recorded recipe, 2026-12-06; RECIPE=preset: 4x the SimCLR steps, about 2 h on the slower machine of 2026-12-07)
+#   the recorded recipe, 2026-12-06; RECIPE=preset: ~70 min at the pace of a partial run on 2026-12-07's slower machine)
 # 1. starts an embedded S3 of its own on .demo/label-efficiency/s3 (`make demo` starts .demo/s3 afresh every
 #    time; this ~2 h study must survive that to be resumed);
 # 2. makes CASES labelled hard-phantom sweeps (seed 0) and UNLABELED more (seed 1, other patients)
