@@ -2,10 +2,10 @@
 # Label efficiency on the hard phantom: does contrastive pretraining on unlabelled sweeps help when
 # few sweeps are labelled? The README's "Label efficiency" result was made with this script.
 #   scripts/demo_label_efficiency.sh [CASES] [UNLABELED] [FOLDS] [FRACTIONS]
-#   defaults: 268 labelled sweeps, 804 unlabelled (3x), 2 folds, 0.1,0.25,0.5,1 (61.7 min on 2 cores with
-#   the recorded recipe, 2026-12-06; RECIPE=preset: ~70 min at the pace of a partial run on 2026-12-07's slower machine)
+#   defaults: 268 labelled sweeps, 804 unlabelled (3x), 2 folds, 0.1,0.25,0.5,1 (~63 min on 2 CPU cores,
+#   2026-12-07: 5 min making and ingesting the sweeps, 2 SimCLR runs of ~9.5 min, 24 trials of 67-131 s)
 # 1. starts an embedded S3 of its own on .demo/label-efficiency/s3 (`make demo` starts .demo/s3 afresh every
-#    time; this ~2 h study must survive that to be resumed);
+#    time; this hour-long study must survive that to be resumed);
 # 2. makes CASES labelled hard-phantom sweeps (seed 0) and UNLABELED more (seed 1, other patients)
 #    and ingests both into one manifest with --folds FOLDS: the unlabelled ones go to split
 #    'unlabeled' (empty label), never to finetuning or scoring;
@@ -26,13 +26,6 @@ bucket=s3://clman-demo
 data="$bucket/le-data-$cases-$unlabeled-cv$folds"
 name="label-efficiency-$cases-$unlabeled-cv$folds"
 raw="$root/.demo/label-efficiency/raw-$cases-$unlabeled"
-# The recipe the documented results were made with, where the demo preset has moved on since: SimCLR's
-# schedule before its 32 epochs (8 epochs, lr 1.0, temperature 0.5, 20% crops, elastic p 0.5) and 40
-# finetune epochs (the preset's 20 are for `make demo`'s time). RECIPE=preset runs the preset as it is.
-recorded=(--set pretrain.epochs=8 --set pretrain.lr=1.0 --set pretrain.warmup_epochs=0 --set pretrain.temperature=0.5
-    --set data.simclr_scale_min=0.2 --set data.simclr_elastic_p=0.5 --set finetune.epochs=40)
-if [[ "${RECIPE:-record}" == preset ]]; then recorded=(); name="$name-preset"; fi  # its own run: another config
-
 s3dir=.demo/label-efficiency/s3
 infra/local_s3/start.sh "$s3dir"
 trap 'infra/local_s3/stop.sh "$s3dir"' EXIT
@@ -71,7 +64,7 @@ if "$py" -c "import sys; from clman import storage; sys.exit(0 if storage.list_u
     resume=(--resume)
 fi
 time "$py" -m jobs.study --manifest "$data/manifest.parquet" --out "$bucket/studies" --run-name "$name" \
-    --folds "$folds" --seeds 1 --label-fractions "$fractions" --config "$cfg" "${recorded[@]}" "${resume[@]}"
+    --folds "$folds" --seeds 1 --label-fractions "$fractions" --config "$cfg" "${resume[@]}"
 out=.demo/label-efficiency
 mkdir -p "$out"
 for f in study.md summary.json label_efficiency.png roc.png; do
