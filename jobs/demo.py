@@ -6,7 +6,8 @@
 1. starts SeaweedFS on loopback (data in ``<workdir>/s3``) and points the AWS_* variables at it;
 2. makes 268 synthetic breast-ultrasound sweeps like the paper's data set (152 malignant);
 3. ingests them (short-GOP H.264 + manifest.parquet, patient-level 60/40 split as in the paper);
-4. pretrains the encoder with SimCLR, finetunes CLMAN from it, and finetunes CLMAN from scratch;
+4. pretrains the encoder with SimCLR, then finetunes CLMAN from it and CLMAN from scratch side by
+   side: two Ray Train runs at once, each on half of ``scale.num_workers`` (at least one);
 5. evaluates both on the test split and writes the comparison (the paper's Table 2 layout)
    with 95% CIs and ROC curves to ``s3://<bucket>/runs/demo-report/``, copied to
    ``<workdir>/report/``;
@@ -16,10 +17,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import dataclasses
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from clman import checkpoint as ckpt
@@ -101,7 +105,7 @@ def run(args: argparse.Namespace) -> dict:
         log.info("removing the previous demo's data and runs in %s", workdir / "s3")
         shutil.rmtree(workdir / "s3")
     (workdir / "ray.log").unlink(missing_ok=True)
-    with LocalS3(workdir / "s3") as s3:
+    with LocalS3(workdir / "s3") as s3, contextlib.ExitStack() as ray_out:
         os.environ.update(s3.env())
         root = s3.make_bucket(args.bucket)
         raw, data, runs = f"{root}/raw", f"{root}/data", f"{root}/runs"
@@ -129,19 +133,19 @@ def run(args: argparse.Namespace) -> dict:
         log.info("%s", one_line_summary(result))
         manifest = storage.join(data, "manifest.parquet")
 
-        stage(4, "SimCLR pretraining, then CLMAN finetuning with and without it")
+        stage(
+            4,
+            "SimCLR pretraining, then CLMAN finetuning with and without it, side by side "
+            f"({pair_workers(fin_cfg)} worker(s) each)",
+        )
         from clman.evaluate import scoring
-        from jobs import finetune, pretrain
+        from jobs import pretrain
 
         # Ray's own output (and the workers' warnings) to a file; stages, epochs, the table here.
         session.init_ray(log_file=str(workdir / "ray.log"))
+        ray_out.enter_context(rays_stdout_to(workdir / "ray.log"))
         pre = pretrain.run(pre_cfg, manifest, runs, "pretrain", track=track, experiment="demo")
-        with_cl = finetune.run(
-            fin_cfg, manifest, runs, "clman-cl", encoder=pre["encoder"], track=track, experiment="demo"
-        )
-        without_cl = finetune.run(
-            fin_cfg, manifest, runs, "clman-scratch", encoder=None, track=track, experiment="demo"
-        )
+        with_cl, without_cl = finetune_pair(fin_cfg, manifest, runs, pre["encoder"], track)
 
         stage(5, "evaluating both on the test split")
         out = storage.join(runs, "demo-report")
@@ -189,6 +193,47 @@ def run(args: argparse.Namespace) -> dict:
     print(f"\nreport: {local / 'report.md'}\nROC plot: {local / 'roc.png'}\n(also in {out}/)")
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min")
     return rows
+
+
+@contextlib.contextmanager
+def rays_stdout_to(path: Path):
+    """What Ray prints to stdout to ``path`` too (its stderr is there already): the raylet's warnings (two
+    runs at once start more worker processes than it expects on 2 CPUs) and the workers' deduplicated lines,
+    which Ray flushes when it shuts down: so Ray is shut down here, before the table is printed."""
+    import ray
+
+    with open(path, "a", buffering=1, errors="replace") as f, contextlib.redirect_stdout(f):
+        try:
+            yield
+        finally:
+            ray.shutdown()
+
+
+def pair_workers(cfg: C.FinetuneConfig) -> int:
+    """Train workers of each of the two finetunes that run side by side: half of ``scale.num_workers``."""
+    return max(1, cfg.scale.num_workers // 2)
+
+
+def finetune_pair(cfg: C.FinetuneConfig, manifest: str, runs: str, encoder: str, track) -> tuple[dict, dict]:
+    """(CLMAN from ``encoder``, CLMAN from scratch): two Ray Train runs at once, each on half the workers.
+
+    They are independent, and side by side they share one wait for Ray Train to start; on 2 CPU cores two
+    1-worker runs also beat two 2-worker runs one after the other, which spend a step's gradient exchange
+    on every batch (docs/recipes.md, "The demo's finetune length"). Each run is seeded as before: the
+    numbers do not depend on which run is ahead.
+    """
+    from jobs import finetune
+
+    half = dataclasses.replace(cfg.scale, num_workers=pair_workers(cfg))
+    cfg = dataclasses.replace(cfg, scale=half)
+    with ThreadPoolExecutor(2, thread_name_prefix="finetune") as pool:
+        with_cl = pool.submit(
+            finetune.run, cfg, manifest, runs, "clman-cl", encoder=encoder, track=track, experiment="demo"
+        )
+        without_cl = pool.submit(
+            finetune.run, cfg, manifest, runs, "clman-scratch", encoder=None, track=track, experiment="demo"
+        )
+        return with_cl.result(), without_cl.result()
 
 
 def paired_difference(scored: dict, eval_cfg) -> str:

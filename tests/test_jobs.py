@@ -8,6 +8,7 @@ and a restarted driver continues its run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from clman import storage
 from clman.errors import JobError
 from clman.evaluate import scoring
 from clman.launch import resources
-from jobs import evaluate, finetune, predict, pretrain
+from jobs import demo, evaluate, finetune, predict, pretrain
 from tests.media import synth_manifest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,6 +129,23 @@ def test_pretrain_finetune_evaluate_predict(dataset, bucket, local_ray, tmp_path
     alone = [scoring.score_split(m, dataset, "test", eval_cfg) for m in (fin["model"], other)]
     assert both == alone and both[0]["score"] != both[1]["score"]
     assert dict(zip(preds["video_id"], preds["score"])) == dict(zip(both[0]["video_id"], both[0]["score"]))
+
+    # The demo's two finetunes side by side (two Ray Train runs at once, half the workers each): the runs
+    # do not touch each other; the one from scratch gives, epoch for epoch, what it gives run alone
+    tiny = C.load("finetune", None, TINY)
+    with_cl, without_cl = demo.finetune_pair(tiny, dataset, runs, pre["encoder"], ())
+    alone = finetune.run(
+        dataclasses.replace(tiny, scale=dataclasses.replace(tiny.scale, num_workers=1)), dataset, runs, "alone"
+    )
+    assert without_cl["history"] == alone["history"] and without_cl["metrics"]["val_auc"] == alone["metrics"]["val_auc"]
+    assert with_cl["history"] != without_cl["history"]
+    assert json.loads(storage.read_text(f"{runs}/clman-cl/metrics.json"))["model"] == f"{runs}/clman-cl/model.pt"
+    assert (
+        C.from_dict(
+            "finetune", __import__("yaml").safe_load(storage.read_text(f"{runs}/clman-scratch/config.yaml"))
+        ).scale.num_workers
+        == 1
+    )
 
     video = test_rows["uri"].iloc[0]
     out_json = str(tmp_path / "pred.json")
