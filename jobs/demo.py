@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
-import dataclasses
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
