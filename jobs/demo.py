@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
 
         # Ray's own output (and the workers' warnings) to a file; stages, epochs, the table here.
         session.init_ray(log_file=str(workdir / "ray.log"))
-        ray_out.enter_context(rays_stdout_to(workdir / "ray.log"))
+        ray_out.enter_context(session.ray_stdout_to(str(workdir / "ray.log")))
         pre = pretrain.run(pre_cfg, manifest, runs, "pretrain", track=track, experiment="demo")
         with_cl, without_cl = finetune_pair(fin_cfg, manifest, runs, pre["encoder"], track)
 
@@ -193,20 +193,6 @@ def run(args: argparse.Namespace) -> dict:
     print(f"\nreport: {local / 'report.md'}\nROC plot: {local / 'roc.png'}\n(also in {out}/)")
     print(f"demo finished in {(time.time() - t0) / 60:.1f} min")
     return rows
-
-
-@contextlib.contextmanager
-def rays_stdout_to(path: Path):
-    """What Ray prints to stdout to ``path`` too (its stderr is there already): the raylet's warnings (two
-    runs at once start more worker processes than it expects on 2 CPUs) and the workers' deduplicated lines,
-    which Ray flushes when it shuts down: so Ray is shut down here, before the table is printed."""
-    import ray
-
-    with open(path, "a", buffering=1, errors="replace") as f, contextlib.redirect_stdout(f):
-        try:
-            yield
-        finally:
-            ray.shutdown()
 
 
 def pair_workers(cfg: C.FinetuneConfig) -> int:

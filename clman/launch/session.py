@@ -60,8 +60,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, log_file: 
     """Attach to ``address`` / ``RAY_ADDRESS`` when set, else start Ray on this machine.
 
     ``log_file`` (a local start only; ``make demo``): everything Ray, its workers and the
-    libraries print goes to that file, the workers' epoch lines included; this process's
-    log lines stay on the terminal, and ``clman.launch.trainer.fit`` shows each run as a progress bar.
+    libraries print to stderr goes to that file, the workers' epoch lines included (Ray's stdout too
+    within :func:`ray_stdout_to`); this process's log lines stay on the terminal, and
+    ``clman.launch.trainer.fit`` shows each run as a progress bar.
     """
     if ray.is_initialized():
         return
@@ -130,6 +131,19 @@ def check_address(address: str, timeout: float = 5.0) -> None:
             f"cannot reach the Ray cluster at {address} (--address / RAY_ADDRESS): "
             f"{e.strerror or type(e).__name__}; is `ray start --head` running there?"
         ) from None
+
+
+@contextlib.contextmanager
+def ray_stdout_to(path: str):
+    """``with ray_stdout_to(log_file):`` what Ray prints to this process's stdout goes to ``path`` too (a
+    quiet driver's stderr is there already, :func:`divert_stderr`): the raylet's warnings (e.g. more worker
+    processes started than it expects on 2 CPUs) and the workers' deduplicated lines, which Ray flushes when
+    it shuts down: so Ray is shut down on the way out, before the caller prints its own results."""
+    with open(path, "a", buffering=1, errors="replace") as f, contextlib.redirect_stdout(f):
+        try:
+            yield
+        finally:
+            ray.shutdown()
 
 
 def divert_stderr(path: str) -> None:
